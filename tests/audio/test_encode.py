@@ -1,0 +1,63 @@
+"""voxtune.audio.encode: every output format round-trips with the right length and signal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from voxtune.audio import CONTENT_TYPES, OUTPUT_FORMATS, Audio, EmptyAudioError, UnsupportedFormatError, decode_bytes, encode, sniff
+
+VOICE_RATE = 22050  # what the built-in voice renders at
+
+# format -> (what the bytes sniff as, codec frame in samples at the decoded rate, lossless?)
+EXPECTED = {
+    "wav": ("wav", 1, True),
+    "flac": ("flac", 1, True),
+    "mp3": ("mp3", 1152, False),
+    "opus": ("opus", 960, False),
+    "aac": ("aac", 1024, False),
+    "pcm16": (None, 1, True),
+}
+
+
+@pytest.mark.parametrize("fmt", OUTPUT_FORMATS)
+def test_round_trip_keeps_duration_within_one_frame_and_the_signal_close(fmt, make_signal):
+    audio = Audio(make_signal(1.7, VOICE_RATE), VOICE_RATE)
+    data = encode(audio, fmt)
+    sniffed, frame, lossless = EXPECTED[fmt]
+    assert sniff(data) == sniffed
+
+    decoded = decode_bytes(data, format=fmt, rate=24000)
+    assert decoded.channels == 1
+    back = decoded.samples[0]
+    if fmt == "pcm16":
+        assert decoded.sample_rate == 24000  # the OpenAI convention for headerless PCM
+        assert len(data) == 2 * round(len(audio) * 24000 / VOICE_RATE)
+    # Compare at the decoded rate: the source resampled there is the reference.
+    reference = audio.resample(decoded.sample_rate).samples
+    assert abs(len(back) - len(reference)) <= frame
+    n = min(len(back), len(reference))
+    if lossless:  # 16-bit quantisation is the only loss
+        assert np.abs(back[:n] - reference[:n]).max() < 1e-4
+    else:
+        assert np.corrcoef(back[:n], reference[:n])[0, 1] > 0.98
+
+
+def test_output_rate_can_be_chosen(make_signal):
+    audio = Audio(make_signal(0.5, VOICE_RATE), VOICE_RATE)
+    assert decode_bytes(encode(audio, "wav", sample_rate=8000)).sample_rate == 8000
+    assert decode_bytes(encode(audio, "mp3", sample_rate=16000)).sample_rate == 16000
+    assert len(encode(audio, "pcm16", sample_rate=16000)) == 2 * 8000
+    assert len(encode(audio, "pcm", sample_rate=16000)) == 2 * 8000  # /v1/audio/speech's name
+
+
+def test_every_format_has_a_content_type():
+    assert set(CONTENT_TYPES) == set(OUTPUT_FORMATS)
+    assert all(value.startswith("audio/") for value in CONTENT_TYPES.values())
+
+
+def test_bad_requests():
+    with pytest.raises(UnsupportedFormatError, match="vorbis"):
+        encode(Audio(np.zeros(100, np.float32), 16000), "vorbis")
+    with pytest.raises(EmptyAudioError):
+        encode(Audio(np.zeros(0, np.float32), 16000), "wav")

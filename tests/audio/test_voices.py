@@ -1,0 +1,143 @@
+"""The built-in voice: catalogue, streaming by sentence, styles a listener would notice, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from voxtune.audio import voices
+from voxtune.audio.prosody import pitch
+from voxtune.audio.voices import (
+    OPENAI_VOICES,
+    UnknownLanguageError,
+    UnknownStyleError,
+    UnknownVoiceError,
+    VoiceError,
+    split_sentences,
+)
+
+TEXT = "The weather is lovely today. Shall we walk to the river? I think we should!"
+
+
+def _rms(samples: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(samples**2)))
+
+
+def _mean_f0(audio) -> float:
+    return float(np.nanmean(pitch(audio)))
+
+
+def test_openai_voices_come_first_and_map_to_distinct_engine_voices():
+    listed = voices.list_voices()
+    assert {v.name for v in listed[: len(OPENAI_VOICES)]} == set(OPENAI_VOICES)
+    openai = {v.name: v.backend_voice for v in listed if v.name in OPENAI_VOICES}
+    assert set(openai) == set(OPENAI_VOICES)
+    assert len(set(openai.values())) == len(OPENAI_VOICES)
+    assert len(listed) >= len(OPENAI_VOICES) + 50  # every engine variant is offered too
+
+
+def test_each_openai_voice_sounds_different():
+    rendered = {name: voices.synthesize("Good morning, everyone.", voice=name) for name in OPENAI_VOICES}
+    names = list(rendered)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            x, y = rendered[a].samples, rendered[b].samples
+            assert len(x) != len(y) or not np.allclose(x, y, atol=1e-3), (a, b)
+    # Voices listed as female speak higher on average than those listed as male.
+    gender = {v.name: v.gender for v in voices.list_voices()}
+    f0 = {name: _mean_f0(audio) for name, audio in rendered.items()}
+    female = np.mean([f0[n] for n in names if gender[n] == "female"])
+    male = np.mean([f0[n] for n in names if gender[n] == "male"])
+    assert female > 1.3 * male
+
+
+def test_over_a_hundred_languages():
+    codes = {lang.code for lang in voices.list_languages()}
+    assert len(codes) >= 100
+    assert {"en", "de", "fr", "es", "it", "pt", "ru", "zh", "ja", "hi", "ar", "sw"} <= codes
+
+
+@pytest.mark.parametrize("lang, text", [
+    ("en", "Hello world."), ("de", "Guten Tag."), ("fr", "Bonjour à tous."), ("es", "Buenos días."),
+    ("ru", "Доброе утро."), ("zh", "早上好。"), ("ja", "おはようございます。"), ("hi", "सुप्रभात।"),
+    ("ar", "صباح الخير."), ("pt-br", "Bom dia."),
+])  # fmt: skip
+def test_languages_render_audible_speech(lang, text):
+    audio = voices.synthesize(text, lang)
+    assert audio.sample_rate == 22050
+    assert 0.3 < audio.duration < 5
+    assert _rms(audio.samples) > 0.01
+
+
+def test_render_streams_one_chunk_per_sentence():
+    chunks = list(voices.render(TEXT))
+    assert len(chunks) == 3
+    assert all(c.duration > 0.5 and _rms(c.samples) > 0.01 for c in chunks)
+    assert split_sentences("One. Two?\nThree! 四。五") == ["One.", "Two?", "Three!", "四。", "五"]
+
+
+def test_happy_is_higher_livelier_and_faster_than_sad():
+    happy = voices.synthesize(TEXT, style="happy")
+    sad = voices.synthesize(TEXT, style="sad")
+    happy_f0, sad_f0 = pitch(happy), pitch(sad)
+    assert np.nanmean(happy_f0) > 1.25 * np.nanmean(sad_f0)
+    assert np.nanstd(happy_f0) > 2 * np.nanstd(sad_f0)  # wider pitch range
+    assert sad.duration > 1.25 * happy.duration  # slower
+    assert _rms(happy.samples) > _rms(sad.samples)
+
+
+def test_angry_is_louder_than_calm_and_excited_faster():
+    angry, calm, excited = (voices.synthesize(TEXT, style=s) for s in ("angry", "calm", "excited"))
+    assert _rms(angry.samples) > 1.5 * _rms(calm.samples)
+    assert calm.duration > 1.25 * excited.duration
+
+
+def test_whisper_has_almost_no_voiced_frames():
+    neutral, whisper = voices.synthesize(TEXT), voices.synthesize(TEXT, style="whisper")
+    voiced = lambda audio: np.mean(~np.isnan(pitch(audio)))  # noqa: E731
+    assert voiced(neutral) > 0.3
+    assert voiced(whisper) < 0.25 * voiced(neutral)
+
+
+@pytest.mark.parametrize("slow, fast", [(0.25, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0)])
+def test_speed_changes_duration_across_the_whole_range(slow, fast):
+    slower = voices.synthesize(TEXT, speed=slow).duration
+    faster = voices.synthesize(TEXT, speed=fast).duration
+    assert 1.5 < slower / faster < 2.6
+
+
+def test_concurrent_rendering_matches_sequential():
+    # The engine carries state (pitch flutter, pauses) from call to call, so a render differs
+    # slightly with what came before it (up to ~2% in length). Without the lock, concurrent
+    # calls crash the engine or mix samples between threads.
+    voices_ = ("alloy", "onyx", "nova", "echo")
+    expected = {v: voices.synthesize(TEXT, voice=v) for v in voices_}
+    results: dict = {}
+
+    def work(voice: str) -> None:
+        results[voice] = voices.synthesize(TEXT, voice=voice)
+
+    threads = [threading.Thread(target=work, args=(v,)) for v in voices_]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for voice, audio in expected.items():
+        assert results[voice].duration == pytest.approx(audio.duration, rel=0.03)
+        assert _mean_f0(results[voice]) == pytest.approx(_mean_f0(audio), rel=0.03)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"voice": "alloyy"}, UnknownVoiceError, "alloy"),
+    ({"lang": "klingon"}, UnknownLanguageError, "klingon"),
+    ({"style": "sarcastic"}, UnknownStyleError, "happy"),
+    ({"speed": 9.0}, VoiceError, "speed"),
+    ({"text": "   "}, VoiceError, "empty"),
+])  # fmt: skip
+def test_bad_requests_fail_at_the_call_with_a_helpful_message(kwargs, error, words):
+    args = {"text": TEXT} | kwargs
+    text = args.pop("text")
+    with pytest.raises(error, match=words):
+        voices.render(text, **args)  # raises before any iteration

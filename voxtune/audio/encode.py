@@ -1,0 +1,93 @@
+"""`Audio` out to bytes: wav, flac, mp3, opus (in Ogg), aac (ADTS) and raw pcm16."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import soundfile as sf
+
+from voxtune.audio.audio import Audio
+from voxtune.audio.errors import EmptyAudioError, UnsupportedFormatError
+
+OUTPUT_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16")
+# "pcm" is the /v1/audio/speech name for what chat completions calls "pcm16".
+FORMAT_ALIASES = {"pcm": "pcm16"}
+CONTENT_TYPES = {
+    "wav": "audio/wav",
+    "mp3": "audio/mpeg",
+    "flac": "audio/flac",
+    "opus": "audio/ogg",
+    "aac": "audio/aac",
+    "pcm16": "audio/pcm",
+}
+PCM16_RATE = 24000  # the OpenAI convention for headerless PCM
+
+# (container, encoder, rates the encoder takes, bit rate) for the formats FFmpeg writes.
+_AV_CODECS = {
+    "mp3": ("mp3", "libmp3lame", (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000), 64_000),
+    "opus": ("ogg", "libopus", (8000, 12000, 16000, 24000, 48000), 48_000),
+    "aac": ("adts", "aac", (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000), 64_000),
+}
+
+
+def normalize_format(format: str) -> str:
+    """Return the canonical output format name, or raise `UnsupportedFormatError`."""
+    name = FORMAT_ALIASES.get(format.lower(), format.lower())
+    if name not in OUTPUT_FORMATS:
+        raise UnsupportedFormatError(
+            f"cannot write audio as {format!r} (choose from {', '.join(OUTPUT_FORMATS)})"
+        )
+    return name
+
+
+def encode(audio: Audio, format: str, sample_rate: int | None = None) -> bytes:
+    """Encode mono `audio` as `format` ("wav", "mp3", "flac", "opus", "aac", "pcm16"/"pcm").
+
+    Args:
+        audio: what to encode.
+        format: output format. pcm16 is headerless 16-bit little-endian mono.
+        sample_rate: output rate. By default the audio's own rate, except pcm16 (24 kHz) and
+            codecs that cannot take that rate (the nearest higher rate they take).
+
+    Returns:
+        The encoded bytes, a complete file for every format but pcm16.
+    """
+    format = normalize_format(format)
+    if len(audio) == 0:
+        raise EmptyAudioError("cannot encode empty audio")
+    if format == "pcm16":
+        return _to_int16(audio.resample(sample_rate or PCM16_RATE).samples).tobytes()
+    if format in ("wav", "flac"):
+        audio = audio.resample(sample_rate or audio.sample_rate)
+        buffer = io.BytesIO()
+        sf.write(buffer, audio.samples, audio.sample_rate, format=format.upper(), subtype="PCM_16")
+        return buffer.getvalue()
+    return _encode_av(audio, format, sample_rate)
+
+
+def _to_int16(samples: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2")
+
+
+def _encode_av(audio: Audio, format: str, sample_rate: int | None) -> bytes:
+    container_format, codec, rates, bit_rate = _AV_CODECS[format]
+    rate = sample_rate or audio.sample_rate
+    if rate not in rates:
+        rate = next((r for r in rates if r >= rate), rates[-1])
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        stream.bit_rate = bit_rate
+        frame = av.AudioFrame.from_ndarray(audio.samples[None, :], format="flt", layout="mono")
+        frame.sample_rate = audio.sample_rate
+        # pts 0 lets the encoder stamp its priming as negative time, so muxers that can record
+        # it (Ogg pre-skip, the LAME header) let decoders trim it.
+        frame.pts = 0
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)
+        for converted in resampler.resample(frame) + resampler.resample(None):
+            container.mux(stream.encode(converted))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()

@@ -1,0 +1,96 @@
+"""Voices: text to speech, rendered sentence by sentence so that a server can stream it.
+
+The built-in backend is eSpeak NG (`EspeakBackend`); others plug in through `VoiceBackend`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+
+import numpy as np
+
+from voxtune.audio.audio import Audio
+from voxtune.audio.voices.base import (
+    OPENAI_VOICES,
+    STYLES,
+    LanguageInfo,
+    Style,
+    UnknownLanguageError,
+    UnknownStyleError,
+    UnknownVoiceError,
+    VoiceBackend,
+    VoiceError,
+    VoiceInfo,
+    split_sentences,
+)
+from voxtune.audio.voices.espeak import EspeakBackend
+
+DEFAULT_VOICE = "alloy"
+DEFAULT_LANGUAGE = "en"
+
+
+@lru_cache(maxsize=1)
+def default_backend() -> EspeakBackend:
+    """The built-in backend, created on first use."""
+    return EspeakBackend()
+
+
+def render(
+    text: str,
+    lang: str = DEFAULT_LANGUAGE,
+    voice: str = DEFAULT_VOICE,
+    style: str = "neutral",
+    speed: float = 1.0,
+    *,
+    backend: VoiceBackend | None = None,
+) -> Iterator[Audio]:
+    """Speak `text`: an iterator of `Audio` chunks, one per sentence. Bad arguments raise at once."""
+    return (backend or default_backend()).render(text, lang, voice, style, speed)
+
+
+def synthesize(
+    text: str,
+    lang: str = DEFAULT_LANGUAGE,
+    voice: str = DEFAULT_VOICE,
+    style: str = "neutral",
+    speed: float = 1.0,
+    *,
+    backend: VoiceBackend | None = None,
+) -> Audio:
+    """Speak `text` and return the whole utterance as one `Audio`."""
+    chunks = list(render(text, lang, voice, style, speed, backend=backend))
+    return Audio(np.concatenate([c.samples for c in chunks]), chunks[0].sample_rate)
+
+
+def list_voices(backend: VoiceBackend | None = None) -> list[VoiceInfo]:
+    """Every voice name the backend accepts (OpenAI names first)."""
+    return (backend or default_backend()).list_voices()
+
+
+def list_languages(backend: VoiceBackend | None = None) -> list[LanguageInfo]:
+    """Every language code the backend speaks."""
+    return (backend or default_backend()).list_languages()
+
+
+__all__ = [
+    "DEFAULT_LANGUAGE",
+    "DEFAULT_VOICE",
+    "OPENAI_VOICES",
+    "STYLES",
+    "EspeakBackend",
+    "LanguageInfo",
+    "Style",
+    "UnknownLanguageError",
+    "UnknownStyleError",
+    "UnknownVoiceError",
+    "VoiceBackend",
+    "VoiceError",
+    "VoiceInfo",
+    "default_backend",
+    "list_languages",
+    "list_voices",
+    "render",
+    "split_sentences",
+    "synthesize",
+]

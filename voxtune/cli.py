@@ -1,0 +1,162 @@
+"""`voxtune <command>`: a thin layer over the Python API, one subcommand per job.
+
+Every failure the user can cause (a missing file, bad audio, an unknown voice, a bad option)
+prints one line naming the problem and exits non-zero; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import voxtune
+from voxtune.audio import AudioError, describe, encode
+from voxtune.audio import voices
+from voxtune.audio.encode import OUTPUT_FORMATS, normalize_format
+from voxtune.files import write_atomic
+
+# File suffixes that imply an output format when --format is not given.
+_SUFFIX_FORMATS = {".wav": "wav", ".mp3": "mp3", ".flac": "flac", ".opus": "opus", ".ogg": "opus",
+                   ".aac": "aac", ".pcm": "pcm16", ".raw": "pcm16"}  # fmt: skip
+
+# One sample sentence per language for `voxtune demo`.
+DEMO_SENTENCES = {
+    "en": "Hello! This is voxtune, speaking with its built-in voice.",
+    "de": "Hallo! Das ist voxtune mit seiner eingebauten Stimme.",
+    "fr": "Bonjour ! Voici voxtune, avec sa voix intégrée.",
+    "es": "¡Hola! Esto es voxtune, hablando con su voz integrada.",
+    "hi": "नमस्ते! यह वॉक्सट्यून है, अपनी अंतर्निहित आवाज़ में।",
+    "zh": "你好！这是 voxtune 的内置语音。",
+}
+
+
+class UsageError(Exception):
+    """A command-line mistake; its message is printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `voxtune` argument parser with every subcommand."""
+    parser = _Parser(prog="voxtune", description="Fine-tune, run and serve audio-native language models.")
+    parser.add_argument("--version", action="version", version=f"voxtune {voxtune.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    speak = commands.add_parser("speak", help="speak text with the built-in voice and write an audio file")
+    speak.add_argument("text", metavar="TEXT", help="what to say ('-' reads standard input)")
+    speak.add_argument("--lang", default=voices.DEFAULT_LANGUAGE, help="language code (default: en)")
+    speak.add_argument("--voice", default=voices.DEFAULT_VOICE, help="voice name (default: alloy)")
+    speak.add_argument("--style", default="neutral", choices=list(voices.STYLES), help="speaking style")
+    speak.add_argument("--speed", type=float, default=1.0, help="speaking rate, 0.25 to 4 (default: 1)")
+    speak.add_argument("--format", choices=list(OUTPUT_FORMATS) + ["pcm"], help="default: from --out's suffix, else wav")
+    speak.add_argument("--out", required=True, type=Path, help="file to write")
+    speak.set_defaults(run=_speak)
+
+    info = commands.add_parser("info", help="describe audio files: format, rate, duration, levels")
+    info.add_argument("files", metavar="FILE", nargs="+", type=Path)
+    info.add_argument("--json", action="store_true", help="print JSON (one object per file, in a list)")
+    info.set_defaults(run=_info)
+
+    list_ = commands.add_parser("voices", help="list the built-in voices (or languages)")
+    list_.add_argument("--languages", action="store_true", help="list languages instead of voices")
+    list_.add_argument("--json", action="store_true", help="print JSON")
+    list_.set_defaults(run=_voices)
+
+    demo = commands.add_parser("demo", help="speak a sample sentence in several languages")
+    demo.add_argument("--out-dir", type=Path, default=Path("out/demo"), help="where to write (default: out/demo)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _speak(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    fmt = normalize_format(args.format or _SUFFIX_FORMATS.get(args.out.suffix.lower(), "wav"))
+    audio = voices.synthesize(text, args.lang, args.voice, args.style, args.speed)
+    write_atomic(args.out, encode(audio, fmt))
+    print(f"wrote {args.out} ({fmt}, {audio.duration:.2f} s)")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    results, failed = [], 0
+    for path in args.files:
+        try:
+            results.append(describe(path).to_dict())
+        except AudioError as error:
+            failed += 1
+            results.append({"path": str(path), "error": str(error)})
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for item in results:
+        if "error" in item:
+            print(f"voxtune: error: {item['path']}: {item['error']}", file=sys.stderr)
+        elif not args.json:
+            print(_format_info(item))
+    return 1 if failed else 0
+
+
+def _format_info(item: dict) -> str:
+    def level(value: float | None) -> str:
+        return "-inf" if value is None else f"{value:.1f}"
+
+    flags = [flag for flag in ("silent", "clipped") if item[flag]]
+    return (
+        f"{item['path']}: {item['container']} ({item['codec']}), {item['sample_rate']} Hz, "
+        f"{item['channels']} ch, {item['duration']:.3f} s, peak {level(item['peak_dbfs'])} dBFS, "
+        f"RMS {level(item['rms_dbfs'])} dBFS" + (f" [{', '.join(flags)}]" if flags else "")
+    )
+
+
+def _voices(args: argparse.Namespace) -> int:
+    if args.languages:
+        rows = [{"code": lang.code, "name": lang.name} for lang in voices.list_languages()]
+        lines = [f"{r['code']:<24} {r['name']}" for r in rows]
+    else:
+        rows = [{"name": v.name, "backend_voice": v.backend_voice, "gender": v.gender} for v in voices.list_voices()]
+        lines = [f"{r['name']:<28} {r['gender']:<8} {r['backend_voice']}" for r in rows]
+    print(json.dumps(rows, indent=2, ensure_ascii=False) if args.json else "\n".join(lines))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    print(f"Speaking a sample sentence in {len(DEMO_SENTENCES)} languages with the built-in voice:")
+    for lang, text in DEMO_SENTENCES.items():
+        audio = voices.synthesize(text, lang, voices.DEFAULT_VOICE)
+        path = write_atomic(args.out_dir / f"hello-{lang}.wav", encode(audio, "wav"))
+        print(f"  {lang}: {path} ({audio.duration:.1f} s)  {text}")
+    print(f"Play them with any audio player, e.g. `ffplay {args.out_dir / 'hello-en.wav'}`.")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `voxtune` command; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return args.run(args)
+    except (UsageError, AudioError, voices.VoiceError) as error:
+        print(f"voxtune: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
+    except BrokenPipeError:  # the reader went away (`voxtune voices | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as error:  # e.g. the output folder is not writable
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"voxtune: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
