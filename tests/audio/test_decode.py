@@ -156,6 +156,30 @@ def test_resampling_keeps_the_band_and_removes_aliases():
     assert np.sqrt(np.mean(aliased.samples[100:-100] ** 2)) < 1e-3
 
 
+def test_wav_with_a_codec_libsndfile_lacks_falls_back_to_ffmpeg():
+    # G.722 (wideband telephony) in a WAV container: libsndfile refuses it, FFmpeg reads it.
+    t = np.arange(16000) / 16000
+    tone = (0.4 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="wav") as out:
+        stream = out.add_stream("adpcm_g722", rate=16000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(tone[None, :], format="flt", layout="mono")
+        frame.sample_rate, frame.pts = 16000, 0
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=16000)
+        for converted in resampler.resample(frame) + resampler.resample(None):
+            out.mux(stream.encode(converted))
+        out.mux(stream.encode(None))
+    with pytest.raises(sf.LibsndfileError):
+        sf.info(io.BytesIO(buffer.getvalue()))
+    decoded = decode_bytes(buffer.getvalue())
+    assert decoded.codec == "g722"
+    audio = load(buffer.getvalue())
+    assert abs(len(audio) - 16000) <= 160
+    spectrum = np.abs(np.fft.rfft(audio.samples))
+    assert abs(np.argmax(spectrum) * 16000 / len(audio) - 440) < 3
+
+
 def test_telephone_audio_loads():
     t = np.arange(8000) / 8000
     data = _soundfile_bytes((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 8000, "WAV", "ULAW")

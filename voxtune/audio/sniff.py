@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-# Canonical names for what `sniff` finds. "pcm16" has no signature: the caller must say so.
-SNIFFED_FORMATS = ("wav", "flac", "ogg", "opus", "mp3", "mp4", "webm", "aac", "aiff", "caf")
-
-
 def sniff(data: bytes) -> str | None:
     """Return the format of `data` ("wav", "flac", "ogg" (Vorbis), "opus", "mp3", "mp4", "webm",
     "aac" (ADTS), "aiff", "caf"), or None when no known signature matches."""

@@ -102,13 +102,6 @@ class EspeakBackend:
             self._pieces.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
         return 0  # 0 = go on synthesising
 
-    @property
-    def sample_rate(self) -> int:
-        """Rate of the rendered audio (22050 Hz for eSpeak NG)."""
-        with _LOCK:
-            self._engine()
-        return self._sample_rate
-
     def _list(self, language: bytes | None) -> list[tuple[str, str, int, list[tuple[int, str]]]]:
         """(name, identifier, gender, [(priority, language)]) for each engine voice."""
         spec = None
