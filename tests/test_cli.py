@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,11 @@ from voxtune.cli import DEMO_SENTENCES, main
 VOXTUNE = [str(Path(sys.executable).with_name("voxtune"))]
 
 
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    """The installed console script, as a user runs it."""
-    return subprocess.run(VOXTUNE + list(args), capture_output=True, text=True, input=stdin, timeout=60)
+def run(*args: str | bytes, stdin: bytes | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it; output decoded as UTF-8."""
+    result = subprocess.run(VOXTUNE + list(args), capture_output=True, input=stdin, timeout=60, **kwargs)
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
 
 
 def test_version_and_help():
@@ -43,9 +46,16 @@ def test_speak_writes_each_format_that_info_reads_back(tmp_path, capsys, fmt):
 
 def test_speak_takes_its_format_from_the_suffix_and_text_from_stdin(tmp_path):
     out = tmp_path / "from-stdin.mp3"
-    result = run("speak", "-", "--lang", "de", "--style", "happy", "--speed", "1.5", "--out", str(out), stdin="Guten Morgen!")
+    result = run("speak", "-", "--lang", "de", "--style", "happy", "--speed", "1.5", "--out", str(out), stdin="Guten Morgen!".encode())
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:3] == b"ID3" or out.read_bytes()[0] == 0xFF
+
+
+def test_speak_to_standard_output():
+    result = subprocess.run(VOXTUNE + ["speak", "Hello.", "--format", "flac", "--out", "-"], capture_output=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stdout[:4] == b"fLaC"
+    assert b"standard output" in result.stderr
 
 
 def test_info_prints_one_line_per_file_and_fails_for_bad_ones(tmp_path, capsys):
@@ -83,6 +93,7 @@ def test_demo_speaks_every_language(tmp_path, capsys):
     (["speak", "Hi.", "--speed", "10", "--out", "{out}"], "speed must be between"),
     (["speak", "   ", "--out", "{out}"], "nothing to speak"),
     (["speak", "Hi.", "--format", "ogg", "--out", "{out}"], "invalid choice: 'ogg'"),
+    (["speak", "Hi.", "--out", "{out}.m4a"], "--format"),
     (["speak", "Hi."], "required: --out"),
     (["speak", "Hi.", "--out", "/proc/voxtune-cannot-write/x.wav"], "/proc/voxtune-cannot-write"),
     (["speak", "Hi.", "--out", "{garbage_dir}"], "is a directory"),
@@ -101,3 +112,18 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, args, words):
     assert len(lines) == 1 and lines[0].startswith("voxtune: error:"), result.stderr
     assert words in lines[0]
     assert out.read_bytes() == b"previous contents"  # a failed command never touches the output
+
+
+@pytest.mark.parametrize("case", ["undecodable-argument", "undecodable-stdin", "closed-stdin"])
+def test_text_that_cannot_be_read_is_one_line(tmp_path, case):
+    out = str(tmp_path / "out.wav")
+    if case == "undecodable-argument":
+        result = run("speak", b"\xff\xfe hi", "--out", out)
+    elif case == "undecodable-stdin":
+        result = run("speak", "-", "--out", out, stdin=b"\xff\xfe hello")
+    else:
+        result = run("speak", "-", "--out", out, stdin=None, preexec_fn=lambda: os.close(0))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("voxtune: error:"), result.stderr
+    assert not os.path.exists(out)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
+import threading
+
 import pytest
 
 from voxtune.files import write_atomic
@@ -21,3 +25,40 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         write_atomic(path, "not bytes")  # type: ignore[arg-type]
     assert path.read_bytes() == b"good"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_permissions_symlinks_and_long_names(tmp_path):
+    existing = tmp_path / "shared.wav"
+    existing.write_bytes(b"old")
+    existing.chmod(0o644)
+    write_atomic(existing, b"new")
+    assert existing.stat().st_mode & 0o777 == 0o644
+
+    umask = os.umask(0o022)
+    try:
+        fresh = write_atomic(tmp_path / "fresh.wav", b"x")
+    finally:
+        os.umask(umask)
+    assert fresh.stat().st_mode & 0o777 == 0o644  # what open() gives, not mkstemp's 0600
+
+    target = tmp_path / "target.wav"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.wav"
+    link.symlink_to(target)
+    write_atomic(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
+
+    long_name = tmp_path / ("n" * 250)
+    assert write_atomic(long_name, b"ok").read_bytes() == b"ok"
+
+
+def test_a_pipe_is_written_to_not_replaced(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    write_atomic(fifo, b"through the pipe")
+    reader.join(timeout=10)
+    assert received == [b"through the pipe"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)

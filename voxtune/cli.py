@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     speak.add_argument("--style", default="neutral", choices=list(voices.STYLES), help="speaking style")
     speak.add_argument("--speed", type=float, default=1.0, help="speaking rate, 0.25 to 4 (default: 1)")
     speak.add_argument("--format", choices=list(OUTPUT_FORMATS) + ["pcm"], help="default: from --out's suffix, else wav")
-    speak.add_argument("--out", required=True, type=Path, help="file to write")
+    speak.add_argument("--out", required=True, type=Path, help="file to write ('-' for standard output)")
     speak.set_defaults(run=_speak)
 
     info = commands.add_parser("info", help="describe audio files: format, rate, duration, levels")
@@ -76,12 +76,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _speak(args: argparse.Namespace) -> int:
-    text = sys.stdin.read() if args.text == "-" else args.text
-    fmt = normalize_format(args.format or _SUFFIX_FORMATS.get(args.out.suffix.lower(), "wav"))
+    text = _read_stdin() if args.text == "-" else args.text
+    fmt = normalize_format(args.format or _format_from_suffix(args.out))
     audio = voices.synthesize(text, args.lang, args.voice, args.style, args.speed)
-    write_atomic(args.out, encode(audio, fmt))
-    print(f"wrote {args.out} ({fmt}, {audio.duration:.2f} s)")
+    data = encode(audio, fmt)
+    if str(args.out) == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        print(f"wrote {len(data)} bytes to standard output ({fmt}, {audio.duration:.2f} s)", file=sys.stderr)
+    else:
+        write_atomic(args.out, data)
+        print(f"wrote {args.out} ({fmt}, {audio.duration:.2f} s)")
     return 0
+
+
+def _read_stdin() -> str:
+    if sys.stdin is None:
+        raise UsageError("TEXT is '-' but there is no standard input to read it from")
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("standard input is not UTF-8 text") from None
+
+
+def _format_from_suffix(out: Path) -> str:
+    suffix = out.suffix.lower()
+    if str(out) == "-" or not suffix:
+        return "wav"
+    if suffix not in _SUFFIX_FORMATS:
+        raise UsageError(f"cannot tell the format from {out.name!r}; name it with --format")
+    return _SUFFIX_FORMATS[suffix]
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -106,7 +130,7 @@ def _format_info(item: dict) -> str:
     def level(value: float | None) -> str:
         return "-inf" if value is None else f"{value:.1f}"
 
-    flags = [flag for flag in ("silent", "clipped") if item[flag]]
+    flags = [flag.replace("_", "-") for flag in ("silent", "clipped", "non_finite") if item[flag]]
     return (
         f"{item['path']}: {item['container']} ({item['codec']}), {item['sample_rate']} Hz, "
         f"{item['channels']} ch, {item['duration']:.3f} s, peak {level(item['peak_dbfs'])} dBFS, "

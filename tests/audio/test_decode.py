@@ -38,15 +38,17 @@ def _soundfile_bytes(samples: np.ndarray, rate: int, fmt: str, subtype: str) -> 
 
 
 def _ffmpeg_bytes(samples: np.ndarray, rate: int, container: str, codec: str, codec_rate: int) -> bytes:
-    """Encode with FFmpeg directly (the reference, independent of voxtune.audio.encode)."""
-    stereo = samples.T.astype(np.float32)  # [channels, frames]
+    """Encode `[frames]` or `[frames, 2]` float samples with FFmpeg directly (the reference,
+    independent of voxtune.audio.encode)."""
+    layout = "mono" if samples.ndim == 1 else "stereo"
+    interleaved = np.ascontiguousarray(samples, dtype=np.float32).reshape(1, -1)  # [1, frames * channels]
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=codec_rate)
-        stream.layout = "stereo"
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(stereo.T.reshape(1, -1)), format="flt", layout="stereo")
+        stream.layout = layout
+        frame = av.AudioFrame.from_ndarray(interleaved, format="flt", layout=layout)
         frame.sample_rate, frame.pts = rate, 0
-        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="stereo", rate=codec_rate)
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=layout, rate=codec_rate)
         for converted in resampler.resample(frame) + resampler.resample(None):
             out.mux(stream.encode(converted))
         out.mux(stream.encode(None))
@@ -160,21 +162,11 @@ def test_wav_with_a_codec_libsndfile_lacks_falls_back_to_ffmpeg():
     # G.722 (wideband telephony) in a WAV container: libsndfile refuses it, FFmpeg reads it.
     t = np.arange(16000) / 16000
     tone = (0.4 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="wav") as out:
-        stream = out.add_stream("adpcm_g722", rate=16000)
-        stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(tone[None, :], format="flt", layout="mono")
-        frame.sample_rate, frame.pts = 16000, 0
-        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=16000)
-        for converted in resampler.resample(frame) + resampler.resample(None):
-            out.mux(stream.encode(converted))
-        out.mux(stream.encode(None))
+    data = _ffmpeg_bytes(tone, 16000, "wav", "adpcm_g722", 16000)
     with pytest.raises(sf.LibsndfileError):
-        sf.info(io.BytesIO(buffer.getvalue()))
-    decoded = decode_bytes(buffer.getvalue())
-    assert decoded.codec == "g722"
-    audio = load(buffer.getvalue())
+        sf.info(io.BytesIO(data))
+    assert decode_bytes(data).codec == "g722"
+    audio = load(data)
     assert abs(len(audio) - 16000) <= 160
     spectrum = np.abs(np.fft.rfft(audio.samples))
     assert abs(np.argmax(spectrum) * 16000 / len(audio) - 440) < 3
@@ -242,3 +234,106 @@ def test_named_format_must_match_the_bytes(make_signal):
         load(wav, format="pcm16", rate=16000)
     with pytest.raises(UnsupportedFormatError):
         load(wav, format="midi")
+
+
+def test_pcm16_whose_first_bytes_look_like_a_frame_sync_is_still_pcm16():
+    # A first sample of -1 is the bytes ff ff: an MPEG sync word, but not a container.
+    samples = np.full(480, -1, dtype="<i2")
+    assert sniff(samples.tobytes()) == "mp3"
+    audio = load(samples.tobytes(), format="pcm16", rate=24000, sample_rate=24000)
+    assert len(audio) == 480 and np.allclose(audio.samples, -1 / 32768)
+    b64 = base64.b64encode(samples.tobytes()).decode()
+    assert "/" in b64  # base64 with a slash is still base64 when the format is pcm16
+    assert len(load(b64, format="pcm16", rate=24000, sample_rate=24000)) == 480
+
+
+def test_many_channels_are_mixed_to_mono(make_signal):
+    six = make_signal(0.5, 16000, channels=6)  # 5.1
+    data = _soundfile_bytes(six, 16000, "WAV", "PCM_24")
+    assert decode_bytes(data).channels == 6
+    assert np.abs(load(data).samples - six.mean(axis=1)).max() < 1e-4
+
+
+def _adts(samples: np.ndarray, rate: int) -> bytes:
+    return _ffmpeg_bytes(samples, rate, "adts", "aac", rate)
+
+
+def test_a_stream_that_changes_rate_or_channels_midway_keeps_its_length(make_signal):
+    mono, stereo = make_signal(1.0, 44100), make_signal(1.0, 44100, channels=2)
+    audio = load(_adts(mono, 44100) + _adts(stereo, 44100))
+    assert audio.duration == pytest.approx(2.0, abs=0.1)
+    halves = load(_adts(mono, 44100) + _adts(make_signal(1.0, 22050), 22050))
+    assert halves.duration == pytest.approx(2.0, abs=0.1)  # not 1.5 s played at the wrong rate
+
+
+def test_broken_metadata_and_damaged_packets_do_not_lose_the_audio(make_signal):
+    mp3 = _ffmpeg_bytes(make_signal(2.0, 16000), 16000, "mp3", "libmp3lame", 16000)
+    tag = mp3.index(b"Lavf")
+    bad_tag = mp3[: tag + 4] + b"\x93" + mp3[tag + 5 :]  # not UTF-8 in a UTF-8 text frame
+    assert load(bad_tag).duration == pytest.approx(2.0, abs=0.1)
+
+    middle = len(mp3) // 2
+    damaged = mp3[:middle] + np.random.default_rng(0).bytes(400) + mp3[middle:]
+    assert load(damaged).duration == pytest.approx(2.0, abs=0.2)
+    joined = load(mp3 + mp3)  # the second file's ID3 tag sits in the middle
+    assert joined.duration == pytest.approx(4.0, abs=0.2)
+
+
+def test_streams_written_without_a_length_are_read_to_the_end(make_signal):
+    mono = make_signal(1.0, 16000)
+    flac = bytearray(_soundfile_bytes(mono, 16000, "FLAC", "PCM_16"))
+    # STREAMINFO's 36-bit total-sample count (file bytes 21-25, low nibble of byte 21 on) = 0.
+    flac[21] &= 0xF0
+    flac[22:26] = b"\x00\x00\x00\x00"
+    assert len(load(bytes(flac))) == 16000
+    with pytest.raises(AudioTooLongError):  # no length in the header: checked while decoding
+        load(bytes(flac), max_duration=0.5)
+
+    wav = bytearray(_soundfile_bytes(mono, 16000, "WAV", "PCM_16"))
+    data_chunk = wav.index(b"data")
+    wav[data_chunk + 4 : data_chunk + 8] = b"\x00\x00\x00\x00"  # as a streaming writer leaves it
+    assert len(load(bytes(wav))) == 16000
+
+
+def test_unsigned_and_signed_integer_arrays_centre_on_silence():
+    for dtype, middle in ((np.uint8, 128), (np.uint16, 32768), (np.uint32, 2**31)):
+        assert np.abs(load(np.full(1000, middle, dtype), rate=16000).samples).max() == 0.0
+    assert load(np.full(1000, -(2**15), np.int16), rate=16000).samples.min() == -1.0
+
+
+@pytest.mark.parametrize("kwargs", [{"rate": 0}, {"rate": -8000}, {"sample_rate": 0}])
+def test_bad_rates_are_audio_errors(kwargs):
+    with pytest.raises(AudioError, match="rate"):
+        load(np.zeros(100, np.float32), **({"rate": 16000} | kwargs))
+    with pytest.raises(AudioError, match="rate"):
+        load(b"\x00\x00" * 100, format="pcm16", **({"rate": 16000} | kwargs))
+
+
+def test_strings_are_paths_data_urls_or_lenient_base64(tmp_path, make_signal):
+    data = _soundfile_bytes(make_signal(0.25, 16000), 16000, "WAV", "PCM_16")
+    expected = load(data).samples
+    standard = base64.b64encode(data).decode()
+    for text in (
+        standard.rstrip("="),  # padding left off
+        base64.urlsafe_b64encode(data).decode(),  # URL-safe alphabet
+        base64.encodebytes(data).decode(),  # MIME line breaks
+        "DATA:audio/wav;BASE64," + standard,
+    ):
+        assert np.array_equal(load(text).samples, expected)
+    with pytest.raises(UndecodableAudioError, match="base64"):
+        load("data:audio/wav;base64,!!!!")
+    with pytest.raises(UndecodableAudioError, match="base64"):
+        load("data:audio/wav," + standard)
+    for missing in ("/tmp/nothere", "clip.wav", str(tmp_path / "x" / "y.mp3")):
+        with pytest.raises(AudioFileNotFoundError):
+            load(missing)
+    with pytest.raises(AudioError, match="cannot read"):
+        load(tmp_path / ("a" * 300))  # name too long: an AudioError, not a bare OSError
+
+
+def test_adts_behind_an_id3_tag_is_still_aac(make_signal):
+    adts = _adts(make_signal(1.0, 44100), 44100)
+    tagged = b"ID3\x04\x00\x00\x00\x00\x00\x0a" + b"\x00" * 10 + adts  # a 10-byte empty tag body
+    assert sniff(tagged) == "aac"
+    # The 1024-sample priming is trimmed as for bare ADTS.
+    assert abs(len(load(tagged, sample_rate=44100)) - 44100) < 1024

@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from voxtune.audio import CONTENT_TYPES, OUTPUT_FORMATS, Audio, EmptyAudioError, UnsupportedFormatError, decode_bytes, encode, sniff
+from voxtune.audio import (
+    CONTENT_TYPES,
+    OUTPUT_FORMATS,
+    Audio,
+    EmptyAudioError,
+    NonFiniteAudioError,
+    UnsupportedFormatError,
+    decode_bytes,
+    encode,
+    sniff,
+)
 
 VOICE_RATE = 22050  # what the built-in voice renders at
 
@@ -61,3 +71,25 @@ def test_bad_requests():
         encode(Audio(np.zeros(100, np.float32), 16000), "vorbis")
     with pytest.raises(EmptyAudioError):
         encode(Audio(np.zeros(0, np.float32), 16000), "wav")
+
+
+@pytest.mark.parametrize("fmt", OUTPUT_FORMATS)
+@pytest.mark.parametrize("count", [1, 20, 300])
+def test_very_short_audio_still_encodes(fmt, count):
+    audio = Audio(np.full(count, 0.1, np.float32), VOICE_RATE)
+    data = encode(audio, fmt)
+    assert data
+    if fmt != "pcm16":
+        assert decode_bytes(data).samples.shape[1] > 0
+
+
+def test_audio_holds_mono_float32_and_encode_refuses_non_finite():
+    audio = Audio(np.zeros(100, dtype=np.float64), 16000)  # converted, so every codec takes it
+    assert audio.samples.dtype == np.float32
+    assert encode(audio, "mp3")
+    with pytest.raises(ValueError, match="1-D"):
+        Audio(np.zeros((2, 100), np.float32), 16000)
+    with pytest.raises(ValueError, match="sample_rate"):
+        Audio(np.zeros(100, np.float32), 0)
+    with pytest.raises(NonFiniteAudioError):
+        encode(Audio(np.array([0.0, np.nan, 0.0], np.float32), 16000), "wav")

@@ -42,6 +42,18 @@ def test_silence_and_clipping_are_flagged(tmp_path):
     assert not describe(tmp_path / "full-scale.wav").clipped
 
 
+def test_float_files_over_full_scale_or_with_nan(tmp_path):
+    sf.write(tmp_path / "hot.wav", _sine(1.5), 44100, subtype="FLOAT")
+    hot = describe(tmp_path / "hot.wav")
+    assert hot.clipped and hot.peak_dbfs == pytest.approx(3.52, abs=0.01)
+    samples = _sine(0.5)
+    samples[100:200] = np.nan
+    sf.write(tmp_path / "nan.wav", samples, 44100, subtype="FLOAT")
+    info = describe(tmp_path / "nan.wav")
+    assert info.non_finite and not info.silent
+    assert info.peak_dbfs == pytest.approx(-6.02, abs=0.01)
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(AudioFileNotFoundError):
         describe(tmp_path / "missing.wav")

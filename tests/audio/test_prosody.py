@@ -36,3 +36,10 @@ def test_silence_and_noise_are_unvoiced():
     noise = np.random.default_rng(0).standard_normal(rate).astype(np.float32) * 0.1
     assert np.isnan(pitch(Audio(noise, rate))).mean() > 0.9
     assert len(pitch(Audio(np.zeros(100, np.float32), rate))) == 0  # shorter than one frame
+
+
+def test_bad_ranges_are_refused():
+    audio = Audio(np.zeros(16000, np.float32), 16000)
+    for fmin, fmax in ((0, 500), (300, 200), (60, 9000)):
+        with pytest.raises(ValueError, match="fmin"):
+            pitch(audio, fmin=fmin, fmax=fmax)

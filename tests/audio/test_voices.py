@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import numpy as np
@@ -10,7 +11,10 @@ import pytest
 from voxtune.audio import voices
 from voxtune.audio.prosody import pitch
 from voxtune.audio.voices import (
+    MAX_TEXT_CHARS,
     OPENAI_VOICES,
+    EspeakBackend,
+    Style,
     UnknownLanguageError,
     UnknownStyleError,
     UnknownVoiceError,
@@ -53,10 +57,22 @@ def test_each_openai_voice_sounds_different():
     assert female > 1.3 * male
 
 
-def test_over_a_hundred_languages():
-    codes = {lang.code for lang in voices.list_languages()}
+def test_openai_names_are_exactly_the_mapped_ones():
+    from voxtune.audio.voices.espeak import OPENAI_VARIANTS
+
+    assert set(OPENAI_VARIANTS) == set(OPENAI_VOICES)
+
+
+def test_over_a_hundred_languages_and_each_one_speaks():
+    languages = voices.list_languages()
+    codes = {lang.code for lang in languages}
     assert len(codes) >= 100
     assert {"en", "de", "fr", "es", "it", "pt", "ru", "zh", "ja", "hi", "ar", "sw"} <= codes
+    assert "fo" not in codes  # listed by the engine, but its dictionary is not in the wheel
+    for lang in languages:  # digits and letters: something every dictionary can say
+        audio = voices.synthesize("1 2 3. a b c. ok", lang.code)
+        assert audio.duration > 0.5 and np.abs(audio.samples).max() > 0.05, lang.code
+    assert voices.synthesize("Hallo", "DE").duration > 0.2  # codes are case-insensitive
 
 
 @pytest.mark.parametrize("lang, text", [
@@ -129,12 +145,34 @@ def test_concurrent_rendering_matches_sequential():
         assert _mean_f0(results[voice]) == pytest.approx(_mean_f0(audio), rel=0.03)
 
 
+def test_every_backend_object_shares_the_one_engine():
+    before = voices.synthesize("Good morning.", voice="onyx")
+    other = EspeakBackend()
+    mine = np.concatenate([c.samples for c in other.render("Good morning.", "en", "onyx", "neutral", 1.0)])
+    del other
+    gc.collect()  # a dropped backend object must not take the engine or its callback with it
+    after = voices.synthesize("Good morning.", voice="onyx")
+    for audio in (mine, after.samples):
+        assert len(audio) == pytest.approx(len(before), rel=0.02)
+
+
+def test_pauses_between_words_lengthen_speech():
+    backend = voices.default_backend()
+    spec = backend._voice_spec("en", "alloy", Style())
+    plain = backend._synthesize("one two three four five six", spec, Style(), 175)
+    paused = backend._synthesize("one two three four five six", spec, Style(pause=200), 175)
+    assert paused.duration > plain.duration + 0.8  # five gaps of 200 ms
+
+
 @pytest.mark.parametrize("kwargs, error, words", [
     ({"voice": "alloyy"}, UnknownVoiceError, "alloy"),
     ({"lang": "klingon"}, UnknownLanguageError, "klingon"),
     ({"style": "sarcastic"}, UnknownStyleError, "happy"),
     ({"speed": 9.0}, VoiceError, "speed"),
     ({"text": "   "}, VoiceError, "empty"),
+    ({"text": "hi \udcff there"}, VoiceError, "not valid Unicode"),
+    ({"text": "word " * (MAX_TEXT_CHARS // 5 + 1)}, VoiceError, "limit"),
+    ({"speed": float("nan")}, VoiceError, "speed"),
 ])  # fmt: skip
 def test_bad_requests_fail_at_the_call_with_a_helpful_message(kwargs, error, words):
     args = {"text": TEXT} | kwargs

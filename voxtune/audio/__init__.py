@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 _LAZY = {"log_mel", "log_mel_batch"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in _LAZY:
         from voxtune.audio import features
 

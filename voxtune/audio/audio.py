@@ -15,6 +15,15 @@ class Audio:
     samples: np.ndarray
     sample_rate: int
 
+    def __post_init__(self) -> None:
+        samples = np.ascontiguousarray(self.samples, dtype=np.float32)  # no copy if already so
+        if samples.ndim != 1:
+            raise ValueError(f"Audio samples must be 1-D (mono), got shape {samples.shape}")
+        if not isinstance(self.sample_rate, (int, np.integer)) or self.sample_rate <= 0:
+            raise ValueError(f"Audio sample_rate must be a positive integer, got {self.sample_rate!r}")
+        object.__setattr__(self, "samples", samples)
+        object.__setattr__(self, "sample_rate", int(self.sample_rate))
+
     @property
     def duration(self) -> float:
         """Length in seconds."""

@@ -9,7 +9,7 @@ import numpy as np
 import soundfile as sf
 
 from voxtune.audio.audio import Audio
-from voxtune.audio.errors import EmptyAudioError, UnsupportedFormatError
+from voxtune.audio.errors import EmptyAudioError, NonFiniteAudioError, UnsupportedFormatError
 
 OUTPUT_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16")
 # "pcm" is the /v1/audio/speech name for what chat completions calls "pcm16".
@@ -23,6 +23,9 @@ CONTENT_TYPES = {
     "pcm16": "audio/pcm",
 }
 PCM16_RATE = 24000  # the OpenAI convention for headerless PCM
+# Codecs emit whole frames and may emit none for a few samples: shorter audio is padded with
+# silence to this length first (longer than one frame of mp3, aac or opus at any rate).
+_MIN_CODEC_SECONDS = 0.03
 
 # (container, encoder, rates the encoder takes, bit rate) for the formats FFmpeg writes.
 _AV_CODECS = {
@@ -57,6 +60,8 @@ def encode(audio: Audio, format: str, sample_rate: int | None = None) -> bytes:
     format = normalize_format(format)
     if len(audio) == 0:
         raise EmptyAudioError("cannot encode empty audio")
+    if not np.isfinite(audio.samples).all():
+        raise NonFiniteAudioError("cannot encode audio with NaN or infinite samples")
     if format == "pcm16":
         return _to_int16(audio.resample(sample_rate or PCM16_RATE).samples).tobytes()
     if format in ("wav", "flac"):
@@ -76,6 +81,9 @@ def _encode_av(audio: Audio, format: str, sample_rate: int | None) -> bytes:
     rate = sample_rate or audio.sample_rate
     if rate not in rates:
         rate = next((r for r in rates if r >= rate), rates[-1])
+    if audio.duration < _MIN_CODEC_SECONDS:
+        padding = np.zeros(int(np.ceil(_MIN_CODEC_SECONDS * audio.sample_rate)) - len(audio), np.float32)
+        audio = Audio(np.concatenate([audio.samples, padding]), audio.sample_rate)
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format=container_format) as container:
         stream = container.add_stream(codec, rate=rate)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voxtune.audio.decode import DEFAULT_MAX_DURATION, read_source, decode_bytes
+from voxtune.audio.decode import decode_bytes, read_source
 
 SILENCE_DBFS = -60.0  # RMS at or below this is silence
 CLIP_LEVEL = 0.999  # |sample| at or above this counts as full scale
@@ -29,20 +29,28 @@ class AudioInfo:
     rms_dbfs: float
     silent: bool
     clipped: bool
+    non_finite: bool
 
     def to_dict(self) -> dict:
         """JSON-ready dict (infinite levels of digital silence become None)."""
         return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def describe(path: str | os.PathLike, *, max_duration: float | None = DEFAULT_MAX_DURATION) -> AudioInfo:
+def describe(path: str | os.PathLike, *, max_duration: float | None = None) -> AudioInfo:
     """Decode the file at `path` (format found from its bytes) and measure it.
+
+    Levels are measured over the finite samples; `non_finite` says whether there were others
+    (NaN or infinity, possible in float WAV). Any length is accepted unless `max_duration` says.
 
     Raises:
         AudioError: the file is missing, empty, not audio, or too long.
     """
     decoded = decode_bytes(read_source(Path(path)), max_duration=max_duration)
     samples = decoded.samples  # [channels, frames]
+    finite = np.isfinite(samples)
+    non_finite = not finite.all()
+    if non_finite:
+        samples = np.where(finite, samples, 0.0)
     magnitude = np.abs(samples)
     peak = float(magnitude.max()) if samples.size else 0.0
     rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
@@ -58,6 +66,7 @@ def describe(path: str | os.PathLike, *, max_duration: float | None = DEFAULT_MA
         rms_dbfs=rms_dbfs,
         silent=rms_dbfs <= SILENCE_DBFS,
         clipped=peak > 1.0 or _longest_run(magnitude >= CLIP_LEVEL) >= CLIP_RUN,
+        non_finite=non_finite,
     )
 
 

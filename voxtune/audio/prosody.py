@@ -26,6 +26,8 @@ def pitch(
     the first lag under `threshold` refined to its local minimum and by parabolic interpolation.
     Frames quieter than `silence_db` (RMS, dBFS) are unvoiced.
     """
+    if not 0 < fmin < fmax < audio.sample_rate / 2:
+        raise ValueError(f"need 0 < fmin < fmax < sample_rate / 2, got fmin={fmin}, fmax={fmax}")
     sr = audio.sample_rate
     tau_min, tau_max = int(sr / fmax), int(np.ceil(sr / fmin))
     window = tau_max  # integrate over one longest period

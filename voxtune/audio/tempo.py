@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import av
 import av.filter
 import numpy as np
@@ -14,8 +16,8 @@ _MIN_STEP, _MAX_STEP = 0.5, 2.0
 
 def change_tempo(audio: Audio, factor: float) -> Audio:
     """Play `audio` `factor` times faster (factor < 1 slows it down), keeping its pitch."""
-    if factor <= 0:
-        raise ValueError(f"tempo factor must be positive, got {factor}")
+    if not math.isfinite(factor) or factor <= 0:
+        raise ValueError(f"tempo factor must be a positive finite number, got {factor}")
     if factor == 1.0 or len(audio) == 0:
         return audio
     steps = []

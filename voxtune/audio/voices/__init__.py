@@ -6,12 +6,13 @@ The built-in backend is eSpeak NG (`EspeakBackend`); others plug in through `Voi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import lru_cache
-
 import numpy as np
 
 from voxtune.audio.audio import Audio
 from voxtune.audio.voices.base import (
+    DEFAULT_LANGUAGE,
+    DEFAULT_VOICE,
+    MAX_TEXT_CHARS,
     OPENAI_VOICES,
     STYLES,
     LanguageInfo,
@@ -26,14 +27,12 @@ from voxtune.audio.voices.base import (
 )
 from voxtune.audio.voices.espeak import EspeakBackend
 
-DEFAULT_VOICE = "alloy"
-DEFAULT_LANGUAGE = "en"
+_DEFAULT_BACKEND = EspeakBackend()  # a view of the engine; the engine itself opens on first use
 
 
-@lru_cache(maxsize=1)
 def default_backend() -> EspeakBackend:
-    """The built-in backend, created on first use."""
-    return EspeakBackend()
+    """The built-in backend."""
+    return _DEFAULT_BACKEND
 
 
 def render(
@@ -76,6 +75,7 @@ def list_languages(backend: VoiceBackend | None = None) -> list[LanguageInfo]:
 __all__ = [
     "DEFAULT_LANGUAGE",
     "DEFAULT_VOICE",
+    "MAX_TEXT_CHARS",
     "OPENAI_VOICES",
     "STYLES",
     "EspeakBackend",

@@ -15,6 +15,9 @@ OPENAI_VOICES = (
     "cedar", "nova", "onyx", "sage", "shimmer", "verse",
 )  # fmt: skip
 MIN_SPEED, MAX_SPEED = 0.25, 4.0  # the range /v1/audio/speech accepts
+MAX_TEXT_CHARS = 50_000  # about an hour of speech; longer texts should be split by the caller
+DEFAULT_VOICE = "alloy"
+DEFAULT_LANGUAGE = "en"
 
 
 class VoiceError(ValueError):
@@ -82,13 +85,18 @@ class LanguageInfo:
 class VoiceBackend(Protocol):
     """A text-to-speech engine that renders text sentence by sentence."""
 
-    def list_voices(self) -> list[VoiceInfo]: ...
+    def list_voices(self) -> list[VoiceInfo]:
+        """Every voice name `render` accepts, the OpenAI names first."""
+        ...
 
-    def list_languages(self) -> list[LanguageInfo]: ...
+    def list_languages(self) -> list[LanguageInfo]:
+        """Every language code `render` accepts."""
+        ...
 
-    def render(
-        self, text: str, lang: str, voice: str, style: str, speed: float
-    ) -> Iterator[Audio]: ...
+    def render(self, text: str, lang: str, voice: str, style: str, speed: float) -> Iterator[Audio]:
+        """Check every argument (raising a `VoiceError` at the call), then return an iterator
+        that renders one `Audio` per sentence of `text` as it is consumed."""
+        ...
 
 
 def get_style(name: str) -> Style:
@@ -99,9 +107,22 @@ def get_style(name: str) -> Style:
         raise UnknownStyleError(f"unknown style {name!r} (choose from {', '.join(STYLES)})") from None
 
 
+def check_text(text: str) -> str:
+    """Return `text` if it can be spoken: non-empty, valid Unicode, at most `MAX_TEXT_CHARS`."""
+    if not text or not text.strip():
+        raise VoiceError("nothing to speak: the text is empty")
+    if len(text) > MAX_TEXT_CHARS:
+        raise VoiceError(f"text is {len(text)} characters long, over the {MAX_TEXT_CHARS} limit; split it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, e.g. from undecodable command-line bytes
+        raise VoiceError("text is not valid Unicode (it holds undecodable bytes)") from None
+    return text
+
+
 def check_speed(speed: float) -> float:
     """Return `speed` if it is within the accepted range, else raise `VoiceError`."""
-    if not MIN_SPEED <= speed <= MAX_SPEED:
+    if not MIN_SPEED <= speed <= MAX_SPEED:  # also false for NaN
         raise VoiceError(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {speed}")
     return speed
 
