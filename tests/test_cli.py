@@ -34,13 +34,16 @@ def test_version_and_help():
 def test_speak_writes_each_format_that_info_reads_back(tmp_path, capsys, fmt):
     out = tmp_path / f"hello.{fmt}"
     assert main(["speak", "Hello there. How are you?", "--format", fmt, "--voice", "nova", "--out", str(out)]) == 0
-    assert str(out) in capsys.readouterr().out
-    if fmt == "pcm16":
-        assert out.stat().st_size > 24000  # raw 24 kHz samples, more than half a second
+    printed = capsys.readouterr().out
+    assert str(out) in printed
+    seconds = float(printed.rsplit(", ", 1)[1].split(" s)")[0])
+    if fmt == "pcm16":  # raw 24 kHz 16-bit samples
+        assert out.stat().st_size / 2 / 24000 == pytest.approx(seconds, abs=0.01)
         return
     assert main(["info", "--json", str(out)]) == 0
     (item,) = json.loads(capsys.readouterr().out)
-    assert item["duration"] > 1.0 and item["channels"] == 1 and not item["silent"]
+    assert item["duration"] == pytest.approx(seconds, abs=0.05) and item["channels"] == 1  # one codec frame
+    assert not item["silent"]
     assert item["codec"].startswith({"wav": "pcm", "mp3": "mp3", "flac": "pcm", "opus": "opus", "aac": "aac"}[fmt])
 
 
