@@ -319,8 +319,11 @@ def _decode_packets(container, stream, kind: str, max_duration: float | None) ->
                 key = (frame.format.name, frame.layout.name, frame.sample_rate)
                 resampler = av.AudioResampler(format="fltp", layout=target[0], rate=target[1])
             drain(resampler.resample(frame))
-            # Headers can lie about length: enforce the limit while decoding too.
-            _check_duration(total / target[1], max_duration)
+            # Headers can lie about length (or not give it): stop decoding at the limit.
+            if max_duration is not None and total / target[1] > max_duration:
+                raise AudioTooLongError(
+                    f"audio runs past the {max_duration:g} s limit (decoding stopped at {total / target[1]:.1f} s)"
+                )
     if resampler is not None:
         drain(resampler.resample(None))
     return chunks, skipped
