@@ -17,6 +17,7 @@ import voxtune
 from voxtune.audio import AudioError, describe, encode
 from voxtune.audio import voices
 from voxtune.audio.encode import OUTPUT_FORMATS, normalize_format
+from voxtune.errors import InputError
 from voxtune.files import write_atomic
 
 # File suffixes that imply an output format when --format is not given.
@@ -69,10 +70,67 @@ def build_parser() -> argparse.ArgumentParser:
     list_.add_argument("--json", action="store_true", help="print JSON")
     list_.set_defaults(run=_voices)
 
+    chat = commands.add_parser("chat", help="ask a speech LM about audio (and text); prints the reply")
+    _model_options(chat)
+    chat.add_argument("--audio", action="append", default=[], type=Path, metavar="FILE", help="an audio clip (repeatable)")
+    chat.add_argument("--text", help="text to send after the audio")
+    chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--stream", action="store_true", help="print the reply as it is generated")
+    chat.set_defaults(run=_chat)
+
+    transcribe = commands.add_parser("transcribe", help="print the words spoken in an audio file")
+    _model_options(transcribe)
+    transcribe.add_argument("file", metavar="FILE", type=Path)
+    transcribe.add_argument("--language", help="the language, when known (e.g. en)")
+    transcribe.set_defaults(run=_transcribe)
+
     demo = commands.add_parser("demo", help="speak a sample sentence in several languages")
     demo.add_argument("--out-dir", type=Path, default=Path("out/demo"), help="where to write (default: out/demo)")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model directory or Hugging Face repo id (default: the built-in model)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 picks the likeliest token (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    parser.add_argument("--seed", type=int, help="seed for sampling")
+
+
+def _load_model(args: argparse.Namespace):
+    # The command line reports problems itself: silence the libraries' progress bars and notes.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    return voxtune.load(args.model)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+
+
+def _chat(args: argparse.Namespace) -> int:
+    if not args.audio and not args.text:
+        raise UsageError("give --audio FILE, --text TEXT, or both")
+    content = [{"type": "audio", "audio": path} for path in args.audio]
+    content += [{"type": "text", "text": args.text}] if args.text else []
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": content}]
+    model = _load_model(args)
+    if args.stream:
+        for piece in model.stream(messages, **_sampling(args)):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(model.generate(messages, **_sampling(args)))
+    return 0
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    model = _load_model(args)
+    print(model.transcribe(args.file, args.language, **_sampling(args)))
+    return 0
 
 
 def _speak(args: argparse.Namespace) -> int:
@@ -168,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         return args.run(args)
-    except (UsageError, AudioError, voices.VoiceError) as error:
+    except (UsageError, InputError) as error:
         print(f"voxtune: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1
     except BrokenPipeError:  # the reader went away (`voxtune voices | head`): not an error

@@ -4,8 +4,10 @@ Every message names the problem in one line, so the CLI can print it and the ser
 it as a 4xx without rewording.
 """
 
+from voxtune.errors import InputError
 
-class AudioError(ValueError):
+
+class AudioError(InputError):
     """Base class: the audio given cannot be used."""
 
 

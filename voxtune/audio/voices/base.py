@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from voxtune.audio.audio import Audio
+from voxtune.errors import InputError
 
 # The voice names of OpenAI's speech APIs; every backend maps each to a distinct voice of its own.
 OPENAI_VOICES = (
@@ -20,7 +21,7 @@ DEFAULT_VOICE = "alloy"
 DEFAULT_LANGUAGE = "en"
 
 
-class VoiceError(ValueError):
+class VoiceError(InputError):
     """A voice request that cannot be met."""
 
 

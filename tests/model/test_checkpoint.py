@@ -1,0 +1,98 @@
+"""Checkpoints: round trip, the LM readable by transformers alone, strict keys, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import voxtune
+from voxtune.model import ModelLoadError, tiny
+
+
+def _logits(model, clip) -> torch.Tensor:
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": "?"}]}]
+    with torch.no_grad():
+        return model(model.processor.collate([model.processor.encode_messages(messages)])).logits
+
+
+@pytest.mark.parametrize("family, encoder", [("llama", "streaming"), ("qwen2", "whisper"), ("gemma3_text", "whisper")])
+def test_round_trip_gives_identical_outputs(tmp_path, make_clip, family, encoder):
+    model = tiny(family, encoder, seed=3)
+    model.save_pretrained(tmp_path / "model")
+    loaded = voxtune.load(tmp_path / "model")
+    clip = make_clip(1.1)
+    assert torch.equal(_logits(model, clip), _logits(loaded, clip))
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": clip}]}]
+    assert loaded.generate(messages, max_new_tokens=10) == model.generate(messages, max_new_tokens=10)
+    assert loaded.tokenizer.chat_template == model.tokenizer.chat_template
+    assert loaded.config == model.config
+
+
+def test_the_lm_part_is_a_plain_transformers_checkpoint(tmp_path):
+    model = tiny("qwen2", "streaming")
+    model.save_pretrained(tmp_path)
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[1, 5, 9, 42]])
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=ids).logits, model.lm(input_ids=ids).logits)
+
+
+def test_saving_over_a_checkpoint_replaces_it_whole(tmp_path):
+    first, second = tiny("llama", "streaming", seed=1), tiny("llama", "streaming", seed=2)
+    first.save_pretrained(tmp_path / "m")
+    second.save_pretrained(tmp_path / "m")
+    loaded = voxtune.load(tmp_path / "m")
+    assert torch.equal(loaded.projector.down.weight, second.projector.down.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folders left behind
+
+
+@pytest.fixture
+def saved(tmp_path):
+    tiny("llama", "streaming").save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_a_missing_audio_weight_is_named(saved):
+    state = load_file(saved / "audio.safetensors")
+    del state["projector.down.weight"]
+    save_file(state, saved / "audio.safetensors")
+    with pytest.raises(ModelLoadError, match="missing projector.down.weight"):
+        voxtune.load(saved)
+
+
+def test_an_unexpected_audio_weight_is_named(saved):
+    state = load_file(saved / "audio.safetensors")
+    state["projector.extra.bias"] = torch.zeros(3)
+    save_file(state, saved / "audio.safetensors")
+    with pytest.raises(ModelLoadError, match="unexpected projector.extra.bias"):
+        voxtune.load(saved)
+
+
+def test_a_missing_lm_weight_is_named(saved):
+    state = load_file(saved / "model.safetensors")
+    name = next(k for k in state if "layers.1.mlp.down_proj" in k)
+    del state[name]
+    save_file(state, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="layers.1.mlp.down_proj"):
+        voxtune.load(saved)
+
+
+def test_bad_names_and_configs(tmp_path, saved):
+    with pytest.raises(ModelLoadError, match="no built-in model"):
+        voxtune.load()
+    with pytest.raises(ModelLoadError, match="no model directory"):
+        voxtune.load(tmp_path / "nothing-here")
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="is a file"):
+        voxtune.load(tmp_path / "file.bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="not a voxtune model"):
+        voxtune.load(tmp_path / "empty")
+    config = json.loads((saved / "voxtune.json").read_text())
+    (saved / "voxtune.json").write_text(json.dumps(config | {"surprise": 1}))
+    with pytest.raises(ModelLoadError, match="surprise"):
+        voxtune.load(saved)

@@ -1,0 +1,118 @@
+"""SpeechLM: every registered family builds, trains a step and generates; audio is spliced in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import voxtune
+from voxtune.audio import AudioTooLongError
+from voxtune.model import FAMILIES, AudioEmbedding, family_of, tiny
+
+
+def _conversation(clip, reply: str | None = None) -> list[dict]:
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": "What is this?"}]}]
+    return messages + ([{"role": "assistant", "content": reply}] if reply else [])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_runs_forward_backward_and_generate(family, make_clip):
+    model = tiny(family, "streaming").train()
+    assert model.lm.config.model_type == family
+    batch = model.processor.collate([model.processor.encode_messages(_conversation(make_clip(0.8), "A tone."), with_labels=True)])
+    loss = model(batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    # The gradient reaches the audio side through the spliced embeddings.
+    assert model.encoder.parameters().__next__().grad is not None
+    assert model.projector.gate_up.weight.grad.abs().sum() > 0
+    model.eval()
+    reply = model.generate(_conversation(make_clip(0.8)), max_new_tokens=5)
+    assert isinstance(reply, str)
+    # Every module name the registry sends LoRA to exists in this family's LM.
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.lm.named_modules()}
+    assert set(model.family.lora_targets) <= names
+
+
+def test_a_bfloat16_model_takes_float32_audio(tiny_models, make_clip):
+    model = tiny("llama", "whisper").to(torch.bfloat16)
+    assert isinstance(model.generate(_conversation(make_clip(0.5)), max_new_tokens=3), str)
+
+
+def test_an_unknown_family_uses_defaults_and_says_so_once(caplog):
+    with caplog.at_level("WARNING"):
+        first, second = family_of("brand_new_lm"), family_of("brand_new_lm")
+    assert first is second and first.name == "default"
+    assert sum("brand_new_lm" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("encoder", ["streaming", "whisper"])
+def test_encoded_audio_is_reused_without_encoding_again(tiny_models, make_clip, encoder):
+    model = tiny_models("qwen2", encoder)
+    audio = make_clip(1.2)
+    calls = []
+    hook = model.encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        embedding = model.encode_audio(audio)
+        assert isinstance(embedding, AudioEmbedding) and embedding.num_tokens == model.audio_tokens(len(audio))
+        assert len(calls) == 1
+        with_embedding = model.generate(_conversation(embedding), max_new_tokens=8)
+        assert len(calls) == 1  # the cached clip was not encoded again
+        assert with_embedding == model.generate(_conversation(audio), max_new_tokens=8)
+    finally:
+        hook.remove()
+
+
+def test_audio_changes_only_what_comes_after_it(tiny_models, make_clip):
+    model = tiny_models()
+    logits = []
+    for seed in (0, 1):
+        example = model.processor.encode_messages(_conversation(make_clip(0.8, seed)))
+        with torch.no_grad():
+            logits.append(model(model.processor.collate([example])).logits[0])
+    ids = example.input_ids
+    first_audio = ids.index(model.processor.audio_token_id)
+    assert torch.equal(logits[0][:first_audio], logits[1][:first_audio])  # causal: nothing before
+    assert not torch.allclose(logits[0][-1], logits[1][-1])  # the answer position hears the audio
+
+
+def test_batched_training_loss_matches_per_example(tiny_models, make_clip):
+    model = tiny_models("llama", "whisper")
+    examples = [
+        model.processor.encode_messages(_conversation(make_clip(0.6, 0), "One."), with_labels=True),
+        model.processor.encode_messages(_conversation(make_clip(1.4, 1), "Two words."), with_labels=True),
+    ]
+    with torch.no_grad():
+        together = model(model.processor.collate(examples)).logits
+        for row, example in enumerate(examples):
+            alone = model(model.processor.collate([example])).logits[0]
+            n = len(example.input_ids)
+            assert torch.allclose(together[row, :n], alone, atol=1e-5)
+
+
+def test_compose_from_a_saved_lm_and_a_whisper_checkpoint(tmp_path, make_clip):
+    from transformers import AutoModelForCausalLM, WhisperConfig, WhisperForConditionalGeneration
+
+    from voxtune.model import compose
+    from voxtune.model.tiny import tiny_lm_config, train_tokenizer
+
+    tokenizer = train_tokenizer("qwen2")
+    AutoModelForCausalLM.from_config(tiny_lm_config("qwen2", tokenizer)).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    whisper_config = WhisperConfig(
+        num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, vocab_size=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    whisper = WhisperForConditionalGeneration(whisper_config)
+    whisper.save_pretrained(tmp_path / "whisper")
+
+    model = compose(tmp_path / "lm", tmp_path / "whisper").eval()
+    for name, tensor in whisper.model.encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[name], tensor), name
+    assert model.config.encoder_kind == "whisper" and model.config.projector_stack == 4
+    assert isinstance(model.generate(_conversation(make_clip(0.7)), max_new_tokens=4), str)
+    with pytest.raises(AudioTooLongError, match="at most 30 s"):
+        model.generate(_conversation(make_clip(31.0)), max_new_tokens=4)
+    model.save_pretrained(tmp_path / "speech")
+    assert voxtune.load(tmp_path / "speech").config == model.config

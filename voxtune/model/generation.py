@@ -1,0 +1,186 @@
+"""Text generation for `SpeechLM`: batched, KV-cached, greedy or nucleus sampling, streamed.
+
+Conversations in a batch are left-padded so every row's next token sits in the last column;
+each row samples with its own generator, so a seeded request gives the same text alone or in
+a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from voxtune.errors import InputError
+from voxtune.model.processor import SpeechProcessor
+
+
+class SamplingError(InputError):
+    """Sampling parameters out of range."""
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy; stop strings end the reply (not included)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: Sequence[str] | str | None = None
+    seed: int | None = None
+    ignore_eos: bool = False  # run to max_new_tokens whatever comes (benchmarks, tests)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise SamplingError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+
+
+class _Row:
+    """One conversation's decoding state: its tokens, text, sampler and whether it is done."""
+
+    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+        self.params = params
+        self.tokens: list[int] = []
+        self.text = ""
+        self.done = False
+        self.generator = None
+        if params.seed is not None and params.temperature > 0:
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """Sample the next token from `logits` [V] (temperature > 0; greedy is batched elsewhere)."""
+        probs = torch.softmax(logits.float() / self.params.temperature, dim=-1)
+        if self.params.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            # Keep the smallest set whose mass reaches top_p (the top token always stays).
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.params.top_p
+            sorted_probs[outside] = 0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def add(self, token: int, text: str | None, stop_ids: set[int]) -> None:
+        """Take a token and, when text is followed, the row's full text so far; finish on a
+        stop token, a stop string or the token limit."""
+        if token in stop_ids and not self.params.ignore_eos:
+            self.done = True
+            return
+        self.tokens.append(token)
+        if text is not None:
+            self.text = text
+        for stop in self.params.stop:
+            if stop in self.text:
+                self.text = self.text[: self.text.index(stop)]
+                self.done = True
+        if len(self.tokens) >= self.params.max_new_tokens:
+            self.done = True
+
+    def settled_text(self) -> str:
+        """The text that can no longer change: held back are a partial UTF-8 character and
+        a tail that could still grow into a stop string."""
+        if self.done:
+            return self.text
+        text = self.text.rstrip("\ufffd")
+        hold = max((len(s) - 1 for s in self.params.stop), default=0)
+        return text[: len(text) - hold] if hold else text
+
+
+def stop_token_ids(model) -> set[int]:
+    """End-of-sequence and end-of-turn ids of the model's tokenizer, family and generation config."""
+    tokenizer = model.tokenizer
+    ids = {tokenizer.eos_token_id}
+    if model.family.end_of_turn is not None:
+        ids.add(tokenizer.convert_tokens_to_ids(model.family.end_of_turn))
+    configured = getattr(getattr(model.lm, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None and i != tokenizer.unk_token_id}
+
+
+@torch.no_grad()
+def _decode(
+    model, conversations: Sequence[Sequence[dict]], params: SamplingParams, *, follow_text: bool
+) -> Iterator[list[_Row]]:
+    """Yield the rows after every decoding step until each is done. With `follow_text` each
+    row's text is kept current (streaming and stop strings need it; it costs a decode a step)."""
+    processor: SpeechProcessor = model.processor
+    examples = [processor.encode_messages(c, add_generation_prompt=True) for c in conversations]
+    batch = processor.collate(examples, pad_left=True)
+    device = model.device
+    attention_mask = batch["attention_mask"].to(device)  # [B, L]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: left padding shifts them
+    rows = [_Row(params, device) for _ in conversations]
+    stop_ids = stop_token_ids(model)
+    cache = DynamicCache()
+    embeddings = model.embed(batch)
+    pad_id = model.tokenizer.pad_token_id
+    for _ in range(params.max_new_tokens):
+        out = model.lm(
+            inputs_embeds=embeddings,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1]  # [B, V]
+        # Greedy rows need one argmax over the batch, not one call per row.
+        greedy = logits.argmax(-1).tolist() if params.temperature == 0 else None
+        next_tokens = []
+        for index, (row, row_logits) in enumerate(zip(rows, logits)):
+            if row.done:
+                next_tokens.append(pad_id)
+                continue
+            token = greedy[index] if greedy is not None else row.pick(row_logits)
+            text = model.tokenizer.decode(row.tokens + [token], skip_special_tokens=True) if follow_text else None
+            row.add(token, text, stop_ids)
+            next_tokens.append(token)
+        yield rows
+        if all(row.done for row in rows):
+            return
+        tokens = torch.tensor(next_tokens, device=device)[:, None]  # [B, 1]
+        embeddings = model.lm.get_input_embeddings()(tokens)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+
+
+def generate_batch(model, conversations: Sequence[Sequence[dict]], params: SamplingParams) -> list[str]:
+    """Replies to several conversations, decoded together."""
+    rows: list[_Row] = []
+    for rows in _decode(model, conversations, params, follow_text=bool(params.stop)):
+        pass
+    if params.stop:
+        return [row.text for row in rows]
+    return [model.tokenizer.decode(row.tokens, skip_special_tokens=True) for row in rows]
+
+
+def stream_one(model, messages: Sequence[dict], params: SamplingParams) -> Iterator[str]:
+    """Reply to one conversation as text pieces, each sent as soon as it can no longer change.
+
+    The prompt is encoded here, before the first piece, so bad input raises at the call.
+    """
+    steps = _decode(model, [messages], params, follow_text=True)
+    first = next(steps)  # prefill now: errors surface before iteration
+
+    def pieces() -> Iterator[str]:
+        sent = ""
+        for (row,) in _chain(first, steps):
+            settled = row.settled_text()
+            if len(settled) > len(sent) and settled.startswith(sent):
+                yield settled[len(sent) :]
+                sent = settled
+
+    return pieces()
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest

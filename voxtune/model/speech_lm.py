@@ -1,0 +1,195 @@
+"""`SpeechLM`: audio encoder -> projector -> any Hugging Face causal LM.
+
+Audio embeddings are spliced into the LM's input embeddings at the `<|audio|>` positions the
+processor laid out, so the LM itself is unchanged and stays a standard checkpoint.
+
+Shape letters: B batch, L sequence, N clips, M mels, T frames, D model width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from voxtune.audio import Audio
+from voxtune.audio.features import log_mel_batch
+from voxtune.model.processor import AudioEmbedding, SpeechProcessor
+from voxtune.model.projector import Projector
+from voxtune.model.registry import Family, family_of
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class SpeechLMConfig:
+    """What, besides the LM checkpoint, rebuilds a `SpeechLM`: the encoder and projector."""
+
+    encoder_kind: str  # "streaming" or "whisper"
+    encoder: dict[str, Any]  # the encoder's own config, as a dict
+    projector_stack: int
+    projector_hidden: int
+    n_mels: int
+    version: int = CONFIG_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpeechLMConfig:
+        """Inverse of `to_dict`; unknown keys or a newer version are errors that say so."""
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown keys in the voxtune config: {', '.join(sorted(unknown))}")
+        if data.get("version", CONFIG_VERSION) > CONFIG_VERSION:
+            raise ValueError(f"config version {data['version']} is newer than this voxtune reads ({CONFIG_VERSION})")
+        return cls(**data)
+
+
+# The WhisperConfig fields the encoder reads; the rest (decoder, generation) is not saved.
+WHISPER_ENCODER_KEYS = (
+    "num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+    "activation_function", "max_source_positions", "scale_embedding", "dropout",
+    "attention_dropout", "activation_dropout", "encoder_layerdrop",
+)  # fmt: skip
+
+
+def encoder_config_dict(kind: str, config: Any) -> dict[str, Any]:
+    """The JSON-ready config voxtune saves for an encoder of `kind` (a dict or a config object)."""
+    data = config if isinstance(config, dict) else config.to_dict()
+    if kind == "whisper":
+        return {key: data[key] for key in WHISPER_ENCODER_KEYS if key in data}
+    return dict(data)
+
+
+def build_encoder(kind: str, config: dict[str, Any]) -> nn.Module:
+    """The audio encoder of `kind` ("streaming" or "whisper") from its config dict."""
+    if kind == "streaming":
+        from voxtune.model.streaming_encoder import StreamingEncoderConfig, build_streaming_encoder
+
+        return build_streaming_encoder(StreamingEncoderConfig.from_dict(config))
+    if kind == "whisper":
+        from transformers import WhisperConfig
+
+        from voxtune.model.whisper_encoder import build_whisper_encoder
+
+        return build_whisper_encoder(WhisperConfig.from_dict(config))
+    raise ValueError(f"unknown encoder kind {kind!r} (choose streaming or whisper)")
+
+
+class SpeechLM(nn.Module):
+    """An audio-native language model: `encoder` + `projector` + causal `lm` + its `tokenizer`.
+
+    Build one with `voxtune.model.build_speech_lm` or `voxtune.model.tiny`, or load one with
+    `voxtune.load`.
+    """
+
+    def __init__(self, encoder: nn.Module, projector: Projector, lm: nn.Module, tokenizer: Any, config: SpeechLMConfig) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.config = config
+        max_frames = getattr(encoder, "max_frames", None)  # Whisper's 30 s positional table
+        max_seconds = max_frames / 100 if max_frames else None
+        self.processor = SpeechProcessor(tokenizer, self.audio_tokens, config.n_mels, max_seconds)
+
+    @property
+    def family(self) -> Family:
+        """The LM family, from its config's model_type."""
+        return family_of(self.lm.config.model_type)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return next(self.parameters()).device
+
+    def audio_tokens(self, samples: int) -> int:
+        """LM positions a clip of `samples` 16 kHz samples takes."""
+        frames = torch.tensor([samples // 160])
+        return int(self.projector.output_lengths(self.encoder.output_lengths(frames))[0])
+
+    # ---- audio ------------------------------------------------------------------------------
+
+    def embed_audio(self, features: torch.Tensor, frames: torch.Tensor) -> list[torch.Tensor]:
+        """Log-mel `features` [N, M, T] with valid `frames` [N] -> one [n_i, D] tensor per clip."""
+        dtype = next(self.encoder.parameters()).dtype  # features are float32; the model may not be
+        hidden, lengths = self.encoder(features.to(self.device, dtype), frames.to(self.device))  # [N, T', D_enc]
+        tokens = self.projector(hidden)  # [N, ceil(T'/k), D]
+        counts = self.projector.output_lengths(lengths)
+        return [tokens[i, : int(counts[i])] for i in range(tokens.shape[0])]
+
+    @torch.no_grad()
+    def encode_audio(self, audio: Audio) -> AudioEmbedding:
+        """Encode a clip once; the result can stand in for the audio in later prompts."""
+        audio = audio.resample(16000)
+        features, frames = log_mel_batch([audio.samples], self.config.n_mels)
+        (embeddings,) = self.embed_audio(features, frames)
+        return AudioEmbedding(embeddings.detach(), audio.duration)
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def embed(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Input embeddings [B, L, D] with every clip's audio embeddings at its placeholders."""
+        input_ids = batch["input_ids"].to(self.device)
+        embeddings = self.lm.get_input_embeddings()(input_ids)  # [B, L, D]
+        is_embedding = batch.get("audio_is_embedding", torch.zeros(0, dtype=torch.bool))
+        if is_embedding.numel() == 0:
+            return embeddings
+        encoded = iter(self.embed_audio(batch["audio_features"], batch["audio_frames"]) if "audio_features" in batch else [])
+        cached = iter(batch.get("audio_embeddings", []))
+        clips = [next(cached) if flag else next(encoded) for flag in is_embedding.tolist()]
+        audio = torch.cat(clips).to(embeddings.dtype)  # [sum n_i, D], in reading order
+        mask = input_ids == self.processor.audio_token_id  # [B, L]
+        if int(mask.sum()) != audio.shape[0]:
+            raise ValueError(f"{int(mask.sum())} audio positions but {audio.shape[0]} audio embeddings")
+        # Row-major boolean indexing matches the processor's reading order of the clips.
+        return embeddings.masked_scatter(mask[..., None], audio)
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        """The LM's output for a collated batch; `.loss` is the next-token loss when it has labels."""
+        labels = batch.get("labels")
+        return self.lm(
+            inputs_embeds=self.embed(batch),
+            attention_mask=batch["attention_mask"].to(self.device),
+            labels=labels.to(self.device) if labels is not None else None,
+        )
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def generate(self, messages: Sequence[dict] | Sequence[Sequence[dict]], **sampling: Any) -> str | list[str]:
+        """Reply to one conversation (returns a string) or to several at once (a list).
+
+        Keyword arguments are `voxtune.model.generation.SamplingParams` fields: max_new_tokens,
+        temperature (0 = greedy), top_p, stop, seed.
+        """
+        from voxtune.model.generation import SamplingParams, generate_batch
+
+        single = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        texts = generate_batch(self, conversations, SamplingParams(**sampling))
+        return texts[0] if single else texts
+
+    def stream(self, messages: Sequence[dict], **sampling: Any) -> Iterator[str]:
+        """Reply to one conversation, yielding text pieces as they are decoded."""
+        from voxtune.model.generation import SamplingParams, stream_one
+
+        return stream_one(self, messages, SamplingParams(**sampling))
+
+    def transcribe(self, audio: Any, language: str | None = None, **sampling: Any) -> str:
+        """The words spoken in `audio` (anything `voxtune.audio.load` reads, or an `Audio`)."""
+        from voxtune.model.prompts import transcribe_messages
+
+        return self.generate(transcribe_messages(audio, language), **sampling)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write the model: a standard causal-LM checkpoint plus `voxtune.json` and the audio weights."""
+        from voxtune.model.checkpoint import save
+
+        save(self, directory)

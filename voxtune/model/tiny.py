@@ -1,0 +1,87 @@
+"""Tiny random `SpeechLM`s for tests and examples: built in code, tokenizer trained here, no downloads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, WhisperConfig
+
+from voxtune.model.builder import build_speech_lm, prepare_tokenizer
+from voxtune.model.registry import family_of
+from voxtune.model.speech_lm import SpeechLM
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+
+# Enough text in a few scripts for a small byte-level BPE to learn real merges.
+_CORPUS = """
+The quick brown fox jumps over the lazy dog. How are you today? I am fine, thank you.
+Please transcribe the audio. What language is this? The speaker sounds happy and calm.
+Add three to the number you hear. Seven plus five is twelve. Repeat after me: good morning.
+Guten Morgen, wie geht es dir? Bonjour, comment allez-vous ? Buenos días, ¿cómo estás?
+Доброе утро, как дела? 你好，今天天气很好。 नमस्ते, आप कैसे हैं? مرحبا، كيف حالك؟
+one two three four five six seven eight nine ten eleven twelve hundred thousand
+""".strip()
+
+
+def train_tokenizer(model_type: str = "llama", vocab_size: int = 400, corpus: str = _CORPUS) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `corpus`, with the family's chat markers.
+
+    Byte-level, so any text in any script tokenises; small, so tiny models stay tiny.
+    """
+    family = family_of(model_type)
+    specials = [PAD, BOS, EOS, *family.special_tokens]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(corpus.splitlines(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=PAD, bos_token=BOS, eos_token=EOS)
+    tokenizer.chat_template = family.chat_template
+    return tokenizer
+
+
+def tiny_lm_config(model_type: str, tokenizer: Any, *, hidden: int = 64, layers: int = 2) -> Any:
+    """A small config of `model_type` sized for `tokenizer`, with its special token ids."""
+    return AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_encoder_config(kind: str, *, dim: int = 32, n_mels: int = 80) -> dict[str, Any]:
+    """A two-layer encoder config of `kind` ("streaming" or "whisper")."""
+    if kind == "streaming":
+        return {"n_mels": n_mels, "dim": dim, "layers": 2, "heads": 2, "chunk_frames": 4, "left_chunks": 2}
+    if kind == "whisper":
+        return WhisperConfig(
+            num_mel_bins=n_mels, d_model=dim, encoder_layers=2, encoder_attention_heads=2,
+            encoder_ffn_dim=2 * dim, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=2 * dim,
+            max_source_positions=1500, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1,
+        ).to_dict()  # fmt: skip
+    raise ValueError(f"unknown encoder kind {kind!r} (choose streaming or whisper)")
+
+
+def tiny(lm: str = "llama", encoder: str = "streaming", *, seed: int = 0, hidden: int = 64, layers: int = 2) -> SpeechLM:
+    """A small random `SpeechLM`: an LM of family `lm` and an encoder of kind `encoder`."""
+    tokenizer = prepare_tokenizer(train_tokenizer(lm), lm)  # full vocabulary before the LM is sized
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_lm_config(lm, tokenizer, hidden=hidden, layers=layers))
+        speech_lm = build_speech_lm(model, tokenizer, encoder_kind=encoder, encoder_config=tiny_encoder_config(encoder))
+    return speech_lm.eval()

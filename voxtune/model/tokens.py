@@ -1,0 +1,35 @@
+"""The special tokens voxtune adds to every LM's tokenizer: the audio placeholder and tags.
+
+Tags are what the model reads or writes about speech beyond its words: which language is
+spoken, how it sounds, what the speaker wants, and which task is asked. Each is one token, so
+the model can emit a tag in one step and a caller can parse it without fuzzy matching.
+"""
+
+from __future__ import annotations
+
+AUDIO_TOKEN = "<|audio|>"
+
+LANGUAGES = (
+    "en", "de", "fr", "es", "it", "pt", "nl", "sv", "da", "nb", "fi", "pl", "cs", "sk", "hu", "ro",
+    "bg", "el", "ru", "uk", "tr", "ar", "he", "fa", "hi", "bn", "ur", "ta", "te", "mr", "zh", "ja",
+    "ko", "vi", "th", "id", "ms", "sw", "af", "ca",
+)  # fmt: skip
+STYLES = ("neutral", "happy", "sad", "angry", "calm", "excited", "whisper")
+INTENTS = ("question", "command", "statement")
+TASKS = ("transcribe", "language", "describe", "answer", "segments")
+
+
+def tag(kind: str, value: str) -> str:
+    """The token for one tag, e.g. `tag("lang", "en") == "<|lang:en|>"`."""
+    return f"<|{kind}:{value}|>"
+
+
+def special_tokens() -> list[str]:
+    """Every token voxtune adds, in a fixed order (the order sets their ids in a new vocabulary)."""
+    return (
+        [AUDIO_TOKEN]
+        + [tag("lang", code) for code in LANGUAGES]
+        + [tag("style", name) for name in STYLES]
+        + [tag("intent", name) for name in INTENTS]
+        + [tag("task", name) for name in TASKS]
+    )
