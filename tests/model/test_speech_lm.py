@@ -116,3 +116,26 @@ def test_compose_from_a_saved_lm_and_a_whisper_checkpoint(tmp_path, make_clip):
         model.generate(_conversation(make_clip(31.0)), max_new_tokens=4)
     model.save_pretrained(tmp_path / "speech")
     assert voxtune.load(tmp_path / "speech").config == model.config
+
+
+@pytest.mark.parametrize("family, encoder", [("llama", "streaming"), ("qwen2", "whisper"), ("gemma2", "streaming")])
+def test_packed_examples_give_the_same_logits_and_loss_as_separate_ones(tiny_models, make_clip, family, encoder):
+    model = tiny_models(family, encoder)
+    examples = [
+        model.processor.encode_messages(_conversation(make_clip(0.6, 0), "One."), with_labels=True),
+        model.processor.encode_messages([{"role": "user", "content": "Text only."}, {"role": "assistant", "content": "Fine."}], with_labels=True),
+        model.processor.encode_messages(_conversation(make_clip(1.3, 1), "Three words here."), with_labels=True),
+    ]  # fmt: skip
+    packed = model.processor.pack(examples)
+    with torch.no_grad():
+        logits = model(packed).logits[0]
+        start, total, count = 0, 0.0, 0
+        for example in examples:
+            alone = model(model.processor.collate([example]))
+            n = len(example.input_ids)
+            assert torch.allclose(logits[start : start + n], alone.logits[0], atol=1e-4)
+            targets = sum(label != -100 for label in example.labels[1:])
+            total, count = total + alone.loss * targets, count + targets
+            start += n
+        # The packed loss is the token-weighted mean of the separate ones.
+        assert torch.allclose(model(packed).loss, total / count, atol=1e-5)

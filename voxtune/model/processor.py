@@ -214,6 +214,35 @@ class SpeechProcessor:
         return batch
 
 
+    def pack(self, examples: Sequence[Example]) -> dict[str, Any]:
+        """Concatenate examples into one row, padding-free: position ids restart at each example
+        and a block-diagonal causal mask keeps examples from attending to each other.
+
+        Returns the keys of `collate` with a batch of one, plus `position_ids` [1, L] and a
+        boolean `attention_mask` [1, 1, L, L] (True = may attend). The mask is explicit because
+        position ids alone do not separate sequences in every attention implementation.
+        """
+        joined = Example([], [] if all(e.labels is not None for e in examples) else None, [])
+        positions, starts = [], []
+        for example in examples:
+            starts.append(len(joined.input_ids))
+            joined.input_ids += example.input_ids
+            if joined.labels is not None:
+                # An example's first token is never predicted from the one before it.
+                joined.labels += [IGNORE_INDEX] + example.labels[1:]
+            joined.clips += example.clips
+            positions += range(len(example.input_ids))
+        batch = self.collate([joined])
+        length = len(joined.input_ids)
+        segment = torch.zeros(length, dtype=torch.long)
+        for start in starts[1:]:
+            segment[start:] += 1
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        batch["attention_mask"] = (causal & (segment[:, None] == segment[None, :]))[None, None]  # [1, 1, L, L]
+        batch["position_ids"] = torch.tensor(positions)[None]  # [1, L]
+        return batch
+
+
 def _clip(part: dict, kind: str, index: int) -> Clip:
     """The clip a content part carries, as 16 kHz `Audio` or a pre-encoded `AudioEmbedding`."""
     try:

@@ -153,11 +153,21 @@ class SpeechLM(nn.Module):
         return embeddings.masked_scatter(mask[..., None], audio)
 
     def forward(self, batch: dict[str, Any]) -> Any:
-        """The LM's output for a collated batch; `.loss` is the next-token loss when it has labels."""
-        labels = batch.get("labels")
+        """The LM's output for a collated (or packed) batch; `.loss` is the next-token loss when it
+        has labels."""
+        labels, positions = batch.get("labels"), batch.get("position_ids")
+        embeddings = self.embed(batch)
+        mask = batch["attention_mask"].to(self.device)
+        if mask.dim() == 4 and mask.dtype == torch.bool:
+            # A packed batch's [B, 1, L, L] mask goes in additive form: every attention
+            # implementation reads that the same way (eager ones misread booleans).
+            mask = torch.zeros(mask.shape, dtype=embeddings.dtype, device=self.device).masked_fill(
+                ~mask, torch.finfo(embeddings.dtype).min
+            )
         return self.lm(
-            inputs_embeds=self.embed(batch),
-            attention_mask=batch["attention_mask"].to(self.device),
+            inputs_embeds=embeddings,
+            attention_mask=mask,
+            position_ids=positions.to(self.device) if positions is not None else None,
             labels=labels.to(self.device) if labels is not None else None,
         )
 
