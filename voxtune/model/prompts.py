@@ -1,4 +1,8 @@
-"""The prompts voxtune's tasks use, shared by training data and inference so they always agree."""
+"""The prompts of voxtune's tasks, shared by training data and inference so they always agree.
+
+Each function returns the conversation that asks for one task about a clip; training appends
+the expected assistant reply (voxtune.data.tasks), inference generates it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,33 @@ from typing import Any
 from voxtune.model.tokens import tag
 
 
+def _user(audio: Any, text: str, *, text_first: bool = False) -> list[dict]:
+    parts = [{"type": "audio", "audio": audio}, {"type": "text", "text": text}]
+    return [{"role": "user", "content": parts[::-1] if text_first else parts}]
+
+
 def transcribe_messages(audio: Any, language: str | None = None) -> list[dict]:
-    """A conversation asking for the words spoken in `audio` (optionally in a known `language`)."""
-    instruction = tag("task", "transcribe") + (tag("lang", language) if language else "")
-    return [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": instruction}]}]
+    """Ask for the words spoken in `audio` (optionally in a known `language`)."""
+    return _user(audio, tag("task", "transcribe") + (tag("lang", language) if language else ""))
+
+
+def language_messages(audio: Any) -> list[dict]:
+    """Ask which language `audio` is in."""
+    return _user(audio, tag("task", "language"))
+
+
+def segments_messages(audio: Any) -> list[dict]:
+    """Ask for the languages of `audio` with their times (code-switched speech)."""
+    return _user(audio, tag("task", "segments"))
+
+
+def describe_messages(audio: Any) -> list[dict]:
+    """Ask how the speaker sounds and what they want."""
+    return _user(audio, tag("task", "describe"))
+
+
+def answer_messages(audio: Any, instruction: str | None = None) -> list[dict]:
+    """Ask for the reply to a spoken instruction, or to a written `instruction` about the audio."""
+    if instruction:
+        return _user(audio, instruction, text_first=True)
+    return _user(audio, tag("task", "answer"))

@@ -193,10 +193,12 @@ class SpeechLM(nn.Module):
         return stream_one(self, messages, SamplingParams(**sampling))
 
     def transcribe(self, audio: Any, language: str | None = None, **sampling: Any) -> str:
-        """The words spoken in `audio` (anything `voxtune.audio.load` reads, or an `Audio`)."""
+        """The words spoken in `audio` (anything `voxtune.audio.load` reads, or an `Audio`),
+        without the tags the model writes around them."""
         from voxtune.model.prompts import transcribe_messages
+        from voxtune.model.tokens import strip_tags
 
-        return self.generate(transcribe_messages(audio, language), **sampling)
+        return strip_tags(self.generate(transcribe_messages(audio, language), **sampling))
 
     def save_pretrained(self, directory: str) -> None:
         """Write the model: a standard causal-LM checkpoint plus `voxtune.json` and the audio weights."""

@@ -7,6 +7,8 @@ the model can emit a tag in one step and a caller can parse it without fuzzy mat
 
 from __future__ import annotations
 
+import re
+
 AUDIO_TOKEN = "<|audio|>"
 
 LANGUAGES = (
@@ -33,3 +35,11 @@ def special_tokens() -> list[str]:
         + [tag("intent", name) for name in INTENTS]
         + [tag("task", name) for name in TASKS]
     )
+
+
+_TAG = re.compile(r"<\|[a-z]+:[^|<>]*\|>")
+
+
+def strip_tags(text: str) -> str:
+    """`text` without tag tokens (e.g. a transcript without its language tag)."""
+    return _TAG.sub("", text).strip()
