@@ -42,7 +42,7 @@ def test_each_task_trains_on_exactly_its_reply(model, example, task):
     assert conversation[1]["content"] == EXPECTED_REPLIES[task]
     encoded = model.processor.encode_messages(conversation, with_labels=True)
     kept = [i for i, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
-    assert model.tokenizer.decode(kept) == EXPECTED_REPLIES[task] + "<|im_end|>\n"
+    assert model.tokenizer.decode(kept) == EXPECTED_REPLIES[task] + "<|im_end|>"
     assert len(encoded.clips) == 1
 
 

@@ -96,3 +96,41 @@ def test_bad_names_and_configs(tmp_path, saved):
     (saved / "voxtune.json").write_text(json.dumps(config | {"surprise": 1}))
     with pytest.raises(ModelLoadError, match="surprise"):
         voxtune.load(saved)
+
+
+def test_saving_never_deletes_what_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelLoadError, match="will not save over"):
+        tiny("llama", "streaming").save_pretrained(tmp_path / "work")
+    assert (tmp_path / "work" / "notes.txt").read_text() == "keep me"
+    tiny("llama", "streaming").save_pretrained(tmp_path / "fresh")
+    assert (tmp_path / "fresh").stat().st_mode & 0o077  # not private to its owner, as mkdtemp would make it
+
+
+@pytest.mark.parametrize("damage", ["truncated-audio", "truncated-lm", "encoder-width", "vocab-size", "no-tokenizer", "wrong-kind"])
+def test_damaged_checkpoints_give_one_clear_error(saved, damage):
+    if damage == "truncated-audio":
+        data = (saved / "audio.safetensors").read_bytes()
+        (saved / "audio.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "truncated-lm":
+        data = (saved / "model.safetensors").read_bytes()
+        (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage in ("encoder-width", "wrong-kind"):
+        config = json.loads((saved / "voxtune.json").read_text())
+        if damage == "encoder-width":
+            config["encoder"]["dim"] = 48
+        else:
+            config["encoder_kind"] = "conformer"
+        (saved / "voxtune.json").write_text(json.dumps(config))
+    elif damage == "vocab-size":
+        config = json.loads((saved / "config.json").read_text())
+        config["vocab_size"] += 7
+        (saved / "config.json").write_text(json.dumps(config))
+    else:
+        (saved / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError) as raised:
+        voxtune.load(saved)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert str(saved) in message or "weights do not match" in message

@@ -78,9 +78,9 @@ def test_labels_keep_exactly_the_assistant_turns(tiny_models, make_clip, family)
     kept = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
     assert all(label in (IGNORE_INDEX, i) for i, label in zip(example.input_ids, example.labels))
     text = model.tokenizer.decode(kept)
-    # Both replies, each with the token that ends the turn, and nothing of the other roles.
+    # Both replies, each up to the token that ends the turn, and nothing of the other roles.
     end = model.family.end_of_turn or model.tokenizer.eos_token
-    assert text.replace("\n", "") == f"A tone.{end}Still a tone <|lang:en|>{end}"
+    assert text == f"A tone.{end}Still a tone <|lang:en|>{end}"
     assert model.processor.audio_token_id not in kept
 
 
@@ -114,5 +114,40 @@ def test_too_short_and_assistant_audio_are_refused(tiny_models, make_clip):
     processor = tiny_models().processor
     with pytest.raises(AudioError, match="too short"):
         processor.encode_messages([{"role": "user", "content": [{"type": "audio", "audio": make_clip(0.005)}]}])
-    with pytest.raises(MessageError, match="assistant"):
-        processor.encode_messages([{"role": "assistant", "content": [{"type": "audio", "audio": make_clip(1.0)}]}])
+    for role in ("assistant", "system"):  # templates may move these turns, and clips with them
+        with pytest.raises(MessageError, match="only user turns"):
+            processor.encode_messages([{"role": role, "content": [{"type": "audio", "audio": make_clip(1.0)}]}])
+
+
+def test_a_reply_is_tokenised_apart_from_its_prompt(tiny_models):
+    # With a generation prompt ending in a space, byte-level BPE would merge that space into
+    # the reply's first word; the reply must still be trained whole, as generated after it.
+    model = tiny_models("llama", "whisper")
+    template = model.tokenizer.chat_template
+    model.tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}<|eot_id|>{% endif %}\n"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    try:
+        messages = [{"role": "user", "content": "sum?"}, {"role": "assistant", "content": "five is twelve."}]
+        example = model.processor.encode_messages(messages, with_labels=True)
+        kept = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+        assert model.tokenizer.decode(kept) == "five is twelve.<|eot_id|>"
+        prompt = model.processor.encode_messages(messages[:1], add_generation_prompt=True).input_ids
+        assert example.input_ids[: len(prompt)] == prompt  # training starts as inference does
+    finally:
+        model.tokenizer.chat_template = template
+
+
+def test_template_errors_and_odd_parts_are_message_errors(tiny_models):
+    model = tiny_models("qwen2", "streaming")
+    template = model.tokenizer.chat_template
+    model.tokenizer.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}x"
+    try:
+        with pytest.raises(MessageError, match="System role not supported"):
+            model.processor.encode_messages([{"role": "system", "content": "hi"}])
+    finally:
+        model.tokenizer.chat_template = template
+    for part in ({"type": "audio", "audio": 5}, {"type": "input_audio", "input_audio": {"data": 5}}):
+        with pytest.raises(MessageError):
+            model.processor.encode_messages([{"role": "user", "content": [part]}])

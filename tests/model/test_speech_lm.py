@@ -139,3 +139,58 @@ def test_packed_examples_give_the_same_logits_and_loss_as_separate_ones(tiny_mod
             start += n
         # The packed loss is the token-weighted mean of the separate ones.
         assert torch.allclose(model(packed).loss, total / count, atol=1e-5)
+
+
+def test_pre_encoded_clips_must_fit_the_model(tiny_models):
+    from voxtune.model import MessageError
+
+    model = tiny_models()
+    width = model.lm.config.hidden_size
+    for bad in (torch.zeros(5, width + 1), torch.zeros(5)):
+        with pytest.raises(MessageError):
+            model.generate(_conversation(AudioEmbedding(bad, 0.4)), max_new_tokens=2)
+    assert isinstance(model.generate(_conversation(AudioEmbedding(torch.zeros(5, width, dtype=torch.float64), 0.4)), max_new_tokens=2), str)
+
+
+def test_encode_audio_takes_what_load_takes_and_checks_it(tiny_models, tmp_path, make_clip):
+    import soundfile as sf
+
+    from voxtune.audio import AudioError
+
+    model = tiny_models("qwen2", "whisper")
+    clip = make_clip(0.9)
+    sf.write(tmp_path / "clip.wav", clip.samples, 16000, subtype="FLOAT")
+    assert torch.equal(model.encode_audio(tmp_path / "clip.wav").embeddings, model.encode_audio(clip).embeddings)
+    with pytest.raises(AudioTooLongError):
+        model.encode_audio(make_clip(31.0))
+    with pytest.raises(AudioError, match="too short"):
+        model.encode_audio(make_clip(0.005))
+
+
+def test_conversations_and_prompts_are_checked(tiny_models, make_clip):
+    from voxtune.model import MessageError, SamplingError
+
+    model = tiny_models()
+    with pytest.raises(MessageError, match="no conversation"):
+        model.generate([])
+    with pytest.raises(MessageError, match="at most"):
+        model.generate([{"role": "user", "content": "word " * 600}], max_new_tokens=2000)
+    with pytest.raises(MessageError, match="no language tag"):
+        model.transcribe(make_clip(0.5), language="klingon")
+    for bad in ({"temperature": "1"}, {"seed": 1.5}, {"max_new_tokens": None}):
+        with pytest.raises(SamplingError):
+            model.generate(_conversation(make_clip(0.5)), **bad)
+    # A vanishing temperature is greedy, not an overflow.
+    assert model.generate(_conversation(make_clip(0.5)), temperature=1e-300, max_new_tokens=5) == model.generate(
+        _conversation(make_clip(0.5)), max_new_tokens=5
+    )
+
+
+def test_a_base_tokenizer_gets_the_family_markers_as_single_tokens():
+    from voxtune.model import prepare_tokenizer
+    from voxtune.model.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer("qwen2")  # has ChatML markers, none of Llama 3's
+    prepare_tokenizer(tokenizer, "llama")
+    for marker in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
+        assert len(tokenizer(marker, add_special_tokens=False)["input_ids"]) == 1

@@ -21,6 +21,10 @@ def prepare_tokenizer(tokenizer: Any, model_type: str) -> Any:
     tag tokens (ordinary added tokens: a reply's tags stay in its text), a pad token and a chat
     template (the family's when it has none). Returns the same tokenizer."""
     family = family_of(model_type)
+    vocabulary = tokenizer.get_vocab()
+    # The family's chat markers must be single tokens, or the fallback template would spell
+    # them out in pieces and generation would never see its end-of-turn token.
+    tokenizer.add_tokens([t for t in family.special_tokens if t not in vocabulary], special_tokens=True)
     tokenizer.add_tokens([AUDIO_TOKEN], special_tokens=True)
     tokenizer.add_tokens([token for token in special_tokens() if token != AUDIO_TOKEN])
     if tokenizer.pad_token is None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from voxtune.errors import InputError
@@ -34,11 +37,18 @@ class ModelLoadError(InputError):
 
 def save(model: SpeechLM, directory: str | os.PathLike) -> Path:
     """Write `model` to `directory` atomically: into a temporary sibling, then renamed into place,
-    so a crash never leaves a half-written checkpoint where a good one was."""
-    target = Path(directory)
+    so a crash never leaves a half-written checkpoint where a good one was.
+
+    An existing `directory` is replaced only when it is empty or an earlier voxtune checkpoint;
+    anything else in it is never deleted (`ModelLoadError`).
+    """
+    target = Path(directory).expanduser().resolve()
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / CONFIG_FILE).is_file())):
+        raise ModelLoadError(f"will not save over {target}: it holds files that are not a voxtune checkpoint")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would make the checkpoint private
         model.lm.save_pretrained(staging)
         model.tokenizer.save_pretrained(staging)
         audio_state = {
@@ -48,6 +58,9 @@ def save(model: SpeechLM, directory: str | os.PathLike) -> Path:
         }
         save_file(audio_state, staging / AUDIO_WEIGHTS, metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        for file in staging.iterdir():  # durable before the rename makes them visible
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -55,14 +68,25 @@ def save(model: SpeechLM, directory: str | os.PathLike) -> Path:
     return target
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _replace_directory(staging: Path, target: Path) -> None:
     if not target.exists():
         os.replace(staging, target)
         return
     retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, retired / target.name)
-    os.replace(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)
+    try:
+        os.replace(target, retired / target.name)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve(name: str | os.PathLike | None) -> Path:
@@ -79,39 +103,52 @@ def resolve(name: str | os.PathLike | None) -> Path:
     text = str(name)
     if path.exists():
         raise ModelLoadError(f"{text} is a file; a model is a directory")
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if not isinstance(name, os.PathLike) and _HUB_ID.match(text):
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
         try:
             return Path(snapshot_download(text))
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
-            raise ModelLoadError(f"cannot get model {text!r} from the Hugging Face hub: {error}") from None
+        except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelLoadError(f"no model directory at {text}, and it cannot be fetched as a Hugging Face repo id ({first})") from None
     raise ModelLoadError(f"no model directory at {text}")
 
 
 def load(
     name: str | os.PathLike | None = None, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> SpeechLM:
-    """Load a `SpeechLM` saved by `save`, checking every weight name against the model.
+    """Load a `SpeechLM` saved by `save`, checking every weight's name and shape against the model.
 
     Raises:
-        ModelLoadError: the directory is missing, not a voxtune model, or its weights do not
-            match (each missing or unexpected key is named).
+        ModelLoadError: the directory is missing, not a voxtune model, damaged, or its weights
+            do not match (each missing, unexpected or misshapen key is named).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = resolve(name)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise ModelLoadError(f"{path} is not a voxtune model (no {CONFIG_FILE})")
     try:
-        config = SpeechLMConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as error:
-        raise ModelLoadError(f"{config_path}: {error}") from None
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        return _load(path, config_path, device, dtype)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as error:
+        # Damaged or inconsistent files surface from transformers, safetensors or torch in
+        # many forms; the caller needs one line that says which checkpoint and what.
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot load {path}: {first}") from None
+
+
+def _load(path: Path, config_path: Path, device: Any, dtype: torch.dtype | None) -> SpeechLM:
+    from transformers import AutoModelForCausalLM
+
+    config = SpeechLMConfig.from_dict(json.loads(config_path.read_text()))
+    tokenizer = _load_tokenizer(path)
     lm, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=dtype or torch.float32)
-    _check_keys("LM", sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", [])))
+    _check_keys("LM", sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", [])), [])
+    rows = lm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelLoadError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the LM only {rows} embeddings")
     encoder = build_encoder(config.encoder_kind, config.encoder)
     projector = Projector(encoder.dim, lm.config.hidden_size, stack=config.projector_stack, hidden=config.projector_hidden)
     model = SpeechLM(encoder, projector, lm, tokenizer, config)
@@ -119,8 +156,9 @@ def load(
     if not weights_path.is_file():
         raise ModelLoadError(f"{path} has no {AUDIO_WEIGHTS}")
     state = load_file(weights_path)
-    expected = {f"{name}.{key}" for name in ("encoder", "projector") for key in getattr(model, name).state_dict()}
-    _check_keys("audio", sorted(expected - set(state)), sorted(set(state) - expected))
+    expected = {f"{name}.{key}": t for name in ("encoder", "projector") for key, t in getattr(model, name).state_dict().items()}
+    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(t.shape)}" for k, t in expected.items() if k in state and state[k].shape != t.shape]
+    _check_keys("audio", sorted(set(expected) - set(state)), sorted(set(state) - set(expected)), misshapen)
     for name in ("encoder", "projector"):
         prefix = f"{name}."
         getattr(model, name).load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
@@ -129,11 +167,27 @@ def load(
     return model.to(device or "cpu").eval()
 
 
-def _check_keys(part: str, missing: list[str], unexpected: list[str]) -> None:
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    if unexpected:
-        problems.append(f"unexpected {', '.join(unexpected[:5])}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+def _load_tokenizer(path: Path) -> Any:
+    """The tokenizer as it was saved. A generic fast tokenizer (what `tiny` trains) is loaded as
+    such: `AutoTokenizer` would pick the model family's class, which adds tokens of its own."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    settings_path = path / "tokenizer_config.json"
+    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    if settings.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _check_keys(part: str, missing: list[str], unexpected: list[str], misshapen: list[str]) -> None:
+    problems = [
+        f"{label} {_some(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
+        if keys
+    ]
     if problems:
         raise ModelLoadError(f"{part} weights do not match the model: {'; '.join(problems)}")
+
+
+def _some(keys: list[str], limit: int = 5) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

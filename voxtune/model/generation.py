@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from voxtune.errors import InputError
-from voxtune.model.processor import SpeechProcessor
+from voxtune.model.processor import MessageError, SpeechProcessor
 
 
 class SamplingError(InputError):
@@ -34,10 +34,20 @@ class SamplingParams:
     ignore_eos: bool = False  # run to max_new_tokens whatever comes (benchmarks, tests)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise SamplingError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SamplingError(f"{name} must be a number, got {value!r}")
+        for name in ("max_new_tokens", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise SamplingError(f"{name} must be an integer, got {value!r}")
+        if self.max_new_tokens is None or self.max_new_tokens < 1:
+            raise SamplingError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature < 1e-4:  # dividing logits by less overflows; it is greedy anyway
+            self.temperature = 0.0
         if not 0 < self.top_p <= 1:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.stop, str):
@@ -114,6 +124,13 @@ def _decode(
     processor: SpeechProcessor = model.processor
     examples = [processor.encode_messages(c, add_generation_prompt=True) for c in conversations]
     batch = processor.collate(examples, pad_left=True)
+    limit = getattr(model.lm.config, "max_position_embeddings", None)
+    longest = batch["input_ids"].shape[1]
+    if limit is not None and longest + params.max_new_tokens > limit:
+        raise MessageError(
+            f"the prompt is {longest} tokens and the reply may take {params.max_new_tokens}; "
+            f"this model reads at most {limit}"
+        )
     device = model.device
     attention_mask = batch["attention_mask"].to(device)  # [B, L]
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: left padding shifts them
@@ -129,6 +146,7 @@ def _decode(
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,  # only the last position picks a token
         )
         cache = out.past_key_values
         logits = out.logits[:, -1]  # [B, V]

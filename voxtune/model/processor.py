@@ -7,11 +7,13 @@ spliced in. Labels keep only the assistant turns (their text and their end-of-tu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 from voxtune.audio import Audio, AudioError, AudioTooLongError, load
 from voxtune.audio.features import MIN_SAMPLES, log_mel_batch
@@ -60,15 +62,23 @@ class SpeechProcessor:
         audio_tokens: number of LM positions for a clip of n samples at 16 kHz.
         n_mels: mel bins of the features the encoder reads.
         max_seconds: longest clip the encoder takes (None: any).
+        end_of_turn: the token that closes an assistant turn (default: the tokenizer's eos).
     """
 
     def __init__(
-        self, tokenizer: Any, audio_tokens: Callable[[int], int], n_mels: int, max_seconds: float | None = None
+        self,
+        tokenizer: Any,
+        audio_tokens: Callable[[int], int],
+        n_mels: int,
+        *,
+        max_seconds: float | None = None,
+        end_of_turn: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.audio_tokens = audio_tokens
         self.n_mels = n_mels
         self.max_seconds = max_seconds
+        self.end_of_turn = end_of_turn or tokenizer.eos_token
         self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
         if self.audio_token_id is None or self.audio_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {AUDIO_TOKEN} token")
@@ -89,10 +99,13 @@ class SpeechProcessor:
         rendered, clips = [], []
         for index, message in enumerate(messages):
             rendered.append(self._flatten(message, index, clips))
-        text = self._render(rendered, add_generation_prompt)
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=with_labels)
-        ids = list(encoding["input_ids"])
-        labels = self._labels(rendered, text, encoding["offset_mapping"], ids) if with_labels else None
+        ids: list[int] = []
+        labels: list[int] | None = [] if with_labels else None
+        for text, trained in self._pieces(rendered, add_generation_prompt, with_labels):
+            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            if labels is not None:
+                labels += piece if trained else [IGNORE_INDEX] * len(piece)
         return self._expand(ids, labels, clips)
 
     def _flatten(self, message: dict, index: int, clips: list[Clip]) -> dict:
@@ -113,8 +126,8 @@ class SpeechProcessor:
             if kind == "text":
                 pieces.append(self._check_text(part.get("text", ""), index))
             elif kind in ("input_audio", "audio"):
-                if role == "assistant":
-                    raise MessageError(f"message {index}: assistant turns hold text only")
+                if role != "user":  # templates may move other turns, and their clips with them
+                    raise MessageError(f"message {index}: only user turns may hold audio")
                 clip = _clip(part, kind, index)
                 if self.max_seconds is not None and isinstance(clip, Audio) and clip.duration > self.max_seconds:
                     raise AudioTooLongError(
@@ -136,27 +149,40 @@ class SpeechProcessor:
         return text
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as error:  # e.g. a template that has no system role
+            raise MessageError(f"the model's chat template refuses this conversation: {error}") from None
 
-    def _labels(self, messages: list[dict], text: str, offsets: list[tuple[int, int]], ids: list[int]) -> list[int]:
-        """Mask all but the assistant turns. Each turn's characters are found by rendering the
-        conversation up to it with and without that turn (templates are prefix-consistent)."""
-        spans = []
+    def _pieces(self, messages: list[dict], add_generation_prompt: bool, with_labels: bool) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, trained) pieces: each assistant reply up to and
+        including its end-of-turn token is trained, the rest is not.
+
+        Pieces are tokenised one by one, so a reply's tokens are the ones the model produces
+        after the prompt at inference (no token straddles the prompt and the reply). The
+        turns are found by rendering the conversation up to each reply with and without it,
+        which needs a prefix-consistent template."""
+        text = self._render(messages, add_generation_prompt)
+        if not with_labels:
+            return [(text, False)]
+        pieces, cursor = [], 0
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
             before = self._render(messages[:i], add_generation_prompt=True)
             through = self._render(messages[: i + 1], add_generation_prompt=False)
-            if not (through.startswith(before) and text.startswith(through)):
+            if not (through.startswith(before) and text.startswith(through) and len(before) >= cursor):
                 raise MessageError("the chat template does not render conversations prefix-consistently")
-            spans.append((len(before), len(through)))
-        labels = [IGNORE_INDEX] * len(ids)
-        for position, (token_start, token_end) in enumerate(offsets):
-            if any(start <= token_start and token_end <= end for start, end in spans) and token_end > token_start:
-                labels[position] = ids[position]
-        return labels
+            end = len(through)
+            marker = through.rfind(self.end_of_turn, len(before))
+            if marker >= 0:  # what a template writes after the end-of-turn token is not trained
+                end = marker + len(self.end_of_turn)
+            pieces += [(text[cursor : len(before)], False), (text[len(before) : end], True)]
+            cursor = end
+        pieces.append((text[cursor:], False))
+        return [(piece, trained) for piece, trained in pieces if piece]
 
     def _expand(self, ids: list[int], labels: list[int] | None, clips: list[Clip]) -> Example:
         """Repeat each audio placeholder as many times as its clip has audio tokens."""
@@ -247,19 +273,31 @@ def _clip(part: dict, kind: str, index: int) -> Clip:
     """The clip a content part carries, as 16 kHz `Audio` or a pre-encoded `AudioEmbedding`."""
     try:
         if kind == "input_audio":
-            payload = part.get("input_audio") or {}
-            if "data" not in payload:
+            payload = part.get("input_audio")
+            if not isinstance(payload, dict) or "data" not in payload:
                 raise MessageError(f"message {index}: input_audio needs 'data' (base64 audio)")
+            if not isinstance(payload["data"], str):
+                raise MessageError(f"message {index}: input_audio data must be a base64 string")
             audio = load(payload["data"], SAMPLE_RATE, format=payload.get("format"))
         else:
             value = part.get("audio")
             if isinstance(value, AudioEmbedding):
+                if value.embeddings.ndim != 2:
+                    raise MessageError(f"message {index}: an AudioEmbedding must be [tokens, width]")
                 return value
             if value is None:
                 raise MessageError(f"message {index}: an audio part needs 'audio'")
-            audio = load(value, SAMPLE_RATE)
+            audio = as_audio(value)
     except AudioError as error:
         raise type(error)(f"message {index}: {error}") from None
+    return audio
+
+
+def as_audio(value: Any) -> Audio:
+    """16 kHz `Audio` from anything `voxtune.audio.load` reads, long enough to hear."""
+    if not isinstance(value, (str, bytes, bytearray, os.PathLike, Audio)) and not hasattr(value, "__array__"):
+        raise MessageError(f"audio must be a path, bytes, base64, an array or Audio, not {type(value).__name__}")
+    audio = load(value, SAMPLE_RATE)
     if len(audio) < MIN_SAMPLES:
-        raise AudioError(f"message {index}: audio clip is {audio.duration * 1000:.0f} ms, too short to hear")
+        raise AudioError(f"audio clip is {audio.duration * 1000:.0f} ms, too short to hear")
     return audio

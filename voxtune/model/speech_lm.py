@@ -9,15 +9,15 @@ Shape letters: B batch, L sequence, N clips, M mels, T frames, D model width.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from voxtune.audio import Audio
-from voxtune.audio.features import log_mel_batch
-from voxtune.model.processor import AudioEmbedding, SpeechProcessor
+from voxtune.audio.features import HOP_LENGTH, SAMPLE_RATE, log_mel_batch
+from voxtune.model.processor import AudioEmbedding, MessageError, SpeechProcessor
 from voxtune.model.projector import Projector
 from voxtune.model.registry import Family, family_of
 
@@ -34,7 +34,6 @@ class SpeechLMConfig:
     projector_hidden: int
     n_mels: int
     version: int = CONFIG_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -64,7 +63,9 @@ def encoder_config_dict(kind: str, config: Any) -> dict[str, Any]:
     data = config if isinstance(config, dict) else config.to_dict()
     if kind == "whisper":
         return {key: data[key] for key in WHISPER_ENCODER_KEYS if key in data}
-    return dict(data)
+    from voxtune.model.streaming_encoder import StreamingEncoderConfig
+
+    return StreamingEncoderConfig.from_dict(data).to_dict()  # every field, defaults written out
 
 
 def build_encoder(kind: str, config: dict[str, Any]) -> nn.Module:
@@ -97,8 +98,13 @@ class SpeechLM(nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         max_frames = getattr(encoder, "max_frames", None)  # Whisper's 30 s positional table
-        max_seconds = max_frames / 100 if max_frames else None
-        self.processor = SpeechProcessor(tokenizer, self.audio_tokens, config.n_mels, max_seconds)
+        self.processor = SpeechProcessor(
+            tokenizer,
+            self.audio_tokens,
+            config.n_mels,
+            max_seconds=max_frames * HOP_LENGTH / SAMPLE_RATE if max_frames else None,
+            end_of_turn=family_of(lm.config.model_type).end_of_turn,
+        )
 
     @property
     def family(self) -> Family:
@@ -112,7 +118,7 @@ class SpeechLM(nn.Module):
 
     def audio_tokens(self, samples: int) -> int:
         """LM positions a clip of `samples` 16 kHz samples takes."""
-        frames = torch.tensor([samples // 160])
+        frames = torch.tensor([samples // HOP_LENGTH])
         return int(self.projector.output_lengths(self.encoder.output_lengths(frames))[0])
 
     # ---- audio ------------------------------------------------------------------------------
@@ -126,12 +132,13 @@ class SpeechLM(nn.Module):
         return [tokens[i, : int(counts[i])] for i in range(tokens.shape[0])]
 
     @torch.no_grad()
-    def encode_audio(self, audio: Audio) -> AudioEmbedding:
-        """Encode a clip once; the result can stand in for the audio in later prompts."""
-        audio = audio.resample(16000)
-        features, frames = log_mel_batch([audio.samples], self.config.n_mels)
+    def encode_audio(self, audio: Any) -> AudioEmbedding:
+        """Encode a clip once (anything `voxtune.audio.load` reads); the result can stand in for
+        the audio in later prompts."""
+        clip = self.processor.encode_messages([{"role": "user", "content": [{"type": "audio", "audio": audio}]}]).clips[0]
+        features, frames = log_mel_batch([clip.samples], self.config.n_mels)
         (embeddings,) = self.embed_audio(features, frames)
-        return AudioEmbedding(embeddings.detach(), audio.duration)
+        return AudioEmbedding(embeddings.detach(), clip.duration)
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -139,16 +146,27 @@ class SpeechLM(nn.Module):
         """Input embeddings [B, L, D] with every clip's audio embeddings at its placeholders."""
         input_ids = batch["input_ids"].to(self.device)
         embeddings = self.lm.get_input_embeddings()(input_ids)  # [B, L, D]
-        is_embedding = batch.get("audio_is_embedding", torch.zeros(0, dtype=torch.bool))
-        if is_embedding.numel() == 0:
-            return embeddings
-        encoded = iter(self.embed_audio(batch["audio_features"], batch["audio_frames"]) if "audio_features" in batch else [])
-        cached = iter(batch.get("audio_embeddings", []))
-        clips = [next(cached) if flag else next(encoded) for flag in is_embedding.tolist()]
-        audio = torch.cat(clips).to(embeddings.dtype)  # [sum n_i, D], in reading order
         mask = input_ids == self.processor.audio_token_id  # [B, L]
-        if int(mask.sum()) != audio.shape[0]:
-            raise ValueError(f"{int(mask.sum())} audio positions but {audio.shape[0]} audio embeddings")
+        encoded = self.embed_audio(batch["audio_features"], batch["audio_frames"]) if "audio_features" in batch else []
+        cached = list(batch.get("audio_embeddings", []))
+        flags = batch.get("audio_is_embedding")
+        flags = flags.tolist() if flags is not None else [False] * len(encoded) + [True] * len(cached)
+        if sum(flags) != len(cached) or len(flags) - sum(flags) != len(encoded):
+            raise ValueError("audio_is_embedding does not match the clips in the batch")
+        for clip in cached:
+            if clip.ndim != 2 or clip.shape[1] != embeddings.shape[-1]:
+                raise MessageError(f"a pre-encoded clip is {tuple(clip.shape)}; this model needs [tokens, {embeddings.shape[-1]}]")
+        encoded_clips, cached_clips = iter(encoded), iter(cached)
+        clips = [next(cached_clips) if flag else next(encoded_clips) for flag in flags]
+        positions = int(mask.sum())
+        if not clips:
+            if positions:
+                raise ValueError(f"{positions} audio positions but no audio in the batch")
+            return embeddings
+        # [sum n_i, D], in reading order; cached clips may live on another device or dtype.
+        audio = torch.cat([clip.to(embeddings.device, embeddings.dtype) for clip in clips])
+        if positions != audio.shape[0]:
+            raise ValueError(f"{positions} audio positions but {audio.shape[0]} audio embeddings")
         # Row-major boolean indexing matches the processor's reading order of the clips.
         return embeddings.masked_scatter(mask[..., None], audio)
 
@@ -181,7 +199,9 @@ class SpeechLM(nn.Module):
         """
         from voxtune.model.generation import SamplingParams, generate_batch
 
-        single = bool(messages) and isinstance(messages[0], dict)
+        if not messages:
+            raise MessageError("no conversation to reply to")
+        single = isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
         texts = generate_batch(self, conversations, SamplingParams(**sampling))
         return texts[0] if single else texts
