@@ -130,3 +130,28 @@ def test_text_that_cannot_be_read_is_one_line(tmp_path, case):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("voxtune: error:"), result.stderr
     assert not os.path.exists(out)
+
+
+def test_data_synth_makes_a_corpus_and_reports_its_rate(tmp_path):
+    recipe = Path(__file__).parents[1] / "recipes" / "data" / "smoke.yaml"
+    result = run("data", "synth", str(recipe), "--out", str(tmp_path / "corpus"), "clips=8", "--holdout-voices", "m1,f2")
+    assert result.returncode == 0, result.stderr
+    assert "wrote 8 clips" in result.stdout and "audio hours per minute" in result.stdout
+    lines = sum(len((tmp_path / "corpus" / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "valid", "test"))
+    assert lines == 8
+    assert "holdout_voices:\n- m1\n- f2" in (tmp_path / "corpus" / "recipe.yaml").read_text()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["data", "synth", "{recipe}", "--out", "{out}", "clipz=3"], "unknown key clipz (did you mean clips?)"),
+    (["data", "synth", "{recipe}", "--out", "{out}", "languages=[xx]"], "no phrasebook"),
+    (["data", "synth", "{missing}", "--out", "{out}"], "no such recipe"),
+    (["data", "synth", "{recipe}", "--out", "{out}", "--frobnicate"], "unrecognized arguments"),
+])  # fmt: skip
+def test_data_synth_bad_input_is_one_line(tmp_path, args, words):
+    fill = {"recipe": Path(__file__).parents[1] / "recipes" / "data" / "smoke.yaml", "out": tmp_path / "o", "missing": tmp_path / "none.yaml"}
+    result = run(*(a.format(**fill) for a in args))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.stderr
+    assert not (tmp_path / "o").exists()

@@ -84,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--language", help="the language, when known (e.g. en)")
     transcribe.set_defaults(run=_transcribe)
 
+    data = commands.add_parser("data", help="make or check speech data")
+    data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", parser_class=_Parser, required=True)
+    synth = data_commands.add_parser("synth", help="synthesise a labelled spoken corpus from a recipe")
+    synth.add_argument("recipe", metavar="RECIPE", type=Path, help="a YAML recipe, e.g. recipes/data/smoke.yaml")
+    synth.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="recipe overrides, e.g. clips=200")
+    synth.add_argument("--out", required=True, type=Path, help="folder for the audio and the manifests")
+    synth.add_argument("--holdout-voices", type=_names, default=[], metavar="A,B", help="voices heard only in the test split")
+    synth.add_argument("--holdout-languages", type=_names, default=[], metavar="X,Y", help="languages only in the test split")
+    synth.add_argument("--print-config", action="store_true", help="print the resolved recipe and stop")
+    synth.set_defaults(run=_synth)
+
     demo = commands.add_parser("demo", help="speak a sample sentence in several languages")
     demo.add_argument("--out-dir", type=Path, default=Path("out/demo"), help="where to write (default: out/demo)")
     demo.set_defaults(run=_demo)
@@ -130,6 +141,35 @@ def _chat(args: argparse.Namespace) -> int:
 def _transcribe(args: argparse.Namespace) -> int:
     model = _load_model(args)
     print(model.transcribe(args.file, args.language, **_sampling(args)))
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from voxtune.config import dump_config, load_config
+    from voxtune.data.synth import SynthRecipe, synthesize_corpus
+
+    overrides = list(args.overrides)
+    if args.holdout_voices:
+        overrides.append(f"holdout_voices=[{', '.join(args.holdout_voices)}]")
+    if args.holdout_languages:
+        overrides.append(f"holdout_languages=[{', '.join(args.holdout_languages)}]")
+    recipe = load_config(SynthRecipe, args.recipe, overrides)
+    if args.print_config:
+        print(dump_config(recipe), end="")
+        return 0
+    with tqdm(total=recipe.clips, unit="clip", desc="synthesising") as bar:
+        summary = synthesize_corpus(recipe, args.out, progress=lambda done, total: bar.update(done - bar.n))
+    splits = ", ".join(f"{name} {count}" for name, count in summary.per_split.items())
+    print(
+        f"wrote {summary.clips} clips ({summary.seconds / 60:.1f} min of audio; {splits}) to {args.out} "
+        f"in {summary.wall_seconds:.1f} s: {summary.hours_per_minute:.2f} audio hours per minute"
+    )
     return 0
 
 
@@ -221,7 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `voxtune` command; returns the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # KEY=VALUE overrides may come after options (`synth R --out D clips=9`), where
+        # argparse has already closed the positional list: collect them from the leftovers.
+        args, extra = parser.parse_known_args(argv)
+        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command is None:
             parser.print_help()
             return 2

@@ -43,7 +43,7 @@ class SpeechExample:
         meta: anything else the source gave (kept, not interpreted).
     """
 
-    audio: str | Path | bytes | Audio
+    audio: str | Path | bytes | Audio = field(repr=False)  # bytes would bury everything else
     text: str | None = None
     language: str | None = None
     style: str | None = None

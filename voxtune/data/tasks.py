@@ -14,7 +14,7 @@ import numpy as np
 from voxtune.data.example import Segment, SpeechExample
 from voxtune.errors import InputError
 from voxtune.model import prompts
-from voxtune.model.tokens import INTENTS, LANGUAGES, STYLES, tag
+from voxtune.tags import INTENTS, LANGUAGES, STYLES, tag
 
 
 class TaskError(InputError):

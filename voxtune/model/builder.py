@@ -10,7 +10,7 @@ from torch import nn
 from voxtune.model.projector import Projector
 from voxtune.model.registry import family_of
 from voxtune.model.speech_lm import SpeechLM, SpeechLMConfig, build_encoder, encoder_config_dict
-from voxtune.model.tokens import AUDIO_TOKEN, special_tokens
+from voxtune.tags import AUDIO_TOKEN, special_tokens
 
 # Encoder frames stacked per audio token, for about 12.5 audio tokens per second.
 DEFAULT_STACK = {"streaming": 2, "whisper": 4}

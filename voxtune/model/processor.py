@@ -18,7 +18,7 @@ from jinja2 import TemplateError
 from voxtune.audio import Audio, AudioError, AudioTooLongError, load
 from voxtune.audio.features import MIN_SAMPLES, log_mel_batch
 from voxtune.errors import InputError
-from voxtune.model.tokens import AUDIO_TOKEN
+from voxtune.tags import AUDIO_TOKEN
 
 IGNORE_INDEX = -100  # label value the loss skips
 SAMPLE_RATE = 16000

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from voxtune.model.processor import MessageError
-from voxtune.model.tokens import LANGUAGES, tag
+from voxtune.tags import LANGUAGES, tag
 
 
 def _user(audio: Any, text: str, *, text_first: bool = False) -> list[dict]:
@@ -19,7 +19,7 @@ def _user(audio: Any, text: str, *, text_first: bool = False) -> list[dict]:
 
 def transcribe_messages(audio: Any, language: str | None = None) -> list[dict]:
     """Ask for the words spoken in `audio` (optionally in a known `language`, one of
-    `voxtune.model.tokens.LANGUAGES`)."""
+    `voxtune.tags.LANGUAGES`)."""
     if language is not None and language not in LANGUAGES:
         raise MessageError(f"no language tag for {language!r} (known: {', '.join(LANGUAGES)})")
     return _user(audio, tag("task", "transcribe") + (tag("lang", language) if language else ""))

@@ -216,7 +216,7 @@ class SpeechLM(nn.Module):
         """The words spoken in `audio` (anything `voxtune.audio.load` reads, or an `Audio`),
         without the tags the model writes around them."""
         from voxtune.model.prompts import transcribe_messages
-        from voxtune.model.tokens import strip_tags
+        from voxtune.tags import strip_tags
 
         return strip_tags(self.generate(transcribe_messages(audio, language), **sampling))
 

@@ -94,14 +94,16 @@ class VoiceBackend(Protocol):
         """Every language code `render` accepts."""
         ...
 
-    def render(self, text: str, lang: str, voice: str, style: str, speed: float) -> Iterator[Audio]:
+    def render(self, text: str, lang: str, voice: str, style: str | Style, speed: float) -> Iterator[Audio]:
         """Check every argument (raising a `VoiceError` at the call), then return an iterator
         that renders one `Audio` per sentence of `text` as it is consumed."""
         ...
 
 
-def get_style(name: str) -> Style:
-    """Return the named style, or raise `UnknownStyleError` listing the valid ones."""
+def get_style(name: str | Style) -> Style:
+    """Return the named style (a `Style` is returned as is), or raise `UnknownStyleError`."""
+    if isinstance(name, Style):
+        return name
     try:
         return STYLES[name.lower()]
     except KeyError:

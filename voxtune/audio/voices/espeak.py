@@ -222,6 +222,18 @@ class EspeakBackend:
             raise UnknownLanguageError(f"unknown language {lang!r}{hint}")
         return self._languages[code][0]
 
+    def reseed(self, seed: int) -> None:
+        """Seed the engine's noise generators (breath, whisper, Klatt voicing).
+
+        Renders also depend on engine state left by earlier renders (pitch flutter), so a
+        reproducible corpus seeds a fresh process and renders the same sequence in it. This
+        also seeds the C library's `rand()`, which the engine uses too: call it only in a
+        process that renders speech and nothing else that relies on `rand()`.
+        """
+        with _LOCK:
+            _engine().lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
+            ctypes.CDLL(None).srand(ctypes.c_uint(seed & 0xFFFFFFFF))
+
     # ---- rendering --------------------------------------------------------------------------
 
     def render(
@@ -229,10 +241,11 @@ class EspeakBackend:
         text: str,
         lang: str = DEFAULT_LANGUAGE,
         voice: str = DEFAULT_VOICE,
-        style: str = "neutral",
+        style: str | Style = "neutral",
         speed: float = 1.0,
     ) -> Iterator[Audio]:
-        """Return an iterator of one `Audio` per sentence of `text`, spoken in `lang` by `voice`.
+        """Return an iterator of one `Audio` per sentence of `text`, spoken in `lang` by `voice`
+        with `style` (a name from `STYLES`, or a `Style` for finer control).
 
         Every argument is checked here, before any audio is rendered, so a bad request fails
         at the call and not halfway through a stream.

@@ -1,5 +1,7 @@
 """The special tokens voxtune adds to every LM's tokenizer: the audio placeholder and tags.
 
+Kept free of heavy imports: data readers check labels against these lists too.
+
 Tags are what the model reads or writes about speech beyond its words: which language is
 spoken, how it sounds, what the speaker wants, and which task is asked. Each is one token, so
 the model can emit a tag in one step and a caller can parse it without fuzzy matching.

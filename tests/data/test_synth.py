@@ -1,0 +1,131 @@
+"""The synthesiser: labels match the audio, splits are disjoint, runs are reproducible."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from voxtune.audio import load
+from voxtune.audio.prosody import pitch
+from voxtune.config import ConfigError, load_config
+from voxtune.data.manifest import read_manifest
+from voxtune.data.synth import ClipPlan, SynthRecipe, plan, render_clip, synthesize_corpus
+
+SMOKE = Path(__file__).parents[2] / "recipes" / "data" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    recipe = load_config(SynthRecipe, SMOKE)
+    out = tmp_path_factory.mktemp("smoke")
+    summary = synthesize_corpus(recipe, out)
+    records = {split: [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()] for split in recipe.splits}
+    return recipe, out, summary, records
+
+
+def test_the_smoke_recipe_covers_every_kind_style_and_split(corpus):
+    recipe, out, summary, records = corpus
+    every = [r for split in records.values() for r in split]
+    assert summary.clips == len(every) == recipe.clips
+    assert {r["meta"]["kind"] for r in every} == set(recipe.kinds)
+    assert {r["style"] for r in every} == set(recipe.styles)
+    assert len({r["language"] for r in every}) >= 5
+    assert all(records[split] for split in recipe.splits)
+    assert summary.seconds > 60 and summary.hours_per_minute > 0
+
+
+def test_manifests_read_back_and_durations_match_the_files(corpus):
+    recipe, out, _, records = corpus
+    for split in recipe.splits:
+        examples = read_manifest(out / f"{split}.jsonl")
+        assert len(examples) == len(records[split])
+        for example, record in zip(examples, records[split]):
+            audio = load(example.audio)
+            assert audio.duration == pytest.approx(record["meta"]["duration"], abs=1e-3)
+            assert example.text and example.speaker
+
+
+def test_code_switched_segments_line_up_with_the_audio(corpus):
+    _, out, _, records = corpus
+    switched = [r for split in records.values() for r in split if r["meta"]["kind"] == "codeswitch"]
+    assert switched
+    for record in switched:
+        audio = load(out / record["audio"])
+        segments = record["segments"]
+        assert 2 <= len(segments) <= 3 and len({s["language"] for s in segments}) == len(segments)
+        assert segments[0]["start"] == 0 and segments[-1]["end"] == pytest.approx(audio.duration, abs=1e-3)
+        assert record["text"] == " ".join(s["text"] for s in segments)
+        for before, after in zip(segments, segments[1:]):
+            gap = audio.samples[int(before["end"] * 16000) + 80 : int(after["start"] * 16000) - 80]
+            assert after["start"] - before["end"] == pytest.approx(0.15, abs=2e-3)
+            assert np.abs(gap).max() < 1e-3  # the pause between languages is silence
+        for segment in segments:
+            speech = audio.samples[int(segment["start"] * 16000) : int(segment["end"] * 16000)]
+            assert np.sqrt(np.mean(speech**2)) > 0.01
+
+
+def test_splits_are_disjoint_by_voice_and_sentence_and_hold_out_voices(corpus):
+    recipe, _, _, records = corpus
+    voices = {split: {r["speaker"] for r in rs} for split, rs in records.items()}
+    texts = {split: {r["text"] for r in rs} for split, rs in records.items()}
+    splits = list(records)
+    for i, a in enumerate(splits):
+        for b in splits[i + 1 :]:
+            assert not voices[a] & voices[b] and not texts[a] & texts[b]
+    for held in recipe.holdout_voices:
+        assert all(held not in voices[split] for split in splits if split != "test")
+
+
+def test_answers_are_right(corpus):
+    _, _, _, records = corpus
+    english = [r for rs in records.values() for r in rs if r["language"] == "en" and r["meta"]["kind"] == "add_written"]
+    for record in english:
+        n = _english_number(record["text"].removeprefix("The number is ").rstrip("."))
+        k = int(record["instruction"].split()[1])
+        assert record["answer"] == str(n + k)
+
+
+def _english_number(words: str) -> int:
+    from num2words import num2words
+
+    return next(n for n in range(1000) if num2words(n, lang="en") == words)
+
+
+def test_runs_are_reproducible_whatever_the_workers(tmp_path):
+    recipe = SynthRecipe(clips=12, languages=["en", "fr"], workers=1, chunk_size=4, seed=3)
+    synthesize_corpus(recipe, tmp_path / "one")
+    synthesize_corpus(recipe.model_copy(update={"workers": 3}), tmp_path / "three")
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes()
+    wavs = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.wav"))
+    assert wavs and all((tmp_path / "one" / w).read_bytes() == (tmp_path / "three" / w).read_bytes() for w in wavs)
+
+
+def test_styles_change_pitch_and_rate_measurably():
+    base = dict(id="x", split="train", kind="statement", voice="m3", style_jitter={"pitch": 0, "pitch_range": 0, "rate": 0, "volume": 0},
+                parts=[("en", "The number is three hundred and twelve. Is that right?")], text="", language="en")  # fmt: skip
+    happy, _ = render_clip(ClipPlan(style="happy", **base), 16000)
+    sad, _ = render_clip(ClipPlan(style="sad", **base), 16000)
+    assert np.nanmean(pitch(happy)) > 1.25 * np.nanmean(pitch(sad))
+    assert sad.duration > 1.25 * happy.duration
+
+
+def test_holdout_languages_only_in_test():
+    recipe = SynthRecipe(clips=60, languages=["en", "de", "fr"], holdout_languages=["fr"], seed=1)
+    plans = plan(recipe, ["m1", "m2", "f1", "f2", "f3", "m3"])
+    assert all(p.split == "test" for p in plans if any(lang == "fr" for lang, _ in p.parts))
+    assert any(lang == "fr" for p in plans for lang, _ in p.parts)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["languages=[en, tlh]"], "no phrasebook"),
+    (["kinds.sing=1"], "kinds.sing"),
+    (["styles=[grumpy]"], "unknown styles"),
+    (["splits={train: 1}", "holdout_voices=[m1]"], "need a 'test' split"),
+])  # fmt: skip
+def test_bad_recipes_are_refused(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(SynthRecipe, SMOKE, overrides)

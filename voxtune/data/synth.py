@@ -1,0 +1,313 @@
+"""The speech synthesiser: labelled spoken corpora in many languages, from a recipe and a seed.
+
+    voxtune data synth recipes/data/smoke.yaml --out data/smoke
+
+It plans every clip in the parent process from the seed (text, language, voice, style, split),
+then renders chunks of clips in worker processes. Each chunk gets a fresh process whose voice
+engine is seeded from (seed, chunk): the engine carries state from one render to the next, so
+this is what makes a corpus identical run after run, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from voxtune.audio import Audio, encode
+from voxtune.audio.voices import STYLES, Style, default_backend
+from voxtune.config import Config, dump_config
+from voxtune.data.example import Segment, SpeechExample
+from voxtune.data.phrasebook import PHRASEBOOK, number_words
+from voxtune.files import write_atomic
+
+Kind = Literal["statement", "question", "command", "add", "compare", "repeat", "add_written", "codeswitch"]
+INTENT_OF = {"statement": "statement", "question": "question", "command": "command",
+             "add": "question", "compare": "question", "repeat": "command"}  # fmt: skip
+PAUSE_SECONDS = 0.15  # silence between the languages of a code-switched clip
+
+
+class SynthRecipe(Config):
+    """What corpus to make. Every field has a default; see recipes/data/*.yaml."""
+
+    seed: int = 0
+    clips: int = Field(100, ge=1)
+    languages: list[str] = Field(default_factory=lambda: sorted(PHRASEBOOK))
+    styles: list[str] = Field(default_factory=lambda: list(STYLES))
+    voices: list[str] | None = None  # engine voice variants; None: all of them
+    kinds: dict[Kind, float] = Field(
+        default_factory=lambda: {"statement": 2, "question": 1, "command": 1, "add": 1, "compare": 1,
+                                 "repeat": 1, "add_written": 1, "codeswitch": 1}
+    )  # fmt: skip
+    splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "valid": 0.1, "test": 0.1})
+    holdout_voices: list[str] = Field(default_factory=list)  # only in the test split
+    holdout_languages: list[str] = Field(default_factory=list)  # only in the test split
+    sample_rate: int = 16000
+    workers: int = Field(2, ge=1)
+    chunk_size: int = Field(16, ge=1)
+
+    @field_validator("languages", "holdout_languages")
+    @classmethod
+    def _known_languages(cls, value: list[str]) -> list[str]:
+        unknown = [code for code in value if code not in PHRASEBOOK]
+        if unknown:
+            raise ValueError(f"no phrasebook for {unknown} (known: {', '.join(sorted(PHRASEBOOK))})")
+        return value
+
+    @field_validator("styles")
+    @classmethod
+    def _known_styles(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in STYLES]
+        if unknown:
+            raise ValueError(f"unknown styles {unknown} (known: {', '.join(STYLES)})")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SynthRecipe:
+        if "test" not in self.splits and (self.holdout_voices or self.holdout_languages):
+            raise ValueError("holdout voices or languages need a 'test' split")
+        if not any(weight > 0 for weight in self.kinds.values()):
+            raise ValueError("kinds: at least one kind needs a positive weight")
+        return self
+
+
+@dataclass
+class ClipPlan:
+    """Everything needed to render one clip and label it, decided before rendering."""
+
+    id: str
+    split: str
+    kind: str
+    voice: str
+    style: str
+    style_jitter: dict[str, int]  # the voice's own random pitch / range / rate / volume offsets
+    parts: list[tuple[str, str]]  # (language, text) rendered one after the other
+    text: str
+    language: str
+    answer: str | None = None
+    instruction: str | None = None
+    intent: str | None = None
+
+
+@dataclass
+class SynthSummary:
+    """What a run made."""
+
+    clips: int
+    seconds: float
+    wall_seconds: float
+    per_split: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def hours_per_minute(self) -> float:
+        """Audio hours made per minute of wall time."""
+        return (self.seconds / 3600) / max(self.wall_seconds / 60, 1e-9)
+
+
+# ---- planning ---------------------------------------------------------------------------------
+
+
+def plan(recipe: SynthRecipe, voices: list[str]) -> list[ClipPlan]:
+    """Every clip of the corpus, deterministic in `recipe.seed`."""
+    rng = np.random.default_rng(recipe.seed)
+    voice_split = _assign_voices(voices, recipe, rng)
+    kinds = [k for k, w in recipe.kinds.items() if w > 0]
+    weights = np.array([recipe.kinds[k] for k in kinds], dtype=float)
+    splits = list(recipe.splits)
+    split_weights = np.array([recipe.splits[s] for s in splits], dtype=float)
+    plans, seen = [], {}
+    for index in range(recipe.clips):
+        split = splits[int(rng.choice(len(splits), p=split_weights / split_weights.sum()))]
+        languages = _languages_for(split, recipe)
+        split_voices = [v for v, s in voice_split.items() if s == split] or list(voice_split)
+        kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+        # Sentences are kept disjoint across splits: draw until the text hashes to this split
+        # (or was already used in it).
+        for _ in range(1000):
+            parts, text, answer, instruction = _draw_text(kind, languages, rng)
+            if (seen.get(text) or _hash_split(text, recipe)) == split:
+                break
+        else:
+            raise ValueError(f"cannot find a {kind} sentence for the {split} split; add languages or kinds")
+        seen[text] = split
+        plans.append(ClipPlan(
+            id=f"{index:06d}", split=split, kind=kind, voice=str(rng.choice(split_voices)),
+            style=str(rng.choice(recipe.styles)), style_jitter=_jitter(rng), parts=parts, text=text,
+            language=parts[0][0], answer=answer, instruction=instruction, intent=INTENT_OF.get(kind),
+        ))  # fmt: skip
+    return plans
+
+
+def _assign_voices(voices: list[str], recipe: SynthRecipe, rng: np.random.Generator) -> dict[str, str]:
+    held = set(recipe.holdout_voices)
+    others = [v for v in voices if v not in held]
+    order = rng.permutation(len(others))
+    splits = [s for s in recipe.splits if recipe.splits[s] > 0]
+    share = np.array([recipe.splits[s] for s in splits]) / sum(recipe.splits[s] for s in splits)
+    bounds = np.ceil(np.cumsum(share) * len(others)).astype(int)
+    assignment = {v: "test" for v in voices if v in held}
+    for rank, i in enumerate(order):
+        assignment[others[i]] = splits[int(np.searchsorted(bounds, rank, side="right"))]
+    return assignment
+
+
+def _languages_for(split: str, recipe: SynthRecipe) -> list[str]:
+    if split == "test":
+        return recipe.languages + [code for code in recipe.holdout_languages if code not in recipe.languages]
+    return [code for code in recipe.languages if code not in recipe.holdout_languages]
+
+
+def _hash_split(text: str, recipe: SynthRecipe) -> str:
+    digest = int(hashlib.sha1(f"{recipe.seed}:{text}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    total = sum(recipe.splits.values())
+    edge = 0.0
+    for name, weight in recipe.splits.items():
+        edge += weight / total
+        if digest <= edge:
+            return name
+    return list(recipe.splits)[-1]
+
+
+def _capitalise(sentence: str) -> str:
+    return sentence[:1].upper() + sentence[1:]
+
+
+def _draw_text(kind: str, languages: list[str], rng: np.random.Generator):
+    """(parts, transcript, answer, written instruction) for one clip of `kind`."""
+    lang = str(rng.choice(languages))
+    book = PHRASEBOOK[lang]
+    words = lambda n: number_words(int(n), lang)  # noqa: E731
+    if kind in ("statement", "question", "command"):
+        text = _capitalise(getattr(book, kind).format(n=words(rng.integers(0, 1000))))
+        return [(lang, text)], text, None, None
+    if kind == "add":
+        a, b = (int(x) for x in rng.integers(0, 50, size=2))
+        text = _capitalise(book.add.format(a=words(a), b=words(b)))
+        return [(lang, text)], text, words(a + b), None
+    if kind == "compare":
+        a, b = (int(x) for x in rng.choice(100, size=2, replace=False))
+        text = _capitalise(book.compare.format(a=words(a), b=words(b)))
+        return [(lang, text)], text, words(max(a, b)), None
+    if kind == "repeat":
+        items = book.list_sep.join(words(x) for x in rng.integers(0, 100, size=3))
+        text = _capitalise(book.repeat.format(items=items))
+        return [(lang, text)], text, items, None
+    if kind == "add_written":  # the request is written (English), the number is heard
+        n, k = int(rng.integers(0, 100)), int(rng.integers(1, 10))
+        text = _capitalise(book.statement.format(n=words(n)))
+        return [(lang, text)], text, str(n + k), f"Add {k} to the number you hear."
+    # codeswitch: two or three languages, one statement each
+    count = min(len(languages), int(rng.integers(2, 4)))
+    chosen = [str(code) for code in rng.choice(languages, size=count, replace=False)]
+    parts = [(code, _capitalise(PHRASEBOOK[code].statement.format(n=number_words(int(rng.integers(0, 100)), code))))
+             for code in chosen]  # fmt: skip
+    return parts, " ".join(text for _, text in parts), None, None
+
+
+def _jitter(rng: np.random.Generator) -> dict[str, int]:
+    """Per-clip offsets so that one voice is not one fixed pitch, rate and loudness."""
+    return {
+        "pitch": int(rng.integers(-8, 9)),
+        "pitch_range": int(rng.integers(-10, 11)),
+        "rate": int(rng.integers(-15, 16)),
+        "volume": int(rng.integers(-20, 21)),
+    }
+
+
+# ---- rendering --------------------------------------------------------------------------------
+
+
+def _style(plan: ClipPlan) -> Style:
+    base = STYLES[plan.style]
+    j = plan.style_jitter
+    return Style(
+        pitch=int(np.clip(base.pitch + j["pitch"], 0, 100)),
+        pitch_range=int(np.clip(base.pitch_range + j["pitch_range"], 0, 100)),
+        rate=max(80, base.rate + j["rate"]),
+        volume=max(10, base.volume + j["volume"]),
+        pause=base.pause,
+        whisper=base.whisper,
+    )
+
+
+def render_clip(plan: ClipPlan, sample_rate: int) -> tuple[Audio, list[Segment]]:
+    """The clip's audio at `sample_rate` and the segment of each of its languages."""
+    backend, style = default_backend(), _style(plan)
+    pieces, segments, cursor = [], [], 0
+    for i, (lang, text) in enumerate(plan.parts):
+        chunks = list(backend.render(text, lang, plan.voice, style, 1.0))
+        audio = Audio(np.concatenate([c.samples for c in chunks]), chunks[0].sample_rate).resample(sample_rate)
+        if i:  # a short pause between languages
+            pieces.append(np.zeros(int(PAUSE_SECONDS * sample_rate), np.float32))
+            cursor += len(pieces[-1])
+        pieces.append(audio.samples)
+        segments.append(Segment(round(cursor / sample_rate, 3), round((cursor + len(audio)) / sample_rate, 3), lang, text))
+        cursor += len(audio)
+    return Audio(np.concatenate(pieces), sample_rate), segments
+
+
+def _render_chunk(args: tuple[int, int, list[dict], int, str]) -> list[dict]:
+    """Worker: render one chunk of clips in this (fresh) process; returns their records."""
+    seed, chunk_index, plans, sample_rate, out_dir = args
+    default_backend().reseed(seed * 1_000_003 + chunk_index)
+    records = []
+    for data in plans:
+        clip_plan = ClipPlan(**data)
+        audio, segments = render_clip(clip_plan, sample_rate)
+        relative = f"audio/{clip_plan.split}/{clip_plan.id}.wav"
+        write_atomic(Path(out_dir) / relative, encode(audio, "wav"))
+        example = SpeechExample(
+            relative, text=clip_plan.text, language=clip_plan.language, style=clip_plan.style,
+            intent=clip_plan.intent, segments=segments if len(segments) > 1 else None,
+            instruction=clip_plan.instruction, answer=clip_plan.answer, speaker=clip_plan.voice,
+            meta={"kind": clip_plan.kind, "duration": round(audio.duration, 3), "id": clip_plan.id},
+        )  # fmt: skip
+        records.append((clip_plan.split, example.to_record(relative)))
+    return records
+
+
+def synthesize_corpus(
+    recipe: SynthRecipe, out_dir: str | Path, *, progress: Callable[[int, int], None] | None = None
+) -> SynthSummary:
+    """Render the corpus of `recipe` into `out_dir`: audio/<split>/*.wav, <split>.jsonl
+    manifests (records sorted by id) and the resolved recipe.yaml."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    voices = recipe.voices or all_voices()
+    plans = plan(recipe, voices)
+    chunks = [plans[i : i + recipe.chunk_size] for i in range(0, len(plans), recipe.chunk_size)]
+    jobs = [(recipe.seed, i, [asdict(p) for p in chunk], recipe.sample_rate, str(out)) for i, chunk in enumerate(chunks)]
+    started = time.perf_counter()
+    records: list[tuple[str, dict]] = []
+    # A fresh process per chunk (maxtasksperchild=1): each chunk renders from a clean engine.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes=min(recipe.workers, len(jobs)), maxtasksperchild=1) as pool:
+        for chunk_records in pool.imap_unordered(_render_chunk, jobs):
+            records += chunk_records
+            if progress:
+                progress(len(records), len(plans))
+    wall = time.perf_counter() - started
+    by_split: dict[str, list[dict]] = {name: [] for name in recipe.splits}
+    for split, record in sorted(records, key=lambda r: r[1]["meta"]["id"]):
+        by_split[split].append(record)
+    for split, split_records in by_split.items():
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split_records)
+        write_atomic(out / f"{split}.jsonl", lines.encode())
+    write_atomic(out / "recipe.yaml", dump_config(recipe).encode())
+    seconds = sum(r["meta"]["duration"] for _, r in records)
+    return SynthSummary(len(records), seconds, wall, {s: len(r) for s, r in by_split.items()})
+
+
+def all_voices() -> list[str]:
+    """Every engine voice variant but the whisper ones (whispering is a style)."""
+    return [v.name for v in default_backend().list_voices()
+            if v.name == v.backend_voice and v.name.lower() not in ("whisper", "whisperf")]  # fmt: skip
+
