@@ -129,3 +129,12 @@ def test_holdout_languages_only_in_test():
 def test_bad_recipes_are_refused(overrides, words):
     with pytest.raises(ConfigError, match=words):
         load_config(SynthRecipe, SMOKE, overrides)
+
+
+def test_word_runs_are_real_words_and_reproducible():
+    from voxtune.data.phrasebook import word_run
+
+    first = word_run("de", np.random.default_rng(5))
+    assert first == word_run("de", np.random.default_rng(5)) and 4 <= len(first.split()) <= 9
+    assert first != word_run("de", np.random.default_rng(6))
+    assert word_run("hi", np.random.default_rng(5)) is None  # no word list: the caller falls back

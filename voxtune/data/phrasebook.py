@@ -1,4 +1,5 @@
-"""Sentences the synthesiser speaks, in 24 languages: templates around numbers.
+"""Sentences the synthesiser speaks, in 24 languages: templates around numbers, and runs of
+real words from Faker's per-language word lists where it ships one.
 
 Numbers are what makes the templates cheap to vary and easy to check: every instruction has an
 exact answer. Templates avoid grammar that changes with the number (no "n apples"), so any
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from functools import lru_cache
+
+import numpy as np
 from num2words import num2words
 from num2words import CONVERTER_CLASSES as _NUM2WORDS_LANGUAGES
 
@@ -88,3 +92,31 @@ def number_words(n: int, lang: str) -> str:
     if code not in _NUM2WORDS_LANGUAGES:
         return str(n)
     return num2words(n, lang=code)
+
+
+# Faker locales whose word lists are words of the language (its "lorem" provider).
+WORD_LIST_LOCALES = {
+    "en": "en_US", "de": "de_DE", "fr": "fr_FR", "es": "es_ES", "it": "it_IT", "nl": "nl_NL",
+    "da": "da_DK", "pl": "pl_PL", "cs": "cs_CZ", "ru": "ru_RU", "uk": "uk_UA", "ar": "ar_AA",
+    "ja": "ja_JP", "vi": "vi_VN", "zh": "zh_CN",
+}  # fmt: skip
+
+
+@lru_cache(maxsize=None)
+def _faker(locale: str):
+    from faker import Faker
+
+    return Faker(locale)
+
+
+def word_run(lang: str, rng: np.random.Generator) -> str | None:
+    """A sentence of 4 to 9 real words of `lang` in random order, or None without a word list.
+
+    Not grammar, but the words are the language's own: transcription then learns a vocabulary
+    far beyond the number templates."""
+    locale = WORD_LIST_LOCALES.get(lang)
+    if locale is None:
+        return None
+    faker = _faker(locale)
+    faker.seed_instance(int(rng.integers(2**31)))
+    return faker.sentence(nb_words=int(rng.integers(4, 10)), variable_nb_words=False)

@@ -26,10 +26,10 @@ from voxtune.audio import Audio, encode
 from voxtune.audio.voices import STYLES, Style, default_backend
 from voxtune.config import Config, dump_config
 from voxtune.data.example import Segment, SpeechExample
-from voxtune.data.phrasebook import PHRASEBOOK, number_words
+from voxtune.data.phrasebook import PHRASEBOOK, number_words, word_run
 from voxtune.files import write_atomic
 
-Kind = Literal["statement", "question", "command", "add", "compare", "repeat", "add_written", "codeswitch"]
+Kind = Literal["words", "statement", "question", "command", "add", "compare", "repeat", "add_written", "codeswitch"]
 INTENT_OF = {"statement": "statement", "question": "question", "command": "command",
              "add": "question", "compare": "question", "repeat": "command"}  # fmt: skip
 PAUSE_SECONDS = 0.15  # silence between the languages of a code-switched clip
@@ -44,8 +44,8 @@ class SynthRecipe(Config):
     styles: list[str] = Field(default_factory=lambda: list(STYLES))
     voices: list[str] | None = None  # engine voice variants; None: all of them
     kinds: dict[Kind, float] = Field(
-        default_factory=lambda: {"statement": 2, "question": 1, "command": 1, "add": 1, "compare": 1,
-                                 "repeat": 1, "add_written": 1, "codeswitch": 1}
+        default_factory=lambda: {"words": 3, "statement": 1, "question": 1, "command": 1, "add": 1,
+                                 "compare": 1, "repeat": 1, "add_written": 1, "codeswitch": 1}
     )  # fmt: skip
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "valid": 0.1, "test": 0.1})
     holdout_voices: list[str] = Field(default_factory=list)  # only in the test split
@@ -185,6 +185,11 @@ def _draw_text(kind: str, languages: list[str], rng: np.random.Generator):
     lang = str(rng.choice(languages))
     book = PHRASEBOOK[lang]
     words = lambda n: number_words(int(n), lang)  # noqa: E731
+    if kind == "words":  # real words; a statement where there is no word list for the language
+        text = word_run(lang, rng)
+        if text is not None:
+            return [(lang, text)], text, None, None
+        kind = "statement"
     if kind in ("statement", "question", "command"):
         text = _capitalise(getattr(book, kind).format(n=words(rng.integers(0, 1000))))
         return [(lang, text)], text, None, None
