@@ -48,6 +48,7 @@ class Example:
     input_ids: list[int]
     labels: list[int] | None
     clips: list[Clip] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # where it came from (task, augmentation)
 
 
 class MessageError(InputError):

@@ -1,0 +1,98 @@
+"""Batches for training: reproducible draws, length buckets, padded and packed collation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from voxtune.audio import Audio
+from voxtune.data.augment import AugmentConfig, Augmenter
+from voxtune.data.dataset import LengthBucketSampler, SpeechDataset, collator
+from voxtune.data.example import Segment, SpeechExample
+from voxtune.model import tiny
+from voxtune.model.processor import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny("llama", "streaming")
+
+
+def _examples(make_signal, count: int = 12) -> list[SpeechExample]:
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(count):
+        seconds = float(rng.uniform(0.4, 3.0))
+        audio = Audio(make_signal(seconds, 16000, seed=i), 16000)
+        examples.append(SpeechExample(
+            audio, text=f"clip number {i}", language="en", style="happy" if i % 2 else "sad", intent="statement",
+            segments=[Segment(0.0, seconds / 2, "en"), Segment(seconds / 2, seconds, "de")],
+        ))  # fmt: skip
+    return examples
+
+
+def test_items_are_reproducible_per_seed_epoch_and_index(model, make_signal):
+    augmenter = Augmenter(AugmentConfig(noise_prob=1.0, noise_kinds=("white", "pink"), speed_prob=0.5))
+    dataset = SpeechDataset(_examples(make_signal), model.processor, {"transcribe": 1, "describe": 1, "segments": 1},
+                            augmenter=augmenter, seed=4)  # fmt: skip
+    first = [dataset[i] for i in range(len(dataset))]
+    again = [dataset[i] for i in range(len(dataset))]
+    assert [e.input_ids for e in first] == [e.input_ids for e in again]
+    assert all(np.array_equal(a.clips[0].samples, b.clips[0].samples) for a, b in zip(first, again))
+    dataset.set_epoch(1)
+    later = [dataset[i] for i in range(len(dataset))]
+    assert [e.info["augmentation"] for e in later] != [e.info["augmentation"] for e in first]
+    assert {e.info["task"] for e in first + later} == {"transcribe", "describe", "segments"}
+    for example in first:  # every item trains on its reply only
+        assert any(label != IGNORE_INDEX for label in example.labels)
+
+
+def test_speed_changes_scale_the_segments(model, make_signal):
+    augmenter = Augmenter(AugmentConfig(noise_prob=0, telephone_prob=0, reverb_prob=0, gain_prob=0, speed_prob=1.0, speeds=(1.2, 1.2)))
+    examples = _examples(make_signal, 1)
+    dataset = SpeechDataset(examples, model.processor, {"segments": 1}, augmenter=augmenter)
+    item = dataset[0]
+    reply = model.tokenizer.decode([i for i, label in zip(item.input_ids, item.labels) if label != IGNORE_INDEX])
+    end = examples[0].segments[-1].end / 1.2
+    assert f"-{end:.2f}<|lang:de|>" in reply
+    assert item.clips[0].duration == pytest.approx(examples[0].audio.duration / 1.2, abs=1e-3)
+
+
+def test_buckets_cover_every_example_once_within_the_budget():
+    lengths = list(np.random.default_rng(0).integers(10, 400, size=500))
+    sampler = LengthBucketSampler(lengths, max_tokens=2000, max_batch=16, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert all(max(lengths[i] for i in b) * len(b) <= 2000 or len(b) == 1 for b in batches)
+    assert all(len(b) <= 16 for b in batches)
+    # Batches hold similar lengths: far less padding than random batches of the same sizes.
+    padding = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    shuffled = np.random.default_rng(2).permutation(500).tolist()
+    random_batches, cursor = [], 0
+    for b in batches:
+        random_batches.append(shuffled[cursor : cursor + len(b)])
+        cursor += len(b)
+    random_padding = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in random_batches)
+    assert padding < 0.3 * random_padding
+    assert list(sampler) == batches  # same epoch, same batches
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_dataloader_gives_batches_the_model_trains_on(model, make_signal, pack):
+    dataset = SpeechDataset(_examples(make_signal), model.processor, {"transcribe": 1, "describe": 1})
+    sampler = LengthBucketSampler(dataset.token_lengths(), max_tokens=600, max_batch=4)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator(model.processor, pack=pack))
+    seen = 0
+    for batch in loader:
+        rows = batch["input_ids"].shape[0]
+        assert rows == (1 if pack else len(batch["tasks"]))
+        if pack:
+            assert batch["attention_mask"].dim() == 4 and batch["position_ids"].shape == batch["input_ids"].shape
+        loss = model(batch).loss
+        assert torch.isfinite(loss)
+        seen += len(batch["tasks"])
+    assert seen == len(dataset)
