@@ -88,6 +88,25 @@ def test_answers_are_right(corpus):
         assert record["answer"] == str(n + k)
 
 
+def test_every_kind_gives_the_right_answer():
+    from voxtune.data.phrasebook import FACT_ANSWERS, PHRASEBOOK, WORD_LIST_LOCALES
+    from voxtune.data.synth import _draw_text
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        _, text, answer, _ = _draw_text("count", ["en"], rng)
+        numbers = [_english_number(w) for w in answer.split(", ")]
+        assert numbers == list(range(numbers[0], numbers[-1] + 1)) and len(numbers) >= 3
+        assert text == f"Count from {answer.split(', ')[0]} to {answer.split(', ')[-1]}."
+        _, text, answer, _ = _draw_text("spell", ["de"], rng)
+        assert text.endswith(answer.replace(" ", "") + ".")
+        _, text, answer, _ = _draw_text("fact", ["en"], rng)
+        assert _english_number(answer) == FACT_ANSWERS[PHRASEBOOK["en"].facts.index(text)]
+    assert all(lang in WORD_LIST_LOCALES for lang, book in PHRASEBOOK.items() if book.spell)
+    _, text, _, _ = _draw_text("count", ["fi"], rng)  # no count template in Finnish: an addition
+    assert text.startswith("Paljonko on")
+
+
 def _english_number(words: str) -> int:
     from num2words import num2words
 

@@ -9,7 +9,7 @@ is then what is heard), else as digits, which the voice reads in that language.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from functools import lru_cache
 
@@ -29,6 +29,14 @@ class Phrases:
     compare: str  # {a} {b}
     repeat: str  # {items}
     list_sep: str = ", "
+    count: str | None = None  # {a} {b}; only where the number words need no case ending
+    spell: str | None = None  # {word}; alphabetic scripts with a word list
+    facts: tuple[str, ...] | None = None  # questions whose answers are FACT_ANSWERS, in order
+
+
+# Answers of `Phrases.facts`: days in a week, months in a year, hours in a day, minutes in an
+# hour, legs of a spider.
+FACT_ANSWERS = (7, 12, 24, 60, 8)
 
 
 PHRASEBOOK: dict[str, Phrases] = {
@@ -82,6 +90,42 @@ PHRASEBOOK: dict[str, Phrases] = {
                   "{a} और {b} का जोड़ क्या है?", "कौन बड़ा है, {a} या {b}?", "मेरे बाद दोहराइए: {items}।"),
 }  # fmt: skip
 
+_COUNT = {
+    "en": "Count from {a} to {b}.", "de": "Zähl von {a} bis {b}.", "fr": "Compte de {a} à {b}.",
+    "es": "Cuenta de {a} a {b}.", "it": "Conta da {a} a {b}.", "pt": "Conte de {a} até {b}.",
+    "nl": "Tel van {a} tot {b}.", "sv": "Räkna från {a} till {b}.", "da": "Tæl fra {a} til {b}.",
+    "nb": "Tell fra {a} til {b}.", "ja": "{a}から{b}まで数えてください。", "id": "Hitung dari {a} sampai {b}.",
+    "ro": "Numără de la {a} la {b}.", "vi": "Hãy đếm từ {a} đến {b}.", "zh": "从{a}数到{b}。",
+    "hi": "{a} से {b} तक गिनिए।",
+}  # fmt: skip
+_SPELL = {
+    "en": "Spell the word {word}.", "de": "Buchstabiere das Wort {word}.", "fr": "Épelle le mot {word}.",
+    "es": "Deletrea la palabra {word}.", "it": "Fai lo spelling della parola {word}.",
+    "nl": "Spel het woord {word}.", "da": "Stav ordet {word}.", "pl": "Przeliteruj słowo {word}.",
+    "cs": "Vyhláskuj slovo {word}.", "ru": "Произнеси по буквам слово {word}.",
+    "uk": "Продиктуй по буквах слово {word}.", "vi": "Hãy đánh vần từ {word}.",
+}  # fmt: skip
+_FACTS = {
+    "en": ("How many days are in a week?", "How many months are in a year?", "How many hours are in a day?",
+           "How many minutes are in an hour?", "How many legs does a spider have?"),
+    "de": ("Wie viele Tage hat eine Woche?", "Wie viele Monate hat ein Jahr?", "Wie viele Stunden hat ein Tag?",
+           "Wie viele Minuten hat eine Stunde?", "Wie viele Beine hat eine Spinne?"),
+    "fr": ("Combien de jours y a-t-il dans une semaine ?", "Combien de mois y a-t-il dans une année ?",
+           "Combien d'heures y a-t-il dans une journée ?", "Combien de minutes y a-t-il dans une heure ?",
+           "Combien de pattes a une araignée ?"),
+    "es": ("¿Cuántos días tiene una semana?", "¿Cuántos meses tiene un año?", "¿Cuántas horas tiene un día?",
+           "¿Cuántos minutos tiene una hora?", "¿Cuántas patas tiene una araña?"),
+    "it": ("Quanti giorni ci sono in una settimana?", "Quanti mesi ci sono in un anno?",
+           "Quante ore ci sono in un giorno?", "Quanti minuti ci sono in un'ora?", "Quante zampe ha un ragno?"),
+    "ru": ("Сколько дней в неделе?", "Сколько месяцев в году?", "Сколько часов в сутках?",
+           "Сколько минут в часе?", "Сколько ног у паука?"),
+    "zh": ("一个星期有几天？", "一年有几个月？", "一天有几个小时？", "一个小时有几分钟？", "蜘蛛有几条腿？"),
+}  # fmt: skip
+PHRASEBOOK = {
+    lang: replace(phrases, count=_COUNT.get(lang), spell=_SPELL.get(lang), facts=_FACTS.get(lang))
+    for lang, phrases in PHRASEBOOK.items()
+}
+
 # num2words' code where it differs from ours.
 _NUM2WORDS_CODE = {"nb": "no"}
 
@@ -107,6 +151,20 @@ def _faker(locale: str):
     from faker import Faker
 
     return Faker(locale)
+
+
+def one_word(lang: str, rng: np.random.Generator) -> str | None:
+    """One real word of `lang` (4 letters or more), or None without a word list."""
+    locale = WORD_LIST_LOCALES.get(lang)
+    if locale is None:
+        return None
+    faker = _faker(locale)
+    faker.seed_instance(int(rng.integers(2**31)))
+    for _ in range(20):
+        word = faker.word()
+        if len(word) >= 4 and word.isalpha():
+            return word.lower()
+    return word.lower()
 
 
 def word_run(lang: str, rng: np.random.Generator) -> str | None:

@@ -26,12 +26,18 @@ from voxtune.audio import Audio, encode
 from voxtune.audio.voices import STYLES, Style, default_backend
 from voxtune.config import Config, dump_config
 from voxtune.data.example import Segment, SpeechExample
-from voxtune.data.phrasebook import PHRASEBOOK, number_words, word_run
+from voxtune.data.phrasebook import FACT_ANSWERS, PHRASEBOOK, number_words, one_word, word_run
 from voxtune.files import write_atomic
 
-Kind = Literal["words", "statement", "question", "command", "add", "compare", "repeat", "add_written", "codeswitch"]
-INTENT_OF = {"statement": "statement", "question": "question", "command": "command",
-             "add": "question", "compare": "question", "repeat": "command"}  # fmt: skip
+Kind = Literal[
+    "words", "statement", "question", "command", "add", "compare", "repeat", "count", "spell", "fact",
+    "add_written", "codeswitch",
+]  # fmt: skip
+INTENT_OF = {"statement": "statement", "question": "question", "command": "command", "add": "question",
+             "compare": "question", "repeat": "command", "count": "command", "spell": "command",
+             "fact": "question"}  # fmt: skip
+# Kinds only some languages have templates for (see voxtune.data.phrasebook).
+_NEEDS = {"count": "count", "spell": "spell", "fact": "facts"}
 PAUSE_SECONDS = 0.15  # silence between the languages of a code-switched clip
 
 
@@ -44,8 +50,8 @@ class SynthRecipe(Config):
     styles: list[str] = Field(default_factory=lambda: list(STYLES))
     voices: list[str] | None = None  # engine voice variants; None: all of them
     kinds: dict[Kind, float] = Field(
-        default_factory=lambda: {"words": 3, "statement": 1, "question": 1, "command": 1, "add": 1,
-                                 "compare": 1, "repeat": 1, "add_written": 1, "codeswitch": 1}
+        default_factory=lambda: {"words": 3, "statement": 1, "question": 1, "command": 1, "add": 1, "compare": 1,
+                                 "repeat": 1, "count": 1, "spell": 1, "fact": 1, "add_written": 1, "codeswitch": 1}
     )  # fmt: skip
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "valid": 0.1, "test": 0.1})
     holdout_voices: list[str] = Field(default_factory=list)  # only in the test split
@@ -182,6 +188,9 @@ def _capitalise(sentence: str) -> str:
 
 def _draw_text(kind: str, languages: list[str], rng: np.random.Generator):
     """(parts, transcript, answer, written instruction) for one clip of `kind`."""
+    if kind in _NEEDS:  # only languages with the template; none of those: an addition instead
+        able = [code for code in languages if getattr(PHRASEBOOK[code], _NEEDS[kind])]
+        languages, kind = (able, kind) if able else (languages, "add")
     lang = str(rng.choice(languages))
     book = PHRASEBOOK[lang]
     words = lambda n: number_words(int(n), lang)  # noqa: E731
@@ -205,6 +214,18 @@ def _draw_text(kind: str, languages: list[str], rng: np.random.Generator):
         items = book.list_sep.join(words(x) for x in rng.integers(0, 100, size=3))
         text = _capitalise(book.repeat.format(items=items))
         return [(lang, text)], text, items, None
+    if kind == "count":
+        a = int(rng.integers(0, 20))
+        b = a + int(rng.integers(2, 5))
+        text = _capitalise(book.count.format(a=words(a), b=words(b)))
+        return [(lang, text)], text, book.list_sep.join(words(n) for n in range(a, b + 1)), None
+    if kind == "spell":
+        word = one_word(lang, rng)
+        text = _capitalise(book.spell.format(word=word))
+        return [(lang, text)], text, " ".join(word), None
+    if kind == "fact":
+        which = int(rng.integers(len(book.facts)))
+        return [(lang, book.facts[which])], book.facts[which], words(FACT_ANSWERS[which]), None
     if kind == "add_written":  # the request is written (English), the number is heard
         n, k = int(rng.integers(0, 100)), int(rng.integers(1, 10))
         text = _capitalise(book.statement.format(n=words(n)))
