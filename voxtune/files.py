@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -40,8 +43,48 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+@contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Fill a staging folder (yielded) that replaces `target` whole when the block succeeds.
+
+    Readers see the old folder or the complete new one, never a mix; a crash or an exception
+    leaves the old one in place and removes the staging folder. Files are fsynced before the
+    rename. The caller decides whether `target` may be replaced at all.
+    """
+    target = Path(target).expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would make the folder private
+        yield staging
+        for file in staging.rglob("*"):  # durable before the rename makes them visible
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        _replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    try:
+        os.replace(target, retired / target.name)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _new_file_mode() -> int:
     """0o666 less the process umask, what open() would give a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_umask()

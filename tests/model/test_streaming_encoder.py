@@ -6,6 +6,8 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from voxtune.model.streaming_encoder import (
     StreamingEncoder,
@@ -204,6 +206,105 @@ def test_padded_batch_equals_each_clip_alone():
         assert valid == lengths[i]
         assert (out[i, :valid] - alone[0]).abs().max().item() <= TOL
         assert not out[i, valid:].any(), "padded outputs are zeroed"
+
+
+# --- whole clips: chunk-windowed attention == full block-causal mask ------------------------
+
+
+def reference_forward(
+    encoder: StreamingEncoder, features: torch.Tensor, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The whole-clip semantics spelled out with a full [T', T'] mask: quadratic, short clips only.
+
+    Query frame i sees key frame j when j's chunk is i's own or one of the `left_chunks` before
+    it; valid queries see valid keys only, padded queries their whole block window.
+    """
+    batch, _, frames = features.shape
+    lengths = torch.full((batch,), frames) if lengths is None else lengths
+    x = features
+    for conv in encoder.convs:
+        x = F.gelu(conv(x))
+    x = x.transpose(1, 2)  # [B, T', D]
+    positions = torch.arange(x.shape[1])
+    valid = positions[None, :] < encoder.output_lengths(lengths)[:, None]  # [B, T']
+    x = torch.where(valid[..., None], x, 0.0)
+    chunk = positions // encoder.chunk_frames
+    distance = chunk[:, None] - chunk[None, :]  # [T', T'] query chunk - key chunk
+    block = (distance >= 0) & (distance <= encoder.left_chunks)
+    mask = (block & (valid[:, None, :] | ~valid[:, :, None]))[:, None]  # [B, 1, T', T']
+    cos, sin = encoder.rope(positions)
+    for layer in encoder.layers:
+        q, k, v = layer.attn._project(layer.attn_norm(x), cos, sin)
+        x = x + layer.attn._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        x = x + layer.mlp(layer.mlp_norm(x))
+    return torch.where(valid[..., None], encoder.norm(x), 0.0)
+
+
+REFERENCE_CONFIGS = [
+    *CONFIGS,
+    pytest.param(dict(chunk_frames=1, left_chunks=3), id="chunk1-left3"),
+    pytest.param(dict(chunk_frames=5, left_chunks=30), id="window-longer-than-clip"),
+]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", REFERENCE_CONFIGS)
+@pytest.mark.parametrize("frames", [97, 96, 4, 1])  # T' 25 or 24 (partial / whole last chunks), 1
+def test_forward_equals_full_mask_reference(config, frames):
+    encoder = make_encoder(**config)
+    clip_lengths = torch.tensor([frames, frames * 2 // 3, 1, 0])
+    features = 1e3 * make_features(4, frames, seed=7)  # loud padding
+    for i, n in enumerate(clip_lengths.tolist()):
+        features[i, :, :n] = make_features(1, n, seed=20 + i)[0]
+    out, _ = encoder(features, clip_lengths)
+    expected = reference_forward(encoder, features, clip_lengths)
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max().item() <= TOL
+
+
+def test_gradients_equal_full_mask_reference():
+    encoder = make_encoder(chunk_frames=4, left_chunks=2)
+    clip_lengths = torch.tensor([97, 50])
+    features = make_features(2, 97)
+    weights = torch.randn(2, 25, encoder.dim, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for run in (encoder, lambda f, n: (reference_forward(encoder, f, n), n)):
+        encoder.zero_grad()
+        out, _ = run(features, clip_lengths)
+        (out * weights).sum().backward()
+        grads.append({name: p.grad.clone() for name, p in encoder.named_parameters()})
+    for name, grad in grads[0].items():
+        assert (grad - grads[1][name]).abs().max().item() <= 1e-4, name
+
+
+class LargestTensor(TorchFunctionMode):
+    """Records the most elements of any tensor a torch function returns while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(value, torch.Tensor):
+                self.numel = max(self.numel, value.numel())
+        return result
+
+
+@torch.no_grad()
+def test_long_clip_is_linear_in_memory_and_equals_streaming():
+    # 20 minutes: 30000 output frames. A [T', T'] mask alone would have 9e8 elements (and the
+    # old chunk distance matrix was int64, 7 GB); windowed attention needs ~100 T' at most here.
+    encoder = make_encoder(chunk_frames=8, left_chunks=2)
+    features = make_features(1, 20 * 60 * 100, seed=4)
+    with LargestTensor() as largest:
+        out, lengths = encoder(features)
+    frames = lengths.item()
+    assert out.shape == (1, frames, encoder.dim) and frames == 30000
+    assert largest.numel * 100 < frames * frames, f"a tensor of {largest.numel} elements for T' = {frames}"
+    streamed = run_stream(encoder, features, [features.shape[-1]])
+    assert (streamed - out).abs().max().item() <= TOL
 
 
 def test_bad_lengths_are_rejected():

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from voxtune.errors import InputError
+from voxtune.files import atomic_directory
 from voxtune.model.projector import Projector
 from voxtune.model.speech_lm import SpeechLM, SpeechLMConfig, build_encoder
 
@@ -45,10 +44,7 @@ def save(model: SpeechLM, directory: str | os.PathLike) -> Path:
     target = Path(directory).expanduser().resolve()
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / CONFIG_FILE).is_file())):
         raise ModelLoadError(f"will not save over {target}: it holds files that are not a voxtune checkpoint")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would make the checkpoint private
+    with atomic_directory(target) as staging:
         model.lm.save_pretrained(staging)
         model.tokenizer.save_pretrained(staging)
         audio_state = {
@@ -58,32 +54,7 @@ def save(model: SpeechLM, directory: str | os.PathLike) -> Path:
         }
         save_file(audio_state, staging / AUDIO_WEIGHTS, metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        for file in staging.iterdir():  # durable before the rename makes them visible
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        _replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    try:
-        os.replace(target, retired / target.name)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(retired, ignore_errors=True)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -13,8 +13,12 @@ Architecture choices:
 - The window applies per layer, so the stack's receptive field reaches `layers * left_chunks`
   chunks back (as in Transformer-XL), while each layer's K/V cache holds only `left_chunks`
   chunks.
+- Whole clips are attended chunk by chunk too: each query chunk meets a window of its own and
+  the `left_chunks` previous chunks' keys (a strided view, see `_chunk_windows`), so time and
+  memory grow linearly with the clip length, never as T' x T'.
 
-Shape letters in comments: B batch, T frames, M mels, D dim, H heads, Hd head dim, C chunk frames.
+Shape letters in comments: B batch, T frames, M mels, D dim, H heads, Hd head dim, C chunk frames,
+N chunks (ceil(T' / C)), W window frames ((left_chunks + 1) * C).
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ __all__ = [
     "EncoderStreamState",
     "StreamingEncoder",
     "build_streaming_encoder",
-    "block_causal_mask",
 ]
 
 # Input rate: voxtune.audio.features hops 160 samples at 16 kHz. Kept here as a number so that
@@ -126,17 +129,20 @@ class EncoderStreamState:
         return self.pending.shape[0]
 
 
-def block_causal_mask(
-    frames: int, chunk_frames: int, left_chunks: int, device: torch.device | None = None
-) -> torch.Tensor:
-    """Boolean [T, T] mask, True where query frame i may attend to key frame j.
+def _chunk_windows(x: torch.Tensor, chunk_frames: int, left_chunks: int) -> torch.Tensor:
+    """Each chunk's attention window: [..., T, E] -> [..., N, W, E], a strided view (no copy per window).
 
-    i and j are in chunks i // chunk_frames and j // chunk_frames; j is visible when its chunk is
-    i's own or one of the `left_chunks` before it.
+    Window n holds frames (n - left_chunks) * C .. (n + 1) * C - 1, i.e. chunk n and the
+    `left_chunks` chunks before it. Frames before 0 (left of the first chunks) and after T - 1 (the
+    rest of a partial last chunk) are zero-filled; masks must exclude them.
     """
-    chunk = torch.arange(frames, device=device) // chunk_frames  # [T]
-    distance = chunk[:, None] - chunk[None, :]  # [T, T] query chunk - key chunk
-    return (distance >= 0) & (distance <= left_chunks)
+    frames = x.shape[-2]
+    chunks = -(-frames // chunk_frames)  # N
+    left = left_chunks * chunk_frames
+    x = F.pad(x, (0, 0, left, chunks * chunk_frames - frames))  # [..., left + N * C, E]
+    window = left + chunk_frames  # W
+    # unfold steps by C along the frames and appends the window as the last dim: [..., N, E, W].
+    return x.unfold(-2, window, chunk_frames).transpose(-1, -2)  # [..., N, W, E]
 
 
 class CausalConv1d(nn.Module):
@@ -205,7 +211,7 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with rotary embedding; masked (whole clip) or cached (streaming)."""
+    """Multi-head self-attention with rotary embedding; chunk windows (whole clip) or cached (streaming)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -227,9 +233,34 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """x [B, T, D], cos/sin [T, Hd], mask [B, 1, T, T] (True = attend) -> [B, T, D]."""
-        q, k, v = self._project(x, cos, sin)
-        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        """Whole-clip block-causal attention, one chunk against its window at a time.
+
+        Args:
+            x: [B, T, D] frames.
+            cos, sin: [T, Hd] rotary tables for x's positions.
+            mask: [B, 1, N, C, W] True where a query of chunk n may attend to a frame of window n
+                (see `_chunk_windows`); its shape gives C and W, hence `left_chunks`.
+
+        Returns:
+            [B, T, D].
+        """
+        batch, frames, _ = x.shape
+        chunks, chunk_frames, window = mask.shape[-3:]  # N, C, W
+        left_chunks = window // chunk_frames - 1
+        q, k, v = self._project(x, cos, sin)  # each [B, H, T, Hd]
+        # Queries chunk-wise, the partial last chunk padded with zero queries (dropped below).
+        q = F.pad(q, (0, 0, 0, chunks * chunk_frames - frames))  # [B, H, N * C, Hd]
+        q = q.unflatten(2, (chunks, chunk_frames))  # [B, H, N, C, Hd]
+        k = _chunk_windows(k, chunk_frames, left_chunks)  # [B, H, N, W, Hd]
+        v = _chunk_windows(v, chunk_frames, left_chunks)  # [B, H, N, W, Hd]
+        # Chunks join the batch: sdpa's fused kernels take 4-d inputs only (this copies the
+        # windows, (left_chunks + 1) times the size of k and v: still linear in T).
+        q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (q, k, v))  # [B * N, H, C or W, Hd]
+        mask = mask.transpose(1, 2).flatten(0, 1)  # [B * N, 1, C, W]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B * N, H, C, Hd]
+        y = y.unflatten(0, (batch, chunks)).permute(0, 1, 3, 2, 4)  # [B, N, C, H, Hd]
+        y = y.reshape(batch, chunks * chunk_frames, -1)[:, :frames]  # [B, T, D]
+        return self.out(y)
 
     def step(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor]
@@ -277,7 +308,7 @@ class EncoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D]; see `SelfAttention.forward` for the other arguments."""
+        """x [B, T, D], mask [B, 1, N, C, W] -> [B, T, D]; see `SelfAttention.forward`."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -377,21 +408,34 @@ class StreamingEncoder(nn.Module):
         # Padding values may be anything (even non-finite); valid frames never read them through
         # the causal convs, and zeroing here keeps them out of masked attention sums (0 * nan).
         x = torch.where(valid[..., None], x, 0.0)
-        mask = self._attention_mask(valid)
+        mask = self._window_mask(valid)  # [B, 1, N, C, W]
         cos, sin = self.rope(positions)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         x = torch.where(valid[..., None], self.norm(x), 0.0)
         return x, out_lengths
 
-    def _attention_mask(self, valid: torch.Tensor) -> torch.Tensor:
-        """Block-causal mask and key padding, [B, 1, T', T'] (True = attend), from valid [B, T']."""
-        frames = valid.shape[1]
-        block = block_causal_mask(frames, self.chunk_frames, self.left_chunks, valid.device)  # [T', T']
-        # Padded queries keep their block window so that no row is fully masked (sdpa gives nan
-        # there); valid queries see valid keys only.
-        keys = valid[:, None, :] | ~valid[:, :, None]  # [B, T'(q), T'(k)]
-        return (block[None] & keys)[:, None]  # [B, 1, T', T']
+    def _window_mask(self, valid: torch.Tensor) -> torch.Tensor:
+        """Attention mask per chunk window, [B, 1, N, C, W] (True = attend), from valid [B, T'].
+
+        The windows already make attention block-causal; the mask removes the frames a window
+        holds but a query may not see. Valid queries see the valid frames of their window only.
+        Padded queries (past a clip's length, or filling the partial last chunk) see every real
+        frame 0..T'-1 of their window, so that no row is fully masked (some sdpa versions give nan
+        there) and padded frames stay finite; valid frames never read them.
+        """
+        batch, frames = valid.shape
+        chunks = -(-frames // self.chunk_frames)  # N
+
+        def windows(flags: torch.Tensor) -> torch.Tensor:  # [..., T'] -> [..., N, W], False outside
+            return _chunk_windows(flags[..., None], self.chunk_frames, self.left_chunks)[..., 0]
+
+        real_keys = windows(torch.ones(frames, dtype=torch.bool, device=valid.device))  # [N, W]
+        valid_keys = windows(valid)  # [B, N, W]
+        valid_queries = F.pad(valid, (0, chunks * self.chunk_frames - frames))  # [B, N * C]
+        valid_queries = valid_queries.view(batch, chunks, self.chunk_frames)  # [B, N, C]
+        mask = valid_keys[:, :, None, :] | (~valid_queries[..., None] & real_keys[:, None, :])  # [B, N, C, W]
+        return mask[:, None]  # [B, 1, N, C, W]
 
     def _check_features(self, features: torch.Tensor, batch: int | None) -> tuple[int, int, int]:
         if features.dim() != 3 or features.shape[1] != self.n_mels:
