@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--print-config", action="store_true", help="print the resolved recipe and stop")
     synth.set_defaults(run=_synth)
 
+    train = commands.add_parser("train", help="fine-tune (or train) a speech LM from a recipe")
+    train.add_argument("recipe", metavar="RECIPE", type=Path, help="a YAML recipe, e.g. recipes/quickstart.yaml")
+    train.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="recipe overrides, e.g. train.max_steps=50")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument("--stop-after", type=int, metavar="STEPS", help="stop (with a checkpoint) after this many steps")
+    train.add_argument("--print-config", action="store_true", help="print the resolved recipe and stop")
+    train.set_defaults(run=_train)
+
     demo = commands.add_parser("demo", help="speak a sample sentence in several languages")
     demo.add_argument("--out-dir", type=Path, default=Path("out/demo"), help="where to write (default: out/demo)")
     demo.set_defaults(run=_demo)
@@ -109,12 +117,16 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed for sampling")
 
 
-def _load_model(args: argparse.Namespace):
+def _quiet_libraries() -> None:
     # The command line reports problems itself: silence the libraries' progress bars and notes.
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+
+
+def _load_model(args: argparse.Namespace) -> "voxtune.model.SpeechLM":
+    _quiet_libraries()
     return voxtune.load(args.model)
 
 
@@ -170,6 +182,26 @@ def _synth(args: argparse.Namespace) -> int:
         f"wrote {summary.clips} clips ({summary.seconds / 60:.1f} min of audio; {splits}) to {args.out} "
         f"in {summary.wall_seconds:.1f} s: {summary.hours_per_minute:.2f} audio hours per minute"
     )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from voxtune.config import dump_config, load_config
+    from voxtune.train.recipe import TrainRecipe
+
+    recipe = load_config(TrainRecipe, args.recipe, args.overrides)
+    if args.print_config:
+        print(dump_config(recipe), end="")
+        return 0
+    _quiet_libraries()
+    from voxtune.train.trainer import Trainer
+
+    trainer = Trainer(recipe)
+    trainer.fit(resume=args.resume, stop_after=args.stop_after)
+    if trainer.state.step < recipe.train.max_steps:
+        print(f"stopped at step {trainer.state.step}; go on with --resume")
+        return 0
+    print(f"wrote the trained model to {trainer.export()}")
     return 0
 
 

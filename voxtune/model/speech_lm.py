@@ -170,10 +170,9 @@ class SpeechLM(nn.Module):
         # Row-major boolean indexing matches the processor's reading order of the clips.
         return embeddings.masked_scatter(mask[..., None], audio)
 
-    def forward(self, batch: dict[str, Any]) -> Any:
-        """The LM's output for a collated (or packed) batch; `.loss` is the next-token loss when it
-        has labels."""
-        labels, positions = batch.get("labels"), batch.get("position_ids")
+    def lm_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        """The LM's keyword inputs for a collated (or packed) batch: `inputs_embeds` with the
+        audio spliced in, `attention_mask` and `position_ids`."""
         embeddings = self.embed(batch)
         mask = batch["attention_mask"].to(self.device)
         if mask.dim() == 4 and mask.dtype == torch.bool:
@@ -182,12 +181,18 @@ class SpeechLM(nn.Module):
             mask = torch.zeros(mask.shape, dtype=embeddings.dtype, device=self.device).masked_fill(
                 ~mask, torch.finfo(embeddings.dtype).min
             )
-        return self.lm(
-            inputs_embeds=embeddings,
-            attention_mask=mask,
-            position_ids=positions.to(self.device) if positions is not None else None,
-            labels=labels.to(self.device) if labels is not None else None,
-        )
+        positions = batch.get("position_ids")
+        return {
+            "inputs_embeds": embeddings,
+            "attention_mask": mask,
+            "position_ids": positions.to(self.device) if positions is not None else None,
+        }
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        """The LM's output for a collated (or packed) batch; `.loss` is the next-token loss when
+        it has labels."""
+        labels = batch.get("labels")
+        return self.lm(**self.lm_inputs(batch), labels=labels.to(self.device) if labels is not None else None)
 
     # ---- generation -------------------------------------------------------------------------
 

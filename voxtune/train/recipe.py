@@ -1,0 +1,115 @@
+"""The training recipe schema: what model, what data, what trains and how, and where to write.
+
+    voxtune train recipes/quickstart.yaml train.max_steps=200 optim.lr=5e-4
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from voxtune.config import Config
+from voxtune.data.augment import AugmentConfig
+
+
+class TinyModel(Config):
+    """A small random model built in code (for trying things out and for tests)."""
+
+    lm: str = "llama"
+    encoder: Literal["streaming", "whisper"] = "streaming"
+    hidden: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+
+
+class ModelSection(Config):
+    """Where the model comes from: exactly one of `load`, `tiny`, or `lm` with `encoder`."""
+
+    load: str | None = None  # a saved voxtune model directory or Hugging Face repo id
+    tiny: TinyModel | None = None
+    lm: str | None = None  # a causal-LM checkpoint (directory or repo id) ...
+    encoder: str | dict[str, Any] | None = None  # ... with a Whisper checkpoint or a streaming-encoder config
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        sources = [self.load is not None, self.tiny is not None, self.lm is not None]
+        if sum(sources) != 1:
+            raise ValueError("set exactly one of model.load, model.tiny, or model.lm (with model.encoder)")
+        if (self.lm is None) != (self.encoder is None):
+            raise ValueError("model.lm and model.encoder go together")
+        return self
+
+
+class DataSection(Config):
+    """Training and evaluation data (manifests), the task mixture and augmentation."""
+
+    train: list[str]
+    valid: list[str] = Field(default_factory=list)
+    # A data recipe to synthesise the corpus from when the manifests are not there yet; it is
+    # written into the folder of the first train manifest.
+    synth: str | None = None
+    mixture: dict[str, float] = Field(default_factory=lambda: {"transcribe": 1.0})
+    augment: AugmentConfig | None = None
+
+
+class LoraSection(Config):
+    """LoRA on the LM's linear layers (the family's targets unless given)."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = 32.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] | None = None
+
+
+class TrainSection(Config):
+    """What trains, and the schedule."""
+
+    method: Literal["full", "lora", "projector"] = "lora"  # projector: only the projector trains
+    train_encoder: bool = False  # with full: also update the encoder
+    lora: LoraSection = Field(default_factory=LoraSection)
+    max_steps: int = Field(100, ge=1)
+    max_tokens: int = Field(4096, ge=64)  # per micro-batch (padded or packed)
+    max_batch: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    pack: bool = True
+    chunk_tokens: int = Field(1024, ge=1)  # rows per chunk of the chunked cross-entropy
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+
+
+class OptimSection(Config):
+    """AdamW with linear warm-up then cosine decay to `min_lr_ratio` of the peak."""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float | None = 1.0
+
+
+class EvalSection(Config):
+    """Evaluation on `data.valid` every `every` steps: loss, and WER/CER of transcription."""
+
+    every: int = Field(50, ge=1)
+    limit: int = Field(32, ge=1)  # examples per evaluation
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class OutputSection(Config):
+    """Where checkpoints, logs and the final model go."""
+
+    dir: str = "out/train"
+    save_every: int = Field(50, ge=1)
+    keep: int = Field(2, ge=1)  # checkpoints kept (the newest)
+
+
+class TrainRecipe(Config):
+    """A whole training run."""
+
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: OutputSection = Field(default_factory=OutputSection)
