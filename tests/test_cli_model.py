@@ -58,3 +58,32 @@ def test_bad_input_is_one_line(saved, args, words):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("voxtune: error:") and words in lines[0], result.stderr
+
+
+def test_train_runs_a_recipe_end_to_end_and_resumes(tmp_path):
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    overrides = [
+        f"output.dir={tmp_path / 'run'}", f"data.train=[{tmp_path / 'data' / 'train.jsonl'}]",
+        f"data.valid=[{tmp_path / 'data' / 'valid.jsonl'}]", "train.max_steps=4", "eval.every=4", "eval.limit=2",
+        "eval.max_new_tokens=4", "model.tiny.hidden=32",
+    ]  # fmt: skip
+    first = run("train", str(recipe), *overrides, "--stop-after", "2")
+    assert first.returncode == 0, first.stderr
+    assert "stopped at step 2; go on with --resume" in first.stdout
+    second = run("train", str(recipe), *overrides, "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and "wer=" in second.stdout
+    assert voxtune.load(tmp_path / "run" / "model").config.encoder_kind == "streaming"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "{recipe}", "optim.lrr=1"], "unknown key optim.lrr (did you mean optim.lr?)"),
+    (["train", "{recipe}", "train.method=qlora"], "train.method"),
+    (["train", "{recipe}", "--resume", "output.dir={empty}", "data.train=[{missing}]"], "no such manifest"),
+])  # fmt: skip
+def test_train_bad_input_is_one_line(tmp_path, args, words):
+    fill = {"recipe": Path(__file__).parents[1] / "recipes" / "quickstart.yaml", "empty": tmp_path / "e", "missing": tmp_path / "none.jsonl"}
+    result = run(*(a.format(**fill) for a in args))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.stderr

@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,7 +82,11 @@ def prepare_trainable(model: SpeechLM, train: TrainSection) -> list[torch.nn.Par
         if missing:
             raise TrainError(f"train.lora.targets: the LM has no modules named {', '.join(missing)}")
         config = LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout, target_modules=targets)
-        model.lm = get_peft_model(model.lm, config)
+        with warnings.catch_warnings():
+            # peft reads a transformers property that transformers 5 marks deprecated; the
+            # warning is about peft's code, not the user's, so it is not shown to them.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model.lm = get_peft_model(model.lm, config)
     return [p for p in model.parameters() if p.requires_grad]
 
 
