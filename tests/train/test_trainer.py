@@ -83,6 +83,11 @@ def test_loss_falls_and_evaluation_reports_wer(corpus, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     evaluation = [r for r in records if "wer" in r]
     assert evaluation and evaluation[0]["wer"] >= 0 and "eval_loss" in evaluation[0]
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    scalars = _tensorboard_scalars(events)
+    assert [step for step, _ in scalars["loss"]] == list(range(1, 31))
+    assert scalars["loss"][-1][1] == pytest.approx(losses[-1], rel=1e-6)
+    assert "eval_loss" in scalars and "wer" in scalars, sorted(scalars)
 
 
 def test_bad_recipes_and_resume_without_checkpoints(corpus, tmp_path):
@@ -90,3 +95,49 @@ def test_bad_recipes_and_resume_without_checkpoints(corpus, tmp_path):
         Trainer(_recipe(corpus, tmp_path, "train.lora.targets=[nope]"), log=lambda _: None)
     with pytest.raises(TrainError, match="nothing to resume"):
         Trainer(_recipe(corpus, tmp_path), log=lambda _: None).fit(resume=True)
+
+
+def test_the_encoder_cache_changes_nothing_but_skips_the_encoder(corpus, tmp_path):
+    plain = Trainer(_recipe(corpus, tmp_path / "plain", "train.cache_encoder=false"), log=lambda _: None)
+    plain.fit()
+    cached = Trainer(_recipe(corpus, tmp_path / "cached"), log=lambda _: None)
+    assert cached.cache is not None
+    calls = []
+    cached.model.encoder.register_forward_hook(lambda *args: calls.append(1))
+    cached.fit()
+    assert _losses(tmp_path / "cached" / "run") == pytest.approx(_losses(tmp_path / "plain" / "run"), rel=1e-5)
+    assert cached.cache.hits > 0  # later epochs read what the first one wrote
+    epochs = cached.state.epoch + 1
+    assert len(calls) < epochs * len(cached.sampler)  # fewer encoder runs than batches
+
+
+def test_cache_is_off_when_the_encoder_trains_or_audio_changes(corpus, tmp_path):
+    assert Trainer(_recipe(corpus, tmp_path, "train.method=full", "train.train_encoder=true"), log=lambda _: None).cache is None
+    assert Trainer(_recipe(corpus, tmp_path, "data.augment={noise_prob: 0.5}"), log=lambda _: None).cache is None
+
+
+def test_checkpointing_and_bf16_autocast_train_as_well(corpus, tmp_path):
+    reference = Trainer(_recipe(corpus, tmp_path / "ref", "train.max_steps=3"), log=lambda _: None)
+    reference.fit()
+    recomputed = Trainer(_recipe(corpus, tmp_path / "ckpt", "train.max_steps=3", "train.grad_checkpointing=true"), log=lambda _: None)
+    recomputed.fit()
+    assert _losses(tmp_path / "ckpt" / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=1e-4)
+    half = Trainer(_recipe(corpus, tmp_path / "bf16", "train.max_steps=3", "train.precision=bf16-autocast"), log=lambda _: None)
+    half.fit()
+    assert _losses(tmp_path / "bf16" / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=0.05)
+
+
+def _tensorboard_scalars(path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of a TensorBoard event file (TFRecord: length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, offset, scalars = path.read_bytes(), 0, {}
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        event = Event.FromString(data[offset + 12 : offset + 12 + length])
+        offset += 12 + length + 4
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

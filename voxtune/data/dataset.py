@@ -155,6 +155,7 @@ def collator(processor: SpeechProcessor, *, pack: bool = False) -> Callable[[lis
     def collate(examples: list[Example]) -> dict[str, Any]:
         batch = processor.pack(examples) if pack else processor.collate(examples)
         batch["tasks"] = [e.info.get("task") for e in examples]
+        batch["clips"] = [clip for e in examples for clip in e.clips]  # for audio-seconds counts
         return batch
 
     return collate

@@ -73,6 +73,11 @@ class TrainSection(Config):
     grad_accum: int = Field(1, ge=1)
     pack: bool = True
     chunk_tokens: int = Field(1024, ge=1)  # rows per chunk of the chunked cross-entropy
+    # Keep a frozen encoder's outputs on disk (<output>/encoder_cache) so later epochs skip
+    # it; it only hits when the audio is the same each epoch, i.e. without augmentation.
+    cache_encoder: bool = True
+    grad_checkpointing: bool = False  # recompute the LM's activations in backward: less memory
+    precision: Literal["float32", "bf16-autocast"] = "float32"
     seed: int = 0
     log_every: int = Field(10, ge=1)
 

@@ -30,11 +30,13 @@ from voxtune.data.manifest import read_manifest
 from voxtune.errors import InputError
 from voxtune.files import atomic_directory, write_atomic
 from voxtune.model import SpeechLM
+from voxtune.train.feature_cache import EncoderFeatureCache, encoder_fingerprint, with_cached_audio
 from voxtune.train.losses import chunked_cross_entropy
 from voxtune.train.recipe import ModelSection, TrainRecipe, TrainSection
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "log.jsonl"
+TENSORBOARD = "tensorboard"  # event files: tensorboard --logdir <output>/tensorboard
 
 
 class TrainError(InputError):
@@ -131,6 +133,10 @@ class Trainer:
         self.model = build_model(recipe.model)
         self.params = prepare_trainable(self.model, recipe.train)
         self.model.train()
+        if recipe.train.grad_checkpointing:
+            # Non-reentrant: the inputs are embeddings, not leaves that require grad.
+            self.model.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.cache = self._encoder_cache()
         self._make_corpus()
         self.train_data = self._dataset(recipe.data.train, recipe.data.augment)
         self.valid_data = self._dataset(recipe.data.valid, None) if recipe.data.valid else None
@@ -142,6 +148,17 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(recipe))
         self.state = TrainState()
+        self._board: Any = None  # the TensorBoard writer, opened with the first record
+
+    def _encoder_cache(self) -> EncoderFeatureCache | None:
+        train = self.recipe.train
+        if not train.cache_encoder or any(p.requires_grad for p in self.model.encoder.parameters()):
+            return None
+        if self.recipe.data.augment is not None:
+            self.log("encoder cache off: with augmentation every epoch hears different audio")
+            return None
+        fingerprint = encoder_fingerprint(self.model.encoder, config=self.model.config.encoder)
+        return EncoderFeatureCache(self.out / "encoder_cache", fingerprint)
 
     def _make_corpus(self) -> None:
         data = self.recipe.data
@@ -173,7 +190,9 @@ class Trainer:
             batches = self.sampler.batches()[self.state.batch_in_epoch :]
             for indices in batches:
                 self.state.batch_in_epoch += 1
-                yield collate([self.train_data[i] for i in indices])
+                items = [self.train_data[i] for i in indices]
+                batch = collate(items)
+                yield with_cached_audio(batch, self.model, items, self.cache) if self.cache is not None else batch
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
@@ -193,12 +212,13 @@ class Trainer:
             losses, counts = [], []
             for _ in range(train.grad_accum):
                 batch = next(batches)
-                loss, count = compute_loss(self.model, batch, train.chunk_tokens)
+                with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16-autocast"):
+                    loss, count = compute_loss(self.model, batch, train.chunk_tokens)
                 (loss * count).backward()  # summed, then divided by all tokens of the step
                 losses.append(loss.detach().item() * count)
                 counts.append(count)
                 tokens += count
-                audio_seconds += float(batch["audio_frames"].sum()) / 100 if "audio_frames" in batch else 0.0
+                audio_seconds += sum(clip.duration for clip in batch["clips"])
             total = max(1, sum(counts))
             for p in self.params:
                 if p.grad is not None:
@@ -221,12 +241,23 @@ class Trainer:
                 self.save_checkpoint()
             if stopping:
                 break
+        if self._board is not None:
+            self._board.close()  # the writer works in the background: finish the file now
+            self._board = None
         return record
 
     def _log(self, record: dict[str, Any], *, every: int) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / LOG_FILE, "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
+        if self._board is None:
+            from tensorboardX import SummaryWriter
+
+            self._board = SummaryWriter(str(self.out / TENSORBOARD))
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._board.add_scalar(key, value, record["step"])
+        self._board.flush()
         if record["step"] % every == 0:
             self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
