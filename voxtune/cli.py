@@ -198,10 +198,11 @@ def _train(args: argparse.Namespace) -> int:
 
     trainer = Trainer(recipe)
     trainer.fit(resume=args.resume, stop_after=args.stop_after)
+    say = print if trainer.procs.main else (lambda *_: None)  # one report, not one per process
     if trainer.state.step < recipe.train.max_steps:
-        print(f"stopped at step {trainer.state.step}; go on with --resume")
+        say(f"stopped at step {trainer.state.step}; go on with --resume")
         return 0
-    print(f"wrote the trained model to {trainer.export()}")
+    say(f"wrote the trained model to {trainer.export()}")
     return 0
 
 

@@ -6,10 +6,22 @@ Checkpoints hold the trainable weights, the optimizer, the schedule, the RNG and
 in the data, written atomically; `--resume` continues from the newest one and gives the same
 loss curve as a run that never stopped (the data order is a function of (seed, epoch), so the
 position is all that needs saving).
+
+Several processes (DDP) when `torchrun` or `accelerate launch` starts it (see
+`voxtune.train.distributed`):
+
+    torchrun --nproc_per_node 4 -m voxtune.cli train recipes/quickstart.yaml
+
+Every process draws the same batches and trains on every `world`-th one, so a step's global
+batch is the union of the processes' micro-batches; the loss is normalised by the step's
+trained tokens over all processes, so the update equals the one a single process makes with
+`train.grad_accum` times `world` micro-batches. Rank 0 logs, evaluates and checkpoints, and
+checkpoints move freely between runs with different numbers of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -22,7 +34,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
 
 from voxtune.data.augment import Augmenter
 from voxtune.data.dataset import LengthBucketSampler, SpeechDataset, collator
@@ -30,6 +42,8 @@ from voxtune.data.manifest import read_manifest
 from voxtune.errors import InputError
 from voxtune.files import atomic_directory, write_atomic
 from voxtune.model import SpeechLM
+from voxtune.model.processor import Example
+from voxtune.train import distributed
 from voxtune.train.feature_cache import EncoderFeatureCache, encoder_fingerprint, with_cached_audio
 from voxtune.train.losses import chunked_cross_entropy
 from voxtune.train.recipe import ModelSection, TrainRecipe, TrainSection
@@ -107,7 +121,36 @@ def compute_loss(model: SpeechLM, batch: dict[str, Any], chunk_tokens: int) -> t
     loss = chunked_cross_entropy(
         hidden, head.weight, labels, chunk_tokens=chunk_tokens, lm_head_bias=head.bias, logit_softcap=softcap
     )
-    return loss, int((labels[:, 1:] != -100).sum())
+    return loss, trained_tokens(batch)
+
+
+def trained_tokens(batch: dict[str, Any]) -> int:
+    """How many tokens of `batch` the loss is over (known before the forward pass)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+class BatchLoss(torch.nn.Module):
+    """The training forward as one module: a collated batch -> its mean next-token loss.
+
+    DistributedDataParallel only syncs gradients of weights used inside the `forward` it wraps,
+    so everything that touches trainable weights happens here: the projection of cached encoder
+    outputs as well as the decoder (`compute_loss` calls the decoder, not `SpeechLM.forward`).
+    """
+
+    def __init__(self, model: SpeechLM, cache: EncoderFeatureCache | None, chunk_tokens: int, *, bf16: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.cache = cache
+        self.chunk_tokens = chunk_tokens
+        self.bf16 = bf16
+
+    def forward(self, batch: dict[str, Any], examples: list[Example]) -> torch.Tensor:
+        if self.cache is not None:
+            # In full precision: what goes into the cache must not depend on the recipe's precision.
+            batch = with_cached_audio(batch, self.model, examples, self.cache)
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, _ = compute_loss(self.model, batch, self.chunk_tokens)
+        return loss
 
 
 def _schedule(recipe: TrainRecipe) -> Callable[[int], float]:
@@ -123,21 +166,37 @@ def _schedule(recipe: TrainRecipe) -> Callable[[int], float]:
 
 
 class Trainer:
-    """One training run of a recipe. `fit()` trains to `train.max_steps`."""
+    """One training run of a recipe. `fit()` trains to `train.max_steps`.
+
+    Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each process makes its own Trainer;
+    they join the process group here and leave it when `fit()` ends.
+    """
 
     def __init__(self, recipe: TrainRecipe, *, log: Callable[[str], None] = print) -> None:
+        unsupported = distributed.unsupported_launch()
+        if unsupported:
+            raise TrainError(unsupported)
+        self.procs = distributed.start()
         self.recipe = recipe
-        self.log = log
+        self.log = log if self.procs.main else _quiet
+        for note in distributed.ignored_launch_settings():
+            self.log(note)
         self.out = Path(recipe.output.dir)
         torch.manual_seed(recipe.train.seed)
         self.model = build_model(recipe.model)
         self.params = prepare_trainable(self.model, recipe.train)
+        self.model.to(self.procs.device)
         self.model.train()
+        if self.procs.world > 1:
+            # The weights are the same everywhere (and DDP copies rank 0's); dropout should not be.
+            torch.manual_seed(recipe.train.seed + self.procs.rank)
         if recipe.train.grad_checkpointing:
             # Non-reentrant: the inputs are embeddings, not leaves that require grad.
             self.model.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.cache = self._encoder_cache()
-        self._make_corpus()
+        if self.procs.main:
+            self._make_corpus()
+        self.procs.barrier()  # the others wait for the corpus
         self.train_data = self._dataset(recipe.data.train, recipe.data.augment)
         self.valid_data = self._dataset(recipe.data.valid, None) if recipe.data.valid else None
         self.sampler = LengthBucketSampler(
@@ -181,72 +240,112 @@ class Trainer:
 
     # ---- data ---------------------------------------------------------------------------------
 
-    def _batches(self) -> Iterator[dict[str, Any]]:
-        """Batches from the current position on, epoch after epoch."""
-        collate = collator(self.model.processor, pack=self.recipe.train.pack)
+    def _stream(self) -> Iterator[tuple[int, list[int]]]:
+        """(epoch, example indices) of every batch from the current position on, epoch after
+        epoch: the same on every process. The position counts each batch as it is drawn."""
         while True:
-            self.train_data.set_epoch(self.state.epoch)
             self.sampler.set_epoch(self.state.epoch)
-            batches = self.sampler.batches()[self.state.batch_in_epoch :]
-            for indices in batches:
+            for indices in self.sampler.batches()[self.state.batch_in_epoch :]:
                 self.state.batch_in_epoch += 1
-                items = [self.train_data[i] for i in indices]
-                batch = collate(items)
-                yield with_cached_audio(batch, self.model, items, self.cache) if self.cache is not None else batch
+                yield self.state.epoch, indices
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
+
+    def _batches(self) -> Iterator[tuple[dict[str, Any], list[Example]]]:
+        """This process's micro-batches (collated, and the examples in them): of every `world`
+        batches drawn, the one at this process's rank. One process takes them all."""
+        collate = collator(self.model.processor, pack=self.recipe.train.pack)
+        stream = self._stream()
+        while True:
+            drawn = [next(stream) for _ in range(self.procs.world)]
+            epoch, indices = drawn[self.procs.rank]
+            self.train_data.set_epoch(epoch)
+            examples = [self.train_data[i] for i in indices]
+            yield collate(examples), examples
 
     # ---- loop ---------------------------------------------------------------------------------
 
     def fit(self, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
         """Train to `train.max_steps`, or stop (with a checkpoint) once `stop_after` steps are
         done, to go on later with `resume`; returns the last logged record."""
+        if self.procs.world > 1 and not self.procs.active:  # a second fit: join again
+            self.procs = distributed.start()
+        try:
+            return self._fit(resume, stop_after)
+        finally:
+            if self._board is not None:
+                self._board.close()  # the writer works in the background: finish the file now
+                self._board = None
+            self.procs.close()
+
+    def _fit(self, resume: bool, stop_after: int | None) -> dict[str, Any]:
         if resume:
             self._resume()
         train, started = self.recipe.train, time.perf_counter()
+        batch_loss = self._batch_loss()
         batches = self._batches()
         record: dict[str, Any] = {}
         tokens = audio_seconds = 0.0
         while self.state.step < train.max_steps:
             self.optimizer.zero_grad(set_to_none=True)
-            losses, counts = [], []
-            for _ in range(train.grad_accum):
-                batch = next(batches)
-                with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16-autocast"):
-                    loss, count = compute_loss(self.model, batch, train.chunk_tokens)
-                (loss * count).backward()  # summed, then divided by all tokens of the step
-                losses.append(loss.detach().item() * count)
-                counts.append(count)
-                tokens += count
-                audio_seconds += sum(clip.duration for clip in batch["clips"])
-            total = max(1, sum(counts))
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad /= total
-            if self.recipe.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, self.recipe.optim.grad_clip)
+            micro = [next(batches) for _ in range(train.grad_accum)]
+            counts = [trained_tokens(batch) for batch, _ in micro]
+            seconds = sum(clip.duration for batch, _ in micro for clip in batch["clips"])
+            total, seconds = self.procs.all_sum([sum(counts), seconds])
+            loss_sum = 0.0
+            for i, ((batch, examples), count) in enumerate(zip(micro, counts)):
+                # This micro-batch's share of the mean over all the step's tokens (all processes);
+                # DDP averages the processes' gradients, hence `world`.
+                weight = count * self.procs.world / max(1.0, total)
+                loss_sum += self._backward(batch_loss, batch, examples, weight, sync=i == len(micro) - 1) * count
+            (loss_sum,) = self.procs.all_sum([loss_sum])
+            tokens, audio_seconds = tokens + total, audio_seconds + seconds
+            # The norm before clipping (the same on every process): logged, since it shows how
+            # hard clipping works, and it checks that the gradients are scaled right.
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.recipe.optim.grad_clip or math.inf)
             self.optimizer.step()
             self.scheduler.step()
             self.state.step += 1
             elapsed = time.perf_counter() - started
             record = {
-                "step": self.state.step, "loss": sum(losses) / total, "lr": self.scheduler.get_last_lr()[0],
-                "epoch": self.state.epoch, "tokens_per_s": tokens / elapsed, "audio_s_per_s": audio_seconds / elapsed,
+                "step": self.state.step, "loss": loss_sum / max(1.0, total), "grad_norm": float(grad_norm),
+                "lr": self.scheduler.get_last_lr()[0], "epoch": self.state.epoch,
+                "tokens_per_s": tokens / elapsed, "audio_s_per_s": audio_seconds / elapsed,
             }  # fmt: skip
             self._log(record, every=train.log_every)
             if self.valid_data is not None and self.state.step % self.recipe.eval.every == 0:
-                self._log({"step": self.state.step, **self.evaluate()}, every=1)
+                self._evaluate_and_log()
             stopping = stop_after is not None and self.state.step >= stop_after
             if self.state.step % self.recipe.output.save_every == 0 or self.state.step == train.max_steps or stopping:
                 self.save_checkpoint()
             if stopping:
                 break
-        if self._board is not None:
-            self._board.close()  # the writer works in the background: finish the file now
-            self._board = None
         return record
 
+    def _batch_loss(self) -> torch.nn.Module:
+        """The module the loop calls: `BatchLoss`, inside DDP when there are several processes."""
+        train = self.recipe.train
+        module = BatchLoss(self.model, self.cache, train.chunk_tokens, bf16=train.precision == "bf16-autocast")
+        if not self.procs.active:
+            return module
+        # No device_ids: the model moves its inputs itself, and the batch holds more than tensors.
+        return DistributedDataParallel(module, find_unused_parameters=False)
+
+    def _backward(
+        self, batch_loss: torch.nn.Module, batch: dict[str, Any], examples: list[Example], weight: float, *, sync: bool
+    ) -> float:
+        """Forward and backward of one micro-batch, its loss scaled by `weight`; gradients are
+        synced between processes only when `sync` (the step's last micro-batch). Returns the
+        unscaled loss."""
+        accumulate = not sync and isinstance(batch_loss, DistributedDataParallel)
+        with batch_loss.no_sync() if accumulate else contextlib.nullcontext():
+            loss = batch_loss(batch, examples)
+            (loss * weight).backward()
+        return loss.detach().item()
+
     def _log(self, record: dict[str, Any], *, every: int) -> None:
+        if not self.procs.main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / LOG_FILE, "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
@@ -260,6 +359,12 @@ class Trainer:
         self._board.flush()
         if record["step"] % every == 0:
             self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def _evaluate_and_log(self) -> None:
+        """Evaluate on rank 0 while the other processes wait."""
+        if self.procs.main:
+            self._log({"step": self.state.step, **self.evaluate()}, every=1)
+        self.procs.barrier()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -285,18 +390,25 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write the trainable weights, optimizer, schedule, RNG and data position atomically."""
+        """Write the trainable weights, optimizer, schedule, RNG and data position atomically.
+
+        Rank 0 writes (the weights and optimizer are the same on every process); every process
+        returns once the checkpoint is there.
+        """
         target = self.out / CHECKPOINTS / f"step-{self.state.step:07d}"
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        with atomic_directory(target) as staging:
-            save_file({names[id(p)]: p.detach().contiguous().cpu() for p in self.params}, staging / "trainable.safetensors")
-            torch.save(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()},
-                staging / "optimizer.pt",
-            )  # fmt: skip
-            (staging / "state.json").write_text(json.dumps(asdict(self.state)))
-        for old in sorted((self.out / CHECKPOINTS).glob("step-*"))[: -self.recipe.output.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        rngs = self.procs.all_gather(torch.get_rng_state())  # each process's, for dropout after resume
+        if self.procs.main:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rngs[0]}
+            if self.procs.world > 1:
+                extra["rng_per_process"] = rngs
+            with atomic_directory(target) as staging:
+                save_file({names[id(p)]: p.detach().contiguous().cpu() for p in self.params}, staging / "trainable.safetensors")
+                torch.save(extra, staging / "optimizer.pt")
+                (staging / "state.json").write_text(json.dumps(asdict(self.state)))
+            for old in sorted((self.out / CHECKPOINTS).glob("step-*"))[: -self.recipe.output.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.procs.barrier()
         return target
 
     def _resume(self) -> None:
@@ -312,21 +424,26 @@ class Trainer:
         with torch.no_grad():
             for name, tensor in weights.items():
                 named[name].copy_(tensor)
-        extra = torch.load(latest / "optimizer.pt", weights_only=True)
+        extra = torch.load(latest / "optimizer.pt", weights_only=True, map_location="cpu")  # the optimizer moves its state
         self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["rng"])
+        rngs = extra.get("rng_per_process")
+        # A checkpoint of as many processes gives each its own RNG back; otherwise rank 0's.
+        torch.set_rng_state(rngs[self.procs.rank] if rngs and len(rngs) == self.procs.world else extra["rng"])
         self.state = TrainState(**json.loads((latest / "state.json").read_text()))
         # Steps logged after this checkpoint will be run again: drop their records.
         log = self.out / LOG_FILE
-        if log.exists():
+        if self.procs.main and log.exists():
             kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
             write_atomic(log, "".join(line + "\n" for line in kept).encode())
         self.log(f"resumed from {latest} (step {self.state.step})")
 
     def export(self) -> Path:
         """Write the trained model to `<output>/model` (LoRA merged in) and, for LoRA, the
-        adapters alone to `<output>/adapter` (standard peft format)."""
+        adapters alone to `<output>/adapter` (standard peft format). Rank 0 writes; the other
+        processes only return the path."""
+        if not self.procs.main:
+            return self.out / "model"
         model = self.model
         if hasattr(model.lm, "merge_and_unload"):
             model.lm.save_pretrained(self.out / "adapter")
@@ -334,3 +451,7 @@ class Trainer:
         model.eval()
         model.save_pretrained(self.out / "model")
         return self.out / "model"
+
+
+def _quiet(message: str) -> None:
+    """The log of processes other than rank 0."""

@@ -1,0 +1,131 @@
+"""Two processes (torchrun, Gloo on the CPU) train exactly as one with the same global batch.
+
+    .venv/bin/python -m pytest -q tests/train/test_distributed.py
+
+The two-process runs go through the real entry point: `python -m torch.distributed.run
+--nproc_per_node 2 -m voxtune.cli train recipe.yaml`. One process with `train.grad_accum=2`
+sees the same two micro-batches per step as two processes with one each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from voxtune.config import dump_config, load_config
+from voxtune.data.synth import SynthRecipe, synthesize_corpus
+from voxtune.train.recipe import TrainRecipe
+from voxtune.train.trainer import Trainer, TrainError
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    synthesize_corpus(SynthRecipe(clips=16, languages=["en", "de"], splits={"train": 0.75, "test": 0.25}, seed=2), out)
+    return out
+
+
+def _recipe(corpus, run_dir, *overrides: str) -> TrainRecipe:
+    base = {
+        "model": {"tiny": {"lm": "llama", "encoder": "streaming", "hidden": 32}},
+        "data": {"train": [str(corpus / "train.jsonl")], "valid": [str(corpus / "test.jsonl")],
+                 "mixture": {"transcribe": 1, "describe": 1}},
+        "train": {"max_steps": STEPS, "max_tokens": 1500, "log_every": 100},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "eval": {"every": 2, "limit": 2, "max_new_tokens": 4},
+        "output": {"dir": str(run_dir), "save_every": 2, "keep": 2},
+    }  # fmt: skip
+    return load_config(TrainRecipe, base, list(overrides))
+
+
+def _torchrun(recipe: TrainRecipe, tmp_path, *args: str) -> None:
+    """`voxtune train` in two processes on this machine."""
+    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
+    path.write_text(dump_config(recipe))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "voxtune.cli", "train", str(path), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def _curve(run_dir) -> list[tuple[int, str, float]]:
+    """(step, what, value) of every logged loss and gradient norm (before clipping)."""
+    return [(r["step"], key, r[key]) for r in _records(run_dir) for key in ("loss", "grad_norm", "eval_loss") if key in r]
+
+
+def _weights(run_dir, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step-{step:07d}" / "trainable.safetensors")
+
+
+def _assert_same_run(got_dir, expected_dir, *, from_step: int = 0) -> None:
+    got = [c for c in _curve(got_dir) if c[0] > from_step]
+    expected = [c for c in _curve(expected_dir) if c[0] > from_step]
+    assert [c[:2] for c in got] == [c[:2] for c in expected]  # one record each: only rank 0 logs
+    assert [c[2] for c in got] == pytest.approx([c[2] for c in expected], rel=1e-5)
+    got_weights, expected_weights = _weights(got_dir, STEPS), _weights(expected_dir, STEPS)
+    assert sorted(got_weights) == sorted(expected_weights)
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(got_weights[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_train_as_one_with_the_same_global_batch(corpus, tmp_path, method):
+    one = Trainer(_recipe(corpus, tmp_path / "one", f"train.method={method}", "train.grad_accum=2"), log=lambda _: None)
+    one.fit()
+    _torchrun(_recipe(corpus, tmp_path / "two", f"train.method={method}", "train.grad_accum=1"), tmp_path)
+
+    assert len([c for c in _curve(tmp_path / "two") if c[1] == "loss"]) == STEPS
+    _assert_same_run(tmp_path / "two", tmp_path / "one")
+    # Both stopped at the same place in the data, and rank 0 alone exported the model.
+    assert (tmp_path / "two" / "checkpoints" / "step-0000002" / "state.json").read_text() == (
+        tmp_path / "one" / "checkpoints" / "step-0000002" / "state.json"
+    ).read_text()
+    assert (tmp_path / "two" / "model").is_dir()
+    assert (tmp_path / "two" / "adapter").is_dir() == (method == "lora")
+
+    # A checkpoint of two processes goes on in one: the same steps 3 and 4.
+    later = shutil.ignore_patterns(f"step-{STEPS:07d}", "model", "adapter")
+    shutil.copytree(tmp_path / "two", tmp_path / "two-then-one", ignore=later)
+    recipe = _recipe(corpus, tmp_path / "two-then-one", f"train.method={method}", "train.grad_accum=2")
+    Trainer(recipe, log=lambda _: None).fit(resume=True)
+    _assert_same_run(tmp_path / "two-then-one", tmp_path / "one", from_step=2)
+
+
+def test_one_process_checkpoint_goes_on_in_two(corpus, tmp_path):
+    one = Trainer(_recipe(corpus, tmp_path / "one", "train.grad_accum=2"), log=lambda _: None)
+    one.fit()
+    shutil.copytree(tmp_path / "one", tmp_path / "one-then-two", ignore=shutil.ignore_patterns(f"step-{STEPS:07d}"))
+    _torchrun(_recipe(corpus, tmp_path / "one-then-two", "train.grad_accum=1"), tmp_path, "--resume")
+    _assert_same_run(tmp_path / "one-then-two", tmp_path / "one", from_step=2)
+    assert [c[:2] for c in _curve(tmp_path / "one-then-two") if c[1] != "grad_norm"] == [
+        (1, "loss"), (2, "loss"), (2, "eval_loss"), (3, "loss"), (4, "loss"), (4, "eval_loss")
+    ]  # nothing logged twice
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_a_sharding_launcher_is_refused_not_ignored(corpus, tmp_path, monkeypatch, variable):
+    monkeypatch.setenv(variable, "true")  # what `accelerate launch` with an FSDP/DeepSpeed config sets
+    with pytest.raises(TrainError, match="does not implement yet"):
+        Trainer(_recipe(corpus, tmp_path), log=lambda _: None)

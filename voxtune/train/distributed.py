@@ -1,0 +1,126 @@
+"""Several training processes, as `torchrun` or `accelerate launch` start them (DDP).
+
+    torchrun --nproc_per_node 2 -m voxtune.cli train recipes/quickstart.yaml
+    accelerate launch --config_file docs/accelerate/ddp.yaml -m voxtune.cli train recipes/quickstart.yaml
+
+Both launchers set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for each process.
+`start()` reads them: with WORLD_SIZE > 1 it joins the process group (NCCL on CUDA, Gloo on the
+CPU); without them it is one process and touches nothing. Importing this module does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Processes", "ignored_launch_settings", "start", "unsupported_launch"]
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the training processes (one process: rank 0 of 1).
+
+    Attributes:
+        rank: this process's index, 0 .. world - 1; rank 0 logs, evaluates and checkpoints.
+        world: how many processes train together.
+        local_rank: the index on this machine, which picks the GPU.
+        owns_group: whether `start()` made the process group (and `close()` ends it).
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        """Whether this is the process that logs, evaluates and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where this process trains: its GPU when there are GPUs, else the CPU."""
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    @property
+    def active(self) -> bool:
+        """Whether there are other processes to talk to right now."""
+        return self.world > 1 and dist.is_initialized()
+
+    def barrier(self) -> None:
+        """Wait for every process (nothing to wait for with one)."""
+        if self.active:
+            dist.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the processes (float64, so token counts stay exact)."""
+        if not self.active:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every process's `value` (any picklable object), in rank order."""
+        if not self.active:
+            return [value]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def close(self) -> None:
+        """End the process group if `start()` made it."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def start() -> Processes:
+    """Join the training processes the launcher started, or be the only one.
+
+    With WORLD_SIZE > 1 (torchrun, accelerate launch) this initialises torch.distributed from
+    the environment unless it already is (then the caller's group is used, and left alone).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Processes()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return Processes(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group("gloo")
+    return Processes(rank=rank, world=world, local_rank=local_rank, owns_group=True)
+
+
+def unsupported_launch() -> str | None:
+    """Why the launcher's settings cannot be honoured, or None when they can.
+
+    `accelerate launch` with an FSDP or DeepSpeed config only sets environment variables that
+    `accelerate.Accelerator` reads; this trainer runs DDP itself, so it would quietly keep a
+    whole replica of the model and its optimizer on every GPU instead of sharding them.
+    """
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true":
+            return (
+                f"the launcher asks for {name}, which voxtune's trainer does not implement yet (it runs DDP: "
+                "every process holds the whole model); launch with docs/accelerate/ddp.yaml or torchrun"
+            )
+    return None
+
+
+def ignored_launch_settings() -> list[str]:
+    """Launcher settings this trainer does not follow (the recipe decides them instead)."""
+    notes = []
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision != "no":
+        notes.append(f"the launcher's mixed_precision={precision} is ignored: the recipe's train.precision decides")
+    return notes
