@@ -20,32 +20,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from voxtune.config import dump_config, load_config
-from voxtune.data.synth import SynthRecipe, synthesize_corpus
+from voxtune.config import dump_config
 from voxtune.train.recipe import TrainRecipe
 from voxtune.train.trainer import Trainer, TrainError
 
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus")
-    synthesize_corpus(SynthRecipe(clips=16, languages=["en", "de"], splits={"train": 0.75, "test": 0.25}, seed=2), out)
-    return out
-
-
-def _recipe(corpus, run_dir, *overrides: str) -> TrainRecipe:
-    base = {
-        "model": {"tiny": {"lm": "llama", "encoder": "streaming", "hidden": 32}},
-        "data": {"train": [str(corpus / "train.jsonl")], "valid": [str(corpus / "test.jsonl")],
-                 "mixture": {"transcribe": 1, "describe": 1}},
-        "train": {"max_steps": STEPS, "max_tokens": 1500, "log_every": 100},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "eval": {"every": 2, "limit": 2, "max_new_tokens": 4},
-        "output": {"dir": str(run_dir), "save_every": 2, "keep": 2},
-    }  # fmt: skip
-    return load_config(TrainRecipe, base, list(overrides))
+@pytest.fixture
+def _recipe(tiny_recipe):
+    """`_recipe(corpus, run_dir, *overrides)`: the shared tiny recipe, 4 steps, evaluated and
+    checkpointed every 2."""
+    return lambda corpus, run_dir, *overrides: tiny_recipe(
+        run_dir, f"train.max_steps={STEPS}", "eval.every=2", "output.save_every=2", "output.keep=2", *overrides
+    )
 
 
 def _torchrun(recipe: TrainRecipe, tmp_path, *args: str) -> None:
@@ -91,7 +79,7 @@ def _assert_same_run(got_dir, expected_dir, *, from_step: int = 0) -> None:
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_two_processes_train_as_one_with_the_same_global_batch(corpus, tmp_path, method):
+def test_two_processes_train_as_one_with_the_same_global_batch(corpus, tmp_path, method, _recipe):
     one = Trainer(_recipe(corpus, tmp_path / "one", f"train.method={method}", "train.grad_accum=2"), log=lambda _: None)
     one.fit()
     _torchrun(_recipe(corpus, tmp_path / "two", f"train.method={method}", "train.grad_accum=1"), tmp_path)
@@ -113,7 +101,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(corpus, tmp_path,
     _assert_same_run(tmp_path / "two-then-one", tmp_path / "one", from_step=2)
 
 
-def test_one_process_checkpoint_goes_on_in_two(corpus, tmp_path):
+def test_one_process_checkpoint_goes_on_in_two(corpus, tmp_path, _recipe):
     one = Trainer(_recipe(corpus, tmp_path / "one", "train.grad_accum=2"), log=lambda _: None)
     one.fit()
     shutil.copytree(tmp_path / "one", tmp_path / "one-then-two", ignore=shutil.ignore_patterns(f"step-{STEPS:07d}"))
@@ -125,7 +113,7 @@ def test_one_process_checkpoint_goes_on_in_two(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_a_sharding_launcher_is_refused_not_ignored(corpus, tmp_path, monkeypatch, variable):
+def test_a_sharding_launcher_is_refused_not_ignored(corpus, tmp_path, monkeypatch, variable, _recipe):
     monkeypatch.setenv(variable, "true")  # what `accelerate launch` with an FSDP/DeepSpeed config sets
     with pytest.raises(TrainError, match="does not implement yet"):
         Trainer(_recipe(corpus, tmp_path), log=lambda _: None)

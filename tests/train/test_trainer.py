@@ -8,30 +8,13 @@ import pytest
 import torch
 
 import voxtune
-from voxtune.config import load_config
-from voxtune.data.synth import SynthRecipe, synthesize_corpus
-from voxtune.train.recipe import TrainRecipe
 from voxtune.train.trainer import Trainer, TrainError
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus")
-    synthesize_corpus(SynthRecipe(clips=16, languages=["en", "de"], splits={"train": 0.75, "test": 0.25}, seed=2), out)
-    return out
-
-
-def _recipe(corpus, tmp_path, *overrides: str) -> TrainRecipe:
-    base = {
-        "model": {"tiny": {"lm": "llama", "encoder": "streaming", "hidden": 32}},
-        "data": {"train": [str(corpus / "train.jsonl")], "valid": [str(corpus / "test.jsonl")],
-                 "mixture": {"transcribe": 1, "describe": 1}},
-        "train": {"max_steps": 6, "max_tokens": 1500, "log_every": 100},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "eval": {"every": 100, "limit": 2, "max_new_tokens": 4},
-        "output": {"dir": str(tmp_path / "run"), "save_every": 100},
-    }  # fmt: skip
-    return load_config(TrainRecipe, base, list(overrides))
+@pytest.fixture
+def _recipe(tiny_recipe):
+    """`_recipe(corpus, tmp_path, *overrides)`: the shared tiny recipe writing to tmp_path/run."""
+    return lambda corpus, tmp_path, *overrides: tiny_recipe(tmp_path / "run", *overrides)
 
 
 def _losses(run_dir) -> list[float]:
@@ -39,7 +22,7 @@ def _losses(run_dir) -> list[float]:
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_a_resumed_run_follows_the_uninterrupted_curve(corpus, tmp_path, method):
+def test_a_resumed_run_follows_the_uninterrupted_curve(corpus, tmp_path, method, _recipe):
     whole = Trainer(_recipe(corpus, tmp_path / "a", f"train.method={method}"), log=lambda _: None)
     whole.fit()
     interrupted = Trainer(_recipe(corpus, tmp_path / "b", f"train.method={method}"), log=lambda _: None)
@@ -52,7 +35,7 @@ def test_a_resumed_run_follows_the_uninterrupted_curve(corpus, tmp_path, method)
     assert got == pytest.approx(expected, rel=1e-5)
 
 
-def test_lora_trains_adapters_and_projector_only_and_exports_merged(corpus, tmp_path):
+def test_lora_trains_adapters_and_projector_only_and_exports_merged(corpus, tmp_path, _recipe):
     trainer = Trainer(_recipe(corpus, tmp_path, "train.max_steps=3"), log=lambda _: None)
     names = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert names and all("lora_" in n or n.startswith("projector.") for n in names)
@@ -66,7 +49,7 @@ def test_lora_trains_adapters_and_projector_only_and_exports_merged(corpus, tmp_
     assert isinstance(loaded.generate([{"role": "user", "content": "hi"}], max_new_tokens=3), str)
 
 
-def test_projector_only_leaves_the_lm_alone(corpus, tmp_path):
+def test_projector_only_leaves_the_lm_alone(corpus, tmp_path, _recipe):
     trainer = Trainer(_recipe(corpus, tmp_path, "train.method=projector", "train.max_steps=2"), log=lambda _: None)
     lm_before = {k: v.clone() for k, v in trainer.model.lm.state_dict().items()}
     projector_before = trainer.model.projector.down.weight.clone()
@@ -75,7 +58,7 @@ def test_projector_only_leaves_the_lm_alone(corpus, tmp_path):
     assert not torch.equal(projector_before, trainer.model.projector.down.weight)
 
 
-def test_loss_falls_and_evaluation_reports_wer(corpus, tmp_path):
+def test_loss_falls_and_evaluation_reports_wer(corpus, tmp_path, _recipe):
     trainer = Trainer(_recipe(corpus, tmp_path, "train.max_steps=30", "train.method=full", "eval.every=30"), log=lambda _: None)
     trainer.fit()
     losses = _losses(tmp_path / "run")
@@ -90,14 +73,14 @@ def test_loss_falls_and_evaluation_reports_wer(corpus, tmp_path):
     assert "eval_loss" in scalars and "wer" in scalars, sorted(scalars)
 
 
-def test_bad_recipes_and_resume_without_checkpoints(corpus, tmp_path):
+def test_bad_recipes_and_resume_without_checkpoints(corpus, tmp_path, _recipe):
     with pytest.raises(TrainError, match="no modules named"):
         Trainer(_recipe(corpus, tmp_path, "train.lora.targets=[nope]"), log=lambda _: None)
     with pytest.raises(TrainError, match="nothing to resume"):
         Trainer(_recipe(corpus, tmp_path), log=lambda _: None).fit(resume=True)
 
 
-def test_the_encoder_cache_changes_nothing_but_skips_the_encoder(corpus, tmp_path):
+def test_the_encoder_cache_changes_nothing_but_skips_the_encoder(corpus, tmp_path, _recipe):
     plain = Trainer(_recipe(corpus, tmp_path / "plain", "train.cache_encoder=false"), log=lambda _: None)
     plain.fit()
     cached = Trainer(_recipe(corpus, tmp_path / "cached"), log=lambda _: None)
@@ -111,12 +94,12 @@ def test_the_encoder_cache_changes_nothing_but_skips_the_encoder(corpus, tmp_pat
     assert len(calls) < epochs * len(cached.sampler)  # fewer encoder runs than batches
 
 
-def test_cache_is_off_when_the_encoder_trains_or_audio_changes(corpus, tmp_path):
+def test_cache_is_off_when_the_encoder_trains_or_audio_changes(corpus, tmp_path, _recipe):
     assert Trainer(_recipe(corpus, tmp_path, "train.method=full", "train.train_encoder=true"), log=lambda _: None).cache is None
     assert Trainer(_recipe(corpus, tmp_path, "data.augment={noise_prob: 0.5}"), log=lambda _: None).cache is None
 
 
-def test_checkpointing_and_bf16_autocast_train_as_well(corpus, tmp_path):
+def test_checkpointing_and_bf16_autocast_train_as_well(corpus, tmp_path, _recipe):
     reference = Trainer(_recipe(corpus, tmp_path / "ref", "train.max_steps=3"), log=lambda _: None)
     reference.fit()
     recomputed = Trainer(_recipe(corpus, tmp_path / "ckpt", "train.max_steps=3", "train.grad_checkpointing=true"), log=lambda _: None)
