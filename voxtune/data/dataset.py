@@ -16,12 +16,12 @@ import soundfile as sf
 from torch.utils.data import Dataset, Sampler
 
 from voxtune.audio import Audio, AudioError, load
+from voxtune.audio.features import SAMPLE_RATE
 from voxtune.data.augment import Augmenter
 from voxtune.data.example import Segment, SpeechExample
 from voxtune.data.tasks import choose_task, make_conversation
 from voxtune.model.processor import Example, SpeechProcessor
 
-SAMPLE_RATE = 16000
 
 
 class SpeechDataset(Dataset):
@@ -62,8 +62,7 @@ class SpeechDataset(Dataset):
     def __getitem__(self, index: int) -> Example:
         source = self.examples[index]
         draw = (self.seed, self.epoch, index)
-        audio = source.audio if isinstance(source.audio, Audio) else load(source.audio, SAMPLE_RATE)
-        audio = audio.resample(SAMPLE_RATE)
+        audio = load(source.audio, SAMPLE_RATE)  # paths, bytes and Audio alike, at 16 kHz
         info: dict[str, Any] = {"index": index}
         segments = source.segments
         if self.augmenter is not None:

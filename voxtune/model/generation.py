@@ -7,6 +7,7 @@ a batch.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -190,7 +191,7 @@ def stream_one(model, messages: Sequence[dict], params: SamplingParams) -> Itera
 
     def pieces() -> Iterator[str]:
         sent = ""
-        for (row,) in _chain(first, steps):
+        for (row,) in itertools.chain([first], steps):
             settled = row.settled_text()
             if len(settled) > len(sent) and settled.startswith(sent):
                 yield settled[len(sent) :]
@@ -198,7 +199,3 @@ def stream_one(model, messages: Sequence[dict], params: SamplingParams) -> Itera
 
     return pieces()
 
-
-def _chain(first, rest):
-    yield first
-    yield from rest

@@ -16,12 +16,11 @@ import torch
 from jinja2 import TemplateError
 
 from voxtune.audio import Audio, AudioError, AudioTooLongError, load
-from voxtune.audio.features import MIN_SAMPLES, log_mel_batch
+from voxtune.audio.features import MIN_SAMPLES, SAMPLE_RATE, log_mel_batch
 from voxtune.errors import InputError
 from voxtune.tags import AUDIO_TOKEN
 
 IGNORE_INDEX = -100  # label value the loss skips
-SAMPLE_RATE = 16000
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from voxtune.audio import Audio
 from voxtune.audio.features import HOP_LENGTH, SAMPLE_RATE, log_mel_batch
 from voxtune.model.processor import AudioEmbedding, MessageError, SpeechProcessor
 from voxtune.model.projector import Projector
