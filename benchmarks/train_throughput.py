@@ -20,13 +20,13 @@ configuration in a fresh process of its own:
   encoder's outputs cached on disk (epoch 1 fills the cache, later epochs read it), chunked
   cross-entropy. Its per-step log record, TensorBoard scalars and final checkpoint are part
   of the timed run, as they are part of `fit`.
-- ablations: voxtune with one speed feature off at a time: packing (`train.pack=false`:
-  padded batches, still length-bucketed: the bucketing has no switch), the encoder cache
-  (`train.cache_encoder=false`), chunking of the cross-entropy (`train.chunk_tokens` larger
-  than any batch: one chunk, still over the scored rows only, so it measures the chunking
-  alone) and the chunked cross-entropy as a whole (the trainer has no switch for it; this
-  script swaps `voxtune.train.trainer.compute_loss` for the LM's own loss on full logits, as
-  the baseline computes it).
+- ablations: voxtune with one speed feature off at a time, each through its recipe switch:
+  packing (`train.pack=false`: padded batches, still length-bucketed), length bucketing
+  (`train.bucket=false`: random batches), the encoder cache (`train.cache_encoder=false`),
+  chunking of the cross-entropy (`train.chunk_tokens` larger than any batch: one chunk, still
+  over the scored rows only, so it measures the chunking alone), the chunked cross-entropy as
+  a whole (`train.chunked_loss=false`: the LM's own loss on full logits, as the baseline
+  computes it) and the background batch preparation (`train.prefetch=0`).
 
 Each configuration trains `--epochs` epochs; an epoch is every training example once. What the
 table shows:
@@ -80,14 +80,16 @@ from typing import Any
 import torch
 
 # What each configuration is: (label, recipe overrides of voxtune's `train` section, or None
-# for the transformers baseline). "full_logits" also swaps the loss, see `run_voxtune`.
+# for the transformers baseline).
 CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "baseline": ("transformers.Trainer + peft", None),
     "voxtune": ("voxtune (all on)", {}),
     "no_pack": ("voxtune, pack off", {"pack": False}),
     "no_cache": ("voxtune, encoder cache off", {"cache_encoder": False}),
     "one_chunk": ("voxtune, CE in one chunk", {"chunk_tokens": 10**9}),
-    "full_logits": ("voxtune, full-logits CE", {}),
+    "full_logits": ("voxtune, full-logits CE", {"chunked_loss": False}),
+    "no_bucket": ("voxtune, length buckets off", {"bucket": False}),
+    "no_prefetch": ("voxtune, prefetch off", {"prefetch": 0}),
 }
 LANGUAGES = ["en", "de", "fr", "es", "ru", "zh"]
 MIXTURE = {"transcribe": 2.0, "language": 1.0, "describe": 1.0, "answer": 1.0}
@@ -278,14 +280,14 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_voxtune(args: argparse.Namespace, name: str, batching: dict[str, Any]) -> dict[str, Any]:
     """voxtune's Trainer with the speed features of `name` on."""
-    import voxtune.train.trainer as trainer_module
     from voxtune.config import load_config
     from voxtune.train.recipe import TrainRecipe
+    from voxtune.train.trainer import Trainer
 
     train = {
         "method": "lora", "lora": {"r": LORA_R, "alpha": LORA_ALPHA}, "max_steps": batching["max_steps"],
         "max_tokens": batching["max_tokens"], "max_batch": args.batch, "pack": True, "cache_encoder": True,
-        "chunk_tokens": 1024, "seed": SEED, "log_every": 10**6, **CONFIGS[name][1],
+        "chunk_tokens": 1024, "seed": SEED, "log_every": 10**6, "progress": False, **CONFIGS[name][1],
     }  # fmt: skip
     recipe = load_config(TrainRecipe, {
         "model": {"load": str(args.work / "model")},
@@ -295,39 +297,23 @@ def run_voxtune(args: argparse.Namespace, name: str, batching: dict[str, Any]) -
                   "grad_clip": 1.0},
         "output": {"dir": str(args.work / name), "save_every": 10**6},
     })  # fmt: skip
-    if name == "full_logits":
-        # No switch for it in the trainer: the loss becomes the LM's own, over full logits.
-        def full_logits_loss(model: Any, batch: dict[str, Any], chunk_tokens: int) -> tuple[torch.Tensor, int]:
-            labels = batch["labels"].to(model.device)
-            return model(batch).loss, int((labels[:, 1:] != -100).sum())
+    trainer = Trainer(recipe, log=lambda line: print(line, file=sys.stderr))
+    epoch_starts: dict[int, float] = {}
+    positions = [0]
 
-        trainer_module.compute_loss = full_logits_loss
+    def on_batch(batch: dict[str, Any], examples: list[Any], epoch: int) -> None:
+        # When each epoch's first batch is taken, and the LM positions of every batch.
+        epoch_starts.setdefault(epoch, time.perf_counter())
+        positions[0] += batch["input_ids"].numel()
 
-    class TimedTrainer(trainer_module.Trainer):
-        """Notes the time at which each epoch's first batch is asked for, and counts the LM
-        positions of the batches (a batch, or a (batch, examples) pair)."""
-
-        epoch_starts: dict[int, float]
-        positions = 0
-
-        def _batches(self):
-            self.epoch_starts = {}
-            batches = super()._batches()
-            while True:
-                asked = time.perf_counter()
-                item = next(batches)
-                self.epoch_starts.setdefault(self.state.epoch, asked)
-                self.positions += (item[0] if isinstance(item, tuple) else item)["input_ids"].numel()
-                yield item
-
-    trainer = TimedTrainer(recipe, log=lambda line: print(line, file=sys.stderr))
+    trainer.on_batch = on_batch
     memory = Memory(DEVICE)
     memory.start()
     started = time.perf_counter()
     trainer.fit()
     ended = time.perf_counter()
     result = memory.stop()
-    starts = [started] + [trainer.epoch_starts[e] for e in range(1, args.epochs)]
+    starts = [started] + [epoch_starts[e] for e in range(1, args.epochs)]
     if trainer.state.epoch != args.epochs - 1 or trainer.state.batch_in_epoch != len(trainer.sampler.batches()):
         raise RuntimeError(f"{name}: stopped at epoch {trainer.state.epoch}, batch {trainer.state.batch_in_epoch}")
     records = [json.loads(line) for line in (Path(recipe.output.dir) / "log.jsonl").read_text().splitlines()]
@@ -337,7 +323,7 @@ def run_voxtune(args: argparse.Namespace, name: str, batching: dict[str, Any]) -
         **result, "epoch_seconds": [b - a for a, b in zip(starts, [*starts[1:], ended])],
         "steps": trainer.state.step, "loss": sum(last) / max(1, len(last)),
         "examples": len(trainer.train_data), "audio_seconds": sum(trainer.train_data.durations()),
-        "positions": trainer.positions,
+        "positions": positions[0],
         "cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses, "writes": cache.writes},
     }  # fmt: skip
 

@@ -1,9 +1,11 @@
-"""Shared fixtures: deterministic test signals that look like speech to a codec."""
+"""Shared fixtures: deterministic test signals (speech-like for codecs, short clips for models)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from voxtune.audio import Audio
 
 
 def speechlike(seconds: float, rate: int, *, channels: int = 1, seed: int = 0, level: float = 0.4) -> np.ndarray:
@@ -27,3 +29,17 @@ def speechlike(seconds: float, rate: int, *, channels: int = 1, seed: int = 0, l
 def make_signal():
     """The `speechlike` generator, as a fixture."""
     return speechlike
+
+
+def clip(seconds: float, seed: int = 0) -> Audio:
+    """A 16 kHz noise-and-tone clip of `seconds`."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    samples = 0.3 * np.sin(2 * np.pi * (150 + 50 * seed) * t) + 0.05 * rng.standard_normal(len(t))
+    return Audio(samples.astype(np.float32), 16000)
+
+
+@pytest.fixture
+def make_clip():
+    """The `clip` helper as a fixture."""
+    return clip

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import voxtune
 from voxtune.config import dump_config
 from voxtune.train.recipe import TrainRecipe
 from voxtune.train.trainer import Trainer, TrainError
@@ -36,16 +37,17 @@ def _recipe(tiny_recipe):
     )
 
 
-def _torchrun(recipe: TrainRecipe, tmp_path, *args: str) -> None:
-    """`voxtune train` in two processes on this machine."""
+def _torchrun(recipe: TrainRecipe, tmp_path, *args: str, env: dict[str, str] | None = None) -> str:
+    """`voxtune train` in two processes on this machine; returns what they printed."""
     path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
     path.write_text(dump_config(recipe))
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                "-m", "voxtune.cli", "train", str(path), *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
 
 
 def _free_port() -> int:
@@ -112,8 +114,32 @@ def test_one_process_checkpoint_goes_on_in_two(corpus, tmp_path, _recipe):
     ]  # nothing logged twice
 
 
-@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_a_sharding_launcher_is_refused_not_ignored(corpus, tmp_path, monkeypatch, variable, _recipe):
-    monkeypatch.setenv(variable, "true")  # what `accelerate launch` with an FSDP/DeepSpeed config sets
-    with pytest.raises(TrainError, match="does not implement yet"):
+@pytest.mark.parametrize("method,reshard", [("lora", "true"), ("full", "false")])
+def test_fsdp_shards_and_trains_as_one_process(corpus, tmp_path, method, reshard, _recipe):
+    """FSDP2 (the strategy an accelerate FSDP config asks for): the same curve and weights as
+    one process, checkpoints that one process resumes, and an export made by rank 0."""
+    one = Trainer(_recipe(corpus, tmp_path / "one", f"train.method={method}", "train.grad_accum=2"), log=lambda _: None)
+    one.fit()
+    printed = _torchrun(
+        _recipe(corpus, tmp_path / "two", f"train.method={method}", "train.grad_accum=1", f"train.fsdp_reshard={reshard}"),
+        tmp_path, env={"ACCELERATE_USE_FSDP": "true"},
+    )  # fmt: skip
+    assert "2 processes: fsdp" in printed
+    _assert_same_run(tmp_path / "two", tmp_path / "one")
+    exported = voxtune.load(tmp_path / "two" / "model")
+    one.export()
+    expected = voxtune.load(tmp_path / "one" / "model")
+    for (name, got), (_, want) in zip(exported.named_parameters(), expected.named_parameters()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=name)
+
+    later = shutil.ignore_patterns(f"step-{STEPS:07d}", "model", "adapter")
+    shutil.copytree(tmp_path / "two", tmp_path / "two-then-one", ignore=later)
+    recipe = _recipe(corpus, tmp_path / "two-then-one", f"train.method={method}", "train.grad_accum=2")
+    Trainer(recipe, log=lambda _: None).fit(resume=True)
+    _assert_same_run(tmp_path / "two-then-one", tmp_path / "one", from_step=2)
+
+
+def test_a_deepspeed_launcher_is_refused_not_ignored(corpus, tmp_path, monkeypatch, _recipe):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed config sets
+    with pytest.raises(TrainError, match="does not run: it shards with FSDP2"):
         Trainer(_recipe(corpus, tmp_path), log=lambda _: None)

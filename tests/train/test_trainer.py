@@ -110,6 +110,68 @@ def test_checkpointing_and_bf16_autocast_train_as_well(corpus, tmp_path, _recipe
     assert _losses(tmp_path / "bf16" / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=0.05)
 
 
+def test_lora_on_the_encoder_trains_it_and_exports_both_adapters(corpus, tmp_path, _recipe):
+    trainer = Trainer(_recipe(corpus, tmp_path, "train.max_steps=3", "train.lora.encoder=true", "train.lora.lm=false"),
+                      log=lambda _: None)  # fmt: skip
+    names = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("encoder.") and "lora_" in n for n in names)
+    assert not any(n.startswith("lm.") for n in names)  # the LM stays frozen
+    assert trainer.cache is None  # the encoder's outputs change as it trains
+    trainer.fit()
+    trainer.model.eval()
+    clip = trainer.valid_data[0].clips[0]
+    expected = trainer.model.transcribe(clip, max_new_tokens=6)
+    with torch.no_grad():
+        features = trainer.model.embed(trainer.model.processor.collate([trainer.valid_data[0]]))
+    exported = trainer.export()
+    assert (tmp_path / "run" / "adapter" / "encoder" / "adapter_config.json").is_file()
+    loaded = voxtune.load(exported)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed(loaded.processor.collate([trainer.valid_data[0]])), features, rtol=1e-4, atol=1e-5)
+    assert loaded.transcribe(clip, max_new_tokens=6) == expected
+
+
+def test_qlora_is_refused_without_cuda(corpus, tmp_path, _recipe, capsys):
+    with pytest.raises(TrainError, match="qlora needs a CUDA GPU"):
+        Trainer(_recipe(corpus, tmp_path, "train.method=qlora"), log=lambda _: None)
+
+
+def test_fused_kernels_and_packed_attention_are_reported(corpus, tmp_path, _recipe):
+    lines = []
+    Trainer(_recipe(corpus, tmp_path), log=lines.append)
+    assert "fused kernels: none on cpu (the PyTorch reference path)" in lines
+    assert any(line.startswith("attention: per example in packed rows") for line in lines)
+    lines.clear()
+    Trainer(_recipe(corpus, tmp_path, "train.fused_kernels=false", "train.pack=false"), log=lines.append)
+    assert "fused kernels: off (train.fused_kernels=false)" in lines
+    assert not any(line.startswith("attention:") for line in lines)
+
+
+def test_the_loss_switches_change_speed_not_results(corpus, tmp_path, _recipe):
+    reference = Trainer(_recipe(corpus, tmp_path / "ref", "train.max_steps=3"), log=lambda _: None)
+    reference.fit()
+    variants = {
+        "full_logits": ["train.chunked_loss=false"],
+        "no_prefetch": ["train.prefetch=0"],
+        "small_chunks": ["train.chunk_tokens=7"],
+    }
+    for name, overrides in variants.items():
+        Trainer(_recipe(corpus, tmp_path / name, "train.max_steps=3", *overrides), log=lambda _: None).fit()
+        assert _losses(tmp_path / name / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=1e-4), name
+
+
+def test_batches_are_seen_through_the_hook_and_bucketing_switches_off(corpus, tmp_path, _recipe):
+    seen = []
+    trainer = Trainer(_recipe(corpus, tmp_path, "train.max_steps=4", "train.max_batch=3"), log=lambda _: None)
+    trainer.on_batch = lambda batch, examples, epoch: seen.append((len(examples), epoch))
+    trainer.fit()
+    assert len(seen) == 4 and all(n <= 3 for n, _ in seen)
+    lengths = trainer.train_data.token_lengths()
+    spread = lambda sampler: sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in sampler.batches())  # noqa: E731
+    unbucketed = Trainer(_recipe(corpus, tmp_path, "train.max_batch=3", "train.bucket=false"), log=lambda _: None)
+    assert spread(unbucketed.sampler) > spread(trainer.sampler)  # random batches mix lengths more
+
+
 def _tensorboard_scalars(path) -> dict[str, list[tuple[int, float]]]:
     """Scalars of a TensorBoard event file (TFRecord: length, crc, Event proto, crc)."""
     import struct

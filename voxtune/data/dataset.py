@@ -19,7 +19,7 @@ from voxtune.audio import Audio, AudioError, load
 from voxtune.audio.features import SAMPLE_RATE
 from voxtune.data.augment import Augmenter
 from voxtune.data.example import Segment, SpeechExample
-from voxtune.data.tasks import choose_task, make_conversation
+from voxtune.data.tasks import choose_task, make_conversation, text_conversation
 from voxtune.model.processor import Example, SpeechProcessor
 
 
@@ -33,6 +33,8 @@ class SpeechDataset(Dataset):
         mixture: task weights, e.g. {"transcribe": 2, "describe": 1}.
         augmenter: applied to each clip when given.
         seed: fixes every draw.
+        distill: also tokenise, for each example with a transcript, the same conversation with
+            the transcript in place of the audio (`info["teacher"]`, for distillation).
     """
 
     def __init__(
@@ -43,8 +45,10 @@ class SpeechDataset(Dataset):
         *,
         augmenter: Augmenter | None = None,
         seed: int = 0,
+        distill: bool = False,
     ) -> None:
         self.examples = list(examples)
+        self.distill = distill
         self.processor = processor
         self.mixture = dict(mixture)
         self.augmenter = augmenter
@@ -72,7 +76,10 @@ class SpeechDataset(Dataset):
                 segments = segments_scaled(segments, record["speed"])
         example = dataclasses.replace(source, audio=audio, segments=segments)
         task = choose_task(example, self.mixture, np.random.default_rng(draw))
-        encoded = self.processor.encode_messages(make_conversation(example, task), with_labels=True)
+        conversation = make_conversation(example, task)
+        encoded = self.processor.encode_messages(conversation, with_labels=True)
+        if self.distill and example.text:
+            info["teacher"] = self.processor.encode_messages(text_conversation(conversation, example.text), with_labels=True)
         encoded.info.update(info, task=task)
         return encoded
 
@@ -148,11 +155,14 @@ class LengthBucketSampler(Sampler[list[int]]):
         return len(self.batches())
 
 
-def collator(processor: SpeechProcessor, *, pack: bool = False) -> Callable[[list[Example]], dict[str, Any]]:
-    """A DataLoader `collate_fn`: padded batches, or one packed row (padding-free)."""
+def collator(
+    processor: SpeechProcessor, *, pack: bool = False, features: bool = True
+) -> Callable[[list[Example]], dict[str, Any]]:
+    """A DataLoader `collate_fn`: padded batches, or one packed row (padding-free).
+    `features=False` skips the log-mel (when the encoder's outputs come from a cache)."""
 
     def collate(examples: list[Example]) -> dict[str, Any]:
-        batch = processor.pack(examples) if pack else processor.collate(examples)
+        batch = processor.pack(examples, features=features) if pack else processor.collate(examples, features=features)
         batch["tasks"] = [e.info.get("task") for e in examples]
         batch["clips"] = [clip for e in examples for clip in e.clips]  # for audio-seconds counts
         return batch

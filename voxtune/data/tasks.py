@@ -90,6 +90,21 @@ def make_conversation(example: SpeechExample, task: str) -> list[dict]:
     return TASKS[task](example)
 
 
+def text_conversation(messages: Sequence[dict], transcript: str) -> list[dict]:
+    """`messages` with every audio part replaced by a text part holding `transcript`: what a
+    text-only LM reads in place of the speech (the teacher's view in distillation)."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [
+                {"type": "text", "text": transcript} if part.get("type") in ("audio", "input_audio") else part
+                for part in content
+            ]
+        out.append({**message, "content": content})
+    return out
+
+
 def possible_tasks(example: SpeechExample) -> list[str]:
     """The tasks `example` has the labels for."""
     possible = []

@@ -205,14 +205,15 @@ class SpeechProcessor:
 
     # ---- examples -> batch ------------------------------------------------------------------
 
-    def collate(self, examples: Sequence[Example], *, pad_left: bool = False) -> dict[str, Any]:
+    def collate(self, examples: Sequence[Example], *, pad_left: bool = False, features: bool = True) -> dict[str, Any]:
         """Pad examples into a batch.
 
         Returns a dict with `input_ids` and `attention_mask` [B, L], `labels` [B, L] when every
         example has labels, and the clips in reading order (row by row): `audio_features`
         [N, M, T] and `audio_frames` [N] for raw audio, `audio_embeddings` (a list) for
         pre-encoded clips, and `audio_is_embedding` [N + E] saying which list each clip is in.
-        `pad_left` pads on the left, as batched generation needs.
+        `pad_left` pads on the left, as batched generation needs. `features=False` leaves the
+        log-mel out (for a trainer that takes the clips' encoder outputs from a cache).
         """
         pad_id = self.tokenizer.pad_token_id
         length = max(len(e.input_ids) for e in examples)
@@ -234,19 +235,20 @@ class SpeechProcessor:
         audio = [clip for clip in clips if isinstance(clip, Audio)]
         batch["audio_is_embedding"] = torch.tensor([isinstance(c, AudioEmbedding) for c in clips], dtype=torch.bool)
         batch["audio_embeddings"] = [clip.embeddings for clip in clips if isinstance(clip, AudioEmbedding)]
-        if audio:
-            features, frames = log_mel_batch([clip.samples for clip in audio], self.n_mels)
-            batch["audio_features"], batch["audio_frames"] = features, frames
+        if audio and features:
+            batch["audio_features"], batch["audio_frames"] = log_mel_batch([clip.samples for clip in audio], self.n_mels)
         return batch
 
 
-    def pack(self, examples: Sequence[Example]) -> dict[str, Any]:
+    def pack(self, examples: Sequence[Example], *, features: bool = True) -> dict[str, Any]:
         """Concatenate examples into one row, padding-free: position ids restart at each example
         and a block-diagonal causal mask keeps examples from attending to each other.
 
-        Returns the keys of `collate` with a batch of one, plus `position_ids` [1, L] and a
-        boolean `attention_mask` [1, 1, L, L] (True = may attend). The mask is explicit because
-        position ids alone do not separate sequences in every attention implementation.
+        Returns the keys of `collate` with a batch of one, plus `position_ids` [1, L], a
+        boolean `attention_mask` [1, 1, L, L] (True = may attend) and `sequence_lengths` [n] (the
+        examples' lengths, for attention that runs per example and needs no mask, see
+        `voxtune.model.packed_attention`). The mask is explicit because position ids alone do
+        not separate sequences in every attention implementation.
         """
         joined = Example([], [] if all(e.labels is not None for e in examples) else None, [])
         positions, starts = [], []
@@ -258,7 +260,7 @@ class SpeechProcessor:
                 joined.labels += [IGNORE_INDEX] + example.labels[1:]
             joined.clips += example.clips
             positions += range(len(example.input_ids))
-        batch = self.collate([joined])
+        batch = self.collate([joined], features=features)
         length = len(joined.input_ids)
         segment = torch.zeros(length, dtype=torch.long)
         for start in starts[1:]:
@@ -266,6 +268,7 @@ class SpeechProcessor:
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         batch["attention_mask"] = (causal & (segment[:, None] == segment[None, :]))[None, None]  # [1, 1, L, L]
         batch["position_ids"] = torch.tensor(positions)[None]  # [1, L]
+        batch["sequence_lengths"] = torch.tensor([len(e.input_ids) for e in examples])
         return batch
 
 

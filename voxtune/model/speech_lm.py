@@ -169,10 +169,32 @@ class SpeechLM(nn.Module):
         # Row-major boolean indexing matches the processor's reading order of the clips.
         return embeddings.masked_scatter(mask[..., None], audio)
 
-    def lm_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+    def lm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The LM's keyword inputs for a collated (or packed) batch: `inputs_embeds` with the
-        audio spliced in, `attention_mask` and `position_ids`."""
+        audio spliced in, `attention_mask` and `position_ids`; for a packed batch on an LM with
+        variable-length attention (`voxtune.model.packed_attention`), the examples' bounds
+        instead of the [L, L] mask."""
+        from voxtune.model.packed_attention import PACKED_ATTENTION, VARLEN_ATTENTION, varlen_inputs
+
         embeddings = self.embed(batch)
+        positions = batch.get("position_ids")
+        positions = positions.to(self.device) if positions is not None else None
+        lengths = batch.get("sequence_lengths")
+        implementation = self.base_lm().config._attn_implementation
+        if lengths is not None and implementation in VARLEN_ATTENTION:
+            # Ours reads the bounds and wants an all-ones padding mask (then transformers
+            # builds none); flash-attention reads the bounds only when the mask is None.
+            ones = torch.ones(embeddings.shape[:2], dtype=torch.long, device=self.device)
+            mask = ones if implementation == PACKED_ATTENTION else None
+            return {"inputs_embeds": embeddings, "attention_mask": mask, "position_ids": positions,
+                    **varlen_inputs(lengths, self.device)}  # fmt: skip
+        window = getattr(self.base_lm().config, "sliding_window", None)
+        if lengths is not None and window is not None and int(lengths.max()) > window:
+            # One [L, L] mask serves every layer, so it cannot hold a sliding window.
+            raise ValueError(
+                f"a packed example of {int(lengths.max())} tokens is longer than the LM's sliding window "
+                f"({window}); this needs SDPA attention (packed per example) or unpacked batches"
+            )
         mask = batch["attention_mask"].to(self.device)
         if mask.dim() == 4 and mask.dtype == torch.bool:
             # A packed batch's [B, 1, L, L] mask goes in additive form: every attention
@@ -180,12 +202,11 @@ class SpeechLM(nn.Module):
             mask = torch.zeros(mask.shape, dtype=embeddings.dtype, device=self.device).masked_fill(
                 ~mask, torch.finfo(embeddings.dtype).min
             )
-        positions = batch.get("position_ids")
-        return {
-            "inputs_embeds": embeddings,
-            "attention_mask": mask,
-            "position_ids": positions.to(self.device) if positions is not None else None,
-        }
+        return {"inputs_embeds": embeddings, "attention_mask": mask, "position_ids": positions}
+
+    def base_lm(self) -> Any:
+        """The transformers model, inside a peft wrapper or not."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
     def forward(self, batch: dict[str, Any]) -> Any:
         """The LM's output for a collated (or packed) batch; `.loss` is the next-token loss when

@@ -337,6 +337,9 @@ class StreamingEncoder(nn.Module):
         config: the config the builder used; kept for saving, never read.
     """
 
+    # Its linear layers, by name: where LoRA adapters go when the encoder is fine-tuned.
+    lora_targets = ("qkv", "out", "up", "down")
+
     def __init__(
         self,
         convs: list[CausalConv1d],

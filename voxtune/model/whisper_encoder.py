@@ -151,6 +151,9 @@ class WhisperEncoder(nn.Module):
         activation (Callable[[Tensor], Tensor]): the MLP activation; Whisper's is exact GELU.
     """
 
+    # Its linear layers, by name: where LoRA adapters go when the encoder is fine-tuned.
+    lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
     def __init__(
         self,
         *,

@@ -1,7 +1,8 @@
-"""Several training processes, as `torchrun` or `accelerate launch` start them (DDP).
+"""Several training processes, as `torchrun` or `accelerate launch` start them (DDP or FSDP).
 
     torchrun --nproc_per_node 2 -m voxtune.cli train recipes/quickstart.yaml
     accelerate launch --config_file docs/accelerate/ddp.yaml -m voxtune.cli train recipes/quickstart.yaml
+    accelerate launch --config_file docs/accelerate/fsdp.yaml -m voxtune.cli train recipes/quickstart.yaml
 
 Both launchers set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for each process.
 `start()` reads them: with WORLD_SIZE > 1 it joins the process group (NCCL on CUDA, Gloo on the
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Processes", "ignored_launch_settings", "start", "unsupported_launch"]
+__all__ = ["Processes", "choose_strategy", "ignored_launch_settings", "start", "unsupported_launch"]
 
 
 @dataclass(frozen=True)
@@ -101,19 +102,31 @@ def start() -> Processes:
     return Processes(rank=rank, world=world, local_rank=local_rank, owns_group=True)
 
 
+def choose_strategy(requested: str, processes: Processes) -> str:
+    """How the processes share the work: "single" (one process), "ddp" (a whole replica each)
+    or "fsdp" (weights, gradients and optimizer state sharded, FSDP2). `requested` is the
+    recipe's `train.strategy`; "auto" follows the launcher (an accelerate FSDP config sets
+    ACCELERATE_USE_FSDP) and is DDP otherwise."""
+    if processes.world == 1:
+        return "single"
+    if requested == "auto":
+        return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else "ddp"
+    return requested
+
+
 def unsupported_launch() -> str | None:
     """Why the launcher's settings cannot be honoured, or None when they can.
 
-    `accelerate launch` with an FSDP or DeepSpeed config only sets environment variables that
-    `accelerate.Accelerator` reads; this trainer runs DDP itself, so it would quietly keep a
-    whole replica of the model and its optimizer on every GPU instead of sharding them.
+    `accelerate launch` with a DeepSpeed config only sets environment variables that
+    `accelerate.Accelerator` reads; this trainer shards with FSDP2 itself, so it would quietly
+    keep a whole replica of the model and its optimizer on every GPU instead of sharding them.
     """
-    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "false").lower() == "true":
-            return (
-                f"the launcher asks for {name}, which voxtune's trainer does not implement yet (it runs DDP: "
-                "every process holds the whole model); launch with docs/accelerate/ddp.yaml or torchrun"
-            )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return (
+            "the launcher asks for DeepSpeed, which voxtune's trainer does not run: it shards with FSDP2 "
+            "(ZeRO-3's scheme: weights, gradients and optimizer state split over the GPUs); launch with "
+            "docs/accelerate/fsdp.yaml, or docs/accelerate/ddp.yaml / torchrun for DDP"
+        )
     return None
 
 
@@ -123,4 +136,9 @@ def ignored_launch_settings() -> list[str]:
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision != "no":
         notes.append(f"the launcher's mixed_precision={precision} is ignored: the recipe's train.precision decides")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and any(k.startswith("FSDP_") for k in os.environ):
+        notes.append(
+            "the launcher's fsdp_config details are not read: voxtune shards each decoder layer and the rest as "
+            "one group (FULL_SHARD), and checkpoints whole tensors"
+        )
     return notes

@@ -53,34 +53,65 @@ class DataSection(Config):
 
 
 class LoraSection(Config):
-    """LoRA on the LM's linear layers (the family's targets unless given)."""
+    """LoRA adapters (through peft, so they are standard): on the LM's linear layers (the
+    family's targets unless given) and, with `encoder`, on the encoder's too."""
 
     r: int = Field(16, ge=1)
     alpha: float = 32.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] | None = None
+    lm: bool = True  # adapters on the LM (false: the LM stays frozen)
+    encoder: bool = False  # adapters on the encoder (its outputs then change: no feature cache)
+    encoder_targets: list[str] | None = None  # the encoder's own targets unless given
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> LoraSection:
+        if not (self.lm or self.encoder):
+            raise ValueError("lora: set lm, encoder or both to true")
+        return self
+
+
+class DistillSection(Config):
+    """Distillation as Ultravox does it: on examples with a transcript, the speech model's
+    next-token distribution over the reply is pulled (KL) towards the text-only LM's given the
+    transcript in place of the audio. loss = (1 - weight) * CE + weight * KL."""
+
+    weight: float = Field(0.5, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
 
 
 class TrainSection(Config):
     """What trains, and the schedule."""
 
-    method: Literal["full", "lora", "projector"] = "lora"  # projector: only the projector trains
+    # projector: only the projector trains; qlora: lora on a 4-bit LM (CUDA and bitsandbytes)
+    method: Literal["full", "lora", "qlora", "projector"] = "lora"
     train_encoder: bool = False  # with full: also update the encoder
     lora: LoraSection = Field(default_factory=LoraSection)
+    distill: DistillSection | None = None
     max_steps: int = Field(100, ge=1)
     max_tokens: int = Field(4096, ge=64)  # per micro-batch (padded or packed)
     max_batch: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1)
     pack: bool = True
+    bucket: bool = True  # batches of similar lengths (false: random batches, as a plain sampler makes)
     chunk_tokens: int = Field(1024, ge=1)  # rows per chunk of the chunked cross-entropy
+    chunked_loss: bool = True  # false: the LM's own loss over full [tokens, vocab] logits
     # Keep a frozen encoder's outputs on disk (<output>/encoder_cache) so later epochs skip
     # it; it only hits when the audio is the same each epoch, i.e. without augmentation.
     cache_encoder: bool = True
+    prefetch: int = Field(2, ge=0)  # batches prepared ahead by a background thread (0: none)
     grad_checkpointing: bool = False  # recompute the LM's activations in backward: less memory
+    # With several processes: ddp (a replica each), fsdp (sharded, FSDP2), or auto (fsdp when
+    # `accelerate launch` uses an FSDP config, else ddp).
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    # fsdp: gather each layer's weights again in backward (ZeRO-3-like, least memory); false
+    # keeps them gathered from forward to backward (ZeRO-2-like, less communication).
+    fsdp_reshard: bool = True
     precision: Literal["float32", "bf16-autocast"] = "float32"
+    fused_kernels: bool = True  # Liger Kernel's fused modules, where they run (CUDA, liger-kernel installed)
     seed: int = 0
     log_every: int = Field(10, ge=1)
-
+    progress: bool = True  # a progress bar on a terminal (the log lines are written either way)
 
 class OptimSection(Config):
     """AdamW with linear warm-up then cosine decay to `min_lr_ratio` of the peak."""

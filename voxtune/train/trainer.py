@@ -22,6 +22,7 @@ checkpoints move freely between runs with different numbers of processes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import shutil
@@ -42,11 +43,14 @@ from voxtune.data.manifest import read_manifest
 from voxtune.errors import InputError
 from voxtune.files import atomic_directory, write_atomic
 from voxtune.model import SpeechLM
+from voxtune.model.packed_attention import use_packed_attention
 from voxtune.model.processor import Example
 from voxtune.train import distributed
 from voxtune.train.feature_cache import EncoderFeatureCache, encoder_fingerprint, with_cached_audio
 from voxtune.train.losses import chunked_cross_entropy
-from voxtune.train.recipe import ModelSection, TrainRecipe, TrainSection
+from voxtune.train.distill import Distiller
+from voxtune.train.prefetch import prefetch
+from voxtune.train.recipe import LoraSection, ModelSection, TrainRecipe, TrainSection
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "log.jsonl"
@@ -81,46 +85,137 @@ def build_model(section: ModelSection) -> SpeechLM:
 def prepare_trainable(model: SpeechLM, train: TrainSection) -> list[torch.nn.Parameter]:
     """Freeze and wrap `model` for `train.method`; returns the parameters that train.
 
-    full: everything but the encoder (unless `train_encoder`); lora: LoRA adapters on the LM
-    (through peft, so adapters are standard) plus the projector; projector: the projector only.
+    full: everything but the encoder (unless `train_encoder`); lora / qlora: LoRA adapters
+    (through peft, so adapters are standard) on the LM and/or the encoder, plus the projector;
+    projector: the projector only. qlora first loads the LM in 4 bits (CUDA and bitsandbytes).
     """
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
     if train.method == "full":
         model.lm.requires_grad_(True)
         model.encoder.requires_grad_(train.train_encoder)
-    elif train.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = train.lora.targets or list(model.family.lora_targets)
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.lm.named_modules()}
-        missing = sorted(set(targets) - present)
-        if missing:
-            raise TrainError(f"train.lora.targets: the LM has no modules named {', '.join(missing)}")
-        config = LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout, target_modules=targets)
-        with warnings.catch_warnings():
-            # peft reads a transformers property that transformers 5 marks deprecated; the
-            # warning is about peft's code, not the user's, so it is not shown to them.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model.lm = get_peft_model(model.lm, config)
+    elif train.method in ("lora", "qlora"):
+        lora = train.lora
+        if train.method == "qlora":
+            model.lm = quantized_lm(model, gradient_checkpointing=train.grad_checkpointing)
+        if lora.lm:
+            model.lm = with_lora(model.lm, lora.targets or list(model.family.lora_targets), lora, "train.lora.targets")
+        if lora.encoder:
+            targets = lora.encoder_targets or list(getattr(model.encoder, "lora_targets", ()))
+            model.encoder = with_lora(model.encoder, targets, lora, "train.lora.encoder_targets")
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def with_lora(module: torch.nn.Module, targets: list[str], lora: LoraSection, key: str) -> torch.nn.Module:
+    """`module` inside a peft model with LoRA adapters on its linear layers named `targets`."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
+    missing = sorted(set(targets) - present)
+    if not targets or missing:
+        raise TrainError(f"{key}: the model has no modules named {', '.join(missing) or '(none given)'}")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+    with warnings.catch_warnings():
+        # peft reads a transformers property that transformers 5 marks deprecated; the
+        # warning is about peft's code, not the user's, so it is not shown to them.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(module, config)
+
+
+def quantized_lm(model: SpeechLM, *, gradient_checkpointing: bool) -> torch.nn.Module:
+    """The model's LM reloaded with 4-bit NF4 weights (bitsandbytes), ready for QLoRA.
+
+    Raises TrainError where it cannot run: without CUDA (bitsandbytes' 4-bit matmuls are CUDA
+    kernels) or without bitsandbytes installed.
+    """
+    if model.device.type != "cuda":
+        raise TrainError(
+            "train.method=qlora needs a CUDA GPU (4-bit weights run on bitsandbytes' CUDA kernels); "
+            "on this machine use train.method=lora"
+        )
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainError("train.method=qlora needs bitsandbytes: pip install bitsandbytes")
+
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    with tempfile.TemporaryDirectory(prefix="voxtune-qlora-") as folder:
+        model.lm.save_pretrained(folder)  # the weights as they are now (built, loaded or composed)
+        lm = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map={"": model.device})
+    return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def fused_kernels(model: SpeechLM, train: TrainSection) -> str:
+    """Swap in Liger Kernel's fused RMSNorm and SwiGLU modules where they run (CUDA, Liger
+    installed, `train.fused_kernels` on); returns what was chosen, for the start-up log.
+    The CPU path is the reference: the modules' own PyTorch code."""
+    if not train.fused_kernels:
+        return "off (train.fused_kernels=false)"
+    if model.device.type != "cuda":
+        return f"none on {model.device.type} (the PyTorch reference path)"
+    try:
+        from liger_kernel.transformers import LigerRMSNorm, LigerSwiGLUMLP
+    except ImportError:
+        return "none (pip install liger-kernel for fused kernels on CUDA)"
+    lm = model.base_lm()
+    swapped = {"rms_norm": 0, "swiglu": 0}
+    for name, module in list(lm.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        parent = lm.get_submodule(parent_name) if parent_name else lm
+        kind = type(module).__name__
+        # Llama-style RMSNorm (x * rsqrt(mean(x^2) + eps) * weight) only: Gemma's (1 + weight)
+        # norms keep `eps` instead of `variance_epsilon` and are left alone.
+        if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            with torch.device("meta"):  # its own weight is replaced by the model's
+                fused = LigerRMSNorm(module.weight.shape[0], eps=module.variance_epsilon)
+            fused.weight = module.weight
+        elif kind.endswith("MLP") and {"gate_proj", "up_proj", "down_proj"} <= set(dict(module.named_children())):
+            if getattr(lm.config, "hidden_act", None) not in ("silu", "swish"):
+                continue
+            with torch.device("meta"):  # its own linear layers are replaced by the model's (LoRA included)
+                fused = LigerSwiGLUMLP(lm.config)
+            fused.gate_proj, fused.up_proj, fused.down_proj = module.gate_proj, module.up_proj, module.down_proj
+        else:
+            continue
+        setattr(parent, child, fused)
+        swapped["rms_norm" if kind.endswith("RMSNorm") else "swiglu"] += 1
+    chosen = ", ".join(f"{kind} x{count}" for kind, count in swapped.items() if count)
+    return f"liger ({chosen})" if chosen else "none (no module this LM has is one Liger fuses)"
 
 
 def _lm_parts(model: SpeechLM) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
     """(decoder without its head, the output head, the final logit soft-cap if any)."""
-    lm = model.lm.get_base_model() if hasattr(model.lm, "get_base_model") else model.lm
+    lm = model.base_lm()
     return lm.get_decoder(), lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
 
 
-def compute_loss(model: SpeechLM, batch: dict[str, Any], chunk_tokens: int) -> tuple[torch.Tensor, int]:
-    """Next-token loss over the batch's trained tokens, without the full logits tensor; and
-    the number of those tokens."""
-    decoder, head, softcap = _lm_parts(model)
-    hidden = decoder(**model.lm_inputs(batch)).last_hidden_state  # [B, L, D]
+def compute_loss(
+    model: SpeechLM, batch: dict[str, Any], chunk_tokens: int, *, distiller: Distiller | None = None,
+    examples: list[Example] | None = None, distill_weight: float = 0.0, chunked: bool = True,
+) -> tuple[torch.Tensor, int]:
+    """Next-token loss over the batch's trained tokens, without the full logits tensor (unless
+    `chunked=False`: the LM's own loss over full logits, the plain way); and the number of those
+    tokens. With a `distiller`, (1 - distill_weight) * CE + distill_weight * KL to the teacher."""
     labels = batch["labels"].to(model.device)
-    loss = chunked_cross_entropy(
-        hidden, head.weight, labels, chunk_tokens=chunk_tokens, lm_head_bias=head.bias, logit_softcap=softcap
-    )
+    if not chunked:
+        output = model.lm(**model.lm_inputs(batch), labels=labels, output_hidden_states=distiller is not None)
+        loss, hidden = output.loss, (output.hidden_states[-1] if distiller is not None else None)
+    else:
+        decoder, head, softcap = _lm_parts(model)
+        hidden = decoder(**model.lm_inputs(batch)).last_hidden_state  # [B, L, D]
+        loss = chunked_cross_entropy(
+            hidden, head.weight, labels, chunk_tokens=chunk_tokens, lm_head_bias=head.bias, logit_softcap=softcap
+        )
+    if distiller is not None:
+        kl = distiller.loss(hidden, labels, examples or [])
+        if kl is not None:
+            loss = (1 - distill_weight) * loss + distill_weight * kl
     return loss, trained_tokens(batch)
 
 
@@ -137,19 +232,25 @@ class BatchLoss(torch.nn.Module):
     outputs as well as the decoder (`compute_loss` calls the decoder, not `SpeechLM.forward`).
     """
 
-    def __init__(self, model: SpeechLM, cache: EncoderFeatureCache | None, chunk_tokens: int, *, bf16: bool = False) -> None:
+    def __init__(
+        self, model: SpeechLM, cache: EncoderFeatureCache | None, train: TrainSection, distiller: Distiller | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.cache = cache
-        self.chunk_tokens = chunk_tokens
-        self.bf16 = bf16
+        self.train_section = train
+        self.distiller = distiller
 
     def forward(self, batch: dict[str, Any], examples: list[Example]) -> torch.Tensor:
+        train = self.train_section
         if self.cache is not None:
             # In full precision: what goes into the cache must not depend on the recipe's precision.
             batch = with_cached_audio(batch, self.model, examples, self.cache)
-        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss, _ = compute_loss(self.model, batch, self.chunk_tokens)
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16-autocast"):
+            loss, _ = compute_loss(
+                self.model, batch, train.chunk_tokens, distiller=self.distiller, examples=examples,
+                distill_weight=train.distill.weight if train.distill else 0.0, chunked=train.chunked_loss,
+            )  # fmt: skip
         return loss
 
 
@@ -182,32 +283,50 @@ class Trainer:
         for note in distributed.ignored_launch_settings():
             self.log(note)
         self.out = Path(recipe.output.dir)
-        torch.manual_seed(recipe.train.seed)
-        self.model = build_model(recipe.model)
-        self.params = prepare_trainable(self.model, recipe.train)
-        self.model.to(self.procs.device)
+        train = recipe.train
+        torch.manual_seed(train.seed)
+        self.model = build_model(recipe.model).to(self.procs.device)
+        self.params = prepare_trainable(self.model, train)
         self.model.train()
         if self.procs.world > 1:
             # The weights are the same everywhere (and DDP copies rank 0's); dropout should not be.
-            torch.manual_seed(recipe.train.seed + self.procs.rank)
-        if recipe.train.grad_checkpointing:
+            torch.manual_seed(train.seed + self.procs.rank)
+        if train.grad_checkpointing:
             # Non-reentrant: the inputs are embeddings, not leaves that require grad.
             self.model.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.log(f"fused kernels: {fused_kernels(self.model, train)}")
+        if train.pack and use_packed_attention(self.model.lm):
+            self.log("attention: per example in packed rows (no [L, L] mask)")
+        self.distiller = (
+            Distiller(self.model, train.method, temperature=train.distill.temperature, chunk_tokens=train.chunk_tokens)
+            if train.distill else None
+        )  # fmt: skip
         self.cache = self._encoder_cache()
         if self.procs.main:
             self._make_corpus()
         self.procs.barrier()  # the others wait for the corpus
-        self.train_data = self._dataset(recipe.data.train, recipe.data.augment)
+        self.train_data = self._dataset(recipe.data.train, recipe.data.augment, distill=train.distill is not None)
         self.valid_data = self._dataset(recipe.data.valid, None) if recipe.data.valid else None
         self.sampler = LengthBucketSampler(
-            self.train_data.token_lengths(), max_tokens=recipe.train.max_tokens, max_batch=recipe.train.max_batch, seed=recipe.train.seed
+            self.train_data.token_lengths(), max_tokens=train.max_tokens, max_batch=train.max_batch,
+            window=50 if train.bucket else 1, seed=train.seed,
         )  # fmt: skip
+        self.strategy = distributed.choose_strategy(train.strategy, self.procs)
+        if self.strategy != "single":
+            self.log(f"{self.procs.world} processes: {self.strategy}")
+        self.batch_loss = self._wrap(BatchLoss(self.model, self.cache, train, self.distiller))
+        if self.strategy == "fsdp":
+            self.params = [p for p in self.model.parameters() if p.requires_grad]  # now sharded
         self.optimizer = torch.optim.AdamW(
             self.params, lr=recipe.optim.lr, betas=recipe.optim.betas, weight_decay=recipe.optim.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(recipe))
         self.state = TrainState()
         self._board: Any = None  # the TensorBoard writer, opened with the first record
+        self._bar: Any = None  # the progress bar, while fit() runs
+        # Called with (batch, examples, epoch) for every micro-batch the loop takes, e.g. to
+        # time epochs or count positions (benchmarks/train_throughput.py).
+        self.on_batch: Callable[[dict[str, Any], list[Example], int], None] | None = None
 
     def _encoder_cache(self) -> EncoderFeatureCache | None:
         train = self.recipe.train
@@ -231,37 +350,49 @@ class Trainer:
         summary = synthesize_corpus(load_config(SynthRecipe, data.synth), out)
         self.log(f"made {summary.clips} clips ({summary.seconds / 60:.1f} min of audio)")
 
-    def _dataset(self, manifests: list[str], augment: Any) -> SpeechDataset:
+    def _dataset(self, manifests: list[str], augment: Any, *, distill: bool = False) -> SpeechDataset:
         examples = [example for path in manifests for example in read_manifest(path)]
         if not examples:
             raise TrainError(f"no examples in {', '.join(manifests)}")
         augmenter = Augmenter(augment) if augment is not None else None
-        return SpeechDataset(examples, self.model.processor, self.recipe.data.mixture, augmenter=augmenter, seed=self.recipe.train.seed)
+        # A copy of the processor: batches are made in a background thread, and a fast
+        # tokenizer must not be used by two threads at once (evaluation tokenises meanwhile).
+        processor = copy.copy(self.model.processor)
+        processor.tokenizer = copy.deepcopy(processor.tokenizer)
+        return SpeechDataset(
+            examples, processor, self.recipe.data.mixture, augmenter=augmenter, seed=self.recipe.train.seed, distill=distill
+        )  # fmt: skip
 
     # ---- data ---------------------------------------------------------------------------------
 
-    def _stream(self) -> Iterator[tuple[int, list[int]]]:
-        """(epoch, example indices) of every batch from the current position on, epoch after
-        epoch: the same on every process. The position counts each batch as it is drawn."""
+    def _stream(self, epoch: int, start: int) -> Iterator[tuple[int, int, list[int]]]:
+        """(epoch, position after it, example indices) of every batch from batch `start` of
+        `epoch` on, epoch after epoch: the same on every process."""
         while True:
-            self.sampler.set_epoch(self.state.epoch)
-            for indices in self.sampler.batches()[self.state.batch_in_epoch :]:
-                self.state.batch_in_epoch += 1
-                yield self.state.epoch, indices
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
+            self.sampler.set_epoch(epoch)
+            batches = self.sampler.batches()
+            for position in range(start, len(batches)):
+                yield epoch, position + 1, batches[position]
+            epoch, start = epoch + 1, 0
 
-    def _batches(self) -> Iterator[tuple[dict[str, Any], list[Example]]]:
-        """This process's micro-batches (collated, and the examples in them): of every `world`
-        batches drawn, the one at this process's rank. One process takes them all."""
-        collate = collator(self.model.processor, pack=self.recipe.train.pack)
-        stream = self._stream()
-        while True:
-            drawn = [next(stream) for _ in range(self.procs.world)]
-            epoch, indices = drawn[self.procs.rank]
-            self.train_data.set_epoch(epoch)
-            examples = [self.train_data[i] for i in indices]
-            yield collate(examples), examples
+    def _batches(self) -> Iterator[tuple[dict[str, Any], list[Example], tuple[int, int]]]:
+        """This process's micro-batches from the current position on: (collated batch, its
+        examples, the data position after it). Of every `world` batches drawn, the one at this
+        process's rank; one process takes them all. Made ahead in a background thread
+        (`train.prefetch`), so `self.state` is only moved by the loop, as it consumes them."""
+        # With the cache, the clips' encoder outputs come from it: no log-mel needed here.
+        collate = collator(self.train_data.processor, pack=self.recipe.train.pack, features=self.cache is None)
+        stream = self._stream(self.state.epoch, self.state.batch_in_epoch)
+
+        def make() -> Iterator[tuple[dict[str, Any], list[Example], tuple[int, int]]]:
+            while True:
+                drawn = [next(stream) for _ in range(self.procs.world)]
+                epoch, _, indices = drawn[self.procs.rank]
+                self.train_data.set_epoch(epoch)
+                examples = [self.train_data[i] for i in indices]
+                yield collate(examples), examples, drawn[-1][:2]
+
+        return prefetch(make(), self.recipe.train.prefetch)
 
     # ---- loop ---------------------------------------------------------------------------------
 
@@ -282,54 +413,105 @@ class Trainer:
         if resume:
             self._resume()
         train, started = self.recipe.train, time.perf_counter()
-        batch_loss = self._batch_loss()
+        batch_loss = self.batch_loss
         batches = self._batches()
         record: dict[str, Any] = {}
         tokens = audio_seconds = 0.0
-        while self.state.step < train.max_steps:
-            self.optimizer.zero_grad(set_to_none=True)
-            micro = [next(batches) for _ in range(train.grad_accum)]
-            counts = [trained_tokens(batch) for batch, _ in micro]
-            seconds = sum(clip.duration for batch, _ in micro for clip in batch["clips"])
-            total, seconds = self.procs.all_sum([sum(counts), seconds])
-            loss_sum = 0.0
-            for i, ((batch, examples), count) in enumerate(zip(micro, counts)):
-                # This micro-batch's share of the mean over all the step's tokens (all processes);
-                # DDP averages the processes' gradients, hence `world`.
-                weight = count * self.procs.world / max(1.0, total)
-                loss_sum += self._backward(batch_loss, batch, examples, weight, sync=i == len(micro) - 1) * count
-            (loss_sum,) = self.procs.all_sum([loss_sum])
-            tokens, audio_seconds = tokens + total, audio_seconds + seconds
-            # The norm before clipping (the same on every process): logged, since it shows how
-            # hard clipping works, and it checks that the gradients are scaled right.
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.recipe.optim.grad_clip or math.inf)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.state.step += 1
-            elapsed = time.perf_counter() - started
-            record = {
-                "step": self.state.step, "loss": loss_sum / max(1.0, total), "grad_norm": float(grad_norm),
-                "lr": self.scheduler.get_last_lr()[0], "epoch": self.state.epoch,
-                "tokens_per_s": tokens / elapsed, "audio_s_per_s": audio_seconds / elapsed,
-            }  # fmt: skip
-            self._log(record, every=train.log_every)
-            if self.valid_data is not None and self.state.step % self.recipe.eval.every == 0:
-                self._evaluate_and_log()
-            stopping = stop_after is not None and self.state.step >= stop_after
-            if self.state.step % self.recipe.output.save_every == 0 or self.state.step == train.max_steps or stopping:
-                self.save_checkpoint()
-            if stopping:
-                break
+        first_step = self.state.step
+        self._bar = self._progress_bar()
+        try:
+            while self.state.step < train.max_steps:
+                self.optimizer.zero_grad(set_to_none=True)
+                micro = [next(batches) for _ in range(train.grad_accum)]
+                for batch, examples, (epoch, _) in micro:
+                    if self.on_batch is not None:
+                        self.on_batch(batch, examples, epoch)
+                counts = [trained_tokens(batch) for batch, _, _ in micro]
+                seconds = sum(clip.duration for batch, _, _ in micro for clip in batch["clips"])
+                total, seconds = self.procs.all_sum([sum(counts), seconds])
+                loss_sum = 0.0
+                for i, ((batch, examples, _), count) in enumerate(zip(micro, counts)):
+                    # This micro-batch's share of the mean over all the step's tokens (all
+                    # processes); DDP averages the processes' gradients, hence `world`.
+                    weight = count * self.procs.world / max(1.0, total)
+                    loss_sum += self._backward(batch_loss, batch, examples, weight, sync=i == len(micro) - 1) * count
+                (loss_sum,) = self.procs.all_sum([loss_sum])
+                tokens, audio_seconds = tokens + total, audio_seconds + seconds
+                # The norm before clipping (the same on every process): logged, since it shows
+                # how hard clipping works, and it checks that the gradients are scaled right.
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.recipe.optim.grad_clip or math.inf)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every process
+                    grad_norm = grad_norm.full_tensor()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.state.step += 1
+                self.state.epoch, self.state.batch_in_epoch = micro[-1][2]
+                elapsed = time.perf_counter() - started
+                record = {
+                    "step": self.state.step, "loss": loss_sum / max(1.0, total), "grad_norm": float(grad_norm),
+                    "lr": self.scheduler.get_last_lr()[0], "epoch": self.state.epoch,
+                    "tokens_per_s": tokens / elapsed, "audio_s_per_s": audio_seconds / elapsed,
+                }  # fmt: skip
+                self._log(record, every=train.log_every)
+                if self._bar is not None:
+                    self._bar.set_postfix(
+                        loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        audio_s_s=f"{record['audio_s_per_s']:.1f}", refresh=False,
+                    )  # fmt: skip
+                    self._bar.update(1)
+                if self.valid_data is not None and self.state.step % self.recipe.eval.every == 0:
+                    self._evaluate_and_log()
+                stopping = stop_after is not None and self.state.step >= stop_after
+                if self.state.step % self.recipe.output.save_every == 0 or self.state.step == train.max_steps or stopping:
+                    self.save_checkpoint()
+                if stopping:
+                    break
+        finally:
+            batches.close()  # stops the prefetching thread
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        if self.state.step > first_step:
+            self._say(f"trained steps {first_step + 1}-{self.state.step} in {time.perf_counter() - started:.1f} s")
         return record
 
-    def _batch_loss(self) -> torch.nn.Module:
-        """The module the loop calls: `BatchLoss`, inside DDP when there are several processes."""
-        train = self.recipe.train
-        module = BatchLoss(self.model, self.cache, train.chunk_tokens, bf16=train.precision == "bf16-autocast")
-        if not self.procs.active:
+    def _progress_bar(self) -> Any:
+        """A tqdm bar over the steps (loss, tokens/s, audio seconds/s, ETA) when rank 0 writes
+        to a terminal and `train.progress` is on; None otherwise."""
+        if not (self.procs.main and self.recipe.train.progress):
+            return None
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.recipe.train.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True, disable=None)
+        return None if bar.disable else bar
+
+    def _say(self, line: str) -> None:
+        """Log a line without tearing the progress bar."""
+        if self._bar is None:
+            self.log(line)
+            return
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode():
+            self.log(line)
+
+    def _wrap(self, module: BatchLoss) -> torch.nn.Module:
+        """The module the loop calls: `module` itself with one process, inside DDP, or sharded
+        with FSDP2 (each decoder layer its own group, the rest one group at the root)."""
+        if self.strategy == "single":
             return module
-        # No device_ids: the model moves its inputs itself, and the batch holds more than tensors.
-        return DistributedDataParallel(module, find_unused_parameters=False)
+        if self.strategy == "ddp":
+            # No device_ids: the model moves its inputs itself, and the batch holds more than tensors.
+            return DistributedDataParallel(module, find_unused_parameters=False)
+        from torch.distributed.fsdp import fully_shard
+
+        layers = getattr(self.model.base_lm().get_decoder(), "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise TrainError("train.strategy=fsdp: this LM has no list of decoder layers to shard")
+        for layer in layers:
+            fully_shard(layer, reshard_after_forward=self.recipe.train.fsdp_reshard)
+        fully_shard(module)
+        return module
 
     def _backward(
         self, batch_loss: torch.nn.Module, batch: dict[str, Any], examples: list[Example], weight: float, *, sync: bool
@@ -337,6 +519,8 @@ class Trainer:
         """Forward and backward of one micro-batch, its loss scaled by `weight`; gradients are
         synced between processes only when `sync` (the step's last micro-batch). Returns the
         unscaled loss."""
+        if self.strategy == "fsdp":
+            batch_loss.set_requires_gradient_sync(sync)
         accumulate = not sync and isinstance(batch_loss, DistributedDataParallel)
         with batch_loss.no_sync() if accumulate else contextlib.nullcontext():
             loss = batch_loss(batch, examples)
@@ -358,13 +542,31 @@ class Trainer:
                 self._board.add_scalar(key, value, record["step"])
         self._board.flush()
         if record["step"] % every == 0:
-            self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            self._say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     def _evaluate_and_log(self) -> None:
-        """Evaluate on rank 0 while the other processes wait."""
-        if self.procs.main:
-            self._log({"step": self.state.step, **self.evaluate()}, every=1)
+        """Evaluate on rank 0 while the other processes wait; with FSDP every process runs the
+        same evaluation (each holds only a shard of the weights) and rank 0 logs it."""
+        if self.procs.main or self.strategy == "fsdp":
+            with self._root_unsharded():
+                result = self.evaluate()
+            if self.procs.main:
+                self._log({"step": self.state.step, **result}, every=1)
         self.procs.barrier()
+
+    @contextlib.contextmanager
+    def _root_unsharded(self) -> Iterator[None]:
+        """Under FSDP, the weights outside the decoder layers (embeddings, head, encoder,
+        projector) gathered for calls that do not go through the sharded root's forward (the
+        layers gather their own); nothing otherwise."""
+        if self.strategy != "fsdp":
+            yield
+            return
+        self.batch_loss.unshard()
+        try:
+            yield
+        finally:
+            self.batch_loss.reshard()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -392,18 +594,24 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write the trainable weights, optimizer, schedule, RNG and data position atomically.
 
-        Rank 0 writes (the weights and optimizer are the same on every process); every process
-        returns once the checkpoint is there.
+        Whole tensors, keyed by parameter name (gathered from the shards under FSDP), so a
+        checkpoint goes on with any number of processes. Rank 0 writes; every process returns
+        once the checkpoint is there.
         """
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
         target = self.out / CHECKPOINTS / f"step-{self.state.step:07d}"
         rngs = self.procs.all_gather(torch.get_rng_state())  # each process's, for dropout after resume
+        # Collectives under FSDP: every process takes part, rank 0 receives the whole tensors.
+        options = _state_dict_options(full=True)
+        weights = get_model_state_dict(self.model, options=options)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         if self.procs.main:
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rngs[0]}
+            extra = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rngs[0]}
             if self.procs.world > 1:
                 extra["rng_per_process"] = rngs
             with atomic_directory(target) as staging:
-                save_file({names[id(p)]: p.detach().contiguous().cpu() for p in self.params}, staging / "trainable.safetensors")
+                save_file({k: v.contiguous() for k, v in weights.items()}, staging / "trainable.safetensors")
                 torch.save(extra, staging / "optimizer.pt")
                 (staging / "state.json").write_text(json.dumps(asdict(self.state)))
             for old in sorted((self.out / CHECKPOINTS).glob("step-*"))[: -self.recipe.output.keep]:
@@ -412,20 +620,13 @@ class Trainer:
         return target
 
     def _resume(self) -> None:
-        checkpoints = sorted((self.out / CHECKPOINTS).glob("step-*"))
-        if not checkpoints:
-            raise TrainError(f"nothing to resume: no checkpoints in {self.out / CHECKPOINTS}")
-        latest = checkpoints[-1]
-        weights = load_file(latest / "trainable.safetensors")
-        named = dict(self.model.named_parameters())
-        unknown = sorted(set(weights) - set(named))
-        if unknown:
-            raise TrainError(f"{latest} does not fit this recipe's model: unknown weights {', '.join(unknown[:3])}")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                named[name].copy_(tensor)
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        latest = self._latest_checkpoint()
+        weights = self._checkpoint_weights(latest)
+        set_model_state_dict(self.model, weights, options=_state_dict_options(full=False))
         extra = torch.load(latest / "optimizer.pt", weights_only=True, map_location="cpu")  # the optimizer moves its state
-        self.optimizer.load_state_dict(extra["optimizer"])
+        set_optimizer_state_dict(self.model, self.optimizer, extra["optimizer"], options=_state_dict_options(full=False))
         self.scheduler.load_state_dict(extra["scheduler"])
         rngs = extra.get("rng_per_process")
         # A checkpoint of as many processes gives each its own RNG back; otherwise rank 0's.
@@ -438,19 +639,59 @@ class Trainer:
             write_atomic(log, "".join(line + "\n" for line in kept).encode())
         self.log(f"resumed from {latest} (step {self.state.step})")
 
+    def _latest_checkpoint(self) -> Path:
+        checkpoints = sorted((self.out / CHECKPOINTS).glob("step-*"))
+        if not checkpoints:
+            raise TrainError(f"nothing to resume: no checkpoints in {self.out / CHECKPOINTS}")
+        return checkpoints[-1]
+
+    def _checkpoint_weights(self, checkpoint: Path) -> dict[str, torch.Tensor]:
+        """A checkpoint's trainable weights, checked against this recipe's model."""
+        weights = load_file(checkpoint / "trainable.safetensors")
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        unknown = sorted(set(weights) - trainable)
+        if unknown:
+            raise TrainError(f"{checkpoint} does not fit this recipe's model: unknown weights {', '.join(unknown[:3])}")
+        return weights
+
     def export(self) -> Path:
         """Write the trained model to `<output>/model` (LoRA merged in) and, for LoRA, the
-        adapters alone to `<output>/adapter` (standard peft format). Rank 0 writes; the other
-        processes only return the path."""
+        adapters alone (standard peft format): the LM's in `<output>/adapter`, the encoder's in
+        `<output>/adapter/encoder`. Rank 0 writes; the other processes only return the path.
+
+        Under FSDP rank 0 holds a shard only: it builds the model again, unsharded, and loads
+        the last checkpoint's trained weights into it (`fit` always ends with a checkpoint).
+        """
         if not self.procs.main:
             return self.out / "model"
         model = self.model
+        if self.strategy == "fsdp":
+            model = build_model(self.recipe.model)
+            prepare_trainable(model, self.recipe.train)
+            trained = {name for name, p in model.named_parameters() if p.requires_grad}
+            weights = self._checkpoint_weights(self._latest_checkpoint())
+            if trained - set(weights):
+                raise TrainError("the last checkpoint lacks trained weights of this recipe's model")
+            model.load_state_dict(weights, strict=False)
         if hasattr(model.lm, "merge_and_unload"):
             model.lm.save_pretrained(self.out / "adapter")
             model.lm = model.lm.merge_and_unload()
+        if hasattr(model.encoder, "merge_and_unload"):
+            model.encoder.save_pretrained(self.out / "adapter" / "encoder")
+            model.encoder = model.encoder.merge_and_unload()
         model.eval()
         model.save_pretrained(self.out / "model")
         return self.out / "model"
+
+
+def _state_dict_options(*, full: bool) -> Any:
+    """Trainable weights only, as whole tensors (`full`: gathered to rank 0 on the CPU; else
+    each process receives the whole tensors it loads and keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    if full:
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
 
 
 def _quiet(message: str) -> None:

@@ -1,0 +1,66 @@
+"""Per-example attention in packed rows: the same loss and gradients as padded batches, no
+[L, L] mask, and every other call (generation) exactly as before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from voxtune.model import tiny
+from voxtune.model.packed_attention import PACKED_ATTENTION, use_packed_attention
+from voxtune.train.trainer import compute_loss
+
+
+def _examples(model, make_clip):
+    examples = []
+    for i, seconds in enumerate([0.3, 0.5, 0.8]):
+        messages = [
+            {"role": "user", "content": [{"type": "audio", "audio": make_clip(seconds, seed=i)}, {"type": "text", "text": "hi"}]},
+            {"role": "assistant", "content": "hello world " * (i + 1)},
+        ]
+        examples.append(model.processor.encode_messages(messages, with_labels=True))
+    return examples
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss, _ = compute_loss(model, batch, chunk_tokens=16)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family,window", [("llama", None), ("qwen2", None), ("mistral", 7)])
+def test_packed_rows_train_like_padded_batches(family, window, make_clip):
+    model = tiny(family).train()
+    if window is not None:
+        model.lm.config.sliding_window = window  # shorter than every example: the window matters
+    examples = _examples(model, make_clip)
+    padded_loss, padded_grads = _loss_and_grads(model, model.processor.collate(examples))
+    assert use_packed_attention(model.lm)
+    assert model.lm.config._attn_implementation == PACKED_ATTENTION
+    packed = model.processor.pack(examples)
+    inputs = model.lm_inputs(packed)
+    assert inputs["attention_mask"].shape == packed["input_ids"].shape  # [1, L] padding mask, no [L, L]
+    assert inputs["cu_seq_lens_q"].tolist()[-1] == packed["input_ids"].shape[1]
+    packed_loss, packed_grads = _loss_and_grads(model, packed)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert padded_grads.keys() == packed_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_generation_is_unchanged_by_the_switch(make_clip):
+    model = tiny("llama")
+    conversations = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "a longer greeting here"}]]
+    before = model.generate(conversations, max_new_tokens=8)
+    assert use_packed_attention(model.lm)
+    assert model.generate(conversations, max_new_tokens=8) == before
+
+
+def test_a_dense_mask_cannot_hold_a_sliding_window(make_clip):
+    model = tiny("mistral")
+    model.lm.config.sliding_window = 7
+    model.lm.set_attn_implementation("eager")  # not switched: packed rows go through the [L, L] mask
+    assert not use_packed_attention(model.lm)
+    with pytest.raises(ValueError, match="sliding window"):
+        model.lm_inputs(model.processor.pack(_examples(model, make_clip)))
