@@ -66,6 +66,9 @@ def test_loss_falls_and_evaluation_reports_wer(corpus, tmp_path, _recipe):
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     evaluation = [r for r in records if "wer" in r]
     assert evaluation and evaluation[0]["wer"] >= 0 and "eval_loss" in evaluation[0]
+    # Every task of the mixture is asked and scored: transcribe and describe here.
+    assert evaluation[0]["n_transcribe"] == evaluation[0]["n_describe"] == 2
+    assert 0 <= evaluation[0]["acc_describe"] <= 1 and 0 <= evaluation[0]["acc_transcribe"] <= 1
     (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
     scalars = _tensorboard_scalars(events)
     assert [step for step, _ in scalars["loss"]] == list(range(1, 31))

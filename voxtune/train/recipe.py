@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from voxtune.config import Config
 from voxtune.data.augment import AugmentConfig
@@ -125,11 +125,23 @@ class OptimSection(Config):
 
 
 class EvalSection(Config):
-    """Evaluation on `data.valid` every `every` steps: loss, and WER/CER of transcription."""
+    """Evaluation on `data.valid` every `every` steps: the loss, WER/CER of transcription and
+    the accuracy of each task, from greedy replies."""
 
     every: int = Field(50, ge=1)
     limit: int = Field(32, ge=1)  # examples per evaluation
     max_new_tokens: int = Field(64, ge=1)
+    tasks: list[str] | None = None  # None: transcription and the mixture's tasks
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str] | None) -> list[str] | None:
+        from voxtune.data.tasks import TASKS
+
+        unknown = [t for t in value or [] if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown} (known: {', '.join(TASKS)})")
+        return value
 
 
 class OutputSection(Config):

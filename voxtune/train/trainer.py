@@ -49,6 +49,7 @@ from voxtune.train import distributed
 from voxtune.train.feature_cache import EncoderFeatureCache, encoder_fingerprint, with_cached_audio
 from voxtune.train.losses import chunked_cross_entropy
 from voxtune.train.distill import Distiller
+from voxtune.train.evaluation import evaluate_tasks
 from voxtune.train.prefetch import prefetch
 from voxtune.train.recipe import LoraSection, ModelSection, TrainRecipe, TrainSection
 
@@ -570,24 +571,32 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss on the validation data, and WER/CER of transcription there (greedy)."""
-        import jiwer
-
+        """On the first `eval.limit` validation examples: the loss, and every evaluated task
+        asked with greedy decoding (WER/CER of transcription, `acc_<task>` for each task; see
+        `voxtune.train.evaluation.evaluate_tasks`)."""
         model, limit = self.model, self.recipe.eval.limit
         was_training = model.training
         model.eval()
-        examples = self.valid_data.examples[:limit]
-        losses = [compute_loss(model, model.processor.collate([self.valid_data[i]]), self.recipe.train.chunk_tokens)
-                  for i in range(len(examples))]  # fmt: skip
-        result = {"eval_loss": sum(float(l) * n for l, n in losses) / max(1, sum(n for _, n in losses))}
-        heard = [e for e in examples if e.text]
-        if heard:
-            hypotheses = [model.transcribe(e.audio, max_new_tokens=self.recipe.eval.max_new_tokens) for e in heard]
-            references = [e.text for e in heard]
-            result["wer"] = jiwer.wer(references, [h or "-" for h in hypotheses])
-            result["cer"] = jiwer.cer(references, [h or "-" for h in hypotheses])
-        model.train(was_training)
+        try:
+            count = min(limit, len(self.valid_data))
+            losses = [compute_loss(model, model.processor.collate([self.valid_data[i]]), self.recipe.train.chunk_tokens)
+                      for i in range(count)]  # fmt: skip
+            result = {"eval_loss": sum(float(l) * n for l, n in losses) / max(1, sum(n for _, n in losses))}
+            result.update(
+                evaluate_tasks(
+                    model, self.valid_data.examples[:count], self.eval_tasks, max_new_tokens=self.recipe.eval.max_new_tokens
+                )
+            )
+        finally:
+            model.train(was_training)
         return result
+
+    @property
+    def eval_tasks(self) -> list[str]:
+        """The tasks evaluation asks: `eval.tasks`, or the mixture's and transcription."""
+        if self.recipe.eval.tasks is not None:
+            return list(self.recipe.eval.tasks)
+        return ["transcribe", *(t for t, w in self.recipe.data.mixture.items() if w > 0 and t != "transcribe")]
 
     # ---- checkpoints --------------------------------------------------------------------------
 
