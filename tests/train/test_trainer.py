@@ -175,8 +175,46 @@ def test_batches_are_seen_through_the_hook_and_bucketing_switches_off(corpus, tm
     assert spread(unbucketed.sampler) > spread(trainer.sampler)  # random batches mix lengths more
 
 
+def test_a_run_killed_at_any_moment_resumes_to_the_same_curve(corpus, tmp_path, _recipe):
+    """kill -9 during training (checkpoints every step, so mid-write often): the last good
+    checkpoint survives and `--resume` ends where the uninterrupted run does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from voxtune.config import dump_config
+
+    steps = ["train.max_steps=10", "output.save_every=1", "output.keep=2"]
+    Trainer(_recipe(corpus, tmp_path / "whole", *steps), log=lambda _: None).fit()
+    recipe = _recipe(corpus, tmp_path / "killed", *steps)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump_config(recipe))
+    checkpoints = tmp_path / "killed" / "run" / "checkpoints"
+    for wait_for in (2, 5):  # killed twice, the second time after a resume
+        command = [sys.executable, "-m", "voxtune.cli", "train", str(path)] + (["--resume"] if wait_for > 2 else [])
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not (checkpoints / f"step-{wait_for:07d}").exists() and time.monotonic() < deadline:
+            assert process.poll() is None, "training ended before it could be killed"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    Trainer(recipe, log=lambda _: None).fit(resume=True)
+    assert _losses(tmp_path / "killed" / "run") == pytest.approx(_losses(tmp_path / "whole" / "run"), rel=1e-5)
+    assert not list(checkpoints.glob(".step-*"))  # no half-written folders left behind
+    # One event file per run: a resumed run's purges what came before and writes the kept
+    # log records again, so the newest file alone holds every step once.
+    newest = max((tmp_path / "killed" / "run" / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    scalars = _tensorboard_scalars(newest)
+    assert scalars["purge"] == [(0, 0.0)]
+    assert [step for step, _ in scalars["loss"]] == list(range(1, 11))
+    assert [loss for _, loss in scalars["loss"]] == pytest.approx(_losses(tmp_path / "whole" / "run"), rel=1e-5)
+
+
 def _tensorboard_scalars(path) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of a TensorBoard event file (TFRecord: length, crc, Event proto, crc)."""
+    """Scalars of a TensorBoard event file (TFRecord: length, crc, Event proto, crc); a
+    session start that purges later steps is listed under "purge"."""
     import struct
 
     from tensorboardX.proto.event_pb2 import Event
@@ -188,4 +226,6 @@ def _tensorboard_scalars(path) -> dict[str, list[tuple[int, float]]]:
         offset += 12 + length + 4
         for value in event.summary.value:
             scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+        if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+            scalars.setdefault("purge", []).append((event.step, 0.0))
     return scalars

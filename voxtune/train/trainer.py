@@ -325,6 +325,7 @@ class Trainer:
         self.state = TrainState()
         self._board: Any = None  # the TensorBoard writer, opened with the first record
         self._bar: Any = None  # the progress bar, while fit() runs
+        self._replay: list[dict] | None = None  # after a resume: the log records TensorBoard gets again
         # Called with (batch, examples, epoch) for every micro-batch the loop takes, e.g. to
         # time epochs or count positions (benchmarks/train_throughput.py).
         self.on_batch: Callable[[dict[str, Any], list[Example], int], None] | None = None
@@ -537,13 +538,19 @@ class Trainer:
         if self._board is None:
             from tensorboardX import SummaryWriter
 
-            self._board = SummaryWriter(str(self.out / TENSORBOARD))
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self._board.add_scalar(key, value, record["step"])
+            self._board = SummaryWriter(str(self.out / TENSORBOARD), purge_step=0 if self._replay is not None else None)
+            for earlier in self._replay or []:
+                self._scalars(earlier)
+            self._replay = None
+        self._scalars(record)
         self._board.flush()
         if record["step"] % every == 0:
             self._say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def _scalars(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._board.add_scalar(key, value, record["step"])
 
     def _evaluate_and_log(self) -> None:
         """Evaluate on rank 0 while the other processes wait; with FSDP every process runs the
@@ -641,12 +648,30 @@ class Trainer:
         # A checkpoint of as many processes gives each its own RNG back; otherwise rank 0's.
         torch.set_rng_state(rngs[self.procs.rank] if rngs and len(rngs) == self.procs.world else extra["rng"])
         self.state = TrainState(**json.loads((latest / "state.json").read_text()))
-        # Steps logged after this checkpoint will be run again: drop their records.
-        log = self.out / LOG_FILE
-        if self.procs.main and log.exists():
-            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
-            write_atomic(log, "".join(line + "\n" for line in kept).encode())
+        if self.procs.main:
+            self._forget_after(self.state.step)
         self.log(f"resumed from {latest} (step {self.state.step})")
+
+    def _forget_after(self, step: int) -> None:
+        """Drop what a killed run left past the checkpoint it resumes from: log records of
+        steps that will run again (and a line torn by the kill), half-written checkpoint
+        folders, and TensorBoard's events: the JSONL log is the record, so the new event file
+        purges every earlier event and starts with the kept records again (the kill may have
+        caught TensorBoard's background writer with events still queued)."""
+        log = self.out / LOG_FILE
+        kept: list[str] = []
+        if log.exists():
+            for line in log.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the last line, cut short by the kill
+                if record.get("step", 0) <= step:
+                    kept.append(line)
+            write_atomic(log, "".join(line + "\n" for line in kept).encode())
+        self._replay = [json.loads(line) for line in kept]
+        for staging in (self.out / CHECKPOINTS).glob(".step-*"):  # atomic_directory's staging folders
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _latest_checkpoint(self) -> Path:
         checkpoints = sorted((self.out / CHECKPOINTS).glob("step-*"))
