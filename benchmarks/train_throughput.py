@@ -26,7 +26,8 @@ configuration in a fresh process of its own:
   chunking of the cross-entropy (`train.chunk_tokens` larger than any batch: one chunk, still
   over the scored rows only, so it measures the chunking alone), the chunked cross-entropy as
   a whole (`train.chunked_loss=false`: the LM's own loss on full logits, as the baseline
-  computes it) and the background batch preparation (`train.prefetch=0`).
+  computes it); and one the other way: batches prepared by a background thread
+  (`train.prefetch=2`, off by default on the CPU).
 
 Each configuration trains `--epochs` epochs; an epoch is every training example once. What the
 table shows:
@@ -89,7 +90,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "one_chunk": ("voxtune, CE in one chunk", {"chunk_tokens": 10**9}),
     "full_logits": ("voxtune, full-logits CE", {"chunked_loss": False}),
     "no_bucket": ("voxtune, length buckets off", {"bucket": False}),
-    "no_prefetch": ("voxtune, prefetch off", {"prefetch": 0}),
+    "prefetch": ("voxtune, prefetch thread on", {"prefetch": 2}),
 }
 LANGUAGES = ["en", "de", "fr", "es", "ru", "zh"]
 MIXTURE = {"transcribe": 2.0, "language": 1.0, "describe": 1.0, "answer": 1.0}

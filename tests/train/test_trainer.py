@@ -155,7 +155,7 @@ def test_the_loss_switches_change_speed_not_results(corpus, tmp_path, _recipe):
     reference.fit()
     variants = {
         "full_logits": ["train.chunked_loss=false"],
-        "no_prefetch": ["train.prefetch=0"],
+        "prefetch": ["train.prefetch=2"],
         "small_chunks": ["train.chunk_tokens=7"],
     }
     for name, overrides in variants.items():

@@ -385,8 +385,8 @@ class Trainer:
     def _batches(self) -> Iterator[tuple[dict[str, Any], list[Example], tuple[int, int]]]:
         """This process's micro-batches from the current position on: (collated batch, its
         examples, the data position after it). Of every `world` batches drawn, the one at this
-        process's rank; one process takes them all. Made ahead in a background thread
-        (`train.prefetch`), so `self.state` is only moved by the loop, as it consumes them."""
+        process's rank; one process takes them all. Made ahead in a background thread when
+        `train.prefetch` says so; `self.state` is only moved by the loop, as it consumes them."""
         # With the cache, the clips' encoder outputs come from it: no log-mel needed here.
         collate = collator(self.train_data.processor, pack=self.recipe.train.pack, features=self.cache is None)
         stream = self._stream(self.state.epoch, self.state.batch_in_epoch)
@@ -399,7 +399,10 @@ class Trainer:
                 examples = [self.train_data[i] for i in indices]
                 yield collate(examples), examples, drawn[-1][:2]
 
-        return prefetch(make(), self.recipe.train.prefetch)
+        depth = self.recipe.train.prefetch
+        if depth is None:
+            depth = 2 if self.model.device.type == "cuda" else 0
+        return prefetch(make(), depth)
 
     # ---- loop ---------------------------------------------------------------------------------
 
