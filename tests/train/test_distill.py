@@ -13,7 +13,7 @@ from voxtune.model import tiny
 from voxtune.model.processor import Example
 from voxtune.train.distill import Distiller, scored_tokens
 from voxtune.train.recipe import TrainSection
-from voxtune.train.trainer import Trainer, _lm_parts, prepare_trainable
+from voxtune.train.trainer import Trainer, prepare_trainable
 
 
 def _conversation(make_clip, reply="seven plus five is twelve"):
@@ -32,8 +32,7 @@ def test_the_text_view_swaps_audio_for_the_transcript(make_clip):
 
 
 def _student_hidden(model, batch):
-    decoder, _, _ = _lm_parts(model)
-    return decoder(**model.lm_inputs(batch)).last_hidden_state
+    return model.base_lm().get_decoder()(**model.lm_inputs(batch)).last_hidden_state
 
 
 def test_kl_is_zero_when_student_and_teacher_read_the_same(make_clip):

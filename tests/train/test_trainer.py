@@ -134,6 +134,17 @@ def test_lora_on_the_encoder_trains_it_and_exports_both_adapters(corpus, tmp_pat
     assert loaded.transcribe(clip, max_new_tokens=6) == expected
 
 
+def test_lora_on_the_output_head_gets_gradients(corpus, tmp_path, _recipe):
+    """The chunked loss projects with the head's weight itself: adapters on the head must be in it."""
+    trainer = Trainer(_recipe(corpus, tmp_path, "train.max_steps=2", "train.lora.targets=[q_proj,v_proj,lm_head]"),
+                      log=lambda _: None)  # fmt: skip
+    head = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lm_head.lora_B" in n}
+    assert head and all(not p.any() for p in head.values())  # LoRA's B starts at zero
+    trainer.fit()
+    now = dict(trainer.model.named_parameters())
+    assert all(now[n].detach().abs().sum() > 0 for n in head)
+
+
 def test_qlora_is_refused_without_cuda(corpus, tmp_path, _recipe, capsys):
     with pytest.raises(TrainError, match="qlora needs a CUDA GPU"):
         Trainer(_recipe(corpus, tmp_path, "train.method=qlora"), log=lambda _: None)

@@ -208,6 +208,24 @@ class SpeechLM(nn.Module):
         """The transformers model, inside a peft wrapper or not."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+        """(weight [V, D], bias [V] or None, final logit soft-cap or None) of the LM's output
+        projection as its forward pass applies it, for losses that project hidden states
+        themselves: with peft LoRA adapters on the head, the weight includes their product
+        (adapter dropout, which acts on the input, is not applied)."""
+        lm = self.base_lm()
+        head = lm.get_output_embeddings()
+        softcap = getattr(lm.config, "final_logit_softcapping", None)
+        if not hasattr(head, "get_delta_weight"):
+            return head.weight, head.bias, softcap
+        base = head.get_base_layer()
+        weight = base.weight
+        if not (head.disable_adapters or head.merged):
+            for name in head.active_adapters:
+                if name in head.lora_A:
+                    weight = weight + head.get_delta_weight(name)
+        return weight, base.bias, softcap
+
     def forward(self, batch: dict[str, Any]) -> Any:
         """The LM's output for a collated (or packed) batch; `.loss` is the next-token loss when
         it has labels."""

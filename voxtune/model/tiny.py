@@ -78,11 +78,14 @@ def tiny_encoder_config(kind: str, *, dim: int = 32, n_mels: int = 80) -> dict[s
     raise ValueError(f"unknown encoder kind {kind!r} (choose streaming or whisper)")
 
 
-def tiny(lm: str = "llama", encoder: str = "streaming", *, seed: int = 0, hidden: int = 64, layers: int = 2) -> SpeechLM:
-    """A small random `SpeechLM`: an LM of family `lm` and an encoder of kind `encoder`."""
+def tiny(
+    lm: str = "llama", encoder: str = "streaming", *, seed: int = 0, hidden: int = 64, layers: int = 2, encoder_dim: int = 32
+) -> SpeechLM:
+    """A small random `SpeechLM`: an LM of family `lm` (`hidden` wide, `layers` deep) and a
+    two-layer encoder of kind `encoder`, `encoder_dim` wide."""
     tokenizer = prepare_tokenizer(train_tokenizer(lm), lm)  # full vocabulary before the LM is sized
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(tiny_lm_config(lm, tokenizer, hidden=hidden, layers=layers))
-        speech_lm = build_speech_lm(model, tokenizer, encoder_kind=encoder, encoder_config=tiny_encoder_config(encoder))
+        speech_lm = build_speech_lm(model, tokenizer, encoder_kind=encoder, encoder_config=tiny_encoder_config(encoder, dim=encoder_dim))
     return speech_lm.eval()

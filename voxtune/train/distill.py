@@ -84,10 +84,10 @@ class Distiller:
             if view is not None and scored_tokens(view) != scored_tokens(example):
                 raise ValueError("the text-only view of an example scores other reply tokens than the example")
         teacher_logits = self._teacher_logits([view for view in views if view is not None])  # [N_kept, V]
-        head, softcap = _head(self._model)
+        weight, bias, softcap = self._model.output_head()
         return chunked_kl_divergence(
-            rows[keep.to(rows.device)], head.weight, teacher_logits, chunk_tokens=self.chunk_tokens,
-            lm_head_bias=head.bias, logit_softcap=softcap, temperature=self.temperature,
+            rows[keep.to(rows.device)], weight, teacher_logits, chunk_tokens=self.chunk_tokens,
+            lm_head_bias=bias, logit_softcap=softcap, temperature=self.temperature,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -106,8 +106,3 @@ class Distiller:
             if softcap:
                 logits = softcap * torch.tanh(logits / softcap)
         return logits
-
-
-def _head(model: SpeechLM) -> tuple[torch.nn.Module, float | None]:
-    lm = model.base_lm()
-    return lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)

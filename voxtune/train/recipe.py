@@ -20,6 +20,7 @@ class TinyModel(Config):
     encoder: Literal["streaming", "whisper"] = "streaming"
     hidden: int = Field(64, ge=8)
     layers: int = Field(2, ge=1)
+    encoder_dim: int = Field(32, ge=8)  # the encoder's width (it has two layers)
 
 
 class ModelSection(Config):

@@ -79,7 +79,7 @@ def build_model(section: ModelSection) -> SpeechLM:
         return load(section.load)
     if section.tiny is not None:
         t = section.tiny
-        return tiny(t.lm, t.encoder, hidden=t.hidden, layers=t.layers)
+        return tiny(t.lm, t.encoder, hidden=t.hidden, layers=t.layers, encoder_dim=t.encoder_dim)
     return compose(section.lm, section.encoder)
 
 
@@ -190,12 +190,6 @@ def fused_kernels(model: SpeechLM, train: TrainSection) -> str:
     return f"liger ({chosen})" if chosen else "none (no module this LM has is one Liger fuses)"
 
 
-def _lm_parts(model: SpeechLM) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
-    """(decoder without its head, the output head, the final logit soft-cap if any)."""
-    lm = model.base_lm()
-    return lm.get_decoder(), lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
-
-
 def compute_loss(
     model: SpeechLM, batch: dict[str, Any], chunk_tokens: int, *, distiller: Distiller | None = None,
     examples: list[Example] | None = None, distill_weight: float = 0.0, chunked: bool = True,
@@ -208,11 +202,9 @@ def compute_loss(
         output = model.lm(**model.lm_inputs(batch), labels=labels, output_hidden_states=distiller is not None)
         loss, hidden = output.loss, (output.hidden_states[-1] if distiller is not None else None)
     else:
-        decoder, head, softcap = _lm_parts(model)
-        hidden = decoder(**model.lm_inputs(batch)).last_hidden_state  # [B, L, D]
-        loss = chunked_cross_entropy(
-            hidden, head.weight, labels, chunk_tokens=chunk_tokens, lm_head_bias=head.bias, logit_softcap=softcap
-        )
+        hidden = model.base_lm().get_decoder()(**model.lm_inputs(batch)).last_hidden_state  # [B, L, D]
+        weight, bias, softcap = model.output_head()
+        loss = chunked_cross_entropy(hidden, weight, labels, chunk_tokens=chunk_tokens, lm_head_bias=bias, logit_softcap=softcap)
     if distiller is not None:
         kl = distiller.loss(hidden, labels, examples or [])
         if kl is not None:
