@@ -74,14 +74,14 @@ def test_cached_equals_embed_audio_and_second_call_hits(model, clips, tmp_path):
     assert (cache.hits, cache.misses, cache.writes) == (0, 3, 3)
     for got, want in zip(first, expected, strict=True):
         assert got.shape == want.shape
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # clip by clip vs one padded batch
 
     with count_encoder_calls(model) as calls, torch.no_grad():
         second = project(model, encode_with_cache(model, clips, augmentations, cache))
     assert calls[0] == 0
     assert (cache.hits, cache.misses) == (3, 3)
-    for got, want in zip(second, expected, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    for got, want in zip(second, first, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)  # exactly what was stored
 
 
 def test_uncached_path_and_repeated_clip(model, clips, tmp_path):
@@ -89,8 +89,8 @@ def test_uncached_path_and_repeated_clip(model, clips, tmp_path):
     twice = [clips[0], clips[1], clips[0]]
     with count_encoder_calls(model) as calls:
         cached = encode_with_cache(model, twice, [None] * 3, cache)
-        direct = encode_with_cache(model, twice, [None] * 3, None)
-    assert calls[0] == 2  # one batch each; the repeated clip is encoded once
+    assert calls[0] == 2  # on the CPU clip by clip; the repeated clip is encoded once
+    direct = encode_with_cache(model, twice, [None] * 3, None)
     assert cache.misses == 2 and cache.writes == 2
     for a, b in zip(cached, direct, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
