@@ -59,13 +59,16 @@ def test_projector_only_leaves_the_lm_alone(corpus, tmp_path, _recipe):
 
 
 def test_loss_falls_and_evaluation_reports_wer(corpus, tmp_path, _recipe):
-    trainer = Trainer(_recipe(corpus, tmp_path, "train.max_steps=30", "train.method=full", "eval.every=30"), log=lambda _: None)
+    trainer = Trainer(_recipe(corpus, tmp_path, "train.max_steps=30", "train.method=full", "eval.every=30", "eval.at_start=true"),
+                      log=lambda _: None)  # fmt: skip
     trainer.fit()
     losses = _losses(tmp_path / "run")
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     evaluation = [r for r in records if "wer" in r]
-    assert evaluation and evaluation[0]["wer"] >= 0 and "eval_loss" in evaluation[0]
+    assert [r["step"] for r in evaluation] == [0, 30]  # before training, and at the end
+    assert evaluation[1]["eval_loss"] < evaluation[0]["eval_loss"]
+    assert evaluation[0]["wer"] >= 0 and "eval_loss" in evaluation[0]
     # Every task of the mixture is asked and scored: transcribe and describe here.
     assert evaluation[0]["n_transcribe"] == evaluation[0]["n_describe"] == 2
     assert 0 <= evaluation[0]["acc_describe"] <= 1 and 0 <= evaluation[0]["acc_transcribe"] <= 1

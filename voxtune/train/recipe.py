@@ -135,6 +135,7 @@ class EvalSection(Config):
     limit: int = Field(32, ge=1)  # examples per evaluation
     max_new_tokens: int = Field(64, ge=1)
     tasks: list[str] | None = None  # None: transcription and the mixture's tasks
+    at_start: bool = False  # also evaluate before the first step (logged as step 0)
 
     @field_validator("tasks")
     @classmethod

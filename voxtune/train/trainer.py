@@ -420,6 +420,8 @@ class Trainer:
         record: dict[str, Any] = {}
         tokens = audio_seconds = 0.0
         first_step = self.state.step
+        if first_step == 0 and self.recipe.eval.at_start and self.valid_data is not None:
+            self._evaluate_and_log()  # step 0: where the model starts from
         self._bar = self._progress_bar()
         try:
             while self.state.step < train.max_steps:
