@@ -113,11 +113,17 @@ def test_chunked_cross_entropy_with_nothing_scored_is_zero_not_nan():
         assert torch.isfinite(grad).all() and (grad == 0).all()
 
 
-def test_a_frozen_head_gets_no_gradient_and_hidden_still_does():
-    hidden, weight, _, labels = _head_inputs()
-    frozen = weight.detach()
-    chunked_cross_entropy(hidden, frozen, labels, chunk_tokens=3).backward()
-    _, (want,) = _value_and_grads(lambda: _full_cross_entropy(hidden, frozen, labels), hidden)
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_a_frozen_head_gets_no_gradient_and_hidden_still_does(bias, softcap):
+    """A frozen head (LoRA) takes the path that computes the rows' gradient in the forward
+    pass; scaled losses (accumulation weights) must scale it."""
+    hidden, weight, lm_bias, labels = _head_inputs(bias=bias)
+    frozen, frozen_bias = weight.detach(), lm_bias.detach() if bias else None
+    (3 * chunked_cross_entropy(hidden, frozen, labels, chunk_tokens=3, lm_head_bias=frozen_bias, logit_softcap=softcap)).backward()
+    _, (want,) = _value_and_grads(
+        lambda: 3 * _full_cross_entropy(hidden, frozen, labels, bias=frozen_bias, softcap=softcap), hidden
+    )
     assert frozen.grad is None
     torch.testing.assert_close(hidden.grad, want, rtol=0, atol=1e-5)
 
