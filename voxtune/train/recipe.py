@@ -41,11 +41,24 @@ class ModelSection(Config):
         return self
 
 
-class DataSection(Config):
-    """Training and evaluation data (manifests), the task mixture and augmentation."""
+class DatasetSource(Config):
+    """A Hugging Face dataset saved with `save_to_disk`, with the columns to read (a plain path
+    in `data.train` works too when the defaults fit)."""
 
-    train: list[str]
-    valid: list[str] = Field(default_factory=list)
+    dataset: str
+    split: str | None = None
+    audio_column: str = "audio"
+    text_column: str | None = "text"
+    columns: dict[str, str] = Field(default_factory=dict)  # field -> column, e.g. {language: lang}
+
+
+class DataSection(Config):
+    """Training and evaluation data, the task mixture and augmentation. Each entry of `train`
+    and `valid` is a JSONL manifest, a folder of audio files with `.txt` transcripts beside
+    them, a folder a Hugging Face dataset was saved to, or a `DatasetSource`."""
+
+    train: list[str | DatasetSource]
+    valid: list[str | DatasetSource] = Field(default_factory=list)
     # A data recipe to synthesise the corpus from when the manifests are not there yet; it is
     # written into the folder of the first train manifest.
     synth: str | None = None

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from voxtune.data.augment import Augmenter
 from voxtune.data.dataset import LengthBucketSampler, SpeechDataset, collator
-from voxtune.data.manifest import read_manifest
+from voxtune.data.sources import read_source
 from voxtune.errors import InputError
 from voxtune.files import atomic_directory, write_atomic
 from voxtune.model import SpeechLM
@@ -51,7 +51,7 @@ from voxtune.train.losses import chunked_cross_entropy
 from voxtune.train.distill import Distiller
 from voxtune.train.evaluation import evaluate_tasks
 from voxtune.train.prefetch import prefetch
-from voxtune.train.recipe import LoraSection, ModelSection, TrainRecipe, TrainSection
+from voxtune.train.recipe import DatasetSource, LoraSection, ModelSection, TrainRecipe, TrainSection
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "log.jsonl"
@@ -339,8 +339,11 @@ class Trainer:
 
     def _make_corpus(self) -> None:
         data = self.recipe.data
-        if data.synth is None or all(Path(p).exists() for p in data.train + data.valid):
+        paths = [p for p in data.train + data.valid if isinstance(p, str)]
+        if data.synth is None or all(Path(p).exists() for p in paths):
             return
+        if not isinstance(data.train[0], str):
+            raise TrainError("data.synth writes manifests: the first entry of data.train must be the manifest path")
         from voxtune.config import load_config
         from voxtune.data.synth import SynthRecipe, synthesize_corpus
 
@@ -349,10 +352,10 @@ class Trainer:
         summary = synthesize_corpus(load_config(SynthRecipe, data.synth), out)
         self.log(f"made {summary.clips} clips ({summary.seconds / 60:.1f} min of audio)")
 
-    def _dataset(self, manifests: list[str], augment: Any, *, distill: bool = False) -> SpeechDataset:
-        examples = [example for path in manifests for example in read_manifest(path)]
+    def _dataset(self, sources: list[str | DatasetSource], augment: Any, *, distill: bool = False) -> SpeechDataset:
+        examples = [example for source in sources for example in _read(source)]
         if not examples:
-            raise TrainError(f"no examples in {', '.join(manifests)}")
+            raise TrainError(f"no examples in {', '.join(s if isinstance(s, str) else s.dataset for s in sources)}")
         augmenter = Augmenter(augment) if augment is not None else None
         # A copy of the processor: batches are made in a background thread, and a fast
         # tokenizer must not be used by two threads at once (evaluation tokenises meanwhile).
@@ -731,6 +734,16 @@ def _state_dict_options(*, full: bool) -> Any:
     if full:
         return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
+
+
+def _read(source: str | DatasetSource) -> Any:
+    """The examples of one entry of `data.train` / `data.valid`."""
+    if isinstance(source, str):
+        return read_source(source)
+    return read_source(
+        source.dataset, split=source.split, audio_column=source.audio_column, text_column=source.text_column,
+        columns=source.columns or None,
+    )  # fmt: skip
 
 
 def _quiet(message: str) -> None:
