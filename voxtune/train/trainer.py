@@ -7,15 +7,17 @@ in the data, written atomically; `--resume` continues from the newest one and gi
 loss curve as a run that never stopped (the data order is a function of (seed, epoch), so the
 position is all that needs saving).
 
-Several processes (DDP) when `torchrun` or `accelerate launch` starts it (see
-`voxtune.train.distributed`):
+Several processes when `torchrun` or `accelerate launch` starts it (see
+`voxtune.train.distributed`): DDP, or FSDP2 with `train.strategy=fsdp` or an accelerate FSDP
+config (each decoder layer a shard group; checkpoints gathered to whole tensors):
 
     torchrun --nproc_per_node 4 -m voxtune.cli train recipes/quickstart.yaml
 
 Every process draws the same batches and trains on every `world`-th one, so a step's global
 batch is the union of the processes' micro-batches; the loss is normalised by the step's
 trained tokens over all processes, so the update equals the one a single process makes with
-`train.grad_accum` times `world` micro-batches. Rank 0 logs, evaluates and checkpoints, and
+`train.grad_accum` times `world` micro-batches. Rank 0 logs, evaluates (under FSDP every
+process evaluates, each holding a shard) and writes checkpoints, and
 checkpoints move freely between runs with different numbers of processes.
 """
 
@@ -39,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from voxtune.data.augment import Augmenter
 from voxtune.data.dataset import LengthBucketSampler, SpeechDataset, collator
+from voxtune.data.manifest import ReadResult
 from voxtune.data.sources import read_source
 from voxtune.errors import InputError
 from voxtune.files import atomic_directory, write_atomic
@@ -46,10 +49,10 @@ from voxtune.model import SpeechLM
 from voxtune.model.packed_attention import use_packed_attention
 from voxtune.model.processor import Example
 from voxtune.train import distributed
-from voxtune.train.feature_cache import EncoderFeatureCache, encoder_fingerprint, with_cached_audio
-from voxtune.train.losses import chunked_cross_entropy
 from voxtune.train.distill import Distiller
 from voxtune.train.evaluation import evaluate_tasks
+from voxtune.train.feature_cache import EncoderFeatureCache, encoder_fingerprint, with_cached_audio
+from voxtune.train.losses import chunked_cross_entropy
 from voxtune.train.prefetch import prefetch
 from voxtune.train.recipe import DatasetSource, LoraSection, ModelSection, TrainRecipe, TrainSection
 
@@ -736,7 +739,7 @@ def _state_dict_options(*, full: bool) -> Any:
     return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
 
 
-def _read(source: str | DatasetSource) -> Any:
+def _read(source: str | DatasetSource) -> ReadResult:
     """The examples of one entry of `data.train` / `data.valid`."""
     if isinstance(source, str):
         return read_source(source)
