@@ -165,15 +165,23 @@ def test_fused_kernels_and_packed_attention_are_reported(corpus, tmp_path, _reci
 
 
 def test_the_loss_switches_change_speed_not_results(corpus, tmp_path, _recipe):
-    reference = Trainer(_recipe(corpus, tmp_path / "ref", "train.max_steps=3"), log=lambda _: None)
-    reference.fit()
-    variants = {
-        "full_logits": ["train.chunked_loss=false"],
-        "prefetch": ["train.prefetch=2"],
-        "small_chunks": ["train.chunk_tokens=7"],
-    }
-    for name, overrides in variants.items():
-        Trainer(_recipe(corpus, tmp_path / name, "train.max_steps=3", *overrides), log=lambda _: None).fit()
+    import threading
+
+    def run(name, *overrides):
+        """Train 3 steps; returns (calls of the output head module, whether a prefetch thread ran)."""
+        trainer = Trainer(_recipe(corpus, tmp_path / name, "train.max_steps=3", *overrides), log=lambda _: None)
+        head_calls, threads = [], []
+        trainer.model.base_lm().get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))
+        trainer.on_batch = lambda *a: threads.append(any(t.name == "voxtune-prefetch" for t in threading.enumerate()))
+        trainer.fit()
+        return len(head_calls), any(threads)
+
+    # The chunked loss projects with the head's weight and never calls the head; no thread on the CPU.
+    assert run("ref") == (0, False)
+    assert run("full_logits", "train.chunked_loss=false") == (3, False)  # the LM's own loss: full logits
+    assert run("prefetch", "train.prefetch=2") == (0, True)
+    run("small_chunks", "train.chunk_tokens=7")
+    for name in ("full_logits", "prefetch", "small_chunks"):
         assert _losses(tmp_path / name / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=1e-4), name
 
 
