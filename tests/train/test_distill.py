@@ -44,7 +44,7 @@ def test_kl_is_zero_when_student_and_teacher_read_the_same(make_clip):
     texts = [processor.encode_messages(text_conversation(_conversation(make_clip, r), "hello there"), with_labels=True)
              for r in ["twelve", "the answer is nine"]]  # fmt: skip
     examples = [Example(t.input_ids, t.labels, [], {"teacher": t}) for t in texts]
-    distiller = Distiller(model, "lora")
+    distiller = Distiller(model)
     for batch in (processor.collate(examples), processor.pack(examples)):
         kl = distiller.loss(_student_hidden(model, batch), batch["labels"], examples)
         assert kl is not None and kl.item() == pytest.approx(0.0, abs=1e-6)
@@ -62,7 +62,7 @@ def test_examples_without_a_teacher_view_are_left_out(make_clip):
     prepare_trainable(model, TrainSection(method="projector"))
     processor = model.processor
     heard = processor.encode_messages(_conversation(make_clip), with_labels=True)
-    distiller = Distiller(model, "projector")
+    distiller = Distiller(model)
     batch = processor.collate([heard])
     assert distiller.loss(_student_hidden(model, batch), batch["labels"], [heard]) is None
     view = processor.encode_messages(text_conversation(_conversation(make_clip), "what is seven plus five"), with_labels=True)
@@ -74,7 +74,7 @@ def test_examples_without_a_teacher_view_are_left_out(make_clip):
 def test_a_full_fine_tune_keeps_a_frozen_teacher(make_clip):
     model = tiny("llama")
     prepare_trainable(model, TrainSection(method="full"))
-    distiller = Distiller(model, "full")
+    distiller = Distiller(model)
     with distiller.teacher() as teacher:
         assert teacher is not model.lm and not any(p.requires_grad for p in teacher.parameters())
         assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), model.lm.parameters()))

@@ -63,18 +63,17 @@ def packed_sdpa_forward(
 
 
 def use_packed_attention(lm: Any) -> bool:
-    """Switch `lm` (a transformers causal LM, or a peft model around one) from SDPA to the
+    """Switch `lm` (a transformers causal LM; `SpeechLM.base_lm()` under peft) from SDPA to the
     per-example packed attention; returns whether it was switched (only SDPA models are)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    if base.config._attn_implementation != "sdpa":
+    if lm.config._attn_implementation != "sdpa":
         return False
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_forward)
     # The same masks as SDPA, for the calls that are not packed rows.
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
-    base.set_attn_implementation(PACKED_ATTENTION)
+    lm.set_attn_implementation(PACKED_ATTENTION)
     return True
 
 

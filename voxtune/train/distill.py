@@ -36,13 +36,13 @@ class Distiller:
     """Computes the distillation loss of a batch; holds (or points to) the teacher LM.
 
     Args:
-        model: the speech model being trained, after `prepare_trainable`.
-        method: the recipe's `train.method` (decides who the teacher is).
+        model: the speech model being trained, after `prepare_trainable` (what trains in it
+            decides who the teacher is).
         temperature: softens both distributions (the loss is scaled by temperature^2).
         chunk_tokens: rows per chunk of the student's logits.
     """
 
-    def __init__(self, model: SpeechLM, method: str, *, temperature: float = 1.0, chunk_tokens: int = 1024) -> None:
+    def __init__(self, model: SpeechLM, *, temperature: float = 1.0, chunk_tokens: int = 1024) -> None:
         self.temperature = temperature
         self.chunk_tokens = chunk_tokens
         trains_lm = any(p.requires_grad for p in model.lm.parameters())

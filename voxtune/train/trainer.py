@@ -178,17 +178,18 @@ def fused_kernels(model: SpeechLM, train: TrainSection) -> str:
         if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             with torch.device("meta"):  # its own weight is replaced by the model's
                 fused = LigerRMSNorm(module.weight.shape[0], eps=module.variance_epsilon)
-            fused.weight = module.weight
+            fused.weight, label = module.weight, "rms_norm"
         elif kind.endswith("MLP") and {"gate_proj", "up_proj", "down_proj"} <= set(dict(module.named_children())):
             if getattr(lm.config, "hidden_act", None) not in ("silu", "swish"):
                 continue
             with torch.device("meta"):  # its own linear layers are replaced by the model's (LoRA included)
                 fused = LigerSwiGLUMLP(lm.config)
             fused.gate_proj, fused.up_proj, fused.down_proj = module.gate_proj, module.up_proj, module.down_proj
+            label = "swiglu"
         else:
             continue
         setattr(parent, child, fused)
-        swapped["rms_norm" if kind.endswith("RMSNorm") else "swiglu"] += 1
+        swapped[label] += 1
     chosen = ", ".join(f"{kind} x{count}" for kind, count in swapped.items() if count)
     return f"liger ({chosen})" if chosen else "none (no module this LM has is one Liger fuses)"
 
@@ -291,10 +292,10 @@ class Trainer:
             # Non-reentrant: the inputs are embeddings, not leaves that require grad.
             self.model.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.log(f"fused kernels: {fused_kernels(self.model, train)}")
-        if train.pack and use_packed_attention(self.model.lm):
+        if train.pack and use_packed_attention(self.model.base_lm()):
             self.log("attention: per example in packed rows (no [L, L] mask)")
         self.distiller = (
-            Distiller(self.model, train.method, temperature=train.distill.temperature, chunk_tokens=train.chunk_tokens)
+            Distiller(self.model, temperature=train.distill.temperature, chunk_tokens=train.chunk_tokens)
             if train.distill else None
         )  # fmt: skip
         self.cache = self._encoder_cache()
