@@ -46,7 +46,7 @@ def test_chat_with_audio_and_text_streamed_or_not(saved):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["transcribe", "{wav}"], "no built-in model"),
+    (["transcribe", "--model", "{model}", "{wav}", "--language", "xx"], "no language tag for 'xx'"),
     (["transcribe", "--model", "{missing}", "{wav}"], "no model directory"),
     (["transcribe", "--model", "{model}", "{missing}"], "no such file"),
     (["chat", "--model", "{model}"], "give --audio FILE"),

@@ -24,14 +24,14 @@ from voxtune.files import write_atomic
 _SUFFIX_FORMATS = {".wav": "wav", ".mp3": "mp3", ".flac": "flac", ".opus": "opus", ".ogg": "opus",
                    ".aac": "aac", ".pcm": "pcm16", ".raw": "pcm16"}  # fmt: skip
 
-# One sample sentence per language for `voxtune demo`.
+# One sample sentence per language for `voxtune demo`, in languages the built-in model knows.
 DEMO_SENTENCES = {
     "en": "Hello! This is voxtune, speaking with its built-in voice.",
     "de": "Hallo! Das ist voxtune mit seiner eingebauten Stimme.",
     "fr": "Bonjour ! Voici voxtune, avec sa voix intégrée.",
     "es": "¡Hola! Esto es voxtune, hablando con su voz integrada.",
-    "hi": "नमस्ते! यह वॉक्सट्यून है, अपनी अंतर्निहित आवाज़ में।",
-    "zh": "你好！这是 voxtune 的内置语音。",
+    "it": "Ciao! Questo è voxtune, con la sua voce integrata.",
+    "ru": "Привет! Это voxtune со своим встроенным голосом.",
 }
 
 
@@ -73,9 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="ask a speech LM about audio (and text); prints the reply")
     _model_options(chat)
     chat.add_argument("--audio", action="append", default=[], type=Path, metavar="FILE", help="an audio clip (repeatable)")
-    chat.add_argument("--text", help="text to send after the audio")
+    chat.add_argument("--text", help="text to send after the audio (without it, one clip is a spoken request to answer)")
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--stream", action="store_true", help="print the reply as it is generated")
+    chat.add_argument("--speak", type=Path, metavar="FILE",
+                      help="also speak the reply into FILE, in its language and a fitting style")
+    chat.add_argument("--voice", help=f"the voice for --speak (default: {voices.DEFAULT_VOICE})")
     chat.set_defaults(run=_chat)
 
     transcribe = commands.add_parser("transcribe", help="print the words spoken in an audio file")
@@ -102,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-after", type=int, metavar="STEPS", help="stop (with a checkpoint) after this many steps")
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and stop")
     train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="score a speech LM on a fixed evaluation set; prints one table")
+    evaluate.add_argument("--model", help="model directory or Hugging Face repo id (default: the built-in model)")
+    evaluate.add_argument("--suite", default="default", help="a built-in suite name or a suite file (default: default)")
+    evaluate.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="only the first N clips of each group (a quick look)")
+    evaluate.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="speak a sample sentence in several languages")
     demo.add_argument("--out-dir", type=Path, default=Path("out/demo"), help="where to write (default: out/demo)")
@@ -137,16 +147,42 @@ def _sampling(args: argparse.Namespace) -> dict:
 def _chat(args: argparse.Namespace) -> int:
     if not args.audio and not args.text:
         raise UsageError("give --audio FILE, --text TEXT, or both")
-    content = [{"type": "audio", "audio": path} for path in args.audio]
-    content += [{"type": "text", "text": args.text}] if args.text else []
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": content}]
+    if len(args.audio) == 1 and not args.text:
+        from voxtune.model.prompts import answer_messages
+
+        user = answer_messages(args.audio[0])  # a clip alone is a spoken request: ask for its answer
+    else:
+        content = [{"type": "audio", "audio": path} for path in args.audio]
+        content += [{"type": "text", "text": args.text}] if args.text else []
+        user = [{"role": "user", "content": content}]
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + user
+    if args.speak is None and args.voice is not None:
+        raise UsageError("--voice is the voice of --speak; give --speak FILE too")
+    if args.speak is not None:
+        if str(args.speak) == "-":
+            raise UsageError("--speak needs a file name (standard output carries the reply's text)")
+        voices.default_backend().resolve_voice(args.voice or voices.DEFAULT_VOICE)  # before the model loads
+        fmt = normalize_format(_format_from_suffix(args.speak))
     model = _load_model(args)
     if args.stream:
+        pieces = []
         for piece in model.stream(messages, **_sampling(args)):
+            pieces.append(piece)
             print(piece, end="", flush=True)
         print()
+        reply = "".join(pieces)
     else:
-        print(model.generate(messages, **_sampling(args)))
+        reply = model.generate(messages, **_sampling(args))
+        print(reply)
+    if args.speak is not None:
+        from voxtune.infer import speak_reply
+
+        spoken = speak_reply(model, messages, reply, voice=args.voice or voices.DEFAULT_VOICE)
+        if spoken.audio is None:
+            raise InputError("the reply has no words to speak")
+        write_atomic(args.speak, encode(spoken.audio, fmt))
+        print(f"spoke the reply ({spoken.language}, {spoken.style}) into {args.speak} ({spoken.audio.duration:.2f} s)",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -203,6 +239,36 @@ def _train(args: argparse.Namespace) -> int:
         say(f"stopped at step {trainer.state.step}; go on with --resume")
         return 0
     say(f"wrote the trained model to {trainer.export()}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from voxtune.eval import evaluate_suite, format_table, load_suite, prepare
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    suite = load_suite(args.suite)
+    model = _load_model(args)
+    folder = prepare(suite, log=lambda line: print(line, file=sys.stderr))
+    bar = tqdm(total=0, unit="reply", leave=False, disable=None, file=sys.stderr)  # a bar on a terminal only
+    stages: list[str] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not stages or stages[-1] != stage:
+            stages.append(stage)
+            bar.reset(total=total)
+            bar.set_description(stage)
+        bar.update(done - bar.n)
+
+    name = args.model or "voxtune-tiny (built in)"
+    report = evaluate_suite(model, suite, folder, name=name, limit=args.limit, progress=progress)
+    bar.close()
+    print(format_table(report, suite))
+    if args.json:
+        write_atomic(args.json, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -281,12 +347,28 @@ def _voices(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from voxtune.model import prompts
+    from voxtune.model.checkpoint import ModelLoadError
+
     print(f"Speaking a sample sentence in {len(DEMO_SENTENCES)} languages with the built-in voice:")
+    clips = {}
     for lang, text in DEMO_SENTENCES.items():
-        audio = voices.synthesize(text, lang, voices.DEFAULT_VOICE)
+        clips[lang] = audio = voices.synthesize(text, lang, voices.DEFAULT_VOICE)
         path = write_atomic(args.out_dir / f"hello-{lang}.wav", encode(audio, "wav"))
         print(f"  {lang}: {path} ({audio.duration:.1f} s)  {text}")
     print(f"Play them with any audio player, e.g. `ffplay {args.out_dir / 'hello-en.wav'}`.")
+    try:
+        _quiet_libraries()
+        model = voxtune.load()
+    except ModelLoadError as error:
+        print(f"Not listening to them: {error}")
+        return 0
+    print("The built-in model (voxtune-tiny) listens to each: the language it hears, and the words:")
+    for lang, audio in clips.items():
+        clip = model.encode_audio(audio)  # encoded once, asked twice
+        heard = model.generate(prompts.language_messages(clip), max_new_tokens=4, temperature=0)
+        words = model.transcribe(clip, max_new_tokens=96, temperature=0)
+        print(f"  {lang}: {heard}  {words}")
     return 0
 
 

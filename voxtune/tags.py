@@ -45,3 +45,8 @@ _TAG = re.compile(r"<\|[a-z]+:[^|<>]*\|>")
 def strip_tags(text: str) -> str:
     """`text` without tag tokens (e.g. a transcript without its language tag)."""
     return _TAG.sub("", text).strip()
+
+
+def tag_values(text: str, kind: str) -> list[str]:
+    """The values of the `kind` tags in `text`, in order (`<|style:happy|>` -> "happy")."""
+    return re.findall(rf"<\|{kind}:([^|<>]*)\|>", text)

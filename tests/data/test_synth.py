@@ -157,3 +157,41 @@ def test_word_runs_are_real_words_and_reproducible():
     assert first == word_run("de", np.random.default_rng(5)) and 4 <= len(first.split()) <= 9
     assert first != word_run("de", np.random.default_rng(6))
     assert word_run("hi", np.random.default_rng(5)) is None  # no word list: the caller falls back
+
+
+def test_identify_only_languages_are_drawn_by_their_weight_and_never_code_switched():
+    def planned(weight):
+        recipe = SynthRecipe(clips=300, languages=["en", "de"], identify_only=["fr", "es"], identify_only_weight=weight,
+                             kinds={"statement": 1, "codeswitch": 1}, seed=4)  # fmt: skip
+        return plan(recipe, ["m1", "m2", "f1", "f2", "m3"])
+
+    even, rare = planned(1.0), planned(0.2)
+    def share(plans):  # among the single-language clips (code-switched ones never identify only)
+        single = [p for p in plans if p.kind == "statement"]
+        return sum(p.identify_only for p in single) / len(single)
+
+    assert 0.35 < share(even) < 0.65 and share(rare) < 0.5 * share(even)
+    assert all(p.language in ("fr", "es") for p in even if p.identify_only)
+    mixed = [p for p in even if p.kind == "codeswitch"]
+    assert mixed and all(lang in ("en", "de") for p in mixed for lang, _ in p.parts)
+
+
+def test_a_language_is_transcribed_or_identified_only():
+    with pytest.raises(ConfigError, match="identify_only"):
+        load_config(SynthRecipe, {"languages": ["en", "fr"], "identify_only": ["fr"]})
+
+
+def test_rendering_some_splits_renders_the_same_plan(tmp_path):
+    recipe = SynthRecipe(clips=24, languages=["en"], kinds={"statement": 1}, splits={"train": 0.5, "test": 0.5}, seed=6)
+    summary = synthesize_corpus(recipe, tmp_path, splits=["test"])
+    expected = [p.text for p in plan(recipe, recipe.voices or _voices()) if p.split == "test"]
+    assert [e.text for e in read_manifest(tmp_path / "test.jsonl")] == expected
+    assert summary.per_split == {"test": len(expected)} and not (tmp_path / "train.jsonl").exists()
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        synthesize_corpus(recipe, tmp_path, splits=["dev"])
+
+
+def _voices():
+    from voxtune.data.synth import all_voices
+
+    return all_voices()

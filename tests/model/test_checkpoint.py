@@ -81,8 +81,11 @@ def test_a_missing_lm_weight_is_named(saved):
         voxtune.load(saved)
 
 
-def test_bad_names_and_configs(tmp_path, saved):
-    with pytest.raises(ModelLoadError, match="no built-in model"):
+def test_bad_names_and_configs(tmp_path, saved, monkeypatch):
+    from voxtune.model import checkpoint
+
+    monkeypatch.setattr(checkpoint, "BUILTIN", tmp_path / "not-installed")  # a package without its weights
+    with pytest.raises(ModelLoadError, match="built-in model is not installed"):
         voxtune.load()
     with pytest.raises(ModelLoadError, match="no model directory"):
         voxtune.load(tmp_path / "nothing-here")

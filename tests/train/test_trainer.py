@@ -251,3 +251,47 @@ def _tensorboard_scalars(path) -> dict[str, list[tuple[int, float]]]:
         if event.HasField("session_log") and event.session_log.status == event.session_log.START:
             scalars.setdefault("purge", []).append((event.step, 0.0))
     return scalars
+
+
+def test_ctc_on_the_encoder_trains_it_resumes_and_stays_out_of_the_export(corpus, tmp_path, _recipe):
+    overrides = ("train.method=full", "train.train_encoder=true", "train.ctc={weight: 0.5}")
+    trainer = Trainer(_recipe(corpus, tmp_path / "a", *overrides), log=lambda _: None)
+    head = trainer.model.ctc_head
+    assert any(p is head.proj.weight for p in trainer.params)
+    before = head.proj.weight.clone()
+    trainer.fit()
+    assert not torch.equal(before, head.proj.weight)
+    # The same first step without CTC: a smaller logged loss, and another encoder (CTC's
+    # gradient reached it).
+    plain = Trainer(_recipe(corpus, tmp_path / "b", "train.method=full", "train.train_encoder=true"), log=lambda _: None)
+    plain.fit(stop_after=1)
+    first = Trainer(_recipe(corpus, tmp_path / "c", *overrides), log=lambda _: None)
+    first.fit(stop_after=1)
+    assert _losses(tmp_path / "c" / "run")[0] > _losses(tmp_path / "b" / "run")[0]
+    encoder, plain_encoder = first.model.encoder.state_dict(), plain.model.encoder.state_dict()
+    assert any(not torch.allclose(v, plain_encoder[k]) for k, v in encoder.items())
+    # Resumed from a checkpoint (the head's weights and moments in it), the curve goes on alike.
+    resumed = Trainer(_recipe(corpus, tmp_path / "c", *overrides), log=lambda _: None)
+    resumed.fit(resume=True)
+    assert _losses(tmp_path / "c" / "run") == pytest.approx(_losses(tmp_path / "a" / "run"), rel=1e-5)
+    exported = voxtune.load(trainer.export())
+    assert not any(name.startswith("ctc_head") for name in exported.state_dict())
+    record = json.loads((tmp_path / "a" / "run" / "model" / "training.json").read_text())
+    assert record["recipe"]["train"]["ctc"] == {"weight": 0.5} and record["steps"] == 6 and record["training_seconds"] > 0
+
+
+def test_ctc_needs_a_training_encoder(corpus, tmp_path, _recipe):
+    with pytest.raises(TrainError, match="train.ctc trains the encoder"):
+        Trainer(_recipe(corpus, tmp_path, "train.method=full", "train.ctc={weight: 0.3}"), log=lambda _: None)
+
+
+def test_a_tiny_model_can_learn_its_tokenizer_from_the_training_text(corpus, tmp_path, _recipe):
+    from voxtune.data.manifest import read_manifest
+    from voxtune.train.trainer import training_text
+
+    built_in = Trainer(_recipe(corpus, tmp_path / "a"), log=lambda _: None).model.tokenizer
+    learned = Trainer(_recipe(corpus, tmp_path / "b", "model.tiny.tokenizer_corpus=data"), log=lambda _: None).model.tokenizer
+    text = training_text(read_manifest(corpus / "train.jsonl"))
+    assert text.count("\n") >= 10
+    count = lambda tokenizer: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert count(learned) < 0.8 * count(built_in)  # its merges are the corpus's words

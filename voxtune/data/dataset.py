@@ -80,6 +80,8 @@ class SpeechDataset(Dataset):
         encoded = self.processor.encode_messages(conversation, with_labels=True)
         if self.distill and example.text:
             info["teacher"] = self.processor.encode_messages(text_conversation(conversation, example.text), with_labels=True)
+        if example.text:
+            info["transcript"] = example.text  # what an auxiliary loss on the audio alone can use (CTC)
         encoded.info.update(info, task=task)
         return encoded
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -56,11 +56,15 @@ class SynthRecipe(Config):
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "valid": 0.1, "test": 0.1})
     holdout_voices: list[str] = Field(default_factory=list)  # only in the test split
     holdout_languages: list[str] = Field(default_factory=list)  # only in the test split
+    # Languages spoken in clips labelled with their language (and style) only: no transcript,
+    # answer or intent, so a model trained on them identifies them without transcribing them.
+    identify_only: list[str] = Field(default_factory=list)
+    identify_only_weight: float = Field(1.0, gt=0)  # how often each is drawn, against 1 for the others
     sample_rate: int = 16000
     workers: int = Field(2, ge=1)
     chunk_size: int = Field(16, ge=1)
 
-    @field_validator("languages", "holdout_languages")
+    @field_validator("languages", "holdout_languages", "identify_only")
     @classmethod
     def _known_languages(cls, value: list[str]) -> list[str]:
         unknown = [code for code in value if code not in PHRASEBOOK]
@@ -80,6 +84,8 @@ class SynthRecipe(Config):
     def _consistent(self) -> SynthRecipe:
         if "test" not in self.splits and (self.holdout_voices or self.holdout_languages):
             raise ValueError("holdout voices or languages need a 'test' split")
+        if set(self.identify_only) & set(self.languages):
+            raise ValueError("identify_only: a language is either transcribed (languages) or identified only")
         if not any(weight > 0 for weight in self.kinds.values()):
             raise ValueError("kinds: at least one kind needs a positive weight")
         return self
@@ -101,6 +107,7 @@ class ClipPlan:
     answer: str | None = None
     instruction: str | None = None
     intent: str | None = None
+    identify_only: bool = False  # labelled with its language and style only
 
 
 @dataclass
@@ -138,7 +145,7 @@ def plan(recipe: SynthRecipe, voices: list[str]) -> list[ClipPlan]:
         # Sentences are kept disjoint across splits: draw until the text hashes to this split
         # (or was already used in it).
         for _ in range(1000):
-            parts, text, answer, instruction = _draw_text(kind, languages, rng)
+            parts, text, answer, instruction = _draw_text(kind, languages, rng, recipe.identify_only, recipe.identify_only_weight)
             if (seen.get(text) or _hash_split(text, recipe)) == split:
                 break
         else:
@@ -148,6 +155,7 @@ def plan(recipe: SynthRecipe, voices: list[str]) -> list[ClipPlan]:
             id=f"{index:06d}", split=split, kind=kind, voice=str(rng.choice(split_voices)),
             style=str(rng.choice(recipe.styles)), style_jitter=_jitter(rng), parts=parts, text=text,
             language=parts[0][0], answer=answer, instruction=instruction, intent=INTENT_OF.get(kind),
+            identify_only=parts[0][0] in recipe.identify_only,
         ))  # fmt: skip
     return plans
 
@@ -166,9 +174,10 @@ def _assign_voices(voices: list[str], recipe: SynthRecipe, rng: np.random.Genera
 
 
 def _languages_for(split: str, recipe: SynthRecipe) -> list[str]:
+    spoken = recipe.languages + recipe.identify_only
     if split == "test":
-        return recipe.languages + [code for code in recipe.holdout_languages if code not in recipe.languages]
-    return [code for code in recipe.languages if code not in recipe.holdout_languages]
+        return spoken + [code for code in recipe.holdout_languages if code not in spoken]
+    return [code for code in spoken if code not in recipe.holdout_languages]
 
 
 def _hash_split(text: str, recipe: SynthRecipe) -> str:
@@ -186,12 +195,20 @@ def _capitalise(sentence: str) -> str:
     return sentence[:1].upper() + sentence[1:]
 
 
-def _draw_text(kind: str, languages: list[str], rng: np.random.Generator):
-    """(parts, transcript, answer, written instruction) for one clip of `kind`."""
+def _draw_text(
+    kind: str, languages: list[str], rng: np.random.Generator, identify_only: list[str] = (), identify_weight: float = 1.0
+):
+    """(parts, transcript, answer, written instruction) for one clip of `kind`; languages in
+    `identify_only` are drawn `identify_weight` times as often as the others and are never
+    mixed into a code-switched clip."""
     if kind in _NEEDS:  # only languages with the template; none of those: an addition instead
         able = [code for code in languages if getattr(PHRASEBOOK[code], _NEEDS[kind])]
         languages, kind = (able, kind) if able else (languages, "add")
-    lang = str(rng.choice(languages))
+    if any(code in identify_only for code in languages):
+        weights = np.array([identify_weight if code in identify_only else 1.0 for code in languages])
+        lang = str(rng.choice(languages, p=weights / weights.sum()))
+    else:  # an unweighted draw, as corpora made before identify_only were drawn
+        lang = str(rng.choice(languages))
     book = PHRASEBOOK[lang]
     words = lambda n: number_words(int(n), lang)  # noqa: E731
     if kind == "words":  # real words; a statement where there is no word list for the language
@@ -231,6 +248,7 @@ def _draw_text(kind: str, languages: list[str], rng: np.random.Generator):
         text = _capitalise(book.statement.format(n=words(n)))
         return [(lang, text)], text, str(n + k), f"Add {k} to the number you hear."
     # codeswitch: two or three languages, one statement each
+    languages = [code for code in languages if code not in identify_only] or languages
     count = min(len(languages), int(rng.integers(2, 4)))
     chosen = [str(code) for code in rng.choice(languages, size=count, replace=False)]
     parts = [(code, _capitalise(PHRASEBOOK[code].statement.format(n=number_words(int(rng.integers(0, 100)), code))))
@@ -290,25 +308,40 @@ def _render_chunk(args: tuple[int, int, list[dict], int, str]) -> list[dict]:
         audio, segments = render_clip(clip_plan, sample_rate)
         relative = f"audio/{clip_plan.split}/{clip_plan.id}.wav"
         write_atomic(Path(out_dir) / relative, encode(audio, "wav"))
-        example = SpeechExample(
-            relative, text=clip_plan.text, language=clip_plan.language, style=clip_plan.style,
-            intent=clip_plan.intent, segments=segments if len(segments) > 1 else None,
-            instruction=clip_plan.instruction, answer=clip_plan.answer, speaker=clip_plan.voice,
-            meta={"kind": clip_plan.kind, "duration": round(audio.duration, 3), "id": clip_plan.id},
-        )  # fmt: skip
+        meta = {"kind": clip_plan.kind, "duration": round(audio.duration, 3), "id": clip_plan.id}
+        if clip_plan.identify_only:  # what was said stays on record, out of the labels
+            example = SpeechExample(
+                relative, language=clip_plan.language, style=clip_plan.style, speaker=clip_plan.voice,
+                meta={**meta, "identify_only": True, "spoken": clip_plan.text},
+            )  # fmt: skip
+        else:
+            example = SpeechExample(
+                relative, text=clip_plan.text, language=clip_plan.language, style=clip_plan.style,
+                intent=clip_plan.intent, segments=segments if len(segments) > 1 else None,
+                instruction=clip_plan.instruction, answer=clip_plan.answer, speaker=clip_plan.voice, meta=meta,
+            )  # fmt: skip
         records.append((clip_plan.split, example.to_record(relative)))
     return records
 
 
 def synthesize_corpus(
-    recipe: SynthRecipe, out_dir: str | Path, *, progress: Callable[[int, int], None] | None = None
+    recipe: SynthRecipe,
+    out_dir: str | Path,
+    *,
+    splits: Collection[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SynthSummary:
     """Render the corpus of `recipe` into `out_dir`: audio/<split>/*.wav, <split>.jsonl
-    manifests (records sorted by id) and the resolved recipe.yaml."""
+    manifests (records sorted by id) and the resolved recipe.yaml. With `splits`, only the
+    clips of those splits are rendered (the plan, and so what each split holds, is the whole
+    corpus's: e.g. a test split without the cost of the training split)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     voices = recipe.voices or all_voices()
-    plans = plan(recipe, voices)
+    wanted = list(recipe.splits) if splits is None else [s for s in recipe.splits if s in splits]
+    if splits is not None and set(splits) - set(recipe.splits):
+        raise ValueError(f"no split {sorted(set(splits) - set(recipe.splits))[0]!r} in the recipe")
+    plans = [p for p in plan(recipe, voices) if p.split in wanted]
     chunks = [plans[i : i + recipe.chunk_size] for i in range(0, len(plans), recipe.chunk_size)]
     jobs = [(recipe.seed, i, [asdict(p) for p in chunk], recipe.sample_rate, str(out)) for i, chunk in enumerate(chunks)]
     started = time.perf_counter()
@@ -321,7 +354,7 @@ def synthesize_corpus(
             if progress:
                 progress(len(records), len(plans))
     wall = time.perf_counter() - started
-    by_split: dict[str, list[dict]] = {name: [] for name in recipe.splits}
+    by_split: dict[str, list[dict]] = {name: [] for name in wanted}
     for split, record in sorted(records, key=lambda r: r[1]["meta"]["id"]):
         by_split[split].append(record)
     for split, split_records in by_split.items():

@@ -27,6 +27,8 @@ from voxtune.model.projector import Projector
 from voxtune.model.speech_lm import SpeechLM, SpeechLMConfig, build_encoder
 
 CONFIG_FILE = "voxtune.json"
+# voxtune-tiny, trained by recipes/voxtune-tiny and shipped in the package: the model when none is named.
+BUILTIN = Path(__file__).resolve().parents[1] / "models" / "voxtune-tiny"
 AUDIO_WEIGHTS = "audio.safetensors"
 
 
@@ -34,9 +36,10 @@ class ModelLoadError(InputError):
     """A checkpoint that is missing, incomplete or does not match its config."""
 
 
-def save(model: SpeechLM, directory: str | os.PathLike) -> Path:
+def save(model: SpeechLM, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None) -> Path:
     """Write `model` to `directory` atomically: into a temporary sibling, then renamed into place,
-    so a crash never leaves a half-written checkpoint where a good one was.
+    so a crash never leaves a half-written checkpoint where a good one was. `extra_files`
+    (name -> text) are written with it, e.g. a record of how the model was trained.
 
     An existing `directory` is replaced only when it is empty or an earlier voxtune checkpoint;
     anything else in it is never deleted (`ModelLoadError`).
@@ -54,6 +57,8 @@ def save(model: SpeechLM, directory: str | os.PathLike) -> Path:
         }
         save_file(audio_state, staging / AUDIO_WEIGHTS, metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
     return target
 
 
@@ -64,10 +69,12 @@ def resolve(name: str | os.PathLike | None) -> Path:
     """A local checkpoint directory for `name`: a directory, or a Hugging Face repo id resolved
     through the hub cache (downloaded only because the caller named it)."""
     if name is None:
-        raise ModelLoadError(
-            "no built-in model is installed yet; pass a model directory (e.g. one saved with "
-            "SpeechLM.save_pretrained) or a Hugging Face repo id"
-        )
+        if not (BUILTIN / CONFIG_FILE).is_file():
+            raise ModelLoadError(
+                f"the built-in model is not installed (no {BUILTIN}); pass a model directory "
+                "(e.g. one saved with SpeechLM.save_pretrained) or a Hugging Face repo id"
+            )
+        return BUILTIN
     path = Path(name).expanduser()
     if path.is_dir():
         return path

@@ -124,8 +124,16 @@ class SpeechLM(nn.Module):
 
     def embed_audio(self, features: torch.Tensor, frames: torch.Tensor) -> list[torch.Tensor]:
         """Log-mel `features` [N, M, T] with valid `frames` [N] -> one [n_i, D] tensor per clip."""
+        return self.project_audio(*self.encode_features(features, frames))
+
+    def encode_features(self, features: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel `features` [N, M, T] with valid `frames` [N] -> encoder outputs [N, T', D_enc]
+        and their valid lengths [N]."""
         dtype = next(self.encoder.parameters()).dtype  # features are float32; the model may not be
-        hidden, lengths = self.encoder(features.to(self.device, dtype), frames.to(self.device))  # [N, T', D_enc]
+        return self.encoder(features.to(self.device, dtype), frames.to(self.device))
+
+    def project_audio(self, hidden: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder outputs [N, T', D_enc] with valid `lengths` [N] -> one [n_i, D] tensor per clip."""
         tokens = self.projector(hidden)  # [N, ceil(T'/k), D]
         counts = self.projector.output_lengths(lengths)
         return [tokens[i, : int(counts[i])] for i in range(tokens.shape[0])]
@@ -263,8 +271,9 @@ class SpeechLM(nn.Module):
 
         return strip_tags(self.generate(transcribe_messages(audio, language), **sampling))
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write the model: a standard causal-LM checkpoint plus `voxtune.json` and the audio weights."""
+    def save_pretrained(self, directory: str, *, extra_files: dict[str, str] | None = None) -> None:
+        """Write the model: a standard causal-LM checkpoint plus `voxtune.json` and the audio
+        weights (and `extra_files`, name -> text, beside them)."""
         from voxtune.model.checkpoint import save
 
-        save(self, directory)
+        save(self, directory, extra_files=extra_files)

@@ -45,17 +45,22 @@ def train_tokenizer(model_type: str = "llama", vocab_size: int = 400, corpus: st
     return tokenizer
 
 
-def tiny_lm_config(model_type: str, tokenizer: Any, *, hidden: int = 64, layers: int = 2) -> Any:
-    """A small config of `model_type` sized for `tokenizer`, with its special token ids."""
+def tiny_lm_config(
+    model_type: str, tokenizer: Any, *, hidden: int = 64, layers: int = 2, heads: int = 4, mlp_ratio: float = 2.0
+) -> Any:
+    """A small config of `model_type` sized for `tokenizer`, with its special token ids
+    (`heads` query heads sharing half as many key/value heads)."""
+    if hidden % heads or heads % 2:
+        raise ValueError(f"hidden ({hidden}) must split into an even number of heads ({heads})")
     return AutoConfig.for_model(
         model_type,
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=int(mlp_ratio * hidden),
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=hidden // heads,
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -64,13 +69,16 @@ def tiny_lm_config(model_type: str, tokenizer: Any, *, hidden: int = 64, layers:
     )
 
 
-def tiny_encoder_config(kind: str, *, dim: int = 32, n_mels: int = 80) -> dict[str, Any]:
-    """A two-layer encoder config of `kind` ("streaming" or "whisper")."""
+def tiny_encoder_config(
+    kind: str, *, dim: int = 32, layers: int = 2, heads: int = 2, left_chunks: int = 2, n_mels: int = 80
+) -> dict[str, Any]:
+    """A small encoder config of `kind` ("streaming" or "whisper"); `left_chunks` is the
+    streaming encoder's attention past, in 160 ms chunks."""
     if kind == "streaming":
-        return {"n_mels": n_mels, "dim": dim, "layers": 2, "heads": 2, "chunk_frames": 4, "left_chunks": 2}
+        return {"n_mels": n_mels, "dim": dim, "layers": layers, "heads": heads, "chunk_frames": 4, "left_chunks": left_chunks}
     if kind == "whisper":
         return WhisperConfig(
-            num_mel_bins=n_mels, d_model=dim, encoder_layers=2, encoder_attention_heads=2,
+            num_mel_bins=n_mels, d_model=dim, encoder_layers=layers, encoder_attention_heads=heads,
             encoder_ffn_dim=2 * dim, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=2 * dim,
             max_source_positions=1500, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             decoder_start_token_id=1,
@@ -79,13 +87,32 @@ def tiny_encoder_config(kind: str, *, dim: int = 32, n_mels: int = 80) -> dict[s
 
 
 def tiny(
-    lm: str = "llama", encoder: str = "streaming", *, seed: int = 0, hidden: int = 64, layers: int = 2, encoder_dim: int = 32
+    lm: str = "llama",
+    encoder: str = "streaming",
+    *,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    mlp_ratio: float = 2.0,
+    encoder_dim: int = 32,
+    encoder_layers: int = 2,
+    encoder_heads: int = 2,
+    encoder_left_chunks: int = 2,
+    vocab_size: int = 400,
+    corpus: str = _CORPUS,
 ) -> SpeechLM:
-    """A small random `SpeechLM`: an LM of family `lm` (`hidden` wide, `layers` deep) and a
-    two-layer encoder of kind `encoder`, `encoder_dim` wide."""
-    tokenizer = prepare_tokenizer(train_tokenizer(lm), lm)  # full vocabulary before the LM is sized
+    """A small random `SpeechLM`: an LM of family `lm` (`hidden` wide, `layers` deep, a
+    byte-level BPE of `vocab_size` tokens trained on `corpus`) and an encoder of kind `encoder`
+    (`encoder_dim` wide, `encoder_layers` deep). The defaults make a model for tests; bigger
+    settings make one worth training from scratch (recipes/voxtune-tiny)."""
+    tokenizer = prepare_tokenizer(train_tokenizer(lm, vocab_size, corpus), lm)  # full vocabulary before the LM is sized
+    lm_config = tiny_lm_config(lm, tokenizer, hidden=hidden, layers=layers, heads=heads, mlp_ratio=mlp_ratio)
+    encoder_config = tiny_encoder_config(
+        encoder, dim=encoder_dim, layers=encoder_layers, heads=encoder_heads, left_chunks=encoder_left_chunks
+    )
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_lm_config(lm, tokenizer, hidden=hidden, layers=layers))
-        speech_lm = build_speech_lm(model, tokenizer, encoder_kind=encoder, encoder_config=tiny_encoder_config(encoder, dim=encoder_dim))
+        model = AutoModelForCausalLM.from_config(lm_config)
+        speech_lm = build_speech_lm(model, tokenizer, encoder_kind=encoder, encoder_config=encoder_config)
     return speech_lm.eval()

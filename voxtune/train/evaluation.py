@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,23 +22,29 @@ from voxtune.audio import load
 from voxtune.audio.features import SAMPLE_RATE
 from voxtune.data.example import SpeechExample
 from voxtune.data.tasks import TASKS, TaskError, make_conversation, parse_segments, possible_tasks
-from voxtune.tags import strip_tags
+from voxtune.tags import strip_tags, tag_values
 
 if TYPE_CHECKING:
     from voxtune.model import SpeechLM
 
 
 @dataclasses.dataclass
-class _Item:
-    """One question to the model: its task, prompt, expected reply, and the clip's transcript."""
+class Question:
+    """One question to the model: its task, prompt and expected reply, and the example asked
+    about (its audio loaded)."""
 
     task: str
     prompt: list[dict]
     reference: str
-    text: str | None
+    example: SpeechExample
+
+    @property
+    def text(self) -> str | None:
+        """The clip's transcript."""
+        return self.example.text
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
     """`text` compared loosely: tags dropped, casefolded, whitespace collapsed, no trailing
     punctuation ("  Twelve. " -> "twelve")."""
     text = " ".join(strip_tags(text).casefold().split())
@@ -49,9 +54,12 @@ def _normalise(text: str) -> str:
     return text[:end]
 
 
-def _tags(text: str, kind: str) -> list[str]:
-    """The values of the `kind` tags in `text`, in order (`<|style:happy|>` -> "happy")."""
-    return re.findall(rf"<\|{kind}:([^|<>]*)\|>", text)
+def speech_text(text: str) -> str:
+    """`text` as heard, for CER/WER: tags dropped, casefolded, punctuation removed (apostrophes
+    and hyphens inside words become spaces too), whitespace collapsed."""
+    text = strip_tags(text).casefold()
+    kept = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
+    return " ".join(kept.split())
 
 
 def score_reply(task: str, reference: str, hypothesis: str) -> bool:
@@ -66,14 +74,14 @@ def score_reply(task: str, reference: str, hypothesis: str) -> bool:
         TaskError: `task` is not one of voxtune's tasks.
     """
     if task == "language":
-        return _tags(hypothesis, "lang") == _tags(reference, "lang")
+        return tag_values(hypothesis, "lang") == tag_values(reference, "lang")
     if task == "describe":
-        kinds = [kind for kind in ("style", "intent") if _tags(reference, kind)]
-        return bool(kinds) and all(sorted(_tags(hypothesis, kind)) == sorted(_tags(reference, kind)) for kind in kinds)
+        kinds = [kind for kind in ("style", "intent") if tag_values(reference, kind)]
+        return bool(kinds) and all(sorted(tag_values(hypothesis, kind)) == sorted(tag_values(reference, kind)) for kind in kinds)
     if task == "segments":
         return [s.language for s in parse_segments(hypothesis)] == [s.language for s in parse_segments(reference)]
     if task in ("answer", "transcribe"):
-        return _normalise(hypothesis) == _normalise(reference)
+        return normalise(hypothesis) == normalise(reference)
     raise TaskError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
 
 
@@ -126,14 +134,15 @@ def evaluate_tasks(
     was_training = model.training
     model.eval()  # no dropout: the same model gives the same figures
     try:
-        replies = _replies(model, _items(examples, wanted), max_new_tokens=max_new_tokens, batch_size=batch_size)
+        replies = answer(model, questions(examples, wanted), max_new_tokens=max_new_tokens, batch_size=batch_size)
         return _figures(replies, wanted)
     finally:
         model.train(was_training)
 
 
-def _items(examples: Iterable[SpeechExample], tasks: Sequence[str]) -> Iterator[_Item]:
-    """Each example's questions; its audio is loaded once, and only when a task is asked of it."""
+def questions(examples: Iterable[SpeechExample], tasks: Sequence[str]) -> Iterator[Question]:
+    """Each example's questions, for the tasks of `tasks` its labels allow; its audio is loaded
+    (at 16 kHz) once, and only when a task is asked of it."""
     for example in examples:
         possible = possible_tasks(example)
         asked = [task for task in tasks if task in possible]
@@ -142,18 +151,21 @@ def _items(examples: Iterable[SpeechExample], tasks: Sequence[str]) -> Iterator[
         loaded = dataclasses.replace(example, audio=load(example.audio, SAMPLE_RATE))
         for task in asked:
             *prompt, reply = make_conversation(loaded, task)
-            yield _Item(task, prompt, reply["content"], loaded.text)
+            yield Question(task, prompt, reply["content"], loaded)
 
 
-def _replies(model: SpeechLM, items: Iterable[_Item], *, max_new_tokens: int, batch_size: int) -> Iterator[tuple[_Item, str]]:
-    """(item, greedy reply) in batches of `batch_size`; only one batch's audio is held at a time."""
+def answer(
+    model: SpeechLM, items: Iterable[Question], *, max_new_tokens: int = 64, batch_size: int = 8
+) -> Iterator[tuple[Question, str]]:
+    """(question, greedy reply) in batches of `batch_size`; only one batch's audio is held at a
+    time."""
     items = iter(items)
     while batch := list(itertools.islice(items, batch_size)):
         texts = model.generate([item.prompt for item in batch], max_new_tokens=max_new_tokens, temperature=0)
         yield from zip(batch, texts, strict=True)
 
 
-def _figures(replies: Iterable[tuple[_Item, str]], tasks: Sequence[str]) -> dict[str, float]:
+def _figures(replies: Iterable[tuple[Question, str]], tasks: Sequence[str]) -> dict[str, float]:
     """Score the replies into the flat figures `evaluate_tasks` returns."""
     import jiwer
 

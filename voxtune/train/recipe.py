@@ -14,13 +14,33 @@ from voxtune.data.augment import AugmentConfig
 
 
 class TinyModel(Config):
-    """A small random model built in code (for trying things out and for tests)."""
+    """A small random model built in code: for trying things out and for tests with the
+    defaults, and trained from scratch with bigger settings (recipes/voxtune-tiny)."""
 
     lm: str = "llama"
     encoder: Literal["streaming", "whisper"] = "streaming"
     hidden: int = Field(64, ge=8)
     layers: int = Field(2, ge=1)
-    encoder_dim: int = Field(32, ge=8)  # the encoder's width (it has two layers)
+    heads: int = Field(4, ge=2)
+    mlp_ratio: float = Field(2.0, gt=0)
+    encoder_dim: int = Field(32, ge=8)
+    encoder_layers: int = Field(2, ge=1)
+    encoder_heads: int = Field(2, ge=1)
+    encoder_left_chunks: int = Field(2, ge=0)  # the streaming encoder's attention past, in 160 ms chunks
+    vocab_size: int = Field(400, ge=300)  # of the byte-level BPE (voxtune's tag tokens come on top)
+    # What the BPE learns its merges from: a few built-in sentences, or every text of the
+    # training data (transcripts, answers, instructions), as a model trained from scratch wants.
+    tokenizer_corpus: Literal["builtin", "data"] = "builtin"
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> TinyModel:
+        # Rotary embeddings rotate pairs of channels: every head needs an even width.
+        for width, heads, name in ((self.hidden, self.heads, "hidden/heads"), (self.encoder_dim, self.encoder_heads, "encoder_dim/encoder_heads")):
+            if width % heads or (width // heads) % 2:
+                raise ValueError(f"{name}: {width} must split into {heads} heads of an even width")
+        if self.heads % 2:
+            raise ValueError(f"heads must be even (they share heads // 2 key/value heads), got {self.heads}")
+        return self
 
 
 class ModelSection(Config):
@@ -94,6 +114,13 @@ class DistillSection(Config):
     temperature: float = Field(1.0, gt=0.0)
 
 
+class CtcSection(Config):
+    """An auxiliary CTC loss on the encoder's frames against the transcript's tokens (for an
+    encoder trained from scratch; voxtune.train.ctc). loss = CE + weight * CTC."""
+
+    weight: float = Field(0.3, gt=0.0)
+
+
 class TrainSection(Config):
     """What trains, and the schedule."""
 
@@ -102,6 +129,7 @@ class TrainSection(Config):
     train_encoder: bool = False  # with full: also update the encoder
     lora: LoraSection = Field(default_factory=LoraSection)
     distill: DistillSection | None = None
+    ctc: CtcSection | None = None  # needs a training encoder (train_encoder, or LoRA on it)
     max_steps: int = Field(100, ge=1)
     max_tokens: int = Field(4096, ge=64)  # per micro-batch (padded or packed)
     max_batch: int = Field(32, ge=1)
@@ -167,6 +195,7 @@ class OutputSection(Config):
     dir: str = "out/train"
     save_every: int = Field(50, ge=1)
     keep: int = Field(2, ge=1)  # checkpoints kept (the newest)
+    model: str | None = None  # where the trained model goes (default: <dir>/model)
 
 
 class TrainRecipe(Config):

@@ -29,7 +29,6 @@ import json
 import math
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,26 +42,24 @@ from voxtune.data.augment import Augmenter
 from voxtune.data.dataset import LengthBucketSampler, SpeechDataset, collator
 from voxtune.data.manifest import ReadResult
 from voxtune.data.sources import read_source
-from voxtune.errors import InputError
 from voxtune.files import atomic_directory, write_atomic
 from voxtune.model import SpeechLM
 from voxtune.model.packed_attention import use_packed_attention
 from voxtune.model.processor import Example
 from voxtune.train import distributed
+from voxtune.train.ctc import alphabet, attach_ctc_head, ctc_loss
 from voxtune.train.distill import Distiller
 from voxtune.train.evaluation import evaluate_tasks
 from voxtune.train.feature_cache import EncoderFeatureCache, encoder_fingerprint, with_cached_audio
 from voxtune.train.losses import chunked_cross_entropy
+from voxtune.train.model_setup import TrainError, build_model, fused_kernels, prepare_trainable, training_text
 from voxtune.train.prefetch import prefetch
-from voxtune.train.recipe import DatasetSource, LoraSection, ModelSection, TrainRecipe, TrainSection
+from voxtune.train.recipe import DatasetSource, TrainRecipe, TrainSection
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "log.jsonl"
+TRAINING_RECORD = "training.json"  # in the exported model: how it was made
 TENSORBOARD = "tensorboard"  # event files: tensorboard --logdir <output>/tensorboard
-
-
-class TrainError(InputError):
-    """A recipe that cannot run as written (bad data, an impossible method for the model)."""
 
 
 @dataclass
@@ -72,126 +69,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of this epoch already consumed
-
-
-def build_model(section: ModelSection) -> SpeechLM:
-    """The model a recipe names: loaded, built tiny, or composed from pretrained parts."""
-    from voxtune.model import compose, load, tiny
-
-    if section.load is not None:
-        return load(section.load)
-    if section.tiny is not None:
-        t = section.tiny
-        return tiny(t.lm, t.encoder, hidden=t.hidden, layers=t.layers, encoder_dim=t.encoder_dim)
-    return compose(section.lm, section.encoder)
-
-
-def prepare_trainable(model: SpeechLM, train: TrainSection) -> list[torch.nn.Parameter]:
-    """Freeze and wrap `model` for `train.method`; returns the parameters that train.
-
-    full: everything but the encoder (unless `train_encoder`); lora / qlora: LoRA adapters
-    (through peft, so adapters are standard) on the LM and/or the encoder, plus the projector;
-    projector: the projector only. qlora first loads the LM in 4 bits (CUDA and bitsandbytes).
-    """
-    model.requires_grad_(False)
-    model.projector.requires_grad_(True)
-    if train.method == "full":
-        model.lm.requires_grad_(True)
-        model.encoder.requires_grad_(train.train_encoder)
-    elif train.method in ("lora", "qlora"):
-        lora = train.lora
-        if train.method == "qlora":
-            model.lm = quantized_lm(model, gradient_checkpointing=train.grad_checkpointing)
-        if lora.lm:
-            model.lm = with_lora(model.lm, lora.targets or list(model.family.lora_targets), lora, "train.lora.targets")
-        if lora.encoder:
-            targets = lora.encoder_targets or list(getattr(model.encoder, "lora_targets", ()))
-            model.encoder = with_lora(model.encoder, targets, lora, "train.lora.encoder_targets")
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def with_lora(module: torch.nn.Module, targets: list[str], lora: LoraSection, key: str) -> torch.nn.Module:
-    """`module` inside a peft model with LoRA adapters on its linear layers named `targets`."""
-    from peft import LoraConfig, get_peft_model
-
-    present = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
-    missing = sorted(set(targets) - present)
-    if not targets or missing:
-        raise TrainError(f"{key}: the model has no modules named {', '.join(missing) or '(none given)'}")
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
-    with warnings.catch_warnings():
-        # peft reads a transformers property that transformers 5 marks deprecated; the
-        # warning is about peft's code, not the user's, so it is not shown to them.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(module, config)
-
-
-def quantized_lm(model: SpeechLM, *, gradient_checkpointing: bool) -> torch.nn.Module:
-    """The model's LM reloaded with 4-bit NF4 weights (bitsandbytes), ready for QLoRA.
-
-    Raises TrainError where it cannot run: without CUDA (bitsandbytes' 4-bit matmuls are CUDA
-    kernels) or without bitsandbytes installed.
-    """
-    if model.device.type != "cuda":
-        raise TrainError(
-            "train.method=qlora needs a CUDA GPU (4-bit weights run on bitsandbytes' CUDA kernels); "
-            "on this machine use train.method=lora"
-        )
-    import importlib.util
-    import tempfile
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise TrainError("train.method=qlora needs bitsandbytes: pip install bitsandbytes")
-
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
-    )
-    with tempfile.TemporaryDirectory(prefix="voxtune-qlora-") as folder:
-        model.lm.save_pretrained(folder)  # the weights as they are now (built, loaded or composed)
-        lm = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map={"": model.device})
-    return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=gradient_checkpointing)
-
-
-def fused_kernels(model: SpeechLM, train: TrainSection) -> str:
-    """Swap in Liger Kernel's fused RMSNorm and SwiGLU modules where they run (CUDA, Liger
-    installed, `train.fused_kernels` on); returns what was chosen, for the start-up log.
-    The CPU path is the reference: the modules' own PyTorch code."""
-    if not train.fused_kernels:
-        return "off (train.fused_kernels=false)"
-    if model.device.type != "cuda":
-        return f"none on {model.device.type} (the PyTorch reference path)"
-    try:
-        from liger_kernel.transformers import LigerRMSNorm, LigerSwiGLUMLP
-    except ImportError:
-        return "none (pip install liger-kernel for fused kernels on CUDA)"
-    lm = model.base_lm()
-    swapped = {"rms_norm": 0, "swiglu": 0}
-    for name, module in list(lm.named_modules()):
-        parent_name, _, child = name.rpartition(".")
-        parent = lm.get_submodule(parent_name) if parent_name else lm
-        kind = type(module).__name__
-        # Llama-style RMSNorm (x * rsqrt(mean(x^2) + eps) * weight) only: Gemma's (1 + weight)
-        # norms keep `eps` instead of `variance_epsilon` and are left alone.
-        if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            with torch.device("meta"):  # its own weight is replaced by the model's
-                fused = LigerRMSNorm(module.weight.shape[0], eps=module.variance_epsilon)
-            fused.weight, label = module.weight, "rms_norm"
-        elif kind.endswith("MLP") and {"gate_proj", "up_proj", "down_proj"} <= set(dict(module.named_children())):
-            if getattr(lm.config, "hidden_act", None) not in ("silu", "swish"):
-                continue
-            with torch.device("meta"):  # its own linear layers are replaced by the model's (LoRA included)
-                fused = LigerSwiGLUMLP(lm.config)
-            fused.gate_proj, fused.up_proj, fused.down_proj = module.gate_proj, module.up_proj, module.down_proj
-            label = "swiglu"
-        else:
-            continue
-        setattr(parent, child, fused)
-        swapped[label] += 1
-    chosen = ", ".join(f"{kind} x{count}" for kind, count in swapped.items() if count)
-    return f"liger ({chosen})" if chosen else "none (no module this LM has is one Liger fuses)"
+    seconds: float = 0.0  # wall time spent training so far, over every resumed run
 
 
 def compute_loss(
@@ -244,11 +122,29 @@ class BatchLoss(torch.nn.Module):
             # In full precision: what goes into the cache must not depend on the recipe's precision.
             batch = with_cached_audio(batch, self.model, examples, self.cache)
         with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16-autocast"):
+            auxiliary = None
+            if train.ctc is not None:
+                batch, auxiliary = self._encode_with_ctc(batch, examples)
             loss, _ = compute_loss(
                 self.model, batch, train.chunk_tokens, distiller=self.distiller, examples=examples,
                 distill_weight=train.distill.weight if train.distill else 0.0, chunked=train.chunked_loss,
             )  # fmt: skip
+            if auxiliary is not None:
+                loss = loss + train.ctc.weight * auxiliary
         return loss
+
+    def _encode_with_ctc(self, batch: dict[str, Any], examples: list[Example]) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """Encode the batch's clips once, for the CTC loss on the encoder's frames and for the
+        LM (the batch comes back with the projected clips in place of their features)."""
+        flags = batch.get("audio_is_embedding")
+        if "audio_features" not in batch or (flags is not None and bool(flags.any())):
+            return batch, None  # no clips, or some pre-encoded: the LM path alone
+        hidden, lengths = self.model.encode_features(batch["audio_features"], batch["audio_frames"])
+        auxiliary = ctc_loss(self.model, hidden, lengths, examples)
+        out = {key: value for key, value in batch.items() if key not in ("audio_features", "audio_frames")}
+        out["audio_embeddings"] = self.model.project_audio(hidden, lengths)
+        out["audio_is_embedding"] = torch.ones(len(out["audio_embeddings"]), dtype=torch.bool)
+        return out, auxiliary
 
 
 def _schedule(recipe: TrainRecipe) -> Callable[[int], float]:
@@ -282,8 +178,16 @@ class Trainer:
         self.out = Path(recipe.output.dir)
         train = recipe.train
         torch.manual_seed(train.seed)
-        self.model = build_model(recipe.model).to(self.procs.device)
+        if self.procs.main:
+            self._make_corpus()
+        self.procs.barrier()  # the others wait for the corpus
+        self.model = build_model(recipe.model, self._tokenizer_corpus()).to(self.procs.device)
         self.params = prepare_trainable(self.model, train)
+        if train.ctc is not None:
+            if not any(p.requires_grad for p in self.model.encoder.parameters()):
+                raise TrainError("train.ctc trains the encoder: set train.train_encoder (full) or train.lora.encoder")
+            transcripts = [e.text for source in recipe.data.train for e in _read(source) if e.text]
+            self.params += list(attach_ctc_head(self.model, alphabet(transcripts)).parameters())
         self.model.train()
         if self.procs.world > 1:
             # The weights are the same everywhere (and DDP copies rank 0's); dropout should not be.
@@ -299,9 +203,6 @@ class Trainer:
             if train.distill else None
         )  # fmt: skip
         self.cache = self._encoder_cache()
-        if self.procs.main:
-            self._make_corpus()
-        self.procs.barrier()  # the others wait for the corpus
         self.train_data = self._dataset(recipe.data.train, recipe.data.augment, distill=train.distill is not None)
         self.valid_data = self._dataset(recipe.data.valid, None) if recipe.data.valid else None
         self.sampler = LengthBucketSampler(
@@ -355,6 +256,12 @@ class Trainer:
         self.log(f"making the corpus of {data.synth} in {out}")
         summary = synthesize_corpus(load_config(SynthRecipe, data.synth), out)
         self.log(f"made {summary.clips} clips ({summary.seconds / 60:.1f} min of audio)")
+
+    def _tokenizer_corpus(self) -> str | None:
+        tiny = self.recipe.model.tiny
+        if tiny is None or tiny.tokenizer_corpus != "data":
+            return None
+        return training_text([example for source in self.recipe.data.train for example in _read(source)])
 
     def _dataset(self, sources: list[str | DatasetSource], augment: Any, *, distill: bool = False) -> SpeechDataset:
         examples = [example for source in sources for example in _read(source)]
@@ -426,7 +333,7 @@ class Trainer:
         batches = self._batches()
         record: dict[str, Any] = {}
         tokens = audio_seconds = 0.0
-        first_step = self.state.step
+        first_step, seconds_before = self.state.step, self.state.seconds
         if first_step == 0 and self.recipe.eval.at_start and self.valid_data is not None:
             self._evaluate_and_log()  # step 0: where the model starts from
         self._bar = self._progress_bar()
@@ -458,6 +365,7 @@ class Trainer:
                 self.state.step += 1
                 self.state.epoch, self.state.batch_in_epoch = micro[-1][2]
                 elapsed = time.perf_counter() - started
+                self.state.seconds = seconds_before + elapsed
                 record = {
                     "step": self.state.step, "loss": loss_sum / max(1.0, total), "grad_norm": float(grad_norm),
                     "lr": self.scheduler.get_last_lr()[0], "epoch": self.state.epoch,
@@ -701,18 +609,21 @@ class Trainer:
         return weights
 
     def export(self) -> Path:
-        """Write the trained model to `<output>/model` (LoRA merged in) and, for LoRA, the
+        """Write the trained model to `output.model` (default `<output>/model`; LoRA merged in)
+        with `training.json` (how it was made: the recipe, the data recipe, the seed, the
+        voxtune version, steps, training time and the last evaluation) and, for LoRA, the
         adapters alone (standard peft format): the LM's in `<output>/adapter`, the encoder's in
         `<output>/adapter/encoder`. Rank 0 writes; the other processes only return the path.
 
         Under FSDP rank 0 holds a shard only: it builds the model again, unsharded, and loads
         the last checkpoint's trained weights into it (`fit` always ends with a checkpoint).
         """
+        target = Path(self.recipe.output.model) if self.recipe.output.model else self.out / "model"
         if not self.procs.main:
-            return self.out / "model"
+            return target
         model = self.model
         if self.strategy == "fsdp":
-            model = build_model(self.recipe.model)
+            model = build_model(self.recipe.model, self._tokenizer_corpus())
             prepare_trainable(model, self.recipe.train)
             trained = {name for name, p in model.named_parameters() if p.requires_grad}
             weights = self._checkpoint_weights(self._latest_checkpoint())
@@ -726,8 +637,31 @@ class Trainer:
             model.encoder.save_pretrained(self.out / "adapter" / "encoder")
             model.encoder = model.encoder.merge_and_unload()
         model.eval()
-        model.save_pretrained(self.out / "model")
-        return self.out / "model"
+        provenance = json.dumps(self._provenance(), indent=2, ensure_ascii=False) + "\n"
+        model.save_pretrained(target, extra_files={TRAINING_RECORD: provenance})
+        return target
+
+    def _provenance(self) -> dict[str, Any]:
+        """What `training.json` records about the run that made the exported model."""
+        from voxtune import __version__
+        from voxtune.config import load_config
+
+        data_recipe = None
+        if self.recipe.data.synth is not None:
+            from voxtune.data.synth import SynthRecipe
+
+            data_recipe = load_config(SynthRecipe, self.recipe.data.synth).model_dump(mode="json")
+        evaluations = [r for r in _read_log(self.out / LOG_FILE) if "eval_loss" in r]
+        return {
+            "voxtune_version": __version__,
+            "recipe": self.recipe.model_dump(mode="json"),
+            "data_recipe": data_recipe,
+            "seed": self.recipe.train.seed,
+            "steps": self.state.step,
+            "training_seconds": round(self.state.seconds, 1),
+            "machine": _machine(),
+            "last_evaluation": evaluations[-1] if evaluations else None,
+        }
 
 
 def _state_dict_options(*, full: bool) -> Any:
@@ -748,6 +682,27 @@ def _read(source: str | DatasetSource) -> ReadResult:
         source.dataset, split=source.split, audio_column=source.audio_column, text_column=source.text_column,
         columns=source.columns or None,
     )  # fmt: skip
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL log (none if it is missing; a torn line is skipped)."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _machine() -> str:
+    """The hardware a run trained on, in words."""
+    import os
+    import platform
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} GPUs)"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
 
 
 def _quiet(message: str) -> None:

@@ -1,0 +1,67 @@
+"""Replies spoken back: the reply's language tag, else the language heard; a style that fits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from voxtune.audio import voices
+from voxtune.audio.prosody import pitch
+from voxtune.infer import REPLY_STYLE, reply_voice, speak_reply
+from voxtune.model import tiny
+from voxtune.tags import tag
+
+
+class Scripted:
+    """A model whose replies are scripted per prompt; it still encodes audio as a model does."""
+
+    def __init__(self, heard_language: str, heard_style: str, reply: str) -> None:
+        self.inner = tiny("llama", "streaming")
+        self.answers = {tag("task", "language"): tag("lang", heard_language),
+                        tag("task", "describe"): tag("style", heard_style) + tag("intent", "question")}  # fmt: skip
+        self.reply = reply
+        self.asked: list[str] = []
+
+    def encode_audio(self, audio):
+        return self.inner.encode_audio(audio)
+
+    def generate(self, messages, **_):
+        text = next((p["text"] for p in messages[-1]["content"] if p.get("type") == "text"), "")
+        self.asked.append(text)
+        return self.answers.get(text, self.reply)
+
+
+@pytest.fixture(scope="module")
+def question():
+    speech = voices.synthesize("Wie viel ist zwei plus drei?", "de")
+    return [{"role": "user", "content": [{"type": "audio", "audio": speech}]}]
+
+
+def test_the_reply_tag_names_the_language_and_the_speaker_sets_the_style(question):
+    model = Scripted("fr", "angry", "")
+    assert reply_voice(model, question, tag("lang", "de") + "fünf") == ("de", "calm")
+    assert model.asked == [tag("task", "describe")]  # no need to ask which language
+
+
+def test_without_a_tag_the_language_heard_is_used(question):
+    model = Scripted("de", "excited", "fünf")
+    spoken = speak_reply(model, question)
+    assert (spoken.language, spoken.style, spoken.text) == ("de", "happy", "fünf")
+    assert spoken.audio is not None and spoken.audio.duration > 0.2
+
+
+def test_whispers_are_answered_in_a_whisper(question):
+    whispered = speak_reply(Scripted("en", "whisper", "five"), question).audio
+    spoken = speak_reply(Scripted("en", "neutral", "five"), question).audio
+    # A whispered voice has almost no pitch to track; the ordinary one does.
+    voiced = lambda audio: float(np.mean(~np.isnan(pitch(audio))))  # noqa: E731
+    assert voiced(whispered) < 0.5 * voiced(spoken)
+
+
+def test_every_style_has_a_reply_style():
+    assert set(REPLY_STYLE) == set(voices.STYLES) and set(REPLY_STYLE.values()) <= set(voices.STYLES)
+
+
+def test_text_only_conversations_default_to_english_neutral():
+    model = Scripted("de", "sad", "hello")
+    assert reply_voice(model, [{"role": "user", "content": "hi"}], "hello") == ("en", "neutral")

@@ -1,0 +1,84 @@
+"""Replies spoken back through the built-in voice, in the reply's language and a fitting style.
+
+The language is the reply's own language tag when it has one (a transcript does), else the
+language the model hears in the user's last clip: the model answers in the language it was
+asked in. The style follows how the user sounded, as a considerate speaker would answer: in
+kind to a happy or calm speaker, calm to an angry or sad one, in a whisper to a whisper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from voxtune.audio import Audio, voices
+from voxtune.audio.voices.base import DEFAULT_LANGUAGE
+from voxtune.model import prompts
+from voxtune.tags import strip_tags, tag_values
+
+if TYPE_CHECKING:
+    from voxtune.model import SpeechLM
+
+# The user's style (as the model hears it) -> the style of the spoken reply.
+REPLY_STYLE = {
+    "neutral": "neutral", "happy": "happy", "excited": "happy", "calm": "calm", "sad": "calm", "angry": "calm",
+    "whisper": "whisper",
+}  # fmt: skip
+
+
+@dataclass
+class SpokenReply:
+    """A reply as text (tags removed), the language and style it is spoken in, and its audio."""
+
+    text: str
+    language: str
+    style: str
+    audio: Audio | None
+
+
+def _last_clip(messages: Sequence[dict]) -> Any:
+    for message in reversed(messages):
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, list):
+            for part in reversed(content):
+                if part.get("type") == "audio":
+                    return part["audio"]
+                if part.get("type") == "input_audio":  # OpenAI's base64 part: the data loads as it is
+                    return part["input_audio"]["data"]
+    return None
+
+
+def reply_voice(model: SpeechLM, messages: Sequence[dict], reply: str) -> tuple[str, str]:
+    """(language, style) to speak `reply` to `messages` in; see the module docstring."""
+    languages = tag_values(reply, "lang")
+    clip = _last_clip(messages)
+    if clip is not None:  # asked about twice: encode it once
+        clip = model.encode_audio(clip)
+    if not languages and clip is not None:
+        languages = tag_values(model.generate(prompts.language_messages(clip), max_new_tokens=4, temperature=0), "lang")
+    heard = []
+    if clip is not None:
+        heard = tag_values(model.generate(prompts.describe_messages(clip), max_new_tokens=4, temperature=0), "style")
+    language = languages[0] if languages else DEFAULT_LANGUAGE
+    return language, REPLY_STYLE.get(heard[0] if heard else "neutral", "neutral")
+
+
+def speak_reply(
+    model: SpeechLM, messages: Sequence[dict], reply: str | None = None, *, voice: str = voices.DEFAULT_VOICE,
+    **sampling: Any,
+) -> SpokenReply:
+    """Speak the reply to `messages` (`reply`, or generated with `sampling` when None); audio is
+    None when the reply has no words. A language the voice cannot speak falls back to English."""
+    if reply is None:
+        reply = model.generate(messages, **sampling)
+    language, style = reply_voice(model, messages, reply)
+    text = strip_tags(reply)
+    if not text:
+        return SpokenReply(text, language, style, None)
+    try:
+        audio = voices.synthesize(text, language, voice, style)
+    except voices.UnknownLanguageError:
+        language = DEFAULT_LANGUAGE
+        audio = voices.synthesize(text, language, voice, style)
+    return SpokenReply(text, language, style, audio)

@@ -1,0 +1,156 @@
+"""The model a training recipe trains: built or loaded, frozen and wrapped for its method.
+
+    model = build_model(recipe.model)
+    params = prepare_trainable(model, recipe.train)    # full, lora, qlora or projector
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from voxtune.data.example import SpeechExample
+from voxtune.errors import InputError
+from voxtune.model import SpeechLM
+from voxtune.train.recipe import LoraSection, ModelSection, TrainSection
+
+
+class TrainError(InputError):
+    """A recipe that cannot run as written (bad data, an impossible method for the model)."""
+
+
+def build_model(section: ModelSection, corpus: str | None = None) -> SpeechLM:
+    """The model a recipe names: loaded, built tiny, or composed from pretrained parts.
+    `corpus`: the text a tiny model's tokenizer learns from when `tokenizer_corpus` is data."""
+    from voxtune.model import compose, load, tiny
+
+    if section.load is not None:
+        return load(section.load)
+    if section.tiny is not None:
+        t = section.tiny
+        options = {"corpus": corpus} if t.tokenizer_corpus == "data" else {}
+        return tiny(
+            t.lm, t.encoder, hidden=t.hidden, layers=t.layers, heads=t.heads, mlp_ratio=t.mlp_ratio,
+            encoder_dim=t.encoder_dim, encoder_layers=t.encoder_layers, encoder_heads=t.encoder_heads,
+            encoder_left_chunks=t.encoder_left_chunks, vocab_size=t.vocab_size, **options,
+        )  # fmt: skip
+    return compose(section.lm, section.encoder)
+
+
+def training_text(examples: Sequence[SpeechExample]) -> str:
+    """Every text of `examples` (transcripts, answers, written instructions), one per line, in
+    order: what a tokenizer trained from scratch learns from."""
+    lines = []
+    for example in examples:
+        lines += [t for t in (example.text, example.answer, example.instruction) if t]
+    return "\n".join(lines)
+
+
+def prepare_trainable(model: SpeechLM, train: TrainSection) -> list[torch.nn.Parameter]:
+    """Freeze and wrap `model` for `train.method`; returns the parameters that train.
+
+    full: everything but the encoder (unless `train_encoder`); lora / qlora: LoRA adapters
+    (through peft, so adapters are standard) on the LM and/or the encoder, plus the projector;
+    projector: the projector only. qlora first loads the LM in 4 bits (CUDA and bitsandbytes).
+    """
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if train.method == "full":
+        model.lm.requires_grad_(True)
+        model.encoder.requires_grad_(train.train_encoder)
+    elif train.method in ("lora", "qlora"):
+        lora = train.lora
+        if train.method == "qlora":
+            model.lm = quantized_lm(model, gradient_checkpointing=train.grad_checkpointing)
+        if lora.lm:
+            model.lm = with_lora(model.lm, lora.targets or list(model.family.lora_targets), lora, "train.lora.targets")
+        if lora.encoder:
+            targets = lora.encoder_targets or list(getattr(model.encoder, "lora_targets", ()))
+            model.encoder = with_lora(model.encoder, targets, lora, "train.lora.encoder_targets")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def with_lora(module: torch.nn.Module, targets: list[str], lora: LoraSection, key: str) -> torch.nn.Module:
+    """`module` inside a peft model with LoRA adapters on its linear layers named `targets`."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
+    missing = sorted(set(targets) - present)
+    if not targets or missing:
+        raise TrainError(f"{key}: the model has no modules named {', '.join(missing) or '(none given)'}")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+    with warnings.catch_warnings():
+        # peft reads a transformers property that transformers 5 marks deprecated; the
+        # warning is about peft's code, not the user's, so it is not shown to them.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(module, config)
+
+
+def quantized_lm(model: SpeechLM, *, gradient_checkpointing: bool) -> torch.nn.Module:
+    """The model's LM reloaded with 4-bit NF4 weights (bitsandbytes), ready for QLoRA.
+
+    Raises TrainError where it cannot run: without CUDA (bitsandbytes' 4-bit matmuls are CUDA
+    kernels) or without bitsandbytes installed.
+    """
+    if model.device.type != "cuda":
+        raise TrainError(
+            "train.method=qlora needs a CUDA GPU (4-bit weights run on bitsandbytes' CUDA kernels); "
+            "on this machine use train.method=lora"
+        )
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainError("train.method=qlora needs bitsandbytes: pip install bitsandbytes")
+
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    with tempfile.TemporaryDirectory(prefix="voxtune-qlora-") as folder:
+        model.lm.save_pretrained(folder)  # the weights as they are now (built, loaded or composed)
+        lm = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map={"": model.device})
+    return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def fused_kernels(model: SpeechLM, train: TrainSection) -> str:
+    """Swap in Liger Kernel's fused RMSNorm and SwiGLU modules where they run (CUDA, Liger
+    installed, `train.fused_kernels` on); returns what was chosen, for the start-up log.
+    The CPU path is the reference: the modules' own PyTorch code."""
+    if not train.fused_kernels:
+        return "off (train.fused_kernels=false)"
+    if model.device.type != "cuda":
+        return f"none on {model.device.type} (the PyTorch reference path)"
+    try:
+        from liger_kernel.transformers import LigerRMSNorm, LigerSwiGLUMLP
+    except ImportError:
+        return "none (pip install liger-kernel for fused kernels on CUDA)"
+    lm = model.base_lm()
+    swapped = {"rms_norm": 0, "swiglu": 0}
+    for name, module in list(lm.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        parent = lm.get_submodule(parent_name) if parent_name else lm
+        kind = type(module).__name__
+        # Llama-style RMSNorm (x * rsqrt(mean(x^2) + eps) * weight) only: Gemma's (1 + weight)
+        # norms keep `eps` instead of `variance_epsilon` and are left alone.
+        if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            with torch.device("meta"):  # its own weight is replaced by the model's
+                fused = LigerRMSNorm(module.weight.shape[0], eps=module.variance_epsilon)
+            fused.weight, label = module.weight, "rms_norm"
+        elif kind.endswith("MLP") and {"gate_proj", "up_proj", "down_proj"} <= set(dict(module.named_children())):
+            if getattr(lm.config, "hidden_act", None) not in ("silu", "swish"):
+                continue
+            with torch.device("meta"):  # its own linear layers are replaced by the model's (LoRA included)
+                fused = LigerSwiGLUMLP(lm.config)
+            fused.gate_proj, fused.up_proj, fused.down_proj = module.gate_proj, module.up_proj, module.down_proj
+            label = "swiglu"
+        else:
+            continue
+        setattr(parent, child, fused)
+        swapped[label] += 1
+    chosen = ", ".join(f"{kind} x{count}" for kind, count in swapped.items() if count)
+    return f"liger ({chosen})" if chosen else "none (no module this LM has is one Liger fuses)"
