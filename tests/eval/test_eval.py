@@ -229,3 +229,15 @@ def test_bad_suite_files_are_named(tmp_path, change, words):
     path.write_text(yaml.safe_dump({**SMALL, **change}))
     with pytest.raises(SuiteError, match=words):
         load_suite(str(path))
+
+
+def test_the_default_suite_plans_the_published_clips():
+    """The clips voxtune-tiny's published figures were measured on (and the test split of the
+    corpus it was trained on): a change to the synthesiser's planning shows here first."""
+    from voxtune.data.synth import all_voices, plan
+
+    suite = load_suite("default")
+    plans = [p for p in plan(suite.corpus, all_voices()) if p.split == suite.split]
+    listing = "\n".join(f"{p.id}|{p.voice}|{p.style}|{p.language}|{p.kind}|{p.text}" for p in plans)
+    assert len(plans) == 954
+    assert hashlib.sha256(listing.encode()).hexdigest() == "6ed179ce3001a5328c8ada873d06a20230d2127d2e0b7f8359a3c3a33e426977"

@@ -204,10 +204,10 @@ def _draw_text(
     if kind in _NEEDS:  # only languages with the template; none of those: an addition instead
         able = [code for code in languages if getattr(PHRASEBOOK[code], _NEEDS[kind])]
         languages, kind = (able, kind) if able else (languages, "add")
-    if any(code in identify_only for code in languages):
+    if identify_only:
         weights = np.array([identify_weight if code in identify_only else 1.0 for code in languages])
         lang = str(rng.choice(languages, p=weights / weights.sum()))
-    else:  # an unweighted draw, as corpora made before identify_only were drawn
+    else:  # the unweighted draw corpora without identify_only languages were always made with
         lang = str(rng.choice(languages))
     book = PHRASEBOOK[lang]
     words = lambda n: number_words(int(n), lang)  # noqa: E731

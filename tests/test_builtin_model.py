@@ -1,0 +1,76 @@
+"""voxtune-tiny, the built-in model: shipped whole, made by its recipes, and it listens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import voxtune
+from voxtune.audio import load, voices
+from voxtune.config import load_config
+from voxtune.data.synth import SynthRecipe
+from voxtune.eval.report import SUMMARY_KEYS
+from voxtune.model import prompts
+from voxtune.model.checkpoint import BUILTIN
+from voxtune.tags import tag
+from voxtune.train.recipe import TrainRecipe
+
+ROOT = Path(__file__).parents[1]
+VOXTUNE = str(Path(sys.executable).with_name("voxtune"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return voxtune.load()
+
+
+def test_the_weights_ship_in_the_package_and_fit_the_size_limit():
+    weights = sum(p.stat().st_size for p in BUILTIN.glob("*.safetensors"))
+    assert 1e6 < weights <= 50e6
+
+
+def test_the_folder_records_the_recipes_that_made_it():
+    record = json.loads((BUILTIN / "training.json").read_text())
+    recipe = load_config(TrainRecipe, ROOT / "recipes" / "voxtune-tiny" / "train.yaml")
+    assert record["recipe"] == recipe.model_dump(mode="json")
+    data = load_config(SynthRecipe, ROOT / "recipes" / "voxtune-tiny" / "data.yaml")
+    assert record["data_recipe"] == data.model_dump(mode="json")
+    assert record["seed"] == recipe.train.seed and record["steps"] == recipe.train.max_steps
+    assert record["voxtune_version"] and record["training_seconds"] > 0
+    figures = json.loads((BUILTIN / "eval.json").read_text())
+    assert all(figures[key] is not None for key in SUMMARY_KEYS) and figures["suite"] == "default"
+
+
+@pytest.mark.parametrize("lang, text", [
+    ("en", "The number is seventy-three."),
+    ("de", "Die Zahl ist achtundvierzig."),
+    ("ru", "Число шестьдесят два."),
+])  # fmt: skip
+def test_it_knows_the_language_of_a_voice_it_never_heard(model, lang, text):
+    speech = voices.synthesize(text, lang, "m7")  # a held-out voice
+    reply = model.generate(prompts.language_messages(speech), max_new_tokens=4, temperature=0)
+    assert reply == tag("lang", lang)
+
+
+def test_the_commands_use_it_when_no_model_is_named(tmp_path, model):
+    speech = voices.synthesize("What is seven plus five?", "en", "m7")
+    (tmp_path / "q.wav").write_bytes(voxtune.audio.encode(speech, "wav"))
+    result = subprocess.run([VOXTUNE, "transcribe", str(tmp_path / "q.wav")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == model.transcribe(load(tmp_path / "q.wav"), max_new_tokens=256) + "\n"
+    spoken = subprocess.run(
+        [VOXTUNE, "chat", "--audio", str(tmp_path / "q.wav"), "--speak", str(tmp_path / "reply.mp3")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert spoken.returncode == 0, spoken.stderr
+    # The same reply, language and style as the Python API gives for a clip sent alone.
+    from voxtune.infer import speak_reply
+
+    expected = speak_reply(model, prompts.answer_messages(tmp_path / "q.wav"), max_new_tokens=256, temperature=0)
+    assert spoken.stdout == model.generate(prompts.answer_messages(tmp_path / "q.wav"), max_new_tokens=256) + "\n"
+    assert f"spoke the reply ({expected.language}, {expected.style})" in spoken.stderr
+    assert load(tmp_path / "reply.mp3").duration == pytest.approx(expected.audio.duration, abs=0.1)
