@@ -50,6 +50,9 @@ def test_chat_with_audio_and_text_streamed_or_not(saved):
     (["transcribe", "--model", "{missing}", "{wav}"], "no model directory"),
     (["transcribe", "--model", "{model}", "{missing}"], "no such file"),
     (["chat", "--model", "{model}"], "give --audio FILE"),
+    (["chat", "--model", "{model}", "--text", "hi", "--voice", "nova"], "--voice is the voice of --speak"),
+    (["chat", "--model", "{model}", "--text", "hi", "--speak", "-"], "--speak needs a file name"),
+    (["chat", "--model", "{model}", "--text", "hi", "--speak", "{missing}.mp3", "--voice", "nobody"], "unknown voice 'nobody'"),
     (["chat", "--model", "{model}", "--text", "hi", "--temperature", "-1"], "temperature"),
 ])  # fmt: skip
 def test_bad_input_is_one_line(saved, args, words):
