@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from voxtune.data.augment import Augmenter
 from voxtune.data.dataset import LengthBucketSampler, SpeechDataset, collator
+from voxtune.data.example import SpeechExample
 from voxtune.data.manifest import ReadResult
 from voxtune.data.sources import read_source
 from voxtune.files import atomic_directory, write_atomic
@@ -181,12 +182,16 @@ class Trainer:
         if self.procs.main:
             self._make_corpus()
         self.procs.barrier()  # the others wait for the corpus
-        self.model = build_model(recipe.model, self._tokenizer_corpus()).to(self.procs.device)
+        # Read once: the tokenizer's text, the CTC alphabet and the training set all come from it.
+        train_examples = [example for source in recipe.data.train for example in _read(source)]
+        tiny = recipe.model.tiny
+        self._corpus = training_text(train_examples) if tiny is not None and tiny.tokenizer_corpus == "data" else None
+        self.model = build_model(recipe.model, self._corpus).to(self.procs.device)
         self.params = prepare_trainable(self.model, train)
         if train.ctc is not None:
             if not any(p.requires_grad for p in self.model.encoder.parameters()):
                 raise TrainError("train.ctc trains the encoder: set train.train_encoder (full) or train.lora.encoder")
-            transcripts = [e.text for source in recipe.data.train for e in _read(source) if e.text]
+            transcripts = [e.text for e in train_examples if e.text]
             self.params += list(attach_ctc_head(self.model, alphabet(transcripts)).parameters())
         self.model.train()
         if self.procs.world > 1:
@@ -203,8 +208,9 @@ class Trainer:
             if train.distill else None
         )  # fmt: skip
         self.cache = self._encoder_cache()
-        self.train_data = self._dataset(recipe.data.train, recipe.data.augment, distill=train.distill is not None)
-        self.valid_data = self._dataset(recipe.data.valid, None) if recipe.data.valid else None
+        self.train_data = self._dataset(train_examples, recipe.data.train, recipe.data.augment, distill=train.distill is not None)
+        valid = recipe.data.valid
+        self.valid_data = self._dataset([e for s in valid for e in _read(s)], valid, None) if valid else None
         self.sampler = LengthBucketSampler(
             self.train_data.token_lengths(), max_tokens=train.max_tokens, max_batch=train.max_batch,
             window=50 if train.bucket else 1, seed=train.seed,
@@ -257,14 +263,10 @@ class Trainer:
         summary = synthesize_corpus(load_config(SynthRecipe, data.synth), out)
         self.log(f"made {summary.clips} clips ({summary.seconds / 60:.1f} min of audio)")
 
-    def _tokenizer_corpus(self) -> str | None:
-        tiny = self.recipe.model.tiny
-        if tiny is None or tiny.tokenizer_corpus != "data":
-            return None
-        return training_text([example for source in self.recipe.data.train for example in _read(source)])
-
-    def _dataset(self, sources: list[str | DatasetSource], augment: Any, *, distill: bool = False) -> SpeechDataset:
-        examples = [example for source in sources for example in _read(source)]
+    def _dataset(
+        self, examples: list[SpeechExample], sources: list[str | DatasetSource], augment: Any, *, distill: bool = False
+    ) -> SpeechDataset:
+        """A `SpeechDataset` of `examples` (read from `sources`, named when they hold none)."""
         if not examples:
             raise TrainError(f"no examples in {', '.join(s if isinstance(s, str) else s.dataset for s in sources)}")
         augmenter = Augmenter(augment) if augment is not None else None
@@ -623,7 +625,7 @@ class Trainer:
             return target
         model = self.model
         if self.strategy == "fsdp":
-            model = build_model(self.recipe.model, self._tokenizer_corpus())
+            model = build_model(self.recipe.model, self._corpus)
             prepare_trainable(model, self.recipe.train)
             trained = {name for name, p in model.named_parameters() if p.requires_grad}
             weights = self._checkpoint_weights(self._latest_checkpoint())
