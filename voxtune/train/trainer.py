@@ -208,7 +208,9 @@ class Trainer:
             if train.distill else None
         )  # fmt: skip
         self.cache = self._encoder_cache()
-        self.train_data = self._dataset(train_examples, recipe.data.train, recipe.data.augment, distill=train.distill is not None)
+        self.train_data = self._dataset(
+            train_examples, recipe.data.train, recipe.data.augment, distill=train.distill is not None
+        )
         valid = recipe.data.valid
         self.valid_data = self._dataset([e for s in valid for e in _read(s)], valid, None) if valid else None
         self.sampler = LengthBucketSampler(
