@@ -194,3 +194,15 @@ def test_a_base_tokenizer_gets_the_family_markers_as_single_tokens():
     prepare_tokenizer(tokenizer, "llama")
     for marker in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
         assert len(tokenizer(marker, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_a_tiny_model_can_stack_more_frames_per_audio_token(make_clip):
+    from voxtune.model import tiny
+
+    default, coarse = tiny(), tiny(projector_stack=4)
+    assert default.config.projector_stack == 2 and coarse.config.projector_stack == 4
+    # 25 encoder frames per second: 12.5 audio tokens per second by default, 6.25 with 4.
+    assert default.audio_tokens(32000) == 25 and coarse.audio_tokens(32000) == 13
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": make_clip(2.0)}]}]
+    assert len(coarse.processor.encode_messages(messages).clips) == 1
+    assert coarse.generate(messages, max_new_tokens=2) is not None

@@ -295,3 +295,35 @@ def test_a_tiny_model_can_learn_its_tokenizer_from_the_training_text(corpus, tmp
     assert text.count("\n") >= 10
     count = lambda tokenizer: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     assert count(learned) < 0.8 * count(built_in)  # its merges are the corpus's words
+
+
+def test_a_second_stage_reads_the_first_stages_encoder_frozen_and_records_it(corpus, tmp_path, _recipe):
+    from voxtune.model.checkpoint import ModelLoadError
+
+    first = Trainer(_recipe(corpus, tmp_path / "a", "train.method=full", "train.train_encoder=true"), log=lambda _: None)
+    first.fit()
+    stage1 = first.export()
+    trained = voxtune.load(stage1)
+    second = Trainer(_recipe(corpus, tmp_path / "b", "train.method=full", f"model.init_encoder={stage1}"), log=lambda _: None)
+    fresh = Trainer(_recipe(corpus, tmp_path / "c", "train.method=full"), log=lambda _: None).model
+    # The encoder is stage 1's; the LM starts again (as a recipe without init_encoder would).
+    for key, value in trained.encoder.state_dict().items():
+        assert torch.equal(second.model.encoder.state_dict()[key], value)
+    for key, value in fresh.lm.state_dict().items():
+        assert torch.equal(second.model.lm.state_dict()[key], value)
+    second.fit()
+    for key, value in trained.encoder.state_dict().items():
+        assert torch.equal(second.model.encoder.state_dict()[key], value)  # frozen in stage 2
+    record = json.loads((second.export() / "training.json").read_text())
+    assert record["base"]["model"] == str(stage1)
+    assert record["base"]["training"]["steps"] == 6 and record["base"]["training"]["recipe"]["train"]["train_encoder"]
+    # An encoder of another shape is refused, naming the weights that differ.
+    with pytest.raises(ModelLoadError, match="encoder weights do not match.*wrong shape"):
+        Trainer(_recipe(corpus, tmp_path / "d", f"model.init_encoder={stage1}", "model.tiny.encoder_dim=48"), log=lambda _: None)
+
+
+def test_init_encoder_is_refused_beside_a_loaded_model(tiny_recipe, tmp_path):
+    from voxtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.init_encoder goes with model.tiny or model.lm"):
+        tiny_recipe(tmp_path, "model.tiny=null", "model.load=somewhere", "model.init_encoder=elsewhere")

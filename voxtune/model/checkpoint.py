@@ -135,14 +135,33 @@ def _load(path: Path, config_path: Path, device: Any, dtype: torch.dtype | None)
         raise ModelLoadError(f"{path} has no {AUDIO_WEIGHTS}")
     state = load_file(weights_path)
     expected = {f"{name}.{key}": t for name in ("encoder", "projector") for key, t in getattr(model, name).state_dict().items()}
-    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(t.shape)}" for k, t in expected.items() if k in state and state[k].shape != t.shape]
-    _check_keys("audio", sorted(set(expected) - set(state)), sorted(set(state) - set(expected)), misshapen)
+    _check_state("audio", expected, state)
     for name in ("encoder", "projector"):
         prefix = f"{name}."
         getattr(model, name).load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device or "cpu").eval()
+
+
+def load_encoder_weights(model: SpeechLM, name: str | os.PathLike) -> None:
+    """Give `model` the trained encoder of the saved model `name` (a directory or repo id), in
+    place: e.g. a new LM learning to read an encoder trained before. The encoder configs must
+    match (every weight's name and shape is checked).
+
+    Raises:
+        ModelLoadError: `name` is not a voxtune model, or its encoder differs from `model`'s.
+    """
+    path = resolve(name)
+    weights_path = path / AUDIO_WEIGHTS
+    if not weights_path.is_file():
+        raise ModelLoadError(f"{path} is not a voxtune model (no {AUDIO_WEIGHTS})")
+    try:
+        state = {k[len("encoder.") :]: v for k, v in load_file(weights_path).items() if k.startswith("encoder.")}
+    except (OSError, SafetensorError) as error:
+        raise ModelLoadError(f"cannot read {weights_path}: {error}") from None
+    _check_state("encoder", model.encoder.state_dict(), state)
+    model.encoder.load_state_dict(state)
 
 
 def _load_tokenizer(path: Path) -> Any:
@@ -155,6 +174,13 @@ def _load_tokenizer(path: Path) -> Any:
     if settings.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
         return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
+
+
+def _check_state(part: str, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Raise `ModelLoadError` naming every weight of `state` that is missing, unexpected or of
+    another shape than in `expected`."""
+    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(t.shape)}" for k, t in expected.items() if k in state and state[k].shape != t.shape]
+    _check_keys(part, sorted(set(expected) - set(state)), sorted(set(state) - set(expected)), misshapen)
 
 
 def _check_keys(part: str, missing: list[str], unexpected: list[str], misshapen: list[str]) -> None:

@@ -25,18 +25,24 @@ def build_model(section: ModelSection, corpus: str | None = None) -> SpeechLM:
     """The model a recipe names: loaded, built tiny, or composed from pretrained parts.
     `corpus`: the text a tiny model's tokenizer learns from when `tokenizer_corpus` is data."""
     from voxtune.model import compose, load, tiny
+    from voxtune.model.checkpoint import load_encoder_weights
 
     if section.load is not None:
         return load(section.load)
     if section.tiny is not None:
         t = section.tiny
         options = {"corpus": corpus} if t.tokenizer_corpus == "data" else {}
-        return tiny(
+        model = tiny(
             t.lm, t.encoder, hidden=t.hidden, layers=t.layers, heads=t.heads, mlp_ratio=t.mlp_ratio,
             encoder_dim=t.encoder_dim, encoder_layers=t.encoder_layers, encoder_heads=t.encoder_heads,
-            encoder_left_chunks=t.encoder_left_chunks, vocab_size=t.vocab_size, **options,
+            encoder_left_chunks=t.encoder_left_chunks, projector_stack=t.projector_stack, vocab_size=t.vocab_size,
+            **options,
         )  # fmt: skip
-    return compose(section.lm, section.encoder)
+    else:
+        model = compose(section.lm, section.encoder)
+    if section.init_encoder is not None:
+        load_encoder_weights(model, section.init_encoder)
+    return model
 
 
 def training_text(examples: Sequence[SpeechExample]) -> str:

@@ -27,6 +27,9 @@ class TinyModel(Config):
     encoder_layers: int = Field(2, ge=1)
     encoder_heads: int = Field(2, ge=1)
     encoder_left_chunks: int = Field(2, ge=0)  # the streaming encoder's attention past, in 160 ms chunks
+    # Encoder frames stacked into one audio token (default: the encoder kind's, about 12.5
+    # tokens/s; the streaming encoder makes 25 frames/s, so 4 gives 6.25 tokens/s).
+    projector_stack: int | None = Field(None, ge=1)
     vocab_size: int = Field(400, ge=300)  # of the byte-level BPE (voxtune's tag tokens come on top)
     # What the BPE learns its merges from: a few built-in sentences, or every text of the
     # training data (transcripts, answers, instructions), as a model trained from scratch wants.
@@ -50,12 +53,17 @@ class ModelSection(Config):
     tiny: TinyModel | None = None
     lm: str | None = None  # a causal-LM checkpoint (directory or repo id) ...
     encoder: str | dict[str, Any] | None = None  # ... with a Whisper checkpoint or a streaming-encoder config
+    # With tiny or lm: start the encoder from this saved voxtune model's (same encoder config),
+    # e.g. a new LM learning to read an encoder trained before.
+    init_encoder: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
         sources = [self.load is not None, self.tiny is not None, self.lm is not None]
         if sum(sources) != 1:
             raise ValueError("set exactly one of model.load, model.tiny, or model.lm (with model.encoder)")
+        if self.load is not None and self.init_encoder is not None:
+            raise ValueError("model.init_encoder goes with model.tiny or model.lm: model.load brings its own encoder")
         if (self.lm is None) != (self.encoder is None):
             raise ValueError("model.lm and model.encoder go together")
         return self

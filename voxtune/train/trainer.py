@@ -656,6 +656,10 @@ class Trainer:
 
             data_recipe = load_config(SynthRecipe, self.recipe.data.synth).model_dump(mode="json")
         evaluations = [r for r in _read_log(self.out / LOG_FILE) if "eval_loss" in r]
+        # A model trained on from another (model.load, model.init_encoder) carries that one's
+        # record along, so the exported folder tells the whole chain.
+        base = self.recipe.model.load or self.recipe.model.init_encoder
+        base_record = _base_record(base) if base is not None else None
         return {
             "voxtune_version": __version__,
             "recipe": self.recipe.model_dump(mode="json"),
@@ -665,7 +669,17 @@ class Trainer:
             "training_seconds": round(self.state.seconds, 1),
             "machine": _machine(),
             "last_evaluation": evaluations[-1] if evaluations else None,
+            "base": base_record,
         }
+
+
+def _base_record(name: str) -> dict[str, Any]:
+    """What `training.json` says of the model a run started from: its name and, when it was
+    trained by voxtune, its own training record."""
+    from voxtune.model.checkpoint import resolve
+
+    record = resolve(name) / TRAINING_RECORD
+    return {"model": name, "training": json.loads(record.read_text()) if record.is_file() else None}
 
 
 def _state_dict_options(*, full: bool) -> Any:
