@@ -19,7 +19,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 run: install
-	$(BIN)/voxtune demo --out-dir $(OUT)/demo
+	$(BIN)/voxtune serve
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -113,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, metavar="N", help="only the first N clips of each group (a quick look)")
     evaluate.set_defaults(run=_eval)
 
+    serve = commands.add_parser("serve", help="serve a speech LM behind the OpenAI APIs (chat, transcriptions, speech)")
+    serve.add_argument("--model", help="model directory or Hugging Face repo id (default: the built-in model)")
+    serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: 8000; 0 picks a free one)")
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="require this bearer key (repeatable; also VOXTUNE_API_KEY, comma-separated)")
+    serve.add_argument("--config", type=Path, metavar="YAML", help="a serve config file (limits, aliases...)")
+    serve.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="config overrides, e.g. limits.max_concurrent=8")
+    serve.add_argument("--print-config", action="store_true", help="print the resolved config and stop")
+    serve.set_defaults(run=_serve)
+
     demo = commands.add_parser("demo", help="speak a sample sentence in several languages")
     demo.add_argument("--out-dir", type=Path, default=Path("out/demo"), help="where to write (default: out/demo)")
     demo.set_defaults(run=_demo)
@@ -269,6 +280,28 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         write_atomic(args.json, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
         print(f"wrote {args.json}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from voxtune.config import dump_config, load_config
+    from voxtune.serve.config import ServeConfig
+
+    overrides = list(args.overrides)
+    for name in ("model", "host", "port"):
+        if getattr(args, name) is not None:
+            overrides.append(f"{name}={json.dumps(getattr(args, name))}")
+    keys = args.api_key + [k.strip() for k in os.environ.get("VOXTUNE_API_KEY", "").split(",") if k.strip()]
+    if keys:
+        overrides.append(f"api_keys={json.dumps(keys)}")
+    config = load_config(ServeConfig, args.config, overrides)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    _quiet_libraries()
+    from voxtune.serve.server import serve
+
+    serve(config)
     return 0
 
 

@@ -1,5 +1,20 @@
-"""Running a speech LM for users: its replies, spoken back."""
+"""Running a speech LM for users: batched generation, the audio store, replies spoken back."""
 
-from voxtune.infer.spoken_reply import REPLY_STYLE, SpokenReply, reply_voice, speak_reply
+from voxtune.infer.audio_store import AudioNotFoundError, AudioStore, StoredAudio
+from voxtune.infer.engine import Completion, Engine, Generation
+from voxtune.infer.spoken_reply import REPLY_STYLE, SpokenReply, choose_voice, render_reply, reply_voice, speak_reply
 
-__all__ = ["REPLY_STYLE", "SpokenReply", "reply_voice", "speak_reply"]
+__all__ = [
+    "REPLY_STYLE",
+    "AudioNotFoundError",
+    "AudioStore",
+    "Completion",
+    "Engine",
+    "Generation",
+    "SpokenReply",
+    "StoredAudio",
+    "choose_voice",
+    "render_reply",
+    "reply_voice",
+    "speak_reply",
+]

@@ -51,17 +51,24 @@ def _last_clip(messages: Sequence[dict]) -> Any:
 
 def reply_voice(model: SpeechLM, messages: Sequence[dict], reply: str) -> tuple[str, str]:
     """(language, style) to speak `reply` to `messages` in; see the module docstring."""
-    languages = tag_values(reply, "lang")
     clip = _last_clip(messages)
     if clip is not None:  # asked about twice: encode it once
         clip = model.encode_audio(clip)
-    if not languages and clip is not None:
-        languages = tag_values(model.generate(prompts.language_messages(clip), max_new_tokens=4, temperature=0), "lang")
-    heard = []
+    heard_language = heard_style = ""
+    if not tag_values(reply, "lang") and clip is not None:
+        heard_language = model.generate(prompts.language_messages(clip), max_new_tokens=4, temperature=0)
     if clip is not None:
-        heard = tag_values(model.generate(prompts.describe_messages(clip), max_new_tokens=4, temperature=0), "style")
-    language = languages[0] if languages else DEFAULT_LANGUAGE
-    return language, REPLY_STYLE.get(heard[0] if heard else "neutral", "neutral")
+        heard_style = model.generate(prompts.describe_messages(clip), max_new_tokens=4, temperature=0)
+    return choose_voice(reply, heard_language, heard_style)
+
+
+def choose_voice(reply: str, heard_language: str = "", heard_style: str = "") -> tuple[str, str]:
+    """(language, style) for `reply`: its own language tag, else the `<|lang:..|>` tag of
+    `heard_language` (the model's answer to `prompts.language_messages`), else English; the
+    style that answers the `<|style:..|>` of `heard_style` (`prompts.describe_messages`)."""
+    languages = tag_values(reply, "lang") or tag_values(heard_language, "lang")
+    heard = tag_values(heard_style, "style")
+    return languages[0] if languages else DEFAULT_LANGUAGE, REPLY_STYLE.get(heard[0] if heard else "neutral", "neutral")
 
 
 def speak_reply(
@@ -76,9 +83,14 @@ def speak_reply(
     text = strip_tags(reply)
     if not text:
         return SpokenReply(text, language, style, None)
-    try:
-        audio = voices.synthesize(text, language, voice, style)
-    except voices.UnknownLanguageError:
-        language = DEFAULT_LANGUAGE
-        audio = voices.synthesize(text, language, voice, style)
+    audio, language = render_reply(text, language, voice, style)
     return SpokenReply(text, language, style, audio)
+
+
+def render_reply(text: str, language: str, voice: str = voices.DEFAULT_VOICE, style: str = "neutral") -> tuple[Audio, str]:
+    """`text` spoken by `voice` in `language` and `style`, and the language it was spoken in
+    (English when the voice cannot speak `language`)."""
+    try:
+        return voices.synthesize(text, language, voice, style), language
+    except voices.UnknownLanguageError:
+        return voices.synthesize(text, DEFAULT_LANGUAGE, voice, style), DEFAULT_LANGUAGE

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from voxtune.errors import InputError
-from voxtune.model.processor import MessageError, SpeechProcessor
+from voxtune.model.processor import Example, MessageError, SpeechProcessor
 
 
 class SamplingError(InputError):
@@ -64,6 +64,7 @@ class _Row:
         self.tokens: list[int] = []
         self.text = ""
         self.done = False
+        self.reason: str | None = None  # why it is done: "stop" (end of turn, stop string) or "length"
         self.generator = None
         if params.seed is not None and params.temperature > 0:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -83,7 +84,7 @@ class _Row:
         """Take a token and, when text is followed, the row's full text so far; finish on a
         stop token, a stop string or the token limit."""
         if token in stop_ids and not self.params.ignore_eos:
-            self.done = True
+            self.done, self.reason = True, "stop"
             return
         self.tokens.append(token)
         if text is not None:
@@ -91,9 +92,9 @@ class _Row:
         for stop in self.params.stop:
             if stop in self.text:
                 self.text = self.text[: self.text.index(stop)]
-                self.done = True
-        if len(self.tokens) >= self.params.max_new_tokens:
-            self.done = True
+                self.done, self.reason = True, "stop"
+        if len(self.tokens) >= self.params.max_new_tokens and not self.done:
+            self.done, self.reason = True, "length"
 
     def settled_text(self) -> str:
         """The text that can no longer change: held back are a partial UTF-8 character and
@@ -116,6 +117,73 @@ def stop_token_ids(model) -> set[int]:
     return {i for i in ids if i is not None and i != tokenizer.unk_token_id}
 
 
+def check_prompt(model, example: Example, max_new_tokens: int) -> None:
+    """Raise `MessageError` when the prompt and the longest reply do not fit the LM's context."""
+    limit = getattr(model.lm.config, "max_position_embeddings", None)
+    length = len(example.input_ids)
+    if limit is not None and length + max_new_tokens > limit:
+        raise MessageError(
+            f"the prompt is {length} tokens and the reply may take {max_new_tokens}; this model reads at most {limit}"
+        )
+
+
+@dataclass
+class Prefill:
+    """The model's state after reading left-padded prompts."""
+
+    logits: torch.Tensor  # [B, V]: each row's next-token logits
+    cache: DynamicCache  # keys and values [B, H, L, d] per layer
+    attention_mask: torch.Tensor  # [B, L]: 0 over the left padding
+    positions: torch.Tensor  # [B, 1]: the position of each row's next token
+
+
+@torch.no_grad()
+def prefill(model, examples: Sequence[Example]) -> Prefill:
+    """Read the prompts of `examples` together (left-padded) and keep their KV cache."""
+    batch = model.processor.collate(examples, pad_left=True)
+    attention_mask = batch["attention_mask"].to(model.device)  # [B, L]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: left padding shifts them
+    out = model.lm(
+        inputs_embeds=model.embed(batch),
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=DynamicCache(),
+        use_cache=True,
+        logits_to_keep=1,  # only the last position picks a token
+    )
+    return Prefill(out.logits[:, -1], out.past_key_values, attention_mask, positions[:, -1:] + 1)
+
+
+@torch.no_grad()
+def decode_step(model, tokens: Sequence[int], state: Prefill) -> torch.Tensor:
+    """Feed one token per row to the model in `state` (advanced in place); returns the next
+    logits [B, V]."""
+    embeddings = model.lm.get_input_embeddings()(torch.tensor(list(tokens), device=model.device)[:, None])  # [B, 1, D]
+    mask = state.attention_mask
+    state.attention_mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+    out = model.lm(
+        inputs_embeds=embeddings,
+        attention_mask=state.attention_mask,
+        position_ids=state.positions,
+        past_key_values=state.cache,
+        use_cache=True,
+    )
+    state.cache = out.past_key_values
+    state.positions = state.positions + 1
+    state.logits = out.logits[:, -1]
+    return state.logits
+
+
+def pick_tokens(rows: Sequence[_Row], logits: torch.Tensor) -> list[int | None]:
+    """The next token of each row from `logits` [B, V] (None for a row that is done)."""
+    # Greedy rows share one argmax over the batch, not one call per row.
+    greedy = logits.argmax(-1).tolist() if any(r.params.temperature == 0 for r in rows) else None
+    return [
+        None if row.done else greedy[i] if row.params.temperature == 0 else row.pick(logits[i])
+        for i, row in enumerate(rows)
+    ]
+
+
 @torch.no_grad()
 def _decode(
     model, conversations: Sequence[Sequence[dict]], params: SamplingParams, *, follow_text: bool
@@ -124,51 +192,26 @@ def _decode(
     row's text is kept current (streaming and stop strings need it; it costs a decode a step)."""
     processor: SpeechProcessor = model.processor
     examples = [processor.encode_messages(c, add_generation_prompt=True) for c in conversations]
-    batch = processor.collate(examples, pad_left=True)
-    limit = getattr(model.lm.config, "max_position_embeddings", None)
-    longest = batch["input_ids"].shape[1]
-    if limit is not None and longest + params.max_new_tokens > limit:
-        raise MessageError(
-            f"the prompt is {longest} tokens and the reply may take {params.max_new_tokens}; "
-            f"this model reads at most {limit}"
-        )
+    for example in examples:
+        check_prompt(model, example, params.max_new_tokens)
     device = model.device
-    attention_mask = batch["attention_mask"].to(device)  # [B, L]
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: left padding shifts them
     rows = [_Row(params, device) for _ in conversations]
     stop_ids = stop_token_ids(model)
-    cache = DynamicCache()
-    embeddings = model.embed(batch)
+    state = prefill(model, examples)
     pad_id = model.tokenizer.pad_token_id
-    for _ in range(params.max_new_tokens):
-        out = model.lm(
-            inputs_embeds=embeddings,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,  # only the last position picks a token
-        )
-        cache = out.past_key_values
-        logits = out.logits[:, -1]  # [B, V]
-        # Greedy rows need one argmax over the batch, not one call per row.
-        greedy = logits.argmax(-1).tolist() if params.temperature == 0 else None
+    while True:
         next_tokens = []
-        for index, (row, row_logits) in enumerate(zip(rows, logits)):
-            if row.done:
+        for row, token in zip(rows, pick_tokens(rows, state.logits)):
+            if token is None:
                 next_tokens.append(pad_id)
                 continue
-            token = greedy[index] if greedy is not None else row.pick(row_logits)
             text = model.tokenizer.decode(row.tokens + [token], skip_special_tokens=True) if follow_text else None
             row.add(token, text, stop_ids)
             next_tokens.append(token)
         yield rows
         if all(row.done for row in rows):
             return
-        tokens = torch.tensor(next_tokens, device=device)[:, None]  # [B, 1]
-        embeddings = model.lm.get_input_embeddings()(tokens)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-        positions = positions[:, -1:] + 1
+        decode_step(model, next_tokens, state)
 
 
 def generate_batch(model, conversations: Sequence[Sequence[dict]], params: SamplingParams) -> list[str]:

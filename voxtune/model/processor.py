@@ -113,7 +113,7 @@ class SpeechProcessor:
         if not isinstance(message, dict) or "role" not in message:
             raise MessageError(f"message {index} must be an object with a 'role'")
         role, content = message["role"], message.get("content")
-        if role not in ("system", "user", "assistant", "developer"):
+        if role not in ("system", "user", "assistant", "developer", "tool"):
             raise MessageError(f"message {index} has unknown role {role!r}")
         role = "system" if role == "developer" else role
         if isinstance(content, str):

@@ -1,0 +1,96 @@
+"""The batching engine: a reply is the same alone or decoded with others, whenever it joins;
+cancelled replies stop; bad input fails at submit."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+from voxtune.infer import Engine
+from voxtune.model import MessageError, SamplingParams, tiny
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny("llama", "streaming", seed=0)
+
+
+@pytest.fixture
+def engine(model):
+    engine = Engine(model, max_batch=8)
+    yield engine
+    engine.close()
+
+
+def conversation(i: int, make_clip) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "audio", "audio": make_clip(0.5 + 0.3 * i, seed=i)},
+                                         {"type": "text", "text": f"question {i}" * (i + 1)}]}]  # fmt: skip
+
+
+def test_replies_match_the_model_alone_whenever_they_join(model, engine, make_clip):
+    conversations = [conversation(i, make_clip) for i in range(6)]
+    alone = [model.generate(c, max_new_tokens=24) for c in conversations]
+    results: list = [None] * 6
+    started = threading.Barrier(3)
+
+    def run(i: int) -> None:
+        if i < 3:
+            started.wait()  # three arrive together...
+        results[i] = engine.generate(conversations[i], max_new_tokens=24)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for thread in threads[:3]:
+        thread.start()
+    while engine.steps < 3:  # ...the rest join while those decode
+        threading.Event().wait(0.001)
+    for thread in threads[3:]:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.text for r in results] == alone
+    assert engine.peak_batch >= 2
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(model, engine, make_clip):
+    params = {"max_new_tokens": 16, "temperature": 0.9, "top_p": 0.95, "seed": 3}
+    alone = model.generate(conversation(0, make_clip), **params)
+    events: queue.Queue = queue.Queue()
+    for i in range(4):
+        engine.submit(conversation(i, make_clip), SamplingParams(**params), lambda k, v, i=i: events.put((i, k, v)))
+    done = {}
+    while len(done) < 4:
+        i, kind, value = events.get(timeout=30)
+        if kind == "done":
+            done[i] = value
+    assert done[0].text == alone
+
+
+def test_pieces_add_up_and_counts_are_reported(engine, make_clip):
+    pieces = list(engine.stream(conversation(1, make_clip), max_new_tokens=20))
+    completion = engine.generate(conversation(1, make_clip), max_new_tokens=20)
+    assert "".join(pieces) == completion.text
+    assert completion.finish_reason in ("stop", "length") and completion.completion_tokens <= 20
+    assert 0 < completion.prompt_audio_tokens < completion.prompt_tokens
+
+
+def test_a_cancelled_generation_stops(engine):
+    events: queue.Queue = queue.Queue()
+    generation = engine.submit([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=1500, ignore_eos=True),
+                               lambda kind, value: events.put((kind, value)))  # fmt: skip
+    while events.get(timeout=30)[0] != "piece":
+        pass
+    generation.cancel()
+    while (event := events.get(timeout=30))[0] != "done":
+        pass
+    assert event[1].finish_reason == "cancelled" and event[1].completion_tokens < 1500
+    assert engine.active == 0
+
+
+def test_bad_input_fails_at_submit_and_the_engine_goes_on(engine):
+    with pytest.raises(MessageError):
+        engine.submit([{"role": "user"}], SamplingParams(), lambda *_: None)
+    with pytest.raises(MessageError, match="reads at most"):
+        engine.submit([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=10**6), lambda *_: None)
+    assert engine.generate([{"role": "user", "content": "hi"}], max_new_tokens=3).completion_tokens <= 3

@@ -1,0 +1,312 @@
+"""A generation engine that serves many conversations at once: continuous batching on one KV cache.
+
+Requests that arrive while others decode join the running batch at the next step: their
+prompts are read together (one prefill), then their cache rows are appended to the batch's.
+A request that finishes, or is cancelled (its client went away), leaves the batch at once, so
+a short request never waits for a long one. Rows are left-padded, so every row's next token
+sits in the last column; positions are kept per row.
+
+All model work happens on the engine's own thread; callers submit a conversation and receive
+its text piece by piece through a callback (`Generation`), or use the blocking helpers.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from voxtune.model.generation import (
+    Prefill,
+    SamplingParams,
+    _Row,
+    check_prompt,
+    decode_step,
+    pick_tokens,
+    prefill,
+    stop_token_ids,
+)
+from voxtune.model.processor import Example
+
+if TYPE_CHECKING:
+    from voxtune.model import SpeechLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    """A finished reply: its text, why it ended ("stop", "length", "cancelled") and token counts."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    prompt_tokens: int
+    prompt_audio_tokens: int
+
+
+@dataclass
+class Generation:
+    """One submitted conversation. Events go to `sink` from the engine thread:
+    `("piece", str)` for text that can no longer change, then `("done", Completion)` or
+    `("error", Exception)`."""
+
+    example: Example
+    params: SamplingParams
+    sink: Callable[[str, Any], None]
+    row: _Row = field(init=False)
+    sent: str = ""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop generating (the reply ends with finish_reason "cancelled")."""
+        self.cancelled.set()
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens in the prompt, audio positions included."""
+        return len(self.example.input_ids)
+
+    def audio_tokens(self, audio_token_id: int) -> int:
+        """Prompt positions that hold audio."""
+        return sum(1 for token in self.example.input_ids if token == audio_token_id)
+
+
+class Engine:
+    """Decodes every submitted conversation on one background thread, batched.
+
+    Args:
+        model: the speech LM (used read-only; do not train it while the engine runs).
+        max_batch: most conversations decoded together; the rest wait their turn.
+    """
+
+    def __init__(self, model: SpeechLM, *, max_batch: int = 32) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.model = model
+        self.max_batch = max_batch
+        self._queue: queue.Queue[Generation | None] = queue.Queue()
+        self._active: list[Generation] = []
+        self._state: Prefill | None = None
+        self._stop_ids = stop_token_ids(model)
+        self._closed = False
+        self.steps = 0  # decode steps run (each advances every active row by one token)
+        self.peak_batch = 0  # most rows ever decoded in one step
+        self._thread = threading.Thread(target=self._run, name="voxtune-engine", daemon=True)
+        self._thread.start()
+
+    # ---- submitting -------------------------------------------------------------------------
+
+    def submit(self, messages: Sequence[dict] | Example, params: SamplingParams, sink: Callable[[str, Any], None]) -> Generation:
+        """Queue a conversation (messages, or an `Example` already tokenised). Bad input raises
+        here, in the caller's thread; everything after arrives through `sink`."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        example = messages if isinstance(messages, Example) else self.encode(messages)
+        check_prompt(self.model, example, params.max_new_tokens)
+        generation = Generation(example, params, sink)
+        generation.row = _Row(params, self.model.device)
+        self._queue.put(generation)
+        return generation
+
+    def encode(self, messages: Sequence[dict]) -> Example:
+        """Tokenise a conversation for `submit` (audio is decoded here, encoded at prefill)."""
+        return self.model.processor.encode_messages(messages, add_generation_prompt=True)
+
+    def generate(self, messages: Sequence[dict], **sampling: Any) -> Completion:
+        """Reply to one conversation, blocking until it is done."""
+        events: queue.Queue = queue.Queue()
+        self.submit(messages, SamplingParams(**sampling), lambda kind, value: events.put((kind, value)))
+        while True:
+            kind, value = events.get()
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
+
+    def stream(self, messages: Sequence[dict], **sampling: Any) -> Iterator[str]:
+        """Reply to one conversation as text pieces; closing the iterator cancels it."""
+        events: queue.Queue = queue.Queue()
+        generation = self.submit(messages, SamplingParams(**sampling), lambda kind, value: events.put((kind, value)))
+
+        def pieces() -> Iterator[str]:
+            try:
+                while True:
+                    kind, value = events.get()
+                    if kind == "piece":
+                        yield value
+                    elif kind == "error":
+                        raise value
+                    else:
+                        return
+            finally:
+                generation.cancel()
+
+        return pieces()
+
+    def close(self) -> None:
+        """Stop the engine thread; requests still running end as cancelled."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+    @property
+    def active(self) -> int:
+        """Conversations being decoded now."""
+        return len(self._active)
+
+    # ---- the engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            try:
+                arrived = self._take()
+            except _Closed:
+                break
+            try:
+                if arrived:
+                    self._admit(arrived)
+                if self._active:
+                    self._step()
+            except Exception as error:  # a bug or out of memory: fail these requests, keep serving
+                logger.exception("generation failed")
+                for generation in self._active + arrived:
+                    generation.sink("error", error)
+                self._active, self._state = [], None
+        for generation in self._active:
+            self._finish(generation, "cancelled")
+
+    def _take(self) -> list[Generation]:
+        """New requests: wait for one when idle, else take whatever is queued (up to the batch)."""
+        arrived = []
+        while len(self._active) + len(arrived) < self.max_batch:
+            try:
+                item = self._queue.get(block=not self._active and not arrived)
+            except queue.Empty:
+                break
+            if item is None:
+                raise _Closed
+            if item.cancelled.is_set():
+                self._finish(item, "cancelled")
+            else:
+                arrived.append(item)
+        return arrived
+
+    def _admit(self, arrived: list[Generation]) -> None:
+        """Prefill the new requests together, take their first tokens and join them to the batch."""
+        state = prefill(self.model, [g.example for g in arrived])
+        keep = [i for i, (g, token) in enumerate(zip(arrived, self._pick(arrived, state.logits))) if not g.row.done]
+        if not keep:
+            return
+        joined = [arrived[i] for i in keep]
+        if len(keep) < len(arrived):
+            _select(state, keep)
+        if self._state is None:
+            self._active, self._state = joined, state
+        else:
+            self._state = _concat(self._state, state)
+            self._active += joined
+
+    def _step(self) -> None:
+        """One token for every active row, then drop the rows that are done."""
+        self.peak_batch = max(self.peak_batch, len(self._active))
+        for generation in self._active:
+            if generation.cancelled.is_set():
+                self._finish(generation, "cancelled")
+        keep = [i for i, g in enumerate(self._active) if not g.row.done]
+        if len(keep) < len(self._active):
+            self._drop(keep)
+            if not self._active:
+                return
+        logits = decode_step(self.model, [g.row.tokens[-1] for g in self._active], self._state)
+        self.steps += 1
+        self._pick(self._active, logits)
+        keep = [i for i, g in enumerate(self._active) if not g.row.done]
+        if len(keep) < len(self._active):
+            self._drop(keep)
+
+    def _pick(self, generations: list[Generation], logits: torch.Tensor) -> list[int | None]:
+        """Choose each row's next token, send its settled text, finish the rows that end."""
+        rows = [g.row for g in generations]
+        tokens = pick_tokens(rows, logits)
+        for generation, token in zip(generations, tokens):
+            row = generation.row
+            row.add(token, self.model.tokenizer.decode(row.tokens + [token], skip_special_tokens=True), self._stop_ids)
+            settled = row.settled_text()
+            if len(settled) > len(generation.sent) and settled.startswith(generation.sent):
+                generation.sink("piece", settled[len(generation.sent) :])
+                generation.sent = settled
+            if row.done:
+                self._finish(generation, row.reason or "stop")
+        return tokens
+
+    def _drop(self, keep: list[int]) -> None:
+        self._active = [self._active[i] for i in keep]
+        if not self._active:
+            self._state = None
+            return
+        _select(self._state, keep)
+
+    def _finish(self, generation: Generation, reason: str) -> None:
+        row = generation.row
+        row.done = True
+        generation.sink(
+            "done",
+            Completion(
+                text=row.text if reason != "cancelled" else generation.sent,
+                finish_reason=reason,
+                completion_tokens=len(row.tokens),
+                prompt_tokens=generation.prompt_tokens,
+                prompt_audio_tokens=generation.audio_tokens(self.model.processor.audio_token_id),
+            ),
+        )
+
+
+class _Closed(Exception):
+    """The engine was closed."""
+
+
+def _select(state: Prefill, rows: list[int]) -> None:
+    """Keep only `rows` of a batch state, and drop the columns that are padding in all of them."""
+    index = torch.tensor(rows, device=state.attention_mask.device)
+    mask = state.attention_mask[index]  # [B', L]
+    start = int(mask.any(0).nonzero()[0])  # left columns no remaining row reads
+    state.attention_mask = mask[:, start:]
+    state.positions = state.positions[index]
+    state.logits = state.logits[index]
+    state.cache = DynamicCache(ddp_cache_data=[(k[index, :, start:], v[index, :, start:]) for k, v in _layers(state.cache)])
+
+
+def _concat(old: Prefill, new: Prefill) -> Prefill:
+    """Two batch states as one: the shorter is left-padded to the longer's length."""
+    length = max(old.attention_mask.shape[1], new.attention_mask.shape[1])
+
+    def pad(tensor: torch.Tensor, axis_from_end: int) -> torch.Tensor:
+        missing = length - tensor.shape[-axis_from_end]
+        # F.pad takes (left, right) pairs from the last axis backwards.
+        return F.pad(tensor, [0, 0] * (axis_from_end - 1) + [missing, 0]) if missing else tensor
+
+    layers = [
+        (torch.cat([pad(k1, 2), pad(k2, 2)]), torch.cat([pad(v1, 2), pad(v2, 2)]))  # [B, H, L, d]
+        for (k1, v1), (k2, v2) in zip(_layers(old.cache), _layers(new.cache))
+    ]
+    return Prefill(
+        logits=torch.cat([old.logits, new.logits]),
+        cache=DynamicCache(ddp_cache_data=layers),
+        attention_mask=torch.cat([pad(old.attention_mask, 1), pad(new.attention_mask, 1)]),
+        positions=torch.cat([old.positions, new.positions]),
+    )
+
+
+def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) [B, H, L, d] of every layer of a cache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]

@@ -1,0 +1,363 @@
+"""`Runtime`: a loaded speech LM ready to serve many users; what the server is a thin layer over.
+
+It owns the batching `Engine` and the `AudioStore`, turns OpenAI-shaped chat messages into the
+model's conversation (decoding each clip once, encoding it once, and reusing stored clips by
+id or by content), and transcribes long audio span by span, the spans decoded together.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from voxtune.audio import Audio, AudioError, AudioTooLongError, load
+from voxtune.audio.encode import PCM16_RATE
+from voxtune.audio.features import MIN_SAMPLES, SAMPLE_RATE
+from voxtune.audio.spans import speech_spans
+from voxtune.infer.audio_store import AudioNotFoundError, AudioStore
+from voxtune.infer.engine import Engine
+from voxtune.infer.tools import render_tool_calls, tools_prompt
+from voxtune.model import prompts
+from voxtune.model.generation import SamplingParams
+from voxtune.model.processor import AudioEmbedding, MessageError
+from voxtune.tags import LANGUAGES, strip_tags, tag, tag_values
+
+if TYPE_CHECKING:
+    from voxtune.model import SpeechLM
+
+# Formats an input_audio part may name (OpenAI allows wav and mp3; the rest are accepted too).
+INPUT_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "mp4", "aac", "pcm16", "pcm")
+
+
+@dataclass
+class InputClip:
+    """A user clip of a request: its id in the store, its expiry and whether it was reused."""
+
+    id: str
+    expires_at: int
+    seconds: float
+    reused: bool
+
+
+@dataclass
+class PreparedChat:
+    """A request's conversation as the model reads it (every clip already encoded)."""
+
+    messages: list[dict]
+    clips: list[InputClip] = field(default_factory=list)
+    last_clip: AudioEmbedding | None = None  # the newest user clip: the voice of a spoken reply follows it
+
+    @property
+    def audio_seconds(self) -> float:
+        """Audio in the request, stored clips included."""
+        return sum(c.seconds for c in self.clips)
+
+
+@dataclass
+class Segment:
+    """One span of a transcript with its times (seconds) and language."""
+
+    id: int
+    start: float
+    end: float
+    text: str
+    language: str | None
+
+
+@dataclass
+class Transcript:
+    """The words of a clip, span by span."""
+
+    text: str
+    language: str | None
+    duration: float
+    segments: list[Segment]
+
+
+class Runtime:
+    """A speech LM serving many requests: batching engine, audio store, message handling.
+
+    Args:
+        model: the loaded model (read-only from here on).
+        max_batch: most conversations decoded together.
+        store_bytes: memory budget of the audio store.
+        audio_ttl: seconds an audio id stays valid.
+        max_audio_seconds: most audio one request may carry (stored clips included).
+    """
+
+    def __init__(
+        self,
+        model: SpeechLM,
+        *,
+        max_batch: int = 32,
+        store_bytes: int = 256 << 20,
+        audio_ttl: float = 3600.0,
+        max_audio_seconds: float = 600.0,
+    ) -> None:
+        self.model = model
+        self.engine = Engine(model, max_batch=max_batch)
+        self.store = AudioStore(max_bytes=store_bytes, ttl_seconds=audio_ttl)
+        self.max_audio_seconds = max_audio_seconds
+
+    def close(self) -> None:
+        """Stop the engine."""
+        self.engine.close()
+
+    # ---- chat -------------------------------------------------------------------------------
+
+    def prepare_chat(
+        self, messages: Sequence[Any], owner: str, *, tools: Sequence[dict] | None = None, tool_choice: Any = None
+    ) -> PreparedChat:
+        """The model's conversation for OpenAI-shaped `messages` sent by `owner` (an API key).
+
+        User content parts: `text`; `input_audio` with `data` (base64) and `format`, or with
+        `id` (a clip stored by an earlier request). An assistant message may carry
+        `audio: {id}` (an earlier spoken reply: its text is used) and `tool_calls`. A last
+        user turn of audio alone is a spoken request to answer. `tools` (with `tool_choice`
+        other than "none") are offered in a system message.
+        """
+        if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+            raise MessageError("messages must be a non-empty list")
+        prepared = PreparedChat([])
+        for index, message in enumerate(messages):
+            prepared.messages.append(self._message(message, index, owner, prepared))
+        if prepared.audio_seconds > self.max_audio_seconds:
+            raise AudioTooLongError(
+                f"the request carries {prepared.audio_seconds:.1f} s of audio; the limit is {self.max_audio_seconds:g} s"
+            )
+        last = prepared.messages[-1]
+        if last["role"] == "user" and isinstance(last["content"], list):
+            kinds = {part["type"] for part in last["content"]}
+            if kinds == {"audio"}:  # a clip alone is a spoken request, as the model was taught
+                last["content"].append({"type": "text", "text": tag("task", "answer")})
+        if tools and tool_choice != "none":
+            prepared.messages.insert(0, {"role": "system", "content": tools_prompt(tools, tool_choice or "auto")})
+        return prepared
+
+    def _message(self, message: Any, index: int, owner: str, prepared: PreparedChat) -> dict:
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise MessageError(f"{where} must be an object")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            return {"role": "system", "content": _text_content(message.get("content"), where)}
+        if role == "tool":
+            return {"role": "tool", "content": _text_content(message.get("content"), where)}
+        if role == "assistant":
+            return {"role": "assistant", "content": self._assistant_text(message, where, owner)}
+        if role != "user":
+            raise MessageError(f"{where}.role must be system, developer, user, assistant or tool, not {role!r}")
+        content = message.get("content")
+        if isinstance(content, str):
+            return {"role": "user", "content": content}
+        if not isinstance(content, list) or not content:
+            raise MessageError(f"{where}.content must be a string or a non-empty list of parts")
+        parts = []
+        for number, part in enumerate(content):
+            at = f"{where}.content[{number}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append({"type": "text", "text": _string(part.get("text"), f"{at}.text")})
+            elif kind == "input_audio":
+                clip = self._clip(part.get("input_audio"), at, owner, prepared)
+                parts.append({"type": "audio", "audio": clip})
+            elif kind in ("image_url", "input_image", "file"):
+                raise MessageError(f"{at}: this model reads text and audio, not {kind}")
+            else:
+                raise MessageError(f"{at}.type must be 'text' or 'input_audio', not {kind!r}")
+        return {"role": "user", "content": parts}
+
+    def _assistant_text(self, message: dict, where: str, owner: str) -> str:
+        audio = message.get("audio")
+        text = None
+        if audio is not None:
+            if not isinstance(audio, dict) or not isinstance(audio.get("id"), str):
+                raise MessageError(f"{where}.audio must be {{'id': <audio id>}}")
+            entry = self.store.get(audio["id"], owner)
+            if entry.text is None:
+                raise MessageError(f"{where}.audio.id {audio['id']!r} is a user clip, not a spoken reply")
+            text = entry.text  # what the model said, tags and all
+        if text is None:
+            content = message.get("content")
+            text = "" if content is None else _text_content(content, where)
+        if message.get("tool_calls"):
+            text = "\n".join(t for t in (text, render_tool_calls(message["tool_calls"])) if t)
+        return text
+
+    def _clip(self, payload: Any, where: str, owner: str, prepared: PreparedChat) -> AudioEmbedding:
+        """A clip's encoder output: from the store (by id or content), else decoded and encoded."""
+        if not isinstance(payload, dict):
+            raise MessageError(f"{where}.input_audio must be an object with 'data' and 'format' (or 'id')")
+        if "id" in payload and "data" not in payload:
+            entry = self.store.get(_string(payload["id"], f"{where}.input_audio.id"), owner)
+            if entry.embedding is None:
+                raise MessageError(f"{where}.input_audio.id {payload['id']!r} is a spoken reply, not a user clip")
+            return self._keep(prepared, entry, reused=True)
+        data = _string(payload.get("data"), f"{where}.input_audio.data")
+        fmt = payload.get("format")
+        if fmt is not None and fmt not in INPUT_FORMATS:
+            raise MessageError(f"{where}.input_audio.format must be one of {', '.join(INPUT_FORMATS)}, not {fmt!r}")
+        digest = self.store.digest(f"{fmt}:{data}")
+        entry = self.store.find_clip(owner, digest)
+        if entry is not None:
+            return self._keep(prepared, entry, reused=True)
+        audio = self.decode(data, fmt, where=f"{where}.input_audio")
+        entry = self.store.put_clip(owner, self.model.encode_audio(audio), digest)
+        return self._keep(prepared, entry, reused=False)
+
+    @staticmethod
+    def _keep(prepared: PreparedChat, entry: Any, *, reused: bool) -> AudioEmbedding:
+        embedding = entry.embedding
+        prepared.clips.append(InputClip(entry.id, entry.expires_at, embedding.duration, reused))
+        prepared.last_clip = embedding
+        return embedding
+
+    def decode(self, data: str | bytes, fmt: str | None = None, *, where: str = "audio", allow_silent: bool = False) -> Audio:
+        """16 kHz audio from base64 text (or bytes), checked: decodable, within the duration
+        limit, long enough to hear, and (unless `allow_silent`) not silent. Text is never read
+        as a file path."""
+        if isinstance(data, str):
+            if data.startswith("data:") and "," in data:  # a data URL: its payload
+                data = data.split(",", 1)[1]
+            try:
+                data = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise MessageError(f"{where}.data is not valid base64") from None
+        try:
+            audio = load(
+                data, SAMPLE_RATE, format=fmt, rate=PCM16_RATE if fmt in ("pcm16", "pcm") else None,
+                max_duration=self.max_audio_seconds,
+            )  # fmt: skip
+        except AudioError as error:
+            raise type(error)(f"{where}: {error}") from None
+        if len(audio) < MIN_SAMPLES:
+            raise MessageError(f"{where}: the clip is {audio.duration * 1000:.0f} ms, too short to hear")
+        if not allow_silent and not speech_spans(audio):
+            raise MessageError(f"{where}: the clip is silent")
+        return audio
+
+    def voice_prompts(self, prepared: PreparedChat) -> list[list[dict]]:
+        """The two questions whose answers choose a spoken reply's voice (which language the
+        user spoke, how they sounded), about the newest user clip; none without a clip."""
+        if prepared.last_clip is None:
+            return []
+        return [prompts.language_messages(prepared.last_clip), prompts.describe_messages(prepared.last_clip)]
+
+    def remember_reply(self, owner: str, text: str) -> Any:
+        """Store a spoken reply's text under a new audio id; returns the entry."""
+        return self.store.put_reply(owner, text)
+
+    # ---- transcription ----------------------------------------------------------------------
+
+    def transcribe(
+        self,
+        audio: Audio,
+        language: str | None = None,
+        *,
+        temperature: float = 0.0,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Transcript:
+        """The words of `audio`, one segment per stretch of speech (decoded together).
+
+        `on_text` receives the text in order, as soon as it is settled (segments joined by a
+        space); setting `cancel` stops early (the transcript so far is returned).
+        """
+        if language is not None and language not in LANGUAGES:
+            raise MessageError(f"language must be an ISO-639-1 code this model knows ({', '.join(LANGUAGES)}), not {language!r}")
+        spans = [(s, e) for s, e in speech_spans(audio) if (e - s) * SAMPLE_RATE >= MIN_SAMPLES]
+        events: list[list] = [[] for _ in spans]
+        done = threading.Event()
+        lock = threading.Lock()
+        params = SamplingParams(max_new_tokens=min(448, 32 + int(40 * max((e - s for s, e in spans), default=0))),
+                                temperature=temperature)  # fmt: skip
+        generations = []
+        for i, (start, end) in enumerate(spans):
+            clip = Audio(audio.samples[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)], SAMPLE_RATE)
+
+            def sink(kind: str, value: Any, i: int = i) -> None:
+                with lock:
+                    events[i].append((kind, value))
+                    if all(e and e[-1][0] in ("done", "error") for e in events):
+                        done.set()
+
+            generations.append(self.engine.submit(prompts.transcribe_messages(clip, language), params, sink))
+        if not spans:
+            done.set()
+        streamed = _Streamer(on_text)
+        while not done.wait(0.05):
+            if cancel is not None and cancel.is_set():
+                for generation in generations:
+                    generation.cancel()
+            with lock:
+                streamed.feed(events)
+        with lock:
+            streamed.feed(events)
+        for segment_events in events:
+            if segment_events and segment_events[-1][0] == "error":
+                raise segment_events[-1][1]
+        segments = []
+        for i, ((start, end), segment_events) in enumerate(zip(spans, events)):
+            raw = segment_events[-1][1].text
+            found = tag_values(raw, "lang")
+            segments.append(Segment(i, round(start, 3), round(end, 3), strip_tags(raw), found[0] if found else language))
+        heard = Counter(s.language for s in segments if s.language)
+        return Transcript(
+            text=" ".join(s.text for s in segments if s.text),
+            language=language or (heard.most_common(1)[0][0] if heard else None),
+            duration=audio.duration,
+            segments=segments,
+        )
+
+
+class _Streamer:
+    """Sends a transcript's text in order, segment after segment, as the pieces settle."""
+
+    def __init__(self, on_text: Callable[[str], None] | None) -> None:
+        self.on_text = on_text
+        self.segment = 0
+        self.sent = ""  # text of the current segment already sent
+
+    def feed(self, events: list[list]) -> None:
+        if self.on_text is None:
+            return
+        while self.segment < len(events):
+            pieces = [v for kind, v in events[self.segment] if kind == "piece"]
+            text = strip_tags("".join(pieces)) if pieces else ""
+            if text.startswith(self.sent) and len(text) > len(self.sent):
+                prefix = " " if self.segment > 0 and not self.sent else ""
+                self.on_text(prefix + text[len(self.sent) :])
+                self.sent = text
+            finished = events[self.segment] and events[self.segment][-1][0] in ("done", "error")
+            if not finished:
+                return
+            self.segment += 1
+            self.sent = ""
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise MessageError(f"{where} must be a string")
+    return value
+
+
+def _text_content(content: Any, where: str) -> str:
+    """A message's text: a string, or a list of text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for number, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
+                raise MessageError(f"{where}.content[{number}] must be a text part in this role")
+            texts.append(_string(part.get("text", part.get("refusal")), f"{where}.content[{number}].text"))
+        return "".join(texts)
+    raise MessageError(f"{where}.content must be a string or a list of text parts")
+
+
+__all__ = ["AudioNotFoundError", "InputClip", "PreparedChat", "Runtime", "Segment", "Transcript"]

@@ -1,0 +1,123 @@
+"""The FastAPI app: OpenAI-compatible routes over one `Runtime`, behind the `Gate`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+import voxtune
+from voxtune.errors import InputError
+from voxtune.infer.runtime import Runtime
+from voxtune.serve import audio, chat
+from voxtune.serve.config import ServeConfig
+from voxtune.serve.errors import (
+    APIError,
+    api_error_handler,
+    http_error_handler,
+    input_error_handler,
+    unexpected_error_handler,
+)
+from voxtune.serve.gate import Gate, GateStats
+
+
+def default_model_id(config: ServeConfig) -> str:
+    """The id a served model is listed under: the configured one, else its folder or repo name."""
+    if config.model_id:
+        return config.model_id
+    return Path(config.model).name if config.model else "voxtune-tiny"
+
+
+def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
+    """The app serving `runtime` under `config` (the runtime is not closed by the app)."""
+    model_id = default_model_id(config)
+    created = int(time.time())
+    limits = config.limits
+    app = FastAPI(title="voxtune", version=voxtune.__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(InputError, input_error_handler)
+    app.add_exception_handler(HTTPException, http_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
+    gate = GateStats()
+    app.add_middleware(
+        Gate, api_keys=config.api_keys, max_body=int(limits.max_body_mb * 1e6), max_concurrent=limits.max_concurrent, stats=gate
+    )  # fmt: skip
+
+    def check_model(name: str) -> None:
+        known = name == model_id or any(name == a or name.startswith(a + "-") for a in config.aliases)
+        if not known:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_id}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(model_id, created)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        check_model(name)
+        return _model_card(model_id, created)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await chat.chat_completions(request, runtime, model_id, limits.max_tokens, check_model)
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request) -> Response:
+        return await audio.transcriptions(request, runtime, check_model)
+
+    @app.post("/v1/audio/speech")
+    async def speech(request: Request) -> Response:
+        return await audio.speech(request, runtime, check_model, limits.max_speech_chars)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        stats, engine = runtime.store.stats, runtime.engine
+        lines = [
+            "# HELP voxtune_audio_clips_encoded_total User clips run through the audio encoder.",
+            "# TYPE voxtune_audio_clips_encoded_total counter",
+            f"voxtune_audio_clips_encoded_total {stats.clips_encoded}",
+            "# HELP voxtune_audio_clips_reused_total User clips taken from the audio store instead of encoded again.",
+            "# TYPE voxtune_audio_clips_reused_total counter",
+            f"voxtune_audio_clips_reused_total {stats.clips_reused}",
+            "# TYPE voxtune_audio_store_entries gauge",
+            f"voxtune_audio_store_entries {stats.entries}",
+            "# TYPE voxtune_audio_store_bytes gauge",
+            f"voxtune_audio_store_bytes {stats.bytes}",
+            "# TYPE voxtune_audio_store_evicted_total counter",
+            f"voxtune_audio_store_evicted_total {stats.evicted}",
+            "# TYPE voxtune_audio_store_expired_total counter",
+            f"voxtune_audio_store_expired_total {stats.expired}",
+            "# HELP voxtune_engine_active Conversations being decoded now.",
+            "# TYPE voxtune_engine_active gauge",
+            f"voxtune_engine_active {engine.active}",
+            "# HELP voxtune_engine_peak_batch Most conversations decoded in one step.",
+            "# TYPE voxtune_engine_peak_batch gauge",
+            f"voxtune_engine_peak_batch {engine.peak_batch}",
+            "# TYPE voxtune_engine_steps_total counter",
+            f"voxtune_engine_steps_total {engine.steps}",
+            "# TYPE voxtune_requests_in_flight gauge",
+            f"voxtune_requests_in_flight {gate.in_flight}",
+            "# HELP voxtune_requests_rejected_total Requests turned away at the concurrency limit (429).",
+            "# TYPE voxtune_requests_rejected_total counter",
+            f"voxtune_requests_rejected_total {gate.rejected}",
+            "# TYPE voxtune_requests_total counter",
+            *(f'voxtune_requests_total{{path="{path}",status="{status}"}} {count}'
+              for (path, status), count in sorted(gate.responses.items())),  # fmt: skip
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    app.state.runtime = runtime
+    return app
+
+
+def _model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "voxtune"}

@@ -1,0 +1,239 @@
+"""`POST /v1/audio/transcriptions` and `POST /v1/audio/speech`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from voxtune.audio import CONTENT_TYPES, encode, voices
+from voxtune.audio.encode import normalize_format
+from voxtune.audio.voices import STYLES
+from voxtune.infer.runtime import Runtime, Transcript
+from voxtune.serve.errors import APIError, from_validation_error, parse_json
+from voxtune.tags import LANGUAGES
+
+TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+
+
+# ---- transcriptions -------------------------------------------------------------------------
+
+
+async def transcriptions(request: Request, runtime: Runtime, check_model) -> Response:
+    """Transcribe an uploaded file (multipart form, as the OpenAI SDK sends it)."""
+    try:
+        form = await request.form()
+    except Exception as error:  # noqa: BLE001 - python-multipart raises several kinds for a broken body
+        raise APIError(400, f"the request is not a readable multipart form ({error})", code="invalid_form") from None
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise APIError(400, "file: required (the audio, as a multipart file)", param="file")
+    check_model(_field(form, "model", required=True))
+    response_format = _field(form, "response_format") or "json"
+    if response_format not in TRANSCRIPT_FORMATS:
+        raise APIError(400, f"response_format must be one of {', '.join(TRANSCRIPT_FORMATS)}", param="response_format")
+    granularities = form.getlist("timestamp_granularities[]") or form.getlist("timestamp_granularities")
+    for granularity in granularities:
+        if granularity == "word":
+            raise APIError(400, "timestamp_granularities: this model gives segment times, not word times",
+                           param="timestamp_granularities")  # fmt: skip
+        if granularity != "segment":
+            raise APIError(400, "timestamp_granularities must be 'segment'", param="timestamp_granularities")
+    if granularities and response_format != "verbose_json":
+        raise APIError(400, "timestamp_granularities needs response_format verbose_json", param="timestamp_granularities")
+    temperature = _number(_field(form, "temperature"), "temperature", 0.0, 1.0)
+    stream = (_field(form, "stream") or "false").lower() == "true"
+    if stream and response_format not in ("json", "text"):
+        raise APIError(400, "stream: only with response_format json or text", param="stream")
+    language = _field(form, "language") or None
+    if language is not None and language not in LANGUAGES:
+        raise APIError(400, f"language must be an ISO-639-1 code this model knows ({', '.join(LANGUAGES)})", param="language")
+    data = await upload.read()
+    # The format is read from the bytes: a file named .wav that holds mp3 is still mp3.
+    audio = await asyncio.to_thread(lambda: runtime.decode(data, where="file", allow_silent=True))
+    if stream:
+        return StreamingResponse(_stream_transcript(runtime, audio, language, temperature), media_type="text/event-stream")
+    transcript = await asyncio.to_thread(runtime.transcribe, audio, language, temperature=temperature)
+    return _transcript_response(transcript, response_format)
+
+
+async def _stream_transcript(runtime: Runtime, audio, language, temperature) -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+
+    def run() -> None:
+        try:
+            result = runtime.transcribe(audio, language, temperature=temperature, cancel=cancel,
+                                        on_text=lambda piece: loop.call_soon_threadsafe(queue.put_nowait, ("delta", piece)))  # fmt: skip
+            loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
+        except Exception as error:  # noqa: BLE001 - handed to the stream, which reports it
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", error))
+
+    worker = asyncio.get_running_loop().run_in_executor(None, run)
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "delta":
+                yield _sse({"type": "transcript.text.delta", "delta": value})
+            elif kind == "error":
+                yield _sse({"type": "error", "error": {"message": str(value), "type": "invalid_request_error"}})
+                return
+            else:
+                yield _sse({"type": "transcript.text.done", "text": value.text, "usage": _duration_usage(value)})
+                return
+    finally:
+        cancel.set()
+        await worker
+
+
+def _duration_usage(transcript: Transcript) -> dict:
+    return {"type": "duration", "seconds": round(transcript.duration, 3)}
+
+
+def _transcript_response(transcript: Transcript, response_format: str) -> Response:
+    if response_format == "json":
+        return JSONResponse({"text": transcript.text, "usage": _duration_usage(transcript)})
+    if response_format == "text":
+        return PlainTextResponse(transcript.text + "\n")
+    if response_format == "verbose_json":
+        return JSONResponse({
+            "task": "transcribe",
+            "language": _language_name(transcript.language),
+            "duration": round(transcript.duration, 3),
+            "text": transcript.text,
+            "segments": [
+                {"id": s.id, "seek": 0, "start": s.start, "end": s.end, "text": s.text, "tokens": [],
+                 "temperature": 0.0, "avg_logprob": None, "compression_ratio": None, "no_speech_prob": None}
+                for s in transcript.segments
+            ],
+            "usage": _duration_usage(transcript),
+        })  # fmt: skip
+    return PlainTextResponse(_subtitles(transcript, vtt=response_format == "vtt"), media_type="text/plain")
+
+
+def _language_name(code: str | None) -> str | None:
+    """OpenAI names the language in full, lower case ("english")."""
+    if code is None:
+        return None
+    names = {language.code: language.name for language in voices.list_languages()}
+    return names.get(code, code).split(" (")[0].lower()  # "English (Great Britain)" -> "english"
+
+
+def _subtitles(transcript: Transcript, *, vtt: bool) -> str:
+    def stamp(seconds: float) -> str:
+        millis = int(round(seconds * 1000))
+        hours, millis = divmod(millis, 3_600_000)
+        minutes, millis = divmod(millis, 60_000)
+        secs, millis = divmod(millis, 1000)
+        return f"{hours:02d}:{minutes:02d}:{secs:02d}{'.' if vtt else ','}{millis:03d}"
+
+    blocks = [
+        ("" if vtt else f"{number}\n") + f"{stamp(s.start)} --> {stamp(s.end)}\n{s.text}\n"
+        for number, s in enumerate((s for s in transcript.segments if s.text), start=1)
+    ]
+    return ("WEBVTT\n\n" if vtt else "") + "\n".join(blocks)
+
+
+def _field(form, name: str, *, required: bool = False) -> str | None:
+    value = form.get(name)
+    if value is None and required:
+        raise APIError(400, f"{name}: required", param=name)
+    if value is not None and not isinstance(value, str):
+        raise APIError(400, f"{name} must be a text field", param=name)
+    return value
+
+
+def _number(value: str | None, name: str, low: float, high: float) -> float:
+    if value is None or value == "":
+        return low
+    try:
+        number = float(value)
+    except ValueError:
+        raise APIError(400, f"{name} must be a number", param=name) from None
+    if not low <= number <= high:
+        raise APIError(400, f"{name} must be between {low:g} and {high:g}", param=name)
+    return number
+
+
+# ---- speech -----------------------------------------------------------------------------------
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI's speech request; `language` is voxtune's addition (default English)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: str = Field(min_length=1)
+    voice: str | dict
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    instructions: str | None = None
+    stream_format: Literal["audio", "sse"] = "audio"
+    language: str = voices.DEFAULT_LANGUAGE
+
+
+def style_from_instructions(instructions: str | None) -> str:
+    """The speaking style an instruction asks for, by the style names and their common words
+    ("speak cheerfully" -> happy); neutral when it names none."""
+    words = {
+        "happy": ("happy", "cheerful", "joyful", "upbeat", "friendly"), "sad": ("sad", "somber", "melancholy"),
+        "angry": ("angry", "furious", "annoyed"), "calm": ("calm", "soothing", "relaxed", "gentle"),
+        "excited": ("excited", "enthusiastic", "energetic"), "whisper": ("whisper", "quiet", "softly"),
+    }  # fmt: skip
+    text = (instructions or "").lower()
+    for style, cues in words.items():
+        if style in STYLES and any(cue in text for cue in cues):
+            return style
+    return "neutral"
+
+
+async def speech(request: Request, runtime: Runtime, check_model, max_chars: int) -> Response:
+    """Speak the input text in the requested voice and format, whole or streamed."""
+    try:
+        body = SpeechRequest.model_validate(parse_json(await request.body()))
+    except ValidationError as error:
+        raise from_validation_error(error) from None
+    check_model(body.model)
+    if len(body.input) > max_chars:
+        raise APIError(400, f"input is {len(body.input)} characters; the limit is {max_chars}", param="input")
+    voice = body.voice.get("id") if isinstance(body.voice, dict) else body.voice
+    if not isinstance(voice, str):
+        raise APIError(400, "voice must be a string or {'id': <voice>}", param="voice")
+    fmt = normalize_format(body.response_format)
+    style = style_from_instructions(body.instructions)
+    # Checks every argument now (a bad voice or language is a 400 before any audio is sent).
+    sentences = voices.render(body.input, body.language, voice, style, body.speed)
+    media_type = "text/event-stream" if body.stream_format == "sse" else CONTENT_TYPES[fmt]
+    if fmt != "pcm16" and body.stream_format == "audio":  # a whole file: rendered, then sent
+        audio = await asyncio.to_thread(lambda: voices.join(list(sentences)))
+        return Response(await asyncio.to_thread(encode, audio, fmt), media_type=media_type)
+    tokens = len(runtime.model.tokenizer(body.input, add_special_tokens=False)["input_ids"])
+    return StreamingResponse(_speech_stream(sentences, fmt, body.stream_format == "sse", tokens), media_type=media_type)
+
+
+async def _speech_stream(sentences, fmt: str, sse: bool, input_tokens: int) -> AsyncIterator[bytes | str]:
+    """pcm16 sentence by sentence as it is rendered; for SSE, other formats go whole."""
+    if fmt == "pcm16":
+        while (audio := await asyncio.to_thread(next, sentences, None)) is not None:
+            data = await asyncio.to_thread(encode, audio, fmt)
+            yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}) if sse else data
+    else:
+        audio = await asyncio.to_thread(lambda: voices.join(list(sentences)))
+        data = await asyncio.to_thread(encode, audio, fmt)
+        yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+    if sse:
+        yield _sse({"type": "speech.audio.done",
+                    "usage": {"input_tokens": input_tokens, "output_tokens": 0, "total_tokens": input_tokens}})  # fmt: skip
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

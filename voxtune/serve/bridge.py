@@ -1,0 +1,62 @@
+"""From the engine's thread to the event loop: a generation's events as an asyncio queue, and
+waiting that notices a client who went away."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.requests import Request
+
+from voxtune.infer.engine import Completion, Engine, Generation
+from voxtune.model.generation import SamplingParams
+
+
+class ClientGone(Exception):
+    """The client disconnected; its generations were cancelled."""
+
+
+class Pending:
+    """A submitted generation whose events arrive on `queue` as (kind, value)."""
+
+    def __init__(self, engine: Engine, messages: Any, params: SamplingParams) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(kind: str, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+            except RuntimeError:  # the loop has closed (server shutting down)
+                pass
+
+        self.generation: Generation = engine.submit(messages, params, sink)
+
+    def cancel(self) -> None:
+        """Stop the generation."""
+        self.generation.cancel()
+
+    async def next(self, request: Request | None = None, poll: float = 0.25) -> tuple[str, Any]:
+        """The next event; with `request`, raise `ClientGone` (and cancel) if it disconnects."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.get(), poll if request is not None else None)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    self.cancel()
+                    raise ClientGone from None
+
+    async def result(self, request: Request | None = None) -> Completion:
+        """Wait for the whole reply (pieces are skipped)."""
+        while True:
+            kind, value = await self.next(request)
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
+
+
+def cancel_all(pending: Sequence[Pending]) -> None:
+    """Cancel every generation in `pending`."""
+    for item in pending:
+        item.cancel()

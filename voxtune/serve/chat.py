@@ -1,0 +1,275 @@
+"""`POST /v1/chat/completions`: text and audio in, text or text + speech out, whole or streamed.
+
+A spoken reply is the model's text rendered by the voice backend sentence by sentence, in the
+language and style the model chose (`voxtune.infer.choose_voice`); while streaming, each
+sentence's audio is sent as soon as the sentence is complete. The reply's text is kept in the
+audio store under `message.audio.id` for later turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from voxtune.audio import encode, voices
+from voxtune.audio.encode import PCM16_RATE
+from voxtune.audio.voices import split_sentences
+from voxtune.infer.engine import Completion
+from voxtune.infer.runtime import PreparedChat, Runtime
+from voxtune.infer.spoken_reply import choose_voice, render_reply
+from voxtune.infer.tools import parse_tool_calls
+from voxtune.model.generation import SamplingParams
+from voxtune.serve.bridge import ClientGone, Pending, cancel_all
+from voxtune.serve.errors import APIError, from_validation_error, parse_json
+from voxtune.tags import strip_tags
+
+AUDIO_FORMATS = ("wav", "aac", "mp3", "flac", "opus", "pcm16")
+PCM_PIECE_SECONDS = 0.5  # streamed audio goes out in pieces of about this length
+
+
+class AudioRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    voice: str | dict
+    format: Literal["wav", "aac", "mp3", "flac", "opus", "pcm16"]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The fields voxtune reads; other OpenAI fields (user, metadata, store...) are accepted and
+    ignored, as a client may send them whatever the server."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[Any] = Field(min_length=1)
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: AudioRequest | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    logprobs: bool | None = None
+    ignore_eos: bool = False  # as vLLM: decode to the token limit whatever comes (benchmarks)
+
+
+def voice_name(voice: str | dict) -> str:
+    """The voice a request names: a string, or {"id": ...} for a custom voice."""
+    name = voice.get("id") if isinstance(voice, dict) else voice
+    if not isinstance(name, str):
+        raise APIError(400, "audio.voice must be a string or {'id': <voice>}", param="audio.voice")
+    try:
+        voices.default_backend().resolve_voice(name)  # unknown voices fail now, not after generating
+    except voices.VoiceError as error:
+        raise APIError(400, str(error), param="audio.voice", code="invalid_value") from None
+    return name
+
+
+def sampling(request: ChatRequest, max_tokens: int) -> SamplingParams:
+    """The sampling parameters of a request, checked against the server's token limit."""
+    if request.n not in (None, 1):
+        raise APIError(400, "n: only one choice per request is supported (n=1)", param="n")
+    if request.logprobs:
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    if len(stops) > 4:
+        raise APIError(400, "stop: at most 4 stop sequences", param="stop")
+    asked = request.max_completion_tokens or request.max_tokens
+    if asked is not None and asked > max_tokens:
+        field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        raise APIError(400, f"{field} is {asked}; this server allows at most {max_tokens}", param=field)
+    # Greedy unless asked: the small models voxtune serves answer best that way.
+    return SamplingParams(
+        max_new_tokens=asked or max_tokens, temperature=request.temperature or 0.0, top_p=request.top_p or 1.0,
+        stop=stops, seed=request.seed, ignore_eos=request.ignore_eos,
+    )  # fmt: skip
+
+
+async def chat_completions(request: Request, runtime: Runtime, model_id: str, max_tokens: int, check_model) -> Response:
+    """Answer one chat completion request (the route body)."""
+    try:
+        body = ChatRequest.model_validate(parse_json(await request.body()))
+    except ValidationError as error:
+        raise from_validation_error(error) from None
+    check_model(body.model)
+    modalities = body.modalities or ["text"]
+    speak = "audio" in modalities
+    if speak and body.audio is None:
+        raise APIError(400, "audio: required when modalities include 'audio' (give voice and format)", param="audio")
+    if speak and body.stream and body.audio.format != "pcm16":
+        raise APIError(
+            400, f"audio.format: '{body.audio.format}' is not supported when stream=true; use 'pcm16'", param="audio.format"
+        )
+    voice = voice_name(body.audio.voice) if speak else None
+    params = sampling(body, max_tokens)
+    owner = request.scope["state"]["owner"]
+    prepared: PreparedChat = await asyncio.to_thread(
+        runtime.prepare_chat, body.messages, owner, tools=body.tools, tool_choice=body.tool_choice
+    )
+    main = Pending(runtime.engine, prepared.messages, params)
+    asks = [Pending(runtime.engine, q, SamplingParams(max_new_tokens=4)) for q in (runtime.voice_prompts(prepared) if speak else [])]
+    reply = _Reply(runtime, body, model_id, owner, prepared, voice)
+    if body.stream:
+        return StreamingResponse(reply.stream(request, main, asks), media_type="text/event-stream")
+    try:
+        completion = await main.result(request)
+        heard = [(await ask.result(request)).text for ask in asks]
+    except ClientGone:
+        cancel_all(asks)
+        return Response(status_code=499)  # nobody reads it
+    return JSONResponse(await reply.whole(completion, heard))
+
+
+class _Reply:
+    """Builds the response objects of one request."""
+
+    def __init__(self, runtime: Runtime, body: ChatRequest, model_id: str, owner: str, prepared: PreparedChat, voice: str | None) -> None:
+        self.runtime, self.body, self.model_id, self.owner, self.prepared, self.voice = runtime, body, model_id, owner, prepared, voice
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _usage(self, completion: Completion) -> dict:
+        audio = completion.prompt_audio_tokens
+        return {
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+            "prompt_tokens_details": {"audio_tokens": audio, "text_tokens": completion.prompt_tokens - audio, "cached_tokens": 0},
+            # Speech is rendered from the text by the voice, so every reply token is text.
+            "completion_tokens_details": {"audio_tokens": 0, "text_tokens": completion.completion_tokens, "reasoning_tokens": 0},
+        }
+
+    def _input_audio(self) -> list[dict]:
+        """voxtune's extension: the ids of the request's user clips, for later turns."""
+        return [{"id": c.id, "expires_at": c.expires_at, "reused": c.reused} for c in self.prepared.clips]
+
+    def _finish_reason(self, completion: Completion, calls: list) -> str:
+        if calls:
+            return "tool_calls"
+        return "length" if completion.finish_reason == "length" else "stop"
+
+    async def _speak(self, text: str, heard: list[str], fmt: str) -> bytes | None:
+        spoken = strip_tags(text)
+        if not spoken:
+            return None
+        language, style = choose_voice(text, *heard)
+        audio, _ = await asyncio.to_thread(render_reply, spoken, language, self.voice, style)
+        return await asyncio.to_thread(encode, audio, fmt)
+
+    async def whole(self, completion: Completion, heard: list[str]) -> dict:
+        """The non-streamed response."""
+        text, calls = parse_tool_calls(completion.text) if self.body.tools else (completion.text, [])
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
+        if self.voice is not None:
+            data = await self._speak(text, heard, self.body.audio.format)
+            if data is not None:
+                entry = self.runtime.remember_reply(self.owner, completion.text)
+                message["content"] = None
+                message["audio"] = {"id": entry.id, "data": base64.b64encode(data).decode(),
+                                    "transcript": strip_tags(text), "expires_at": entry.expires_at}  # fmt: skip
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_id,
+            "choices": [{"index": 0, "message": message, "finish_reason": self._finish_reason(completion, calls),
+                         "logprobs": None}],
+            "usage": self._usage(completion), "input_audio": self._input_audio(),
+        }  # fmt: skip
+
+    @staticmethod
+    def _event(data: dict) -> str:
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None, **extra: Any) -> str:
+        return self._event({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_id,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra,
+        })  # fmt: skip
+
+    async def stream(self, request: Request, main: Pending, asks: list[Pending]) -> AsyncIterator[str]:
+        """The streamed response, as Server-Sent Events."""
+        entry = self.runtime.remember_reply(self.owner, "") if self.voice is not None else None
+        try:
+            yield self._chunk({"role": "assistant", "content": "" if entry is None else None}, input_audio=self._input_audio())
+            heard: list[str] | None = None
+            said = ""  # tag-free text received so far
+            spoken = 0  # characters of `said` already rendered
+            tools = bool(self.body.tools)
+            pieces: list[str] = []
+            while True:
+                kind, value = await main.next()
+                if kind == "error":
+                    raise value
+                if kind == "piece":
+                    pieces.append(value)
+                    if tools:  # a tool call is only known whole: hold the text to the end
+                        continue
+                    if entry is None:
+                        yield self._chunk({"content": value})
+                        continue
+                    clean = strip_tags("".join(pieces))
+                    if clean.startswith(said) and len(clean) > len(said):
+                        yield self._chunk({"audio": {"id": entry.id, "transcript": clean[len(said):]}})
+                        said = clean
+                    ready = split_sentences(said[spoken:])[:-1]  # the last may still grow
+                    if ready:
+                        if heard is None:
+                            heard = [(await ask.result()).text for ask in asks]
+                        async for chunk in self._audio_chunks(" ".join(ready), "".join(pieces), heard, entry.id):
+                            yield chunk
+                        spoken = said.index(ready[-1], spoken) + len(ready[-1])
+                    continue
+                completion: Completion = value
+                break
+            text, calls = parse_tool_calls(completion.text) if tools else (completion.text, [])
+            if tools and text and entry is None:
+                yield self._chunk({"content": text})
+            if calls:
+                yield self._chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+            if entry is not None:
+                clean = strip_tags(text)
+                if clean.startswith(said) and len(clean) > len(said):
+                    yield self._chunk({"audio": {"id": entry.id, "transcript": clean[len(said):]}})
+                rest = clean[spoken:].strip()
+                if rest:
+                    if heard is None:
+                        heard = [(await ask.result()).text for ask in asks]
+                    async for chunk in self._audio_chunks(rest, completion.text, heard, entry.id):
+                        yield chunk
+                self.runtime.store.set_text(entry.id, completion.text)
+                yield self._chunk({"audio": {"id": entry.id, "expires_at": entry.expires_at}})
+            yield self._chunk({}, self._finish_reason(completion, calls))
+            if self.body.stream_options and self.body.stream_options.include_usage:
+                yield self._event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                   "model": self.model_id, "choices": [], "usage": self._usage(completion)})  # fmt: skip
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away, or the stream ended: nothing goes on generating
+            main.cancel()
+            cancel_all(asks)
+
+    async def _audio_chunks(self, text: str, reply: str, heard: list[str], audio_id: str) -> AsyncIterator[str]:
+        """`text` (sentences of `reply`, the raw text so far) spoken, as pcm16 pieces."""
+        language, style = choose_voice(reply, *heard)
+        audio, _ = await asyncio.to_thread(render_reply, text, language, self.voice, style)
+        pcm = encode(audio, "pcm16")  # 24 kHz s16le
+        step = int(PCM_PIECE_SECONDS * PCM16_RATE) * 2
+        for start in range(0, len(pcm), step):
+            yield self._chunk({"audio": {"id": audio_id, "data": base64.b64encode(pcm[start : start + step]).decode()}})

@@ -1,0 +1,100 @@
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the right status.
+
+Every input problem the Python API raises (an `InputError`) maps to a 4xx here, chosen by its
+class; the message is the API's own one-line message. Nothing a client sends produces a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from voxtune.audio import AudioTooLongError
+from voxtune.audio.voices import VoiceError
+from voxtune.errors import InputError
+from voxtune.infer.audio_store import AudioNotFoundError
+
+logger = logging.getLogger(__name__)
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|dict|list|none|.*\[.*\])$")
+
+
+class APIError(Exception):
+    """An error response: HTTP `status` and OpenAI's error fields."""
+
+    def __init__(
+        self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+        code: str | None = None, headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        """The JSON response for this error."""
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def from_input_error(error: InputError, param: str | None = None) -> APIError:
+    """The response for an input problem the Python API raised."""
+    message = str(error)
+    if isinstance(error, AudioNotFoundError):
+        return APIError(404, message, param=param, code="audio_not_found")
+    if isinstance(error, AudioTooLongError):
+        return APIError(413, message, param=param, code="audio_too_long")
+    if isinstance(error, VoiceError):
+        return APIError(400, message, param=param or "voice", code="invalid_value")
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+def from_validation_error(error: ValidationError, prefix: str = "") -> APIError:
+    """A 400 naming the first bad field, in words (never the raw pydantic dump)."""
+    first = error.errors(include_url=False, include_input=False)[0]
+    # pydantic puts the union member it tried into the location ("voice.str"): not a field.
+    parts = [part for part in first["loc"] if isinstance(part, int) or not _TYPE_TAG.match(part)]
+    if not parts:
+        return APIError(400, "the request body must be a JSON object", code="invalid_value")
+    location = prefix + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts).lstrip(".")
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif first["type"] == "missing":
+        message = "this field is required"
+    return APIError(400, f"{location}: {message}", param=location or None, code="invalid_value")
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON of a request body, or a 400 saying it is not JSON."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise APIError(400, f"the request body is not valid JSON ({error})", code="invalid_json") from None
+
+
+async def api_error_handler(request: Request, error: APIError) -> JSONResponse:
+    return error.response()
+
+
+async def input_error_handler(request: Request, error: InputError) -> JSONResponse:
+    return from_input_error(error).response()
+
+
+async def http_error_handler(request: Request, error: HTTPException) -> JSONResponse:
+    kind = "invalid_request_error"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+    message = error.detail if isinstance(error.detail, str) else "bad request"
+    if error.status_code == 404:
+        message = f"no route {request.method} {request.url.path}"
+    return APIError(error.status_code, message, type=kind, code=code, headers=getattr(error, "headers", None)).response()
+
+
+async def unexpected_error_handler(request: Request, error: Exception) -> JSONResponse:
+    logger.exception("error while serving %s %s", request.method, request.url.path)
+    return APIError(500, "the server hit an internal error; it has been logged", type="server_error").response()

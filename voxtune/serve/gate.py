@@ -1,0 +1,124 @@
+"""The gate every API request passes: authentication, the body-size limit and the concurrency
+limit, as one ASGI middleware (so the limits hold for streamed responses to their end).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from voxtune.serve.errors import APIError
+
+OPEN_PATHS = ("/health", "/metrics")  # answered without a key
+
+
+def owner_of(key: str | None) -> str:
+    """The owner name stored with a caller's audio: a hash of its key ("" without keys)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24] if key else ""
+
+
+@dataclass
+class GateStats:
+    """What the gate counts, for /metrics."""
+
+    in_flight: int = 0
+    rejected: int = 0  # requests turned away with 429
+    responses: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, status) -> count
+
+
+class Gate:
+    """ASGI middleware: checks the bearer key, buffers the body up to `max_body` bytes (413
+    beyond) and admits at most `max_concurrent` requests at once (429 beyond)."""
+
+    def __init__(
+        self, app: ASGIApp, *, api_keys: Sequence[str], max_body: int, max_concurrent: int, stats: GateStats
+    ) -> None:
+        self.app = app
+        self.api_keys = [key.encode() for key in api_keys]
+        self.max_body = max_body
+        self.max_concurrent = max_concurrent
+        self.stats = stats
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                key = (scope["path"], message["status"])
+                self.stats.responses[key] = self.stats.responses.get(key, 0) + 1
+            await send(message)
+
+        if scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, counted)
+        else:
+            await self._guarded(scope, receive, counted)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            key = self._authenticate(scope)
+            body = await self._read_body(scope, receive)
+        except APIError as error:
+            await error.response()(scope, receive, send)
+            return
+        if self.stats.in_flight >= self.max_concurrent:
+            self.stats.rejected += 1
+            await APIError(
+                429, f"the server is handling {self.max_concurrent} requests, its limit; retry shortly",
+                type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"},
+            ).response()(scope, receive, send)  # fmt: skip
+            return
+        scope.setdefault("state", {})["owner"] = owner_of(key)
+        replayed = False
+
+        async def replay() -> Message:  # the buffered body, then the client's later messages
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        self.stats.in_flight += 1
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            self.stats.in_flight -= 1
+
+    def _authenticate(self, scope: Scope) -> str | None:
+        if not self.api_keys:
+            return None
+        headers = dict(scope["headers"])
+        value = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, key = value.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise APIError(401, "no API key given: send 'Authorization: Bearer <key>'", code="missing_api_key")
+        key = key.strip()
+        if not any(hmac.compare_digest(key.encode(), known) for known in self.api_keys):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+        return key
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        too_large = APIError(
+            413, f"the request body is over the {self.max_body / 1e6:g} MB limit", code="request_too_large"
+        )
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
