@@ -158,15 +158,13 @@ def _sampling(args: argparse.Namespace) -> dict:
 def _chat(args: argparse.Namespace) -> int:
     if not args.audio and not args.text:
         raise UsageError("give --audio FILE, --text TEXT, or both")
-    if len(args.audio) == 1 and not args.text:
-        from voxtune.model.prompts import answer_messages
+    from voxtune.model.prompts import ask_spoken_requests
 
-        user = answer_messages(args.audio[0])  # a clip alone is a spoken request: ask for its answer
-    else:
-        content = [{"type": "audio", "audio": path} for path in args.audio]
-        content += [{"type": "text", "text": args.text}] if args.text else []
-        user = [{"role": "user", "content": content}]
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + user
+    content = [{"type": "audio", "audio": path} for path in args.audio]
+    content += [{"type": "text", "text": args.text}] if args.text else []
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    # Clips alone are a spoken request: ask for their answer.
+    messages = ask_spoken_requests(system + [{"role": "user", "content": content}])
     if args.speak is None and args.voice is not None:
         raise UsageError("--voice is the voice of --speak; give --speak FILE too")
     if args.speak is not None:

@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import threading
+import time
 
 import httpx2
 import numpy as np
@@ -328,3 +329,27 @@ def test_a_client_that_goes_away_stops_its_generation():
             assert runtime.engine.steps < 1000, runtime.engine.steps
     finally:
         runtime.close()
+
+
+def test_a_short_request_does_not_wait_for_a_long_one(client, question):
+    """A 1000-token reply is decoding when a short request arrives: the short one joins the
+    batch and finishes first."""
+    finished: dict[str, float] = {}
+    started = threading.Event()
+
+    def long() -> None:
+        stream = client.chat.completions.create(
+            model=MODEL, messages=ask(question), stream=True, max_tokens=1000, extra_body={"ignore_eos": True}
+        )
+        for _ in stream:
+            started.set()
+        finished["long"] = time.monotonic()
+
+    thread = threading.Thread(target=long)
+    thread.start()
+    started.wait(timeout=60)
+    reply = client.chat.completions.create(model=MODEL, messages=ask(question), max_tokens=8)
+    finished["short"] = time.monotonic()
+    thread.join()
+    assert reply.choices[0].message.content
+    assert finished["short"] < finished["long"]

@@ -204,7 +204,8 @@ class Engine:
     def _admit(self, arrived: list[Generation]) -> None:
         """Prefill the new requests together, take their first tokens and join them to the batch."""
         state = prefill(self.model, [g.example for g in arrived])
-        keep = [i for i, (g, token) in enumerate(zip(arrived, self._pick(arrived, state.logits))) if not g.row.done]
+        self._pick(arrived, state.logits)
+        keep = [i for i, g in enumerate(arrived) if not g.row.done]
         if not keep:
             return
         joined = [arrived[i] for i in keep]
@@ -234,10 +235,9 @@ class Engine:
         if len(keep) < len(self._active):
             self._drop(keep)
 
-    def _pick(self, generations: list[Generation], logits: torch.Tensor) -> list[int | None]:
+    def _pick(self, generations: list[Generation], logits: torch.Tensor) -> None:
         """Choose each row's next token, send its settled text, finish the rows that end."""
-        rows = [g.row for g in generations]
-        tokens = pick_tokens(rows, logits)
+        tokens = pick_tokens([g.row for g in generations], logits)
         for generation, token in zip(generations, tokens):
             row = generation.row
             row.add(token, self.model.tokenizer.decode(row.tokens + [token], skip_special_tokens=True), self._stop_ids)
@@ -247,7 +247,6 @@ class Engine:
                 generation.sent = settled
             if row.done:
                 self._finish(generation, row.reason or "stop")
-        return tokens
 
     def _drop(self, keep: list[int]) -> None:
         self._active = [self._active[i] for i in keep]

@@ -25,7 +25,7 @@ from voxtune.infer.tools import render_tool_calls, tools_prompt
 from voxtune.model import prompts
 from voxtune.model.generation import SamplingParams
 from voxtune.model.processor import AudioEmbedding, MessageError
-from voxtune.tags import LANGUAGES, strip_tags, tag, tag_values
+from voxtune.tags import LANGUAGES, strip_tags, tag_values
 
 if TYPE_CHECKING:
     from voxtune.model import SpeechLM
@@ -130,11 +130,7 @@ class Runtime:
             raise AudioTooLongError(
                 f"the request carries {prepared.audio_seconds:.1f} s of audio; the limit is {self.max_audio_seconds:g} s"
             )
-        last = prepared.messages[-1]
-        if last["role"] == "user" and isinstance(last["content"], list):
-            kinds = {part["type"] for part in last["content"]}
-            if kinds == {"audio"}:  # a clip alone is a spoken request, as the model was taught
-                last["content"].append({"type": "text", "text": tag("task", "answer")})
+        prepared.messages = prompts.ask_spoken_requests(prepared.messages)
         if tools and tool_choice != "none":
             prepared.messages.insert(0, {"role": "system", "content": tools_prompt(tools, tool_choice or "auto")})
         return prepared

@@ -45,3 +45,15 @@ def answer_messages(audio: Any, instruction: str | None = None) -> list[dict]:
     if instruction:
         return _user(audio, instruction, text_first=True)
     return _user(audio, tag("task", "answer"))
+
+
+def ask_spoken_requests(messages: list[dict]) -> list[dict]:
+    """`messages` with a last user turn of audio alone marked as a spoken request to answer (the
+    answer task's tag after the clips, as the model was taught); other conversations as they are."""
+    last = messages[-1] if messages else None
+    content = last.get("content") if isinstance(last, dict) and last.get("role") == "user" else None
+    if not isinstance(content, list) or not content:
+        return messages
+    if all(isinstance(part, dict) and part.get("type") in ("audio", "input_audio") for part in content):
+        return [*messages[:-1], {**last, "content": [*content, {"type": "text", "text": tag("task", "answer")}]}]
+    return messages

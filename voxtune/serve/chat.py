@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from voxtune.audio import encode, voices
 from voxtune.audio.encode import PCM16_RATE
 from voxtune.audio.voices import split_sentences
+from voxtune.errors import InputError
 from voxtune.infer.engine import Completion
 from voxtune.infer.runtime import PreparedChat, Runtime
 from voxtune.infer.spoken_reply import choose_voice, render_reply
@@ -32,8 +34,11 @@ from voxtune.serve.bridge import ClientGone, Pending, cancel_all
 from voxtune.serve.errors import APIError, from_validation_error, parse_json
 from voxtune.tags import strip_tags
 
+logger = logging.getLogger(__name__)
+
 AUDIO_FORMATS = ("wav", "aac", "mp3", "flac", "opus", "pcm16")
 PCM_PIECE_SECONDS = 0.5  # streamed audio goes out in pieces of about this length
+CLAUSE_CHARS = 80  # a sentence this long is spoken clause by clause as it streams
 
 
 class AudioRequest(BaseModel):
@@ -128,7 +133,7 @@ async def chat_completions(request: Request, runtime: Runtime, model_id: str, ma
     asks = [Pending(runtime.engine, q, SamplingParams(max_new_tokens=4)) for q in (runtime.voice_prompts(prepared) if speak else [])]
     reply = _Reply(runtime, body, model_id, owner, prepared, voice)
     if body.stream:
-        return StreamingResponse(reply.stream(request, main, asks), media_type="text/event-stream")
+        return StreamingResponse(reply.stream(main, asks), media_type="text/event-stream")
     try:
         completion = await main.result(request)
         heard = [(await ask.result(request)).text for ask in asks]
@@ -204,66 +209,78 @@ class _Reply:
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra,
         })  # fmt: skip
 
-    async def stream(self, request: Request, main: Pending, asks: list[Pending]) -> AsyncIterator[str]:
-        """The streamed response, as Server-Sent Events."""
-        entry = self.runtime.remember_reply(self.owner, "") if self.voice is not None else None
+    async def stream(self, main: Pending, asks: list[Pending]) -> AsyncIterator[str]:
+        """The streamed response, as Server-Sent Events. An error after the first event goes
+        into the stream (the status is sent by then), as OpenAI does."""
         try:
-            yield self._chunk({"role": "assistant", "content": "" if entry is None else None}, input_audio=self._input_audio())
-            heard: list[str] | None = None
-            said = ""  # tag-free text received so far
-            spoken = 0  # characters of `said` already rendered
-            tools = bool(self.body.tools)
-            pieces: list[str] = []
-            while True:
-                kind, value = await main.next()
-                if kind == "error":
-                    raise value
-                if kind == "piece":
-                    pieces.append(value)
-                    if tools:  # a tool call is only known whole: hold the text to the end
-                        continue
-                    if entry is None:
-                        yield self._chunk({"content": value})
-                        continue
-                    clean = strip_tags("".join(pieces))
-                    if clean.startswith(said) and len(clean) > len(said):
-                        yield self._chunk({"audio": {"id": entry.id, "transcript": clean[len(said):]}})
-                        said = clean
-                    ready = split_sentences(said[spoken:])[:-1]  # the last may still grow
-                    if ready:
-                        if heard is None:
-                            heard = [(await ask.result()).text for ask in asks]
-                        async for chunk in self._audio_chunks(" ".join(ready), "".join(pieces), heard, entry.id):
-                            yield chunk
-                        spoken = said.index(ready[-1], spoken) + len(ready[-1])
-                    continue
-                completion: Completion = value
-                break
-            text, calls = parse_tool_calls(completion.text) if tools else (completion.text, [])
-            if tools and text and entry is None:
-                yield self._chunk({"content": text})
-            if calls:
-                yield self._chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-            if entry is not None:
-                clean = strip_tags(text)
-                if clean.startswith(said) and len(clean) > len(said):
-                    yield self._chunk({"audio": {"id": entry.id, "transcript": clean[len(said):]}})
-                rest = clean[spoken:].strip()
-                if rest:
-                    if heard is None:
-                        heard = [(await ask.result()).text for ask in asks]
-                    async for chunk in self._audio_chunks(rest, completion.text, heard, entry.id):
-                        yield chunk
-                self.runtime.store.set_text(entry.id, completion.text)
-                yield self._chunk({"audio": {"id": entry.id, "expires_at": entry.expires_at}})
-            yield self._chunk({}, self._finish_reason(completion, calls))
-            if self.body.stream_options and self.body.stream_options.include_usage:
-                yield self._event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                   "model": self.model_id, "choices": [], "usage": self._usage(completion)})  # fmt: skip
-            yield "data: [DONE]\n\n"
+            async for event in self._events(main, asks):
+                yield event
+        except Exception as error:  # noqa: BLE001 - reported to the client in the stream
+            if not isinstance(error, InputError):
+                logger.exception("streamed chat completion failed")
+            kind = "invalid_request_error" if isinstance(error, InputError) else "server_error"
+            yield self._event({"error": {"message": str(error) or type(error).__name__, "type": kind, "param": None, "code": None}})
         finally:  # the client went away, or the stream ended: nothing goes on generating
             main.cancel()
             cancel_all(asks)
+
+    async def _events(self, main: Pending, asks: list[Pending]) -> AsyncIterator[str]:
+        """The chunks: text pieces as they settle, or transcript pieces and each finished
+        sentence's pcm16; then the finish reason, the usage when asked, and [DONE]."""
+        entry = self.runtime.remember_reply(self.owner, "") if self.voice is not None else None
+        yield self._chunk({"role": "assistant", "content": "" if entry is None else None}, input_audio=self._input_audio())
+        heard: list[str] | None = None
+        said = ""  # tag-free text received so far
+        spoken = 0  # characters of `said` already rendered
+        tools = bool(self.body.tools)
+        pieces: list[str] = []
+        while True:
+            kind, value = await main.next()
+            if kind == "error":
+                raise value
+            if kind == "piece":
+                pieces.append(value)
+                if tools:  # a tool call is only known whole: hold the text to the end
+                    continue
+                if entry is None:
+                    yield self._chunk({"content": value})
+                    continue
+                clean = strip_tags("".join(pieces))
+                if clean.startswith(said) and len(clean) > len(said):
+                    yield self._chunk({"audio": {"id": entry.id, "transcript": clean[len(said):]}})
+                    said = clean
+                ready = _ready_to_speak(said[spoken:])
+                if ready:
+                    if heard is None:
+                        heard = [(await ask.result()).text for ask in asks]
+                    async for chunk in self._audio_chunks(" ".join(ready), "".join(pieces), heard, entry.id):
+                        yield chunk
+                    spoken = said.index(ready[-1], spoken) + len(ready[-1])
+                continue
+            completion: Completion = value
+            break
+        text, calls = parse_tool_calls(completion.text) if tools else (completion.text, [])
+        if tools and text and entry is None:
+            yield self._chunk({"content": text})
+        if calls:
+            yield self._chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+        if entry is not None:
+            clean = strip_tags(text)
+            if clean.startswith(said) and len(clean) > len(said):
+                yield self._chunk({"audio": {"id": entry.id, "transcript": clean[len(said):]}})
+            rest = clean[spoken:].strip()
+            if rest:
+                if heard is None:
+                    heard = [(await ask.result()).text for ask in asks]
+                async for chunk in self._audio_chunks(rest, completion.text, heard, entry.id):
+                    yield chunk
+            self.runtime.store.set_text(entry.id, completion.text)
+            yield self._chunk({"audio": {"id": entry.id, "expires_at": entry.expires_at}})
+        yield self._chunk({}, self._finish_reason(completion, calls))
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            yield self._event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                               "model": self.model_id, "choices": [], "usage": self._usage(completion)})  # fmt: skip
+        yield "data: [DONE]\n\n"
 
     async def _audio_chunks(self, text: str, reply: str, heard: list[str], audio_id: str) -> AsyncIterator[str]:
         """`text` (sentences of `reply`, the raw text so far) spoken, as pcm16 pieces."""
@@ -273,3 +290,13 @@ class _Reply:
         step = int(PCM_PIECE_SECONDS * PCM16_RATE) * 2
         for start in range(0, len(pcm), step):
             yield self._chunk({"audio": {"id": audio_id, "data": base64.b64encode(pcm[start : start + step]).decode()}})
+
+
+def _ready_to_speak(text: str) -> list[str]:
+    """The finished sentences at the start of `text` (the last one may still grow); in a long
+    sentence, the clauses up to its last comma, so the first audio does not wait for its end."""
+    sentences = split_sentences(text)[:-1]
+    if sentences:
+        return sentences
+    comma = text.rfind(", ")
+    return [text[: comma + 1].strip()] if len(text) >= CLAUSE_CHARS and comma > 0 else []
