@@ -94,3 +94,27 @@ def test_bad_input_fails_at_submit_and_the_engine_goes_on(engine):
     with pytest.raises(MessageError, match="reads at most"):
         engine.submit([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=10**6), lambda *_: None)
     assert engine.generate([{"role": "user", "content": "hi"}], max_new_tokens=3).completion_tokens <= 3
+
+
+def test_a_failing_callback_cancels_only_its_own_generation(engine):
+    def broken(kind, value):
+        raise RuntimeError("the caller's bug")
+
+    engine.submit([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=200, ignore_eos=True), broken)
+    completion = engine.generate([{"role": "user", "content": "hello"}], max_new_tokens=20, ignore_eos=True)
+    assert completion.completion_tokens == 20
+    assert engine.generate([{"role": "user", "content": "again"}], max_new_tokens=3).completion_tokens <= 3
+
+
+def test_closing_cancels_what_is_running_and_refuses_more(model):
+    engine = Engine(model)
+    events: queue.Queue = queue.Queue()
+    engine.submit([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=1500, ignore_eos=True),
+                  lambda kind, value: events.put((kind, value)))  # fmt: skip
+    events.get(timeout=30)
+    engine.close()
+    while (event := events.get(timeout=30))[0] != "done":
+        pass
+    assert event[1].finish_reason == "cancelled"
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.submit([{"role": "user", "content": "hi"}], SamplingParams(), lambda *_: None)

@@ -77,6 +77,7 @@ class AudioStore:
         self._entries: OrderedDict[str, StoredAudio] = OrderedDict()
         self._by_digest: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
+        self._swept = float("-inf")  # when _expire last swept
 
     @staticmethod
     def digest(data: str | bytes) -> str:
@@ -87,27 +88,23 @@ class AudioStore:
         """Keep a user clip's encoder output; returns its entry (with a new id)."""
         with self._lock:
             self.stats.clips_encoded += 1
-            return self._put(StoredAudio(_new_id(), owner, self._expiry(), embedding=embedding, digest=digest))
+            return self._put(StoredAudio(new_audio_id(), owner, self._expiry(), embedding=embedding, digest=digest))
 
-    def put_reply(self, owner: str, text: str) -> StoredAudio:
-        """Keep a spoken reply's text; returns its entry (with a new id)."""
+    def put_reply(self, owner: str, text: str, audio_id: str | None = None) -> StoredAudio:
+        """Keep a spoken reply's text under `audio_id` (one from `new_audio_id`, for a reply
+        whose id was sent before its text was whole) or a new id; returns its entry."""
         with self._lock:
-            return self._put(StoredAudio(_new_id(), owner, self._expiry(), text=text))
-
-    def set_text(self, audio_id: str, text: str) -> None:
-        """Replace a spoken reply's text (a streamed reply is stored before its text is known)."""
-        with self._lock:
-            entry = self._entries.get(audio_id)
-            if entry is not None:
-                self.stats.bytes -= entry.nbytes
-                entry.text = text
-                self.stats.bytes += entry.nbytes
+            return self._put(StoredAudio(audio_id or new_audio_id(), owner, self._expiry(), text=text))
 
     def get(self, audio_id: str, owner: str) -> StoredAudio:
         """The entry `audio_id` if `owner` made it and it is still kept; else `AudioNotFoundError`."""
         with self._lock:
             self._expire()
             entry = self._entries.get(audio_id)
+            if entry is not None and entry.expires_at <= self.clock():
+                self._remove(audio_id)
+                self.stats.expired += 1
+                entry = None
             if entry is None or entry.owner != owner:  # someone else's id reads as unknown
                 raise AudioNotFoundError(f"no audio with id {audio_id!r} (unknown, expired, or not yours)")
             self._entries.move_to_end(audio_id)
@@ -120,6 +117,10 @@ class AudioStore:
         with self._lock:
             self._expire()
             audio_id = self._by_digest.get((owner, digest))
+            if audio_id is not None and self._entries[audio_id].expires_at <= self.clock():
+                self._remove(audio_id)
+                self.stats.expired += 1
+                audio_id = None
             if audio_id is None:
                 return None
             self._entries.move_to_end(audio_id)
@@ -144,7 +145,12 @@ class AudioStore:
         return entry
 
     def _expire(self) -> None:
+        """Drop expired entries; a full sweep at most once a second (entries are checked on
+        read anyway)."""
         now = self.clock()
+        if now - self._swept < 1.0:
+            return
+        self._swept = now
         for audio_id in [i for i, e in self._entries.items() if e.expires_at <= now]:
             self._remove(audio_id)
             self.stats.expired += 1
@@ -157,5 +163,6 @@ class AudioStore:
         self.stats.bytes -= entry.nbytes
 
 
-def _new_id() -> str:
+def new_audio_id() -> str:
+    """A fresh, unguessable audio id."""
     return "audio_" + secrets.token_hex(12)

@@ -107,8 +107,8 @@ class Engine:
     def submit(self, messages: Sequence[dict] | Example, params: SamplingParams, sink: Callable[[str, Any], None]) -> Generation:
         """Queue a conversation (messages, or an `Example` already tokenised). Bad input raises
         here, in the caller's thread; everything after arrives through `sink`."""
-        if self._closed:
-            raise RuntimeError("the engine is closed")
+        if self._closed or not self._thread.is_alive():
+            raise RuntimeError("the engine has stopped")
         example = messages if isinstance(messages, Example) else self.encode(messages)
         check_prompt(self.model, example, params.max_new_tokens)
         generation = Generation(example, params, sink)
@@ -167,26 +167,32 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
-            try:
-                arrived = self._take()
-            except _Closed:
-                break
-            try:
-                if arrived:
+        stopping = False
+        while not stopping:
+            arrived, stopping = self._take()
+            if arrived:
+                try:
                     self._admit(arrived)
-                if self._active:
+                except Exception as error:  # e.g. out of memory reading these prompts: only they fail
+                    logger.exception("prefill failed")
+                    self._fail(arrived, error)
+            if self._active and not stopping:
+                try:
                     self._step()
-            except Exception as error:  # a bug or out of memory: fail these requests, keep serving
-                logger.exception("generation failed")
-                for generation in self._active + arrived:
-                    generation.sink("error", error)
-                self._active, self._state = [], None
-        for generation in self._active:
-            self._finish(generation, "cancelled")
+                except Exception as error:  # a bug or out of memory: fail these requests, keep serving
+                    logger.exception("decoding failed")
+                    self._fail(self._active, error)
+                    self._active, self._state = [], None
+        leftover = []
+        while not self._queue.empty():
+            leftover.append(self._queue.get_nowait())
+        for generation in self._active + [g for g in leftover if g is not None]:
+            if not generation.row.done:
+                self._finish(generation, "cancelled")
 
-    def _take(self) -> list[Generation]:
-        """New requests: wait for one when idle, else take whatever is queued (up to the batch)."""
+    def _take(self) -> tuple[list[Generation], bool]:
+        """New requests (waiting for one when idle, else whatever is queued, up to the batch)
+        and whether the engine is closing."""
         arrived = []
         while len(self._active) + len(arrived) < self.max_batch:
             try:
@@ -194,12 +200,27 @@ class Engine:
             except queue.Empty:
                 break
             if item is None:
-                raise _Closed
+                self._active += arrived  # the closing path cancels them
+                return [], True
             if item.cancelled.is_set():
                 self._finish(item, "cancelled")
             else:
                 arrived.append(item)
-        return arrived
+        return arrived, False
+
+    def _fail(self, generations: list[Generation], error: Exception) -> None:
+        for generation in generations:
+            if not generation.row.done:
+                generation.row.done = True
+                self._send(generation, "error", error)
+
+    def _send(self, generation: Generation, kind: str, value: Any) -> None:
+        """Deliver an event; a sink that raises cancels its own generation, nothing else."""
+        try:
+            generation.sink(kind, value)
+        except Exception:  # noqa: BLE001 - the caller's callback; its failure must not stop the engine
+            logger.exception("an event sink failed; cancelling its generation")
+            generation.cancel()
 
     def _admit(self, arrived: list[Generation]) -> None:
         """Prefill the new requests together, take their first tokens and join them to the batch."""
@@ -221,7 +242,7 @@ class Engine:
         """One token for every active row, then drop the rows that are done."""
         self.peak_batch = max(self.peak_batch, len(self._active))
         for generation in self._active:
-            if generation.cancelled.is_set():
+            if generation.cancelled.is_set() and not generation.row.done:
                 self._finish(generation, "cancelled")
         keep = [i for i, g in enumerate(self._active) if not g.row.done]
         if len(keep) < len(self._active):
@@ -240,10 +261,10 @@ class Engine:
         tokens = pick_tokens([g.row for g in generations], logits)
         for generation, token in zip(generations, tokens):
             row = generation.row
-            row.add(token, self.model.tokenizer.decode(row.tokens + [token], skip_special_tokens=True), self._stop_ids)
+            row.add(token, self._stop_ids, self.model.tokenizer)
             settled = row.settled_text()
             if len(settled) > len(generation.sent) and settled.startswith(generation.sent):
-                generation.sink("piece", settled[len(generation.sent) :])
+                self._send(generation, "piece", settled[len(generation.sent) :])
                 generation.sent = settled
             if row.done:
                 self._finish(generation, row.reason or "stop")
@@ -258,7 +279,8 @@ class Engine:
     def _finish(self, generation: Generation, reason: str) -> None:
         row = generation.row
         row.done = True
-        generation.sink(
+        self._send(
+            generation,
             "done",
             Completion(
                 text=row.text if reason != "cancelled" else generation.sent,

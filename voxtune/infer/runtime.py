@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import threading
+import queue
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from voxtune.infer.engine import Engine
 from voxtune.infer.tools import render_tool_calls, tools_prompt
 from voxtune.model import prompts
 from voxtune.model.generation import SamplingParams
-from voxtune.model.processor import AudioEmbedding, MessageError
+from voxtune.model.processor import AudioEmbedding, Example, MessageError
 from voxtune.tags import LANGUAGES, strip_tags, tag_values
 
 if TYPE_CHECKING:
@@ -42,6 +42,14 @@ class InputClip:
     expires_at: int
     seconds: float
     reused: bool
+
+
+@dataclass
+class _Fresh:
+    """A clip of this request not seen before: decoded, to be encoded once the request is accepted."""
+
+    audio: Audio
+    digest: str
 
 
 @dataclass
@@ -124,18 +132,26 @@ class Runtime:
         if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
             raise MessageError("messages must be a non-empty list")
         prepared = PreparedChat([])
+        slots: list[tuple[dict, Any]] = []  # (audio part, stored entry or _Fresh clip), in reading order
         for index, message in enumerate(messages):
-            prepared.messages.append(self._message(message, index, owner, prepared))
-        if prepared.audio_seconds > self.max_audio_seconds:
-            raise AudioTooLongError(
-                f"the request carries {prepared.audio_seconds:.1f} s of audio; the limit is {self.max_audio_seconds:g} s"
-            )
+            prepared.messages.append(self._message(message, index, owner, slots))
+        # Only a request within every limit gets its new clips encoded and stored.
+        fresh: dict[str, Any] = {}
+        for part, item in slots:
+            reused = not isinstance(item, _Fresh)
+            if not reused:
+                if item.digest not in fresh:  # the same clip twice in one request is encoded once
+                    fresh[item.digest] = self.store.put_clip(owner, self.model.encode_audio(item.audio), item.digest)
+                item = fresh[item.digest]
+            part["audio"] = item.embedding
+            prepared.clips.append(InputClip(item.id, item.expires_at, item.embedding.duration, reused))
+            prepared.last_clip = item.embedding
         prepared.messages = prompts.ask_spoken_requests(prepared.messages)
         if tools and tool_choice != "none":
             prepared.messages.insert(0, {"role": "system", "content": tools_prompt(tools, tool_choice or "auto")})
         return prepared
 
-    def _message(self, message: Any, index: int, owner: str, prepared: PreparedChat) -> dict:
+    def _message(self, message: Any, index: int, owner: str, slots: list[tuple[dict, Any]]) -> dict:
         where = f"messages[{index}]"
         if not isinstance(message, dict):
             raise MessageError(f"{where} must be an object")
@@ -160,8 +176,9 @@ class Runtime:
             if kind == "text":
                 parts.append({"type": "text", "text": _string(part.get("text"), f"{at}.text")})
             elif kind == "input_audio":
-                clip = self._clip(part.get("input_audio"), at, owner, prepared)
-                parts.append({"type": "audio", "audio": clip})
+                slot = {"type": "audio", "audio": None}  # filled in once the whole request is accepted
+                slots.append((slot, self._clip(part.get("input_audio"), at, owner, slots)))
+                parts.append(slot)
             elif kind in ("image_url", "input_image", "file"):
                 raise MessageError(f"{at}: this model reads text and audio, not {kind}")
             else:
@@ -185,15 +202,18 @@ class Runtime:
             text = "\n".join(t for t in (text, render_tool_calls(message["tool_calls"])) if t)
         return text
 
-    def _clip(self, payload: Any, where: str, owner: str, prepared: PreparedChat) -> AudioEmbedding:
-        """A clip's encoder output: from the store (by id or content), else decoded and encoded."""
+    def _clip(self, payload: Any, where: str, owner: str, slots: list[tuple[dict, Any]]) -> Any:
+        """A clip's stored entry (by id or content), else the decoded clip (`_Fresh`); raises
+        `AudioTooLongError` as soon as the request's audio passes the limit."""
         if not isinstance(payload, dict):
             raise MessageError(f"{where}.input_audio must be an object with 'data' and 'format' (or 'id')")
+        used = sum(item.embedding.duration if not isinstance(item, _Fresh) else item.audio.duration for _, item in slots)
         if "id" in payload and "data" not in payload:
             entry = self.store.get(_string(payload["id"], f"{where}.input_audio.id"), owner)
             if entry.embedding is None:
                 raise MessageError(f"{where}.input_audio.id {payload['id']!r} is a spoken reply, not a user clip")
-            return self._keep(prepared, entry, reused=True)
+            self._check_budget(used + entry.embedding.duration)
+            return entry
         data = _string(payload.get("data"), f"{where}.input_audio.data")
         fmt = payload.get("format")
         if fmt is not None and fmt not in INPUT_FORMATS:
@@ -201,22 +221,25 @@ class Runtime:
         digest = self.store.digest(f"{fmt}:{data}")
         entry = self.store.find_clip(owner, digest)
         if entry is not None:
-            return self._keep(prepared, entry, reused=True)
-        audio = self.decode(data, fmt, where=f"{where}.input_audio")
-        entry = self.store.put_clip(owner, self.model.encode_audio(audio), digest)
-        return self._keep(prepared, entry, reused=False)
+            self._check_budget(used + entry.embedding.duration)
+            return entry
+        try:  # decoding stops as soon as the clip passes what is left of the budget
+            audio = self.decode(data, fmt, where=f"{where}.input_audio", max_seconds=self.max_audio_seconds - used)
+        except AudioTooLongError:
+            self._check_budget(float("inf"))
+        return _Fresh(audio, digest)
 
-    @staticmethod
-    def _keep(prepared: PreparedChat, entry: Any, *, reused: bool) -> AudioEmbedding:
-        embedding = entry.embedding
-        prepared.clips.append(InputClip(entry.id, entry.expires_at, embedding.duration, reused))
-        prepared.last_clip = embedding
-        return embedding
+    def _check_budget(self, seconds: float) -> None:
+        if seconds > self.max_audio_seconds:
+            raise AudioTooLongError(f"the request carries more than {self.max_audio_seconds:g} s of audio, the limit")
 
-    def decode(self, data: str | bytes, fmt: str | None = None, *, where: str = "audio", allow_silent: bool = False) -> Audio:
-        """16 kHz audio from base64 text (or bytes), checked: decodable, within the duration
-        limit, long enough to hear, and (unless `allow_silent`) not silent. Text is never read
-        as a file path."""
+    def decode(
+        self, data: str | bytes, fmt: str | None = None, *, where: str = "audio", allow_silent: bool = False,
+        max_seconds: float | None = None,
+    ) -> Audio:
+        """16 kHz audio from base64 text (or bytes), checked: decodable, within `max_seconds`
+        (default: the request limit), long enough to hear, and (unless `allow_silent`) not
+        silent. Text is never read as a file path."""
         if isinstance(data, str):
             if data.startswith("data:") and "," in data:  # a data URL: its payload
                 data = data.split(",", 1)[1]
@@ -227,7 +250,7 @@ class Runtime:
         try:
             audio = load(
                 data, SAMPLE_RATE, format=fmt, rate=PCM16_RATE if fmt in ("pcm16", "pcm") else None,
-                max_duration=self.max_audio_seconds,
+                max_duration=self.max_audio_seconds if max_seconds is None else max(max_seconds, 0.0),
             )  # fmt: skip
         except AudioError as error:
             raise type(error)(f"{where}: {error}") from None
@@ -237,6 +260,11 @@ class Runtime:
             raise MessageError(f"{where}: the clip is silent")
         return audio
 
+    def reply_room(self, example: Example) -> int | None:
+        """Tokens left for a reply after the prompt `example` (None: the LM has no set context)."""
+        limit = getattr(self.model.lm.config, "max_position_embeddings", None)
+        return None if limit is None else limit - len(example.input_ids)
+
     def voice_prompts(self, prepared: PreparedChat) -> list[list[dict]]:
         """The two questions whose answers choose a spoken reply's voice (which language the
         user spoke, how they sounded), about the newest user clip; none without a clip."""
@@ -244,96 +272,62 @@ class Runtime:
             return []
         return [prompts.language_messages(prepared.last_clip), prompts.describe_messages(prepared.last_clip)]
 
-    def remember_reply(self, owner: str, text: str) -> Any:
-        """Store a spoken reply's text under a new audio id; returns the entry."""
-        return self.store.put_reply(owner, text)
+    def remember_reply(self, owner: str, text: str, audio_id: str | None = None) -> Any:
+        """Store a spoken reply's text under `audio_id` (or a new id); returns the entry."""
+        return self.store.put_reply(owner, text, audio_id)
 
     # ---- transcription ----------------------------------------------------------------------
 
-    def transcribe(
-        self,
-        audio: Audio,
-        language: str | None = None,
-        *,
-        temperature: float = 0.0,
-        on_text: Callable[[str], None] | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Transcript:
-        """The words of `audio`, one segment per stretch of speech (decoded together).
-
-        `on_text` receives the text in order, as soon as it is settled (segments joined by a
-        space); setting `cancel` stops early (the transcript so far is returned).
-        """
+    def plan_transcription(self, audio: Audio, language: str | None = None, *, temperature: float = 0.0) -> TranscriptionPlan:
+        """The spans of speech in `audio` and the conversation that asks for each one's words."""
         if language is not None and language not in LANGUAGES:
             raise MessageError(f"language must be an ISO-639-1 code this model knows ({', '.join(LANGUAGES)}), not {language!r}")
         spans = [(s, e) for s, e in speech_spans(audio) if (e - s) * SAMPLE_RATE >= MIN_SAMPLES]
-        events: list[list] = [[] for _ in spans]
-        done = threading.Event()
-        lock = threading.Lock()
-        params = SamplingParams(max_new_tokens=min(448, 32 + int(40 * max((e - s for s, e in spans), default=0))),
-                                temperature=temperature)  # fmt: skip
-        generations = []
-        for i, (start, end) in enumerate(spans):
-            clip = Audio(audio.samples[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)], SAMPLE_RATE)
+        clips = [Audio(audio.samples[int(s * SAMPLE_RATE) : int(e * SAMPLE_RATE)], SAMPLE_RATE) for s, e in spans]
+        # About 40 tokens per second of speech is more than any language here needs.
+        longest = max((e - s for s, e in spans), default=0.0)
+        params = SamplingParams(max_new_tokens=min(448, 32 + int(40 * longest)), temperature=temperature)
+        return TranscriptionPlan(spans, [prompts.transcribe_messages(c, language) for c in clips], params, audio.duration, language)
 
-            def sink(kind: str, value: Any, i: int = i) -> None:
-                with lock:
-                    events[i].append((kind, value))
-                    if all(e and e[-1][0] in ("done", "error") for e in events):
-                        done.set()
+    def transcribe(self, audio: Audio, language: str | None = None, *, temperature: float = 0.0) -> Transcript:
+        """The words of `audio`, one segment per stretch of speech, the spans decoded together."""
+        plan = self.plan_transcription(audio, language, temperature=temperature)
+        events: queue.Queue = queue.Queue()
+        for i, conversation in enumerate(plan.conversations):
+            self.engine.submit(conversation, plan.params, lambda kind, value, i=i: events.put((i, kind, value)))
+        replies: dict[int, str] = {}
+        while len(replies) < len(plan.conversations):
+            i, kind, value = events.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                replies[i] = value.text
+        return plan.transcript([replies[i] for i in range(len(replies))])
 
-            generations.append(self.engine.submit(prompts.transcribe_messages(clip, language), params, sink))
-        if not spans:
-            done.set()
-        streamed = _Streamer(on_text)
-        while not done.wait(0.05):
-            if cancel is not None and cancel.is_set():
-                for generation in generations:
-                    generation.cancel()
-            with lock:
-                streamed.feed(events)
-        with lock:
-            streamed.feed(events)
-        for segment_events in events:
-            if segment_events and segment_events[-1][0] == "error":
-                raise segment_events[-1][1]
+
+@dataclass
+class TranscriptionPlan:
+    """What transcribing a clip takes: its spans of speech and one conversation per span."""
+
+    spans: list[tuple[float, float]]
+    conversations: list[list[dict]]
+    params: SamplingParams
+    duration: float
+    language: str | None
+
+    def transcript(self, replies: Sequence[str]) -> Transcript:
+        """The transcript from the model's reply for each span (in order)."""
         segments = []
-        for i, ((start, end), segment_events) in enumerate(zip(spans, events)):
-            raw = segment_events[-1][1].text
+        for i, ((start, end), raw) in enumerate(zip(self.spans, replies)):
             found = tag_values(raw, "lang")
-            segments.append(Segment(i, round(start, 3), round(end, 3), strip_tags(raw), found[0] if found else language))
+            segments.append(Segment(i, round(start, 3), round(end, 3), strip_tags(raw), found[0] if found else self.language))
         heard = Counter(s.language for s in segments if s.language)
         return Transcript(
             text=" ".join(s.text for s in segments if s.text),
-            language=language or (heard.most_common(1)[0][0] if heard else None),
-            duration=audio.duration,
+            language=self.language or (heard.most_common(1)[0][0] if heard else None),
+            duration=self.duration,
             segments=segments,
         )
-
-
-class _Streamer:
-    """Sends a transcript's text in order, segment after segment, as the pieces settle."""
-
-    def __init__(self, on_text: Callable[[str], None] | None) -> None:
-        self.on_text = on_text
-        self.segment = 0
-        self.sent = ""  # text of the current segment already sent
-
-    def feed(self, events: list[list]) -> None:
-        if self.on_text is None:
-            return
-        while self.segment < len(events):
-            pieces = [v for kind, v in events[self.segment] if kind == "piece"]
-            text = strip_tags("".join(pieces)) if pieces else ""
-            if text.startswith(self.sent) and len(text) > len(self.sent):
-                prefix = " " if self.segment > 0 and not self.sent else ""
-                self.on_text(prefix + text[len(self.sent) :])
-                self.sent = text
-            finished = events[self.segment] and events[self.segment][-1][0] in ("done", "error")
-            if not finished:
-                return
-            self.segment += 1
-            self.sent = ""
 
 
 def _string(value: Any, where: str) -> str:
@@ -356,4 +350,4 @@ def _text_content(content: Any, where: str) -> str:
     raise MessageError(f"{where}.content must be a string or a list of text parts")
 
 
-__all__ = ["AudioNotFoundError", "InputClip", "PreparedChat", "Runtime", "Segment", "Transcript"]
+__all__ = ["AudioNotFoundError", "InputClip", "PreparedChat", "Runtime", "Segment", "Transcript", "TranscriptionPlan"]

@@ -42,7 +42,8 @@ def tools_prompt(tools: Sequence[dict], tool_choice: Any = "auto") -> str:
     if tool_choice == "required":
         lines.append("You must call at least one of these functions.")
     elif isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if name not in names:
             raise ToolError(f"tool_choice names {name!r}, which is not among the tools")
         lines.append(f"You must call the function {name}.")
@@ -53,6 +54,8 @@ def tools_prompt(tools: Sequence[dict], tool_choice: Any = "auto") -> str:
 
 def render_tool_calls(calls: Sequence[dict]) -> str:
     """An assistant turn's OpenAI `tool_calls` as the text the model writes for them."""
+    if not isinstance(calls, list):
+        raise ToolError("tool_calls must be a list")
     out = []
     for call in calls:
         function = call.get("function") if isinstance(call, dict) else None

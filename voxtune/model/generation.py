@@ -43,6 +43,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise SamplingError(f"{name} must be an integer, got {value!r}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise SamplingError(f"seed must fit in 64 bits, got {self.seed}")
         if self.max_new_tokens is None or self.max_new_tokens < 1:
             raise SamplingError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -63,6 +65,7 @@ class _Row:
         self.params = params
         self.tokens: list[int] = []
         self.text = ""
+        self._prefix = self._read = 0  # see _follow
         self.done = False
         self.reason: str | None = None  # why it is done: "stop" (end of turn, stop string) or "length"
         self.generator = None
@@ -80,21 +83,38 @@ class _Row:
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
-    def add(self, token: int, text: str | None, stop_ids: set[int]) -> None:
-        """Take a token and, when text is followed, the row's full text so far; finish on a
-        stop token, a stop string or the token limit."""
+    def add(self, token: int, stop_ids: set[int], tokenizer=None) -> None:
+        """Take a token (and, given the `tokenizer`, follow the text); finish on a stop token, a
+        stop string or the token limit."""
         if token in stop_ids and not self.params.ignore_eos:
             self.done, self.reason = True, "stop"
+            self._flush(tokenizer)
             return
         self.tokens.append(token)
-        if text is not None:
-            self.text = text
+        if tokenizer is not None:
+            self._follow(tokenizer)
         for stop in self.params.stop:
             if stop in self.text:
                 self.text = self.text[: self.text.index(stop)]
                 self.done, self.reason = True, "stop"
         if len(self.tokens) >= self.params.max_new_tokens and not self.done:
             self.done, self.reason = True, "length"
+            self._flush(tokenizer)
+
+    def _follow(self, tokenizer, *, final: bool = False) -> None:
+        """Extend `text` by the new tokens' text, decoding a short window instead of the whole
+        reply: tokens[prefix:read] were decoded already and give the context that tokenizers
+        need to space the new ones right. Held back while the tail is a partial UTF-8 character
+        (unless `final`)."""
+        before = tokenizer.decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
+        after = tokenizer.decode(self.tokens[self._prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self.tokens)
+
+    def _flush(self, tokenizer) -> None:
+        if tokenizer is not None and not any(stop in self.text for stop in self.params.stop):
+            self._follow(tokenizer, final=True)
 
     def settled_text(self) -> str:
         """The text that can no longer change: held back are a partial UTF-8 character and
@@ -205,8 +225,7 @@ def _decode(
             if token is None:
                 next_tokens.append(pad_id)
                 continue
-            text = model.tokenizer.decode(row.tokens + [token], skip_special_tokens=True) if follow_text else None
-            row.add(token, text, stop_ids)
+            row.add(token, stop_ids, model.tokenizer if follow_text else None)
             next_tokens.append(token)
         yield rows
         if all(row.done for row in rows):

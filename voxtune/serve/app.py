@@ -25,6 +25,9 @@ from voxtune.serve.errors import (
 from voxtune.serve.gate import Gate, GateStats
 
 
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/speech")
+
+
 def default_model_id(config: ServeConfig) -> str:
     """The id a served model is listed under: the configured one, else its folder or repo name."""
     if config.model_id:
@@ -44,7 +47,8 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
     app.add_exception_handler(Exception, unexpected_error_handler)
     gate = GateStats()
     app.add_middleware(
-        Gate, api_keys=config.api_keys, max_body=int(limits.max_body_mb * 1e6), max_concurrent=limits.max_concurrent, stats=gate
+        Gate, api_keys=config.api_keys, max_body=int(limits.max_body_mb * 1e6), max_concurrent=limits.max_concurrent,
+        stats=gate, paths=ROUTES,
     )  # fmt: skip
 
     def check_model(name: str) -> None:

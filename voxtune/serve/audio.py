@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 from collections.abc import AsyncIterator
 from typing import Literal
 
@@ -17,11 +16,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from voxtune.audio import CONTENT_TYPES, encode, voices
 from voxtune.audio.encode import normalize_format
 from voxtune.audio.voices import STYLES
-from voxtune.infer.runtime import Runtime, Transcript
+from voxtune.infer.runtime import Runtime, Transcript, TranscriptionPlan
+from voxtune.serve.bridge import ClientGone, Pending, cancel_all
 from voxtune.serve.errors import APIError, from_validation_error, parse_json
-from voxtune.tags import LANGUAGES
+from voxtune.tags import LANGUAGES, strip_tags
 
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+SPANS_IN_FLIGHT = 4  # spans of one recording decoded at once
 
 
 # ---- transcriptions -------------------------------------------------------------------------
@@ -59,40 +60,64 @@ async def transcriptions(request: Request, runtime: Runtime, check_model) -> Res
     data = await upload.read()
     # The format is read from the bytes: a file named .wav that holds mp3 is still mp3.
     audio = await asyncio.to_thread(lambda: runtime.decode(data, where="file", allow_silent=True))
+    plan = await asyncio.to_thread(runtime.plan_transcription, audio, language, temperature=temperature)
     if stream:
-        return StreamingResponse(_stream_transcript(runtime, audio, language, temperature), media_type="text/event-stream")
-    transcript = await asyncio.to_thread(runtime.transcribe, audio, language, temperature=temperature)
-    return _transcript_response(transcript, response_format)
-
-
-async def _stream_transcript(runtime: Runtime, audio, language, temperature) -> AsyncIterator[str]:
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
-
-    def run() -> None:
-        try:
-            result = runtime.transcribe(audio, language, temperature=temperature, cancel=cancel,
-                                        on_text=lambda piece: loop.call_soon_threadsafe(queue.put_nowait, ("delta", piece)))  # fmt: skip
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
-        except Exception as error:  # noqa: BLE001 - handed to the stream, which reports it
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", error))
-
-    worker = asyncio.get_running_loop().run_in_executor(None, run)
+        return StreamingResponse(_stream_transcript(runtime, plan), media_type="text/event-stream")
+    replies = []
     try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "delta":
-                yield _sse({"type": "transcript.text.delta", "delta": value})
-            elif kind == "error":
-                yield _sse({"type": "error", "error": {"message": str(value), "type": "invalid_request_error"}})
-                return
-            else:
-                yield _sse({"type": "transcript.text.done", "text": value.text, "usage": _duration_usage(value)})
-                return
+        async for kind, value in _decode_spans(runtime, plan, request):
+            if kind == "reply":
+                replies.append(value)
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it
+    return _transcript_response(plan.transcript(replies), response_format)
+
+
+async def _decode_spans(runtime: Runtime, plan: TranscriptionPlan, request: Request | None = None) -> AsyncIterator[tuple[str, str]]:
+    """("piece", text) as each span's text settles, span after span, and ("reply", text) when
+    a span is done. At most SPANS_IN_FLIGHT spans decode at once, so one long recording
+    shares the engine with other requests instead of filling its queue."""
+    waiting = list(plan.conversations)
+    running: list[Pending] = []
+    try:
+        while waiting or running:
+            while waiting and len(running) < SPANS_IN_FLIGHT:
+                running.append(Pending(runtime.engine, waiting.pop(0), plan.params))
+            while True:
+                kind, value = await running[0].next(request)
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    break
+                yield "piece", value
+            running.pop(0)
+            yield "reply", value.text
     finally:
-        cancel.set()
-        await worker
+        cancel_all(running)
+
+
+async def _stream_transcript(runtime: Runtime, plan: TranscriptionPlan) -> AsyncIterator[str]:
+    """`transcript.text.delta` events (tags left out, spans joined by a space), then `.done`
+    whose text is the deltas joined."""
+    anything_sent = False
+    raw, sent, replies = "", "", []  # the current span's text so far, and how much of it went out
+    try:
+        async for kind, value in _decode_spans(runtime, plan):
+            text = strip_tags(raw + value if kind == "piece" else value)
+            if len(text) > len(sent) and text.startswith(sent):
+                space = " " if anything_sent and not sent else ""
+                yield _sse({"type": "transcript.text.delta", "delta": space + text[len(sent) :]})
+                sent, anything_sent = text, True
+            if kind == "piece":
+                raw += value
+            else:
+                replies.append(value)
+                raw, sent = "", ""
+    except Exception as error:  # noqa: BLE001 - the 200 is sent: the error goes in the stream
+        yield _sse({"type": "error", "error": {"message": str(error), "type": "server_error"}})
+        return
+    transcript = plan.transcript(replies)
+    yield _sse({"type": "transcript.text.done", "text": transcript.text, "usage": _duration_usage(transcript)})
 
 
 def _duration_usage(transcript: Transcript) -> dict:
@@ -211,7 +236,11 @@ async def speech(request: Request, runtime: Runtime, check_model, max_chars: int
     fmt = normalize_format(body.response_format)
     style = style_from_instructions(body.instructions)
     # Checks every argument now (a bad voice or language is a 400 before any audio is sent).
-    sentences = voices.render(body.input, body.language, voice, style, body.speed)
+    try:
+        sentences = voices.render(body.input, body.language, voice, style, body.speed)
+    except voices.VoiceError as error:
+        param = {voices.UnknownVoiceError: "voice", voices.UnknownLanguageError: "language"}.get(type(error), "input")
+        raise APIError(400, str(error), param=param, code="invalid_value") from None
     media_type = "text/event-stream" if body.stream_format == "sse" else CONTENT_TYPES[fmt]
     if fmt != "pcm16" and body.stream_format == "audio":  # a whole file: rendered, then sent
         audio = await asyncio.to_thread(lambda: voices.join(list(sentences)))

@@ -4,6 +4,7 @@ waiting that notices a client who went away."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,20 +32,25 @@ class Pending:
                 pass
 
         self.generation: Generation = engine.submit(messages, params, sink)
+        self._checked = time.monotonic()  # when the client was last seen connected
 
     def cancel(self) -> None:
         """Stop the generation."""
         self.generation.cancel()
 
     async def next(self, request: Request | None = None, poll: float = 0.25) -> tuple[str, Any]:
-        """The next event; with `request`, raise `ClientGone` (and cancel) if it disconnects."""
+        """The next event; with `request`, every `poll` seconds check that its client is still
+        there, else cancel and raise `ClientGone`."""
         while True:
+            if request is not None and time.monotonic() - self._checked >= poll:
+                self._checked = time.monotonic()
+                if await request.is_disconnected():
+                    self.cancel()
+                    raise ClientGone
             try:
                 return await asyncio.wait_for(self.queue.get(), poll if request is not None else None)
             except TimeoutError:
-                if await request.is_disconnected():
-                    self.cancel()
-                    raise ClientGone from None
+                continue
 
     async def result(self, request: Request | None = None) -> Completion:
         """Wait for the whole reply (pieces are skipped)."""

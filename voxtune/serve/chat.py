@@ -25,6 +25,7 @@ from voxtune.audio import encode, voices
 from voxtune.audio.encode import PCM16_RATE
 from voxtune.audio.voices import split_sentences
 from voxtune.errors import InputError
+from voxtune.infer.audio_store import new_audio_id
 from voxtune.infer.engine import Completion
 from voxtune.infer.runtime import PreparedChat, Runtime
 from voxtune.infer.spoken_reply import choose_voice, render_reply
@@ -68,7 +69,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = None  # SamplingParams checks its range
     n: int | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
@@ -94,6 +95,8 @@ def sampling(request: ChatRequest, max_tokens: int) -> SamplingParams:
         raise APIError(400, "n: only one choice per request is supported (n=1)", param="n")
     if request.logprobs:
         raise APIError(400, "logprobs are not supported", param="logprobs")
+    if request.tool_choice not in (None, "none") and not request.tools:
+        raise APIError(400, "tool_choice is only allowed when tools are given", param="tool_choice")
     stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
     if len(stops) > 4:
         raise APIError(400, "stop: at most 4 stop sequences", param="stop")
@@ -129,7 +132,12 @@ async def chat_completions(request: Request, runtime: Runtime, model_id: str, ma
     prepared: PreparedChat = await asyncio.to_thread(
         runtime.prepare_chat, body.messages, owner, tools=body.tools, tool_choice=body.tool_choice
     )
-    main = Pending(runtime.engine, prepared.messages, params)
+    example = runtime.engine.encode(prepared.messages)
+    if not (body.max_completion_tokens or body.max_tokens):  # as long as the context allows, up to the limit
+        room = runtime.reply_room(example)
+        if room is not None and 0 < room < params.max_new_tokens:
+            params.max_new_tokens = room
+    main = Pending(runtime.engine, example, params)
     asks = [Pending(runtime.engine, q, SamplingParams(max_new_tokens=4)) for q in (runtime.voice_prompts(prepared) if speak else [])]
     reply = _Reply(runtime, body, model_id, owner, prepared, voice)
     if body.stream:
@@ -182,7 +190,7 @@ class _Reply:
     async def whole(self, completion: Completion, heard: list[str]) -> dict:
         """The non-streamed response."""
         text, calls = parse_tool_calls(completion.text) if self.body.tools else (completion.text, [])
-        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None, "refusal": None}
         if calls:
             message["tool_calls"] = calls
         if self.voice is not None:
@@ -227,8 +235,9 @@ class _Reply:
     async def _events(self, main: Pending, asks: list[Pending]) -> AsyncIterator[str]:
         """The chunks: text pieces as they settle, or transcript pieces and each finished
         sentence's pcm16; then the finish reason, the usage when asked, and [DONE]."""
-        entry = self.runtime.remember_reply(self.owner, "") if self.voice is not None else None
-        yield self._chunk({"role": "assistant", "content": "" if entry is None else None}, input_audio=self._input_audio())
+        # The reply's audio id goes out first; its text is stored once the reply is whole.
+        audio_id = new_audio_id() if self.voice is not None else None
+        yield self._chunk({"role": "assistant", "content": "" if audio_id is None else None}, input_audio=self._input_audio())
         heard: list[str] | None = None
         said = ""  # tag-free text received so far
         spoken = 0  # characters of `said` already rendered
@@ -242,40 +251,40 @@ class _Reply:
                 pieces.append(value)
                 if tools:  # a tool call is only known whole: hold the text to the end
                     continue
-                if entry is None:
+                if audio_id is None:
                     yield self._chunk({"content": value})
                     continue
                 clean = strip_tags("".join(pieces))
                 if clean.startswith(said) and len(clean) > len(said):
-                    yield self._chunk({"audio": {"id": entry.id, "transcript": clean[len(said):]}})
+                    yield self._chunk({"audio": {"id": audio_id, "transcript": clean[len(said):]}})
                     said = clean
                 ready = _ready_to_speak(said[spoken:])
                 if ready:
                     if heard is None:
                         heard = [(await ask.result()).text for ask in asks]
-                    async for chunk in self._audio_chunks(" ".join(ready), "".join(pieces), heard, entry.id):
+                    async for chunk in self._audio_chunks(said[spoken : spoken + ready].strip(), "".join(pieces), heard, audio_id):
                         yield chunk
-                    spoken = said.index(ready[-1], spoken) + len(ready[-1])
+                    spoken += ready
                 continue
             completion: Completion = value
             break
         text, calls = parse_tool_calls(completion.text) if tools else (completion.text, [])
-        if tools and text and entry is None:
+        if tools and text and audio_id is None:
             yield self._chunk({"content": text})
         if calls:
             yield self._chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-        if entry is not None:
+        if audio_id is not None:
             clean = strip_tags(text)
             if clean.startswith(said) and len(clean) > len(said):
-                yield self._chunk({"audio": {"id": entry.id, "transcript": clean[len(said):]}})
+                yield self._chunk({"audio": {"id": audio_id, "transcript": clean[len(said):]}})
             rest = clean[spoken:].strip()
             if rest:
                 if heard is None:
                     heard = [(await ask.result()).text for ask in asks]
-                async for chunk in self._audio_chunks(rest, completion.text, heard, entry.id):
+                async for chunk in self._audio_chunks(rest, completion.text, heard, audio_id):
                     yield chunk
-            self.runtime.store.set_text(entry.id, completion.text)
-            yield self._chunk({"audio": {"id": entry.id, "expires_at": entry.expires_at}})
+            entry = self.runtime.remember_reply(self.owner, completion.text, audio_id)
+            yield self._chunk({"audio": {"expires_at": entry.expires_at}})  # the last audio chunk: only the expiry
         yield self._chunk({}, self._finish_reason(completion, calls))
         if self.body.stream_options and self.body.stream_options.include_usage:
             yield self._event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -292,11 +301,12 @@ class _Reply:
             yield self._chunk({"audio": {"id": audio_id, "data": base64.b64encode(pcm[start : start + step]).decode()}})
 
 
-def _ready_to_speak(text: str) -> list[str]:
-    """The finished sentences at the start of `text` (the last one may still grow); in a long
-    sentence, the clauses up to its last comma, so the first audio does not wait for its end."""
-    sentences = split_sentences(text)[:-1]
-    if sentences:
-        return sentences
+def _ready_to_speak(text: str) -> int:
+    """How much of `text` (speech not yet rendered) can be spoken now: its finished sentences
+    (the last sentence may still grow), or in a long sentence its clauses up to the last
+    comma, so that the first audio does not wait for the sentence's end. 0: nothing yet."""
+    sentences = split_sentences(text)
+    if len(sentences) > 1:
+        return text.rfind(sentences[-1])  # everything before the unfinished last sentence
     comma = text.rfind(", ")
-    return [text[: comma + 1].strip()] if len(text) >= CLAUSE_CHARS and comma > 0 else []
+    return comma + 1 if len(text) >= CLAUSE_CHARS and comma > 0 else 0

@@ -73,9 +73,17 @@ def from_validation_error(error: ValidationError, prefix: str = "") -> APIError:
 def parse_json(body: bytes) -> Any:
     """The JSON of a request body, or a 400 saying it is not JSON."""
     try:
-        return json.loads(body)
+        data = json.loads(body)
+        # Lone surrogates ("\ud800") parse but are not text any tokenizer or hash can take.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, f"the request body is not valid JSON ({error})", code="invalid_json") from None
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body holds text that is not valid Unicode (a lone surrogate)",
+                       code="invalid_json") from None  # fmt: skip
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    return data
 
 
 async def api_error_handler(request: Request, error: APIError) -> JSONResponse:

@@ -35,9 +35,11 @@ class Gate:
     beyond) and admits at most `max_concurrent` requests at once (429 beyond)."""
 
     def __init__(
-        self, app: ASGIApp, *, api_keys: Sequence[str], max_body: int, max_concurrent: int, stats: GateStats
+        self, app: ASGIApp, *, api_keys: Sequence[str], max_body: int, max_concurrent: int, stats: GateStats,
+        paths: Sequence[str] = (),
     ) -> None:
         self.app = app
+        self.paths = frozenset(paths)  # counted by name in /metrics
         self.api_keys = [key.encode() for key in api_keys]
         self.max_body = max_body
         self.max_concurrent = max_concurrent
@@ -48,9 +50,11 @@ class Gate:
             await self.app(scope, receive, send)
             return
 
+        path = scope["path"] if scope["path"] in self.paths else "other"  # unknown paths: one series
+
         async def counted(message: Message) -> None:
             if message["type"] == "http.response.start":
-                key = (scope["path"], message["status"])
+                key = (path, message["status"])
                 self.stats.responses[key] = self.stats.responses.get(key, 0) + 1
             await send(message)
 
@@ -62,7 +66,6 @@ class Gate:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             key = self._authenticate(scope)
-            body = await self._read_body(scope, receive)
         except APIError as error:
             await error.response()(scope, receive, send)
             return
@@ -73,18 +76,24 @@ class Gate:
                 type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"},
             ).response()(scope, receive, send)  # fmt: skip
             return
-        scope.setdefault("state", {})["owner"] = owner_of(key)
-        replayed = False
-
-        async def replay() -> Message:  # the buffered body, then the client's later messages
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
+        # The slot is taken before the body is read: uploads count against the limit too.
         self.stats.in_flight += 1
         try:
+            try:
+                body = await self._read_body(scope, receive)
+            except APIError as error:
+                await error.response()(scope, receive, send)
+                return
+            scope.setdefault("state", {})["owner"] = owner_of(key)
+            replayed = False
+
+            async def replay() -> Message:  # the buffered body, then the client's later messages
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
             await self.app(scope, replay, send)
         finally:
             self.stats.in_flight -= 1
