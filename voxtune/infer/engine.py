@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from contextlib import closing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -122,34 +123,38 @@ class Engine:
 
     def generate(self, messages: Sequence[dict], **sampling: Any) -> Completion:
         """Reply to one conversation, blocking until it is done."""
-        events: queue.Queue = queue.Queue()
-        self.submit(messages, SamplingParams(**sampling), lambda kind, value: events.put((kind, value)))
-        while True:
-            kind, value = events.get()
+        for kind, value in self._events(messages, sampling):
             if kind == "done":
                 return value
-            if kind == "error":
-                raise value
+        raise AssertionError("unreachable: every generation ends with done or error")
 
     def stream(self, messages: Sequence[dict], **sampling: Any) -> Iterator[str]:
         """Reply to one conversation as text pieces; closing the iterator cancels it."""
-        events: queue.Queue = queue.Queue()
-        generation = self.submit(messages, SamplingParams(**sampling), lambda kind, value: events.put((kind, value)))
+        events = self._events(messages, sampling)
+        next(events)  # submitted: bad input raises here, at the call
 
         def pieces() -> Iterator[str]:
-            try:
-                while True:
-                    kind, value = events.get()
-                    if kind == "piece":
-                        yield value
-                    elif kind == "error":
-                        raise value
-                    else:
-                        return
-            finally:
-                generation.cancel()
+            with closing(events):
+                yield from (value for kind, value in events if kind == "piece")
 
         return pieces()
+
+    def _events(self, messages: Sequence[dict], sampling: dict) -> Iterator[tuple[str, Any]]:
+        """Submit, yield ("submitted", None), then the events up to "done"; raises on "error".
+        Closing it early cancels the generation."""
+        events: queue.Queue = queue.Queue()
+        generation = self.submit(messages, SamplingParams(**sampling), lambda kind, value: events.put((kind, value)))
+        try:
+            yield "submitted", None
+            while True:
+                kind, value = events.get()
+                if kind == "error":
+                    raise value
+                yield kind, value
+                if kind == "done":
+                    return
+        finally:
+            generation.cancel()
 
     def close(self) -> None:
         """Stop the engine thread; requests still running end as cancelled."""
