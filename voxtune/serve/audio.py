@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -28,7 +28,7 @@ SPANS_IN_FLIGHT = 4  # spans of one recording decoded at once
 # ---- transcriptions -------------------------------------------------------------------------
 
 
-async def transcriptions(request: Request, runtime: Runtime, check_model) -> Response:
+async def transcriptions(request: Request, runtime: Runtime, check_model: Callable[[str], None]) -> Response:
     """Transcribe an uploaded file (multipart form, as the OpenAI SDK sends it)."""
     try:
         form = await request.form()
@@ -221,7 +221,7 @@ def style_from_instructions(instructions: str | None) -> str:
     return "neutral"
 
 
-async def speech(request: Request, runtime: Runtime, check_model, max_chars: int) -> Response:
+async def speech(request: Request, runtime: Runtime, check_model: Callable[[str], None], max_chars: int) -> Response:
     """Speak the input text in the requested voice and format, whole or streamed."""
     try:
         body = SpeechRequest.model_validate(parse_json(await request.body()))

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -111,7 +111,9 @@ def sampling(request: ChatRequest, max_tokens: int) -> SamplingParams:
     )  # fmt: skip
 
 
-async def chat_completions(request: Request, runtime: Runtime, model_id: str, max_tokens: int, check_model) -> Response:
+async def chat_completions(
+    request: Request, runtime: Runtime, model_id: str, max_tokens: int, check_model: Callable[[str], None]
+) -> Response:
     """Answer one chat completion request (the route body)."""
     try:
         body = ChatRequest.model_validate(parse_json(await request.body()))

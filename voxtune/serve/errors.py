@@ -87,14 +87,17 @@ def parse_json(body: bytes) -> Any:
 
 
 async def api_error_handler(request: Request, error: APIError) -> JSONResponse:
+    """An `APIError` raised by a route."""
     return error.response()
 
 
 async def input_error_handler(request: Request, error: InputError) -> JSONResponse:
+    """An input problem the Python API raised under a route."""
     return from_input_error(error).response()
 
 
 async def http_error_handler(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own errors (no such route, wrong method) in OpenAI's shape."""
     kind = "invalid_request_error"
     code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
     message = error.detail if isinstance(error.detail, str) else "bad request"
@@ -104,5 +107,6 @@ async def http_error_handler(request: Request, error: HTTPException) -> JSONResp
 
 
 async def unexpected_error_handler(request: Request, error: Exception) -> JSONResponse:
+    """A bug: logged with its traceback; the client gets a 500 in OpenAI's shape."""
     logger.exception("error while serving %s %s", request.method, request.url.path)
     return APIError(500, "the server hit an internal error; it has been logged", type="server_error").response()
