@@ -72,6 +72,96 @@ def encode(audio: Audio, format: str, sample_rate: int | None = None) -> bytes:
     return _encode_av(audio, format, sample_rate)
 
 
+# Streams of wav and flac go through FFmpeg too: libsndfile needs to seek back to finish a file.
+_STREAM_CODECS = {**_AV_CODECS, "wav": ("wav", "pcm_s16le", None, None), "flac": ("flac", "flac", None, None)}
+
+
+class StreamEncoder:
+    """Encode audio that arrives in pieces (a voice's sentences) as one stream of `format`.
+
+    Each `feed` returns the bytes that are ready, `close` the rest; joined, they are one
+    complete file (wav and flac without their length, which a stream cannot know up front; mp3
+    without the header that lets decoders trim the encoder's priming, a few ms of silence). The
+    rate is the first piece's (pcm16: 24 kHz), or the nearest a codec takes.
+    """
+
+    def __init__(self, format: str) -> None:
+        self.format = normalize_format(format)
+        self._chunks: list[bytes] = []
+        self._container = self._stream = self._resampler = None
+        self._input_rate: int | None = None
+
+    def feed(self, audio: Audio) -> bytes:
+        """Encode the next piece; returns the bytes ready now (maybe none)."""
+        if not np.isfinite(audio.samples).all():
+            raise NonFiniteAudioError("cannot encode audio with NaN or infinite samples")
+        if self.format == "pcm16":
+            return _to_int16(audio.resample(PCM16_RATE).samples).tobytes()
+        if self._container is None:
+            self._open(audio.sample_rate)
+        elif audio.sample_rate != self._input_rate:  # FFmpeg's resampler takes one input rate
+            audio = audio.resample(self._input_rate)
+        frame = av.AudioFrame.from_ndarray(audio.samples[None, :], format="flt", layout="mono")
+        frame.sample_rate = audio.sample_rate
+        frame.pts = None  # the resampler and encoder keep time
+        for converted in self._resampler.resample(frame):
+            for packet in self._stream.encode(converted):
+                self._container.mux(packet)
+        return self._take()
+
+    def close(self) -> bytes:
+        """Flush the encoder; returns the last bytes."""
+        if self._container is None:
+            return b""
+        for converted in self._resampler.resample(None):
+            for packet in self._stream.encode(converted):
+                self._container.mux(packet)
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        self._container = None
+        return self._take()
+
+    def _open(self, rate: int) -> None:
+        container_format, codec, rates, bit_rate = _STREAM_CODECS[self.format]
+        self._input_rate = rate
+        if rates is not None and rate not in rates:
+            rate = next((r for r in rates if r >= rate), rates[-1])
+        self._container = av.open(_Pipe(self._chunks), mode="w", format=container_format)
+        self._stream = self._container.add_stream(codec, rate=rate)
+        self._stream.layout = "mono"
+        if bit_rate is not None:
+            self._stream.bit_rate = bit_rate
+        self._resampler = av.AudioResampler(format=self._stream.codec_context.format.name, layout="mono", rate=rate)
+
+    def _take(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
+
+class _Pipe:
+    """A write-only, unseekable file for FFmpeg: muxers then write a stream, never going back."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.position = 0
+
+    def write(self, data: bytes) -> int:
+        self.chunks.append(bytes(data))
+        self.position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def seekable(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
+
+
 def _to_int16(samples: np.ndarray) -> np.ndarray:
     return np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -13,8 +13,8 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from voxtune.audio import CONTENT_TYPES, encode, voices
-from voxtune.audio.encode import normalize_format
+from voxtune.audio import CONTENT_TYPES, voices
+from voxtune.audio.encode import StreamEncoder, normalize_format
 from voxtune.audio.voices import STYLES
 from voxtune.infer.runtime import Runtime, Transcript, TranscriptionPlan
 from voxtune.serve.bridge import ClientGone, Pending, cancel_all
@@ -242,23 +242,23 @@ async def speech(request: Request, runtime: Runtime, check_model: Callable[[str]
         param = {voices.UnknownVoiceError: "voice", voices.UnknownLanguageError: "language"}.get(type(error), "input")
         raise APIError(400, str(error), param=param, code="invalid_value") from None
     media_type = "text/event-stream" if body.stream_format == "sse" else CONTENT_TYPES[fmt]
-    if fmt != "pcm16" and body.stream_format == "audio":  # a whole file: rendered, then sent
-        audio = await asyncio.to_thread(lambda: voices.join(list(sentences)))
-        return Response(await asyncio.to_thread(encode, audio, fmt), media_type=media_type)
     tokens = len(runtime.model.tokenizer(body.input, add_special_tokens=False)["input_ids"])
     return StreamingResponse(_speech_stream(sentences, fmt, body.stream_format == "sse", tokens), media_type=media_type)
 
 
-async def _speech_stream(sentences, fmt: str, sse: bool, input_tokens: int) -> AsyncIterator[bytes | str]:
-    """pcm16 sentence by sentence as it is rendered; for SSE, other formats go whole."""
-    if fmt == "pcm16":
-        while (audio := await asyncio.to_thread(next, sentences, None)) is not None:
-            data = await asyncio.to_thread(encode, audio, fmt)
-            yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}) if sse else data
-    else:
-        audio = await asyncio.to_thread(lambda: voices.join(list(sentences)))
-        data = await asyncio.to_thread(encode, audio, fmt)
-        yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+async def _speech_stream(sentences: Iterator, fmt: str, sse: bool, input_tokens: int) -> AsyncIterator[bytes | str]:
+    """Each sentence encoded as soon as the voice renders it: raw bytes of one stream in `fmt`,
+    or `speech.audio.delta` events and a closing `speech.audio.done`."""
+    encoder = StreamEncoder(fmt)
+
+    def out(data: bytes) -> bytes | str:
+        return _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}) if sse else data
+
+    while (audio := await asyncio.to_thread(next, sentences, None)) is not None:
+        if data := await asyncio.to_thread(encoder.feed, audio):
+            yield out(data)
+    if data := await asyncio.to_thread(encoder.close):
+        yield out(data)
     if sse:
         yield _sse({"type": "speech.audio.done",
                     "usage": {"input_tokens": input_tokens, "output_tokens": 0, "total_tokens": input_tokens}})  # fmt: skip
