@@ -2,6 +2,7 @@
 
 from voxtune.infer.audio_store import AudioNotFoundError, AudioStore, StoredAudio
 from voxtune.infer.engine import Completion, Engine, Generation
+from voxtune.infer.runtime import Runtime, Transcript
 from voxtune.infer.spoken_reply import REPLY_STYLE, SpokenReply, choose_voice, render_reply, reply_voice, speak_reply
 
 __all__ = [
@@ -11,8 +12,10 @@ __all__ = [
     "Completion",
     "Engine",
     "Generation",
+    "Runtime",
     "SpokenReply",
     "StoredAudio",
+    "Transcript",
     "choose_voice",
     "render_reply",
     "reply_voice",
