@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import soundfile as sf
 import pytest
 
 from voxtune.audio import (
@@ -108,4 +111,15 @@ def test_a_stream_of_pieces_is_one_file(fmt):
     audio = load(b"".join(pieces), 16000, format=fmt, rate=24000 if fmt == "pcm16" else None)
     expected = sum(s.duration for s in sentences)
     assert expected - 0.01 <= audio.duration <= expected + 0.1  # mp3 keeps its few ms of priming
-    assert sum(1 for piece in pieces[:-1] if piece) >= 2  # out before the stream is closed
+    if fmt == "flac":  # whole, at the end: a streamed FLAC header cannot hold the length
+        assert not any(pieces[:-1])
+        assert sf.info(io.BytesIO(pieces[-1])).frames == sum(len(s) for s in sentences)  # libsndfile reads it
+    else:
+        assert sum(1 for piece in pieces[:-1] if piece) >= 2  # out before the stream is closed
+
+
+def test_a_stream_skips_empty_pieces_and_is_never_empty():
+    encoder = StreamEncoder("mp3")
+    assert encoder.feed(Audio(np.zeros(0, np.float32), VOICE_RATE)) == b""
+    silent = load(encoder.close(), 16000, format="mp3")  # nothing spoken: still a valid file
+    assert silent.duration < 0.2

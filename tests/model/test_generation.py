@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+import voxtune
 
 from voxtune.model import SamplingParams
 
@@ -66,3 +69,18 @@ def test_max_new_tokens_bounds_the_reply(tiny_models):
 def test_bad_sampling_parameters(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_a_stop_string_before_a_held_back_character_still_stops():
+    """The text after a partial UTF-8 character comes at the end of the reply, and the stop
+    strings apply to it too."""
+    from voxtune.model.generation import _Row
+
+    tokenizer = voxtune.load().tokenizer
+    tokens = tokenizer("Привет, как дела?", add_special_tokens=False)["input_ids"]
+    row = _Row(SamplingParams(max_new_tokens=6, stop=[", "]), torch.device("cpu"))
+    for token in tokens[:6]:
+        row.add(token, set(), tokenizer)
+        if row.done:
+            break
+    assert row.text == "Привет" and row.reason == "stop"

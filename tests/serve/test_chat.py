@@ -406,3 +406,21 @@ def test_odd_input_is_a_400_not_a_500(server, body):
 
 def test_deeply_nested_json_is_a_400(server):
     error_of(post(server, b"[" * 100_000 + b"]" * 100_000), 400)
+
+
+def test_a_stalled_upload_is_timed_out_and_frees_its_slot(builtin_model):
+    config = ServeConfig(limits={"max_concurrent": 1, "body_timeout_seconds": 0.5})
+    runtime = build_runtime(config, builtin_model)
+    try:
+        with running_server(runtime, config) as url:
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+                answer = b""
+                while b"request_timeout" not in answer and (chunk := sock.recv(4096)):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+            ok = post(url, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, key=None)
+            assert ok.status_code == 200
+    finally:
+        runtime.close()

@@ -72,17 +72,17 @@ def encode(audio: Audio, format: str, sample_rate: int | None = None) -> bytes:
     return _encode_av(audio, format, sample_rate)
 
 
-# Streams of wav and flac go through FFmpeg too: libsndfile needs to seek back to finish a file.
-_STREAM_CODECS = {**_AV_CODECS, "wav": ("wav", "pcm_s16le", None, None), "flac": ("flac", "flac", None, None)}
+# A wav stream goes through FFmpeg too: libsndfile needs to seek back to finish a file.
+_STREAM_CODECS = {**_AV_CODECS, "wav": ("wav", "pcm_s16le", None, None)}
 
 
 class StreamEncoder:
     """Encode audio that arrives in pieces (a voice's sentences) as one stream of `format`.
 
     Each `feed` returns the bytes that are ready, `close` the rest; joined, they are one
-    complete file (wav and flac without their length, which a stream cannot know up front; mp3
-    without the header that lets decoders trim the encoder's priming, a few ms of silence). The
-    rate is the first piece's (pcm16: 24 kHz), or the nearest a codec takes.
+    complete file (wav without its length, which a stream cannot know up front; mp3 without
+    the header that lets decoders trim the encoder's priming, a few ms of silence; flac only at
+    `close`). The rate is the first piece's (pcm16: 24 kHz), or the nearest a codec takes.
     """
 
     def __init__(self, format: str) -> None:
@@ -90,13 +90,23 @@ class StreamEncoder:
         self._chunks: list[bytes] = []
         self._container = self._stream = self._resampler = None
         self._input_rate: int | None = None
+        self._fed = False
+        # FLAC goes out whole at the end: a streamed FLAC header cannot hold the length, and
+        # libsndfile (soundfile, librosa) then refuses the file.
+        self._held: list[Audio] = []
 
     def feed(self, audio: Audio) -> bytes:
         """Encode the next piece; returns the bytes ready now (maybe none)."""
         if not np.isfinite(audio.samples).all():
             raise NonFiniteAudioError("cannot encode audio with NaN or infinite samples")
+        if len(audio) == 0:  # a sentence of punctuation alone renders to nothing
+            return b""
+        self._fed = True
         if self.format == "pcm16":
             return _to_int16(audio.resample(PCM16_RATE).samples).tobytes()
+        if self.format == "flac":
+            self._held.append(audio)
+            return b""
         if self._container is None:
             self._open(audio.sample_rate)
         elif audio.sample_rate != self._input_rate:  # FFmpeg's resampler takes one input rate
@@ -111,6 +121,12 @@ class StreamEncoder:
 
     def close(self) -> bytes:
         """Flush the encoder; returns the last bytes."""
+        if not self._fed and self.format != "pcm16":  # still a valid (silent) file
+            self.feed(Audio(np.zeros(int(_MIN_CODEC_SECONDS * PCM16_RATE), np.float32), PCM16_RATE))
+        if self.format == "flac" and self._held:
+            held, self._held = self._held, []
+            rate = held[0].sample_rate
+            return encode(Audio(np.concatenate([a.resample(rate).samples for a in held]), rate), "flac")
         if self._container is None:
             return b""
         for converted in self._resampler.resample(None):
@@ -127,7 +143,9 @@ class StreamEncoder:
         self._input_rate = rate
         if rates is not None and rate not in rates:
             rate = next((r for r in rates if r >= rate), rates[-1])
-        self._container = av.open(_Pipe(self._chunks), mode="w", format=container_format)
+        # Ogg pages of 100 ms instead of 1 s, so that every sentence leaves when it is encoded.
+        options = {"page_duration": "100000"} if container_format == "ogg" else {}
+        self._container = av.open(_Pipe(self._chunks), mode="w", format=container_format, options=options)
         self._stream = self._container.add_stream(codec, rate=rate)
         self._stream.layout = "mono"
         if bit_rate is not None:

@@ -98,6 +98,7 @@ class Engine:
         self._state: Prefill | None = None
         self._stop_ids = stop_token_ids(model)
         self._closed = False
+        self._closing = threading.Lock()
         self.steps = 0  # decode steps run (each advances every active row by one token)
         self.peak_batch = 0  # most rows ever decoded in one step
         self._thread = threading.Thread(target=self._run, name="voxtune-engine", daemon=True)
@@ -108,13 +109,14 @@ class Engine:
     def submit(self, messages: Sequence[dict] | Example, params: SamplingParams, sink: Callable[[str, Any], None]) -> Generation:
         """Queue a conversation (messages, or an `Example` already tokenised). Bad input raises
         here, in the caller's thread; everything after arrives through `sink`."""
-        if self._closed or not self._thread.is_alive():
-            raise RuntimeError("the engine has stopped")
         example = messages if isinstance(messages, Example) else self.encode(messages)
         check_prompt(self.model, example, params.max_new_tokens)
         generation = Generation(example, params, sink)
         generation.row = _Row(params, self.model.device)
-        self._queue.put(generation)
+        with self._closing:  # nothing slips in behind close()'s sentinel
+            if self._closed or not self._thread.is_alive():
+                raise RuntimeError("the engine has stopped")
+            self._queue.put(generation)
         return generation
 
     def encode(self, messages: Sequence[dict]) -> Example:
@@ -158,10 +160,12 @@ class Engine:
 
     def close(self) -> None:
         """Stop the engine thread; requests still running end as cancelled."""
-        if not self._closed:
+        with self._closing:
+            if self._closed:
+                return
             self._closed = True
             self._queue.put(None)
-            self._thread.join(timeout=30)
+        self._thread.join(timeout=30)
 
     @property
     def active(self) -> int:

@@ -131,6 +131,7 @@ class Runtime:
         """
         if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
             raise MessageError("messages must be a non-empty list")
+        offer = tools_prompt(tools, tool_choice or "auto") if tools and tool_choice != "none" else None
         prepared = PreparedChat([])
         slots: list[tuple[dict, Any]] = []  # (audio part, stored entry or _Fresh clip), in reading order
         for index, message in enumerate(messages):
@@ -147,8 +148,8 @@ class Runtime:
             prepared.clips.append(InputClip(item.id, item.expires_at, item.embedding.duration, reused))
             prepared.last_clip = item.embedding
         prepared.messages = prompts.ask_spoken_requests(prepared.messages)
-        if tools and tool_choice != "none":
-            prepared.messages.insert(0, {"role": "system", "content": tools_prompt(tools, tool_choice or "auto")})
+        if offer is not None:
+            prepared.messages.insert(0, {"role": "system", "content": offer})
         return prepared
 
     def _message(self, message: Any, index: int, owner: str, slots: list[tuple[dict, Any]]) -> dict:
@@ -293,15 +294,21 @@ class Runtime:
         """The words of `audio`, one segment per stretch of speech, the spans decoded together."""
         plan = self.plan_transcription(audio, language, temperature=temperature)
         events: queue.Queue = queue.Queue()
-        for i, conversation in enumerate(plan.conversations):
-            self.engine.submit(conversation, plan.params, lambda kind, value, i=i: events.put((i, kind, value)))
+        generations = []
         replies: dict[int, str] = {}
-        while len(replies) < len(plan.conversations):
-            i, kind, value = events.get()
-            if kind == "error":
-                raise value
-            if kind == "done":
-                replies[i] = value.text
+        try:
+            for i, conversation in enumerate(plan.conversations):
+                sink = lambda kind, value, i=i: events.put((i, kind, value))  # noqa: E731
+                generations.append(self.engine.submit(conversation, plan.params, sink))
+            while len(replies) < len(plan.conversations):
+                i, kind, value = events.get()
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    replies[i] = value.text
+        finally:  # a failed span stops the others
+            for generation in generations:
+                generation.cancel()
         return plan.transcript([replies[i] for i in range(len(replies))])
 
 

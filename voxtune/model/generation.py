@@ -93,13 +93,17 @@ class _Row:
         self.tokens.append(token)
         if tokenizer is not None:
             self._follow(tokenizer)
+        self._apply_stops()
+        if len(self.tokens) >= self.params.max_new_tokens and not self.done:
+            self.done, self.reason = True, "length"
+            self._flush(tokenizer)
+
+    def _apply_stops(self) -> None:
+        """End the text at the first stop string in it, if any."""
         for stop in self.params.stop:
             if stop in self.text:
                 self.text = self.text[: self.text.index(stop)]
                 self.done, self.reason = True, "stop"
-        if len(self.tokens) >= self.params.max_new_tokens and not self.done:
-            self.done, self.reason = True, "length"
-            self._flush(tokenizer)
 
     def _follow(self, tokenizer, *, final: bool = False) -> None:
         """Extend `text` by the new tokens' text, decoding a short window instead of the whole
@@ -113,8 +117,10 @@ class _Row:
             self._prefix, self._read = self._read, len(self.tokens)
 
     def _flush(self, tokenizer) -> None:
-        if tokenizer is not None and not any(stop in self.text for stop in self.params.stop):
+        """Take the text held back for a partial character, at the end of the reply."""
+        if tokenizer is not None:
             self._follow(tokenizer, final=True)
+            self._apply_stops()
 
     def settled_text(self) -> str:
         """The text that can no longer change: held back are a partial UTF-8 character and

@@ -48,7 +48,7 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
     gate = GateStats()
     app.add_middleware(
         Gate, api_keys=config.api_keys, max_body=int(limits.max_body_mb * 1e6), max_concurrent=limits.max_concurrent,
-        stats=gate, paths=ROUTES,
+        stats=gate, paths=ROUTES, body_timeout=limits.body_timeout_seconds,
     )  # fmt: skip
 
     def check_model(name: str) -> None:

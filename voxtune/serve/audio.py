@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Literal
 
@@ -16,10 +17,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from voxtune.audio import CONTENT_TYPES, voices
 from voxtune.audio.encode import StreamEncoder, normalize_format
 from voxtune.audio.voices import STYLES
+from voxtune.errors import InputError
 from voxtune.infer.runtime import Runtime, Transcript, TranscriptionPlan
 from voxtune.serve.bridge import ClientGone, Pending, cancel_all
 from voxtune.serve.errors import APIError, from_validation_error, parse_json
 from voxtune.tags import LANGUAGES, strip_tags
+
+logger = logging.getLogger(__name__)
 
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 SPANS_IN_FLIGHT = 4  # spans of one recording decoded at once
@@ -114,7 +118,10 @@ async def _stream_transcript(runtime: Runtime, plan: TranscriptionPlan) -> Async
                 replies.append(value)
                 raw, sent = "", ""
     except Exception as error:  # noqa: BLE001 - the 200 is sent: the error goes in the stream
-        yield _sse({"type": "error", "error": {"message": str(error), "type": "server_error"}})
+        if not isinstance(error, InputError):
+            logger.exception("transcription failed after the response started")
+        kind = "invalid_request_error" if isinstance(error, InputError) else "server_error"
+        yield _sse({"type": "error", "error": {"message": str(error), "type": kind}})
         return
     transcript = plan.transcript(replies)
     yield _sse({"type": "transcript.text.done", "text": transcript.text, "usage": _duration_usage(transcript)})
@@ -254,11 +261,17 @@ async def _speech_stream(sentences: Iterator, fmt: str, sse: bool, input_tokens:
     def out(data: bytes) -> bytes | str:
         return _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}) if sse else data
 
-    while (audio := await asyncio.to_thread(next, sentences, None)) is not None:
-        if data := await asyncio.to_thread(encoder.feed, audio):
+    try:
+        while (audio := await asyncio.to_thread(next, sentences, None)) is not None:
+            if data := await asyncio.to_thread(encoder.feed, audio):
+                yield out(data)
+        if data := await asyncio.to_thread(encoder.close):
             yield out(data)
-    if data := await asyncio.to_thread(encoder.close):
-        yield out(data)
+    except Exception as error:  # noqa: BLE001 - the 200 is sent: an SSE client hears of it in the stream
+        logger.exception("speech failed after the response started")
+        if sse:
+            yield _sse({"type": "error", "error": {"message": str(error) or type(error).__name__, "type": "server_error"}})
+        return
     if sse:
         yield _sse({"type": "speech.audio.done",
                     "usage": {"input_tokens": input_tokens, "output_tokens": 0, "total_tokens": input_tokens}})  # fmt: skip

@@ -16,6 +16,7 @@ class Limits(Config):
     max_concurrent: int = Field(64, ge=1)  # requests in flight; beyond it, 429 with Retry-After
     max_batch: int = Field(32, ge=1)  # conversations decoded together
     max_speech_chars: int = Field(4096, ge=1)  # /v1/audio/speech input, as OpenAI
+    body_timeout_seconds: float = Field(30.0, gt=0)  # a body that takes longer to arrive: 408
 
 
 class ServeConfig(Config):

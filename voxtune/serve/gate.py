@@ -4,6 +4,7 @@ limit, as one ASGI middleware (so the limits hold for streamed responses to thei
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import Sequence
@@ -36,9 +37,10 @@ class Gate:
 
     def __init__(
         self, app: ASGIApp, *, api_keys: Sequence[str], max_body: int, max_concurrent: int, stats: GateStats,
-        paths: Sequence[str] = (),
+        paths: Sequence[str] = (), body_timeout: float = 30.0,
     ) -> None:
         self.app = app
+        self.body_timeout = body_timeout  # a stalled upload must not hold a slot for ever
         self.paths = frozenset(paths)  # counted by name in /metrics
         self.api_keys = [key.encode() for key in api_keys]
         self.max_body = max_body
@@ -51,6 +53,8 @@ class Gate:
             return
 
         path = scope["path"] if scope["path"] in self.paths else "other"  # unknown paths: one series
+        if path == "other" and scope["path"].startswith("/v1/models/"):
+            path = "/v1/models/{model}"
 
         async def counted(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -80,9 +84,16 @@ class Gate:
         self.stats.in_flight += 1
         try:
             try:
-                body = await self._read_body(scope, receive)
+                async with asyncio.timeout(self.body_timeout):
+                    body = await self._read_body(scope, receive)
+            except TimeoutError:
+                await APIError(408, f"the request body did not arrive within {self.body_timeout:g} s",
+                               code="request_timeout").response()(scope, receive, send)  # fmt: skip
+                return
             except APIError as error:
                 await error.response()(scope, receive, send)
+                return
+            if body is None:  # the client left while sending: nobody to answer
                 return
             scope.setdefault("state", {})["owner"] = owner_of(key)
             replayed = False
@@ -111,7 +122,8 @@ class Gate:
             raise APIError(401, "incorrect API key", code="invalid_api_key")
         return key
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body (None if the client left); 413 past the limit."""
         too_large = APIError(
             413, f"the request body is over the {self.max_body / 1e6:g} MB limit", code="request_too_large"
         )
@@ -122,7 +134,7 @@ class Gate:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
