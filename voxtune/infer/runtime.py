@@ -60,11 +60,6 @@ class PreparedChat:
     clips: list[InputClip] = field(default_factory=list)
     last_clip: AudioEmbedding | None = None  # the newest user clip: the voice of a spoken reply follows it
 
-    @property
-    def audio_seconds(self) -> float:
-        """Audio in the request, stored clips included."""
-        return sum(c.seconds for c in self.clips)
-
 
 @dataclass
 class Segment:
@@ -227,12 +222,15 @@ class Runtime:
         try:  # decoding stops as soon as the clip passes what is left of the budget
             audio = self.decode(data, fmt, where=f"{where}.input_audio", max_seconds=self.max_audio_seconds - used)
         except AudioTooLongError:
-            self._check_budget(float("inf"))
+            raise self._over_budget() from None
         return _Fresh(audio, digest)
 
     def _check_budget(self, seconds: float) -> None:
         if seconds > self.max_audio_seconds:
-            raise AudioTooLongError(f"the request carries more than {self.max_audio_seconds:g} s of audio, the limit")
+            raise self._over_budget()
+
+    def _over_budget(self) -> AudioTooLongError:
+        return AudioTooLongError(f"the request carries more than {self.max_audio_seconds:g} s of audio, the limit")
 
     def decode(
         self, data: str | bytes, fmt: str | None = None, *, where: str = "audio", allow_silent: bool = False,
