@@ -62,7 +62,7 @@ class Generation:
     example: Example
     params: SamplingParams
     sink: Callable[[str, Any], None]
-    row: _Row = field(init=False)
+    row: _Row
     sent: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -111,8 +111,7 @@ class Engine:
         here, in the caller's thread; everything after arrives through `sink`."""
         example = messages if isinstance(messages, Example) else self.encode(messages)
         check_prompt(self.model, example, params.max_new_tokens)
-        generation = Generation(example, params, sink)
-        generation.row = _Row(params, self.model.device)
+        generation = Generation(example, params, sink, _Row(params, self.model.device))
         with self._closing:  # nothing slips in behind close()'s sentinel
             if self._closed or not self._thread.is_alive():
                 raise RuntimeError("the engine has stopped")

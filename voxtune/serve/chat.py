@@ -37,7 +37,6 @@ from voxtune.tags import strip_tags
 
 logger = logging.getLogger(__name__)
 
-AUDIO_FORMATS = ("wav", "aac", "mp3", "flac", "opus", "pcm16")
 PCM_PIECE_SECONDS = 0.5  # streamed audio goes out in pieces of about this length
 CLAUSE_CHARS = 80  # a sentence this long is spoken clause by clause as it streams
 
@@ -146,7 +145,7 @@ async def chat_completions(
         return StreamingResponse(reply.stream(main, asks), media_type="text/event-stream")
     try:
         completion = await main.result(request)
-        heard = [(await ask.result(request)).text for ask in asks]
+        heard = await _heard(asks, request)
     except ClientGone:
         cancel_all(asks)
         return Response(status_code=499)  # nobody reads it
@@ -263,7 +262,7 @@ class _Reply:
                 ready = _ready_to_speak(said[spoken:])
                 if ready:
                     if heard is None:
-                        heard = [(await ask.result()).text for ask in asks]
+                        heard = await _heard(asks)
                     async for chunk in self._audio_chunks(said[spoken : spoken + ready].strip(), "".join(pieces), heard, audio_id):
                         yield chunk
                     spoken += ready
@@ -282,7 +281,7 @@ class _Reply:
             rest = clean[spoken:].strip()
             if rest:
                 if heard is None:
-                    heard = [(await ask.result()).text for ask in asks]
+                    heard = await _heard(asks)
                 async for chunk in self._audio_chunks(rest, completion.text, heard, audio_id):
                     yield chunk
             entry = self.runtime.remember_reply(self.owner, completion.text, audio_id)
@@ -301,6 +300,11 @@ class _Reply:
         step = int(PCM_PIECE_SECONDS * PCM16_RATE) * 2
         for start in range(0, len(pcm), step):
             yield self._chunk({"audio": {"id": audio_id, "data": base64.b64encode(pcm[start : start + step]).decode()}})
+
+
+async def _heard(asks: list[Pending], request: Request | None = None) -> list[str]:
+    """The answers to the questions that choose a spoken reply's voice (`Runtime.voice_prompts`)."""
+    return [(await ask.result(request)).text for ask in asks]
 
 
 def _ready_to_speak(text: str) -> int:

@@ -58,11 +58,7 @@ def synthesize(
     backend: VoiceBackend | None = None,
 ) -> Audio:
     """Speak `text` and return the whole utterance as one `Audio`."""
-    return join(list(render(text, lang, voice, style, speed, backend=backend)))
-
-
-def join(chunks: list[Audio]) -> Audio:
-    """Rendered sentences (at one rate) as one `Audio`."""
+    chunks = list(render(text, lang, voice, style, speed, backend=backend))
     return Audio(np.concatenate([c.samples for c in chunks]), chunks[0].sample_rate)
 
 
@@ -92,7 +88,6 @@ __all__ = [
     "VoiceError",
     "VoiceInfo",
     "default_backend",
-    "join",
     "list_languages",
     "list_voices",
     "render",
