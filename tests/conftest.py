@@ -1,6 +1,9 @@
-"""Shared fixtures: deterministic test signals (speech-like for codecs, short clips for models)."""
+"""Shared fixtures: deterministic test signals (speech-like for codecs, short clips for models)
+and a small synthesised corpus."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,3 +46,13 @@ def clip(seconds: float, seed: int = 0) -> Audio:
 def make_clip():
     """The `clip` helper as a fixture."""
     return clip
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """16 synthesised clips in English and German: train and test manifests."""
+    from voxtune.data.synth import SynthRecipe, synthesize_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    synthesize_corpus(SynthRecipe(clips=16, languages=["en", "de"], splits={"train": 0.75, "test": 0.25}, seed=2), out)
+    return out

@@ -1,4 +1,4 @@
-"""A small synthesised corpus and a tiny-model recipe shared by the training tests."""
+"""A tiny-model recipe shared by the training tests (on the session's `corpus`)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,7 @@ from pathlib import Path
 import pytest
 
 from voxtune.config import load_config
-from voxtune.data.synth import SynthRecipe, synthesize_corpus
 from voxtune.train.recipe import TrainRecipe
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """16 clips in English and German: train and test manifests."""
-    out = tmp_path_factory.mktemp("corpus")
-    synthesize_corpus(SynthRecipe(clips=16, languages=["en", "de"], splits={"train": 0.75, "test": 0.25}, seed=2), out)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -44,9 +44,7 @@ def save(model: SpeechLM, directory: str | os.PathLike, *, extra_files: dict[str
     An existing `directory` is replaced only when it is empty or an earlier voxtune checkpoint;
     anything else in it is never deleted (`ModelLoadError`).
     """
-    target = Path(directory).expanduser().resolve()
-    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / CONFIG_FILE).is_file())):
-        raise ModelLoadError(f"will not save over {target}: it holds files that are not a voxtune checkpoint")
+    target = check_replaceable(directory)
     with atomic_directory(target) as staging:
         model.lm.save_pretrained(staging)
         model.tokenizer.save_pretrained(staging)
@@ -60,6 +58,20 @@ def save(model: SpeechLM, directory: str | os.PathLike, *, extra_files: dict[str
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
     return target
+
+
+def check_replaceable(directory: str | os.PathLike) -> Path:
+    """The resolved `directory` a model may be saved to: new, empty, or an earlier checkpoint
+    voxtune reads (its own or a known architecture's); anything else is never deleted
+    (`ModelLoadError`)."""
+    from voxtune.model.architectures import architecture_name
+
+    target = Path(directory).expanduser().resolve()
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return target
+    if target.is_dir() and ((target / CONFIG_FILE).is_file() or architecture_name(target) is not None):
+        return target
+    raise ModelLoadError(f"will not save over {target}: it holds files that are not a model checkpoint")
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -96,17 +108,21 @@ def resolve(name: str | os.PathLike | None) -> Path:
 def load(
     name: str | os.PathLike | None = None, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> SpeechLM:
-    """Load a `SpeechLM` saved by `save`, checking every weight's name and shape against the model.
+    """Load a speech LM: one saved by `save`, or the checkpoint of an architecture of
+    `voxtune.model.architectures` (detected from its config.json), checking every weight's name
+    and shape against the model.
 
     Raises:
-        ModelLoadError: the directory is missing, not a voxtune model, damaged, or its weights
-            do not match (each missing, unexpected or misshapen key is named).
+        ModelLoadError: the directory is missing, not a model voxtune reads, damaged, or its
+            weights do not match (each missing, unexpected or misshapen key is named).
     """
+    from voxtune.model.architectures import load_pretrained
+
     path = resolve(name)
     config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise ModelLoadError(f"{path} is not a voxtune model (no {CONFIG_FILE})")
     try:
+        if not config_path.is_file():
+            return load_pretrained(path, dtype=dtype or torch.float32).to(device or "cpu").eval()
         return _load(path, config_path, device, dtype)
     except ModelLoadError:
         raise
@@ -123,7 +139,7 @@ def _load(path: Path, config_path: Path, device: Any, dtype: torch.dtype | None)
     config = SpeechLMConfig.from_dict(json.loads(config_path.read_text()))
     tokenizer = _load_tokenizer(path)
     lm, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=dtype or torch.float32)
-    _check_keys("LM", sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", [])), [])
+    check_keys("LM", sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", [])), [])
     rows = lm.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise ModelLoadError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the LM only {rows} embeddings")
@@ -180,10 +196,10 @@ def _check_state(part: str, expected: dict[str, torch.Tensor], state: dict[str, 
     """Raise `ModelLoadError` naming every weight of `state` that is missing, unexpected or of
     another shape than in `expected`."""
     misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(t.shape)}" for k, t in expected.items() if k in state and state[k].shape != t.shape]
-    _check_keys(part, sorted(set(expected) - set(state)), sorted(set(state) - set(expected)), misshapen)
+    check_keys(part, sorted(set(expected) - set(state)), sorted(set(state) - set(expected)), misshapen)
 
 
-def _check_keys(part: str, missing: list[str], unexpected: list[str], misshapen: list[str]) -> None:
+def check_keys(part: str, missing: list[str], unexpected: list[str], misshapen: list[str]) -> None:
     problems = [
         f"{label} {_some(keys)}"
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))

@@ -12,11 +12,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from jinja2 import TemplateError
 
 from voxtune.audio import Audio, AudioError, AudioTooLongError, load
-from voxtune.audio.features import MIN_SAMPLES, SAMPLE_RATE, log_mel_batch
+from voxtune.audio.features import MIN_SAMPLES, SAMPLE_RATE
 from voxtune.errors import InputError
 from voxtune.tags import AUDIO_TOKEN
 
@@ -58,30 +59,39 @@ class SpeechProcessor:
     """Turns messages into `Example`s and batches of them into model inputs.
 
     Args:
-        tokenizer: a fast Hugging Face tokenizer with a chat template and `AUDIO_TOKEN`.
+        tokenizer: a fast Hugging Face tokenizer with a chat template and the audio token.
         audio_tokens: number of LM positions for a clip of n samples at 16 kHz.
-        n_mels: mel bins of the features the encoder reads.
+        featurize: 16 kHz clips -> the encoder's input features [N, M, T] and valid frames [N].
         max_seconds: longest clip the encoder takes (None: any).
         end_of_turn: the token that closes an assistant turn (default: the tokenizer's eos).
+        audio_token: the placeholder repeated once per audio position.
+        audio_text: what a clip is written as in the chat before expansion: `audio_token`,
+            with the markers some models put around it (e.g. `<|audio_bos|>...<|audio_eos|>`).
     """
 
     def __init__(
         self,
         tokenizer: Any,
         audio_tokens: Callable[[int], int],
-        n_mels: int,
+        featurize: Callable[[list[np.ndarray]], tuple[torch.Tensor, torch.Tensor]],
         *,
         max_seconds: float | None = None,
         end_of_turn: str | None = None,
+        audio_token: str = AUDIO_TOKEN,
+        audio_text: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.audio_tokens = audio_tokens
-        self.n_mels = n_mels
+        self.featurize = featurize
         self.max_seconds = max_seconds
         self.end_of_turn = end_of_turn or tokenizer.eos_token
-        self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+        self.audio_token = audio_token
+        self.audio_text = audio_text or audio_token
+        if audio_token not in self.audio_text:
+            raise ValueError(f"audio_text {self.audio_text!r} must hold the audio token {audio_token!r}")
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(audio_token)
         if self.audio_token_id is None or self.audio_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {AUDIO_TOKEN} token")
+            raise ValueError(f"the tokenizer has no {audio_token} token")
 
     # ---- messages -> example ----------------------------------------------------------------
 
@@ -135,17 +145,16 @@ class SpeechProcessor:
                         f"takes at most {self.max_seconds:g} s per clip"
                     )
                 clips.append(clip)
-                pieces.append(AUDIO_TOKEN)
+                pieces.append(self.audio_text)
             else:
                 raise MessageError(f"message {index} has a content part of unknown type {kind!r}")
         return {"role": role, "content": "".join(pieces)}
 
-    @staticmethod
-    def _check_text(text: str, index: int) -> str:
+    def _check_text(self, text: str, index: int) -> str:
         if not isinstance(text, str):
             raise MessageError(f"message {index} has text that is not a string")
-        if AUDIO_TOKEN in text:  # it would be read as a clip that is not there
-            raise MessageError(f"message {index}: text may not contain {AUDIO_TOKEN}")
+        if self.audio_token in text:  # it would be read as a clip that is not there
+            raise MessageError(f"message {index}: text may not contain {self.audio_token}")
         return text
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -236,7 +245,7 @@ class SpeechProcessor:
         batch["audio_is_embedding"] = torch.tensor([isinstance(c, AudioEmbedding) for c in clips], dtype=torch.bool)
         batch["audio_embeddings"] = [clip.embeddings for clip in clips if isinstance(clip, AudioEmbedding)]
         if audio and features:
-            batch["audio_features"], batch["audio_frames"] = log_mel_batch([clip.samples for clip in audio], self.n_mels)
+            batch["audio_features"], batch["audio_frames"] = self.featurize([clip.samples for clip in audio])
         return batch
 
 

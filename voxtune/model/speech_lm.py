@@ -8,10 +8,14 @@ Shape letters: B batch, L sequence, N clips, M mels, T frames, D model width.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,8 +90,13 @@ class SpeechLM(nn.Module):
     """An audio-native language model: `encoder` + `projector` + causal `lm` + its `tokenizer`.
 
     Build one with `voxtune.model.build_speech_lm` or `voxtune.model.tiny`, or load one with
-    `voxtune.load`.
+    `voxtune.load`. This is the interface the engine, the trainer and the server use; other
+    architectures' checkpoints fill the same slots (`voxtune.model.architectures`).
     """
+
+    # A new projector learns the LM's input space, so it trains in every method; a pretrained
+    # architecture's projector is already fitted and trains only when a recipe asks.
+    trains_projector_by_default = True
 
     def __init__(self, encoder: nn.Module, projector: Projector, lm: nn.Module, tokenizer: Any, config: SpeechLMConfig) -> None:
         super().__init__()
@@ -96,13 +105,16 @@ class SpeechLM(nn.Module):
         self.lm = lm
         self.tokenizer = tokenizer
         self.config = config
-        max_frames = getattr(encoder, "max_frames", None)  # Whisper's 30 s positional table
-        self.processor = SpeechProcessor(
-            tokenizer,
+        self.processor = self._make_processor()
+
+    def _make_processor(self) -> SpeechProcessor:
+        max_frames = getattr(self.encoder, "max_frames", None)  # Whisper's 30 s positional table
+        return SpeechProcessor(
+            self.tokenizer,
             self.audio_tokens,
-            config.n_mels,
+            self.featurize,
             max_seconds=max_frames * HOP_LENGTH / SAMPLE_RATE if max_frames else None,
-            end_of_turn=family_of(lm.config.model_type).end_of_turn,
+            end_of_turn=self.family.end_of_turn,
         )
 
     @property
@@ -121,6 +133,11 @@ class SpeechLM(nn.Module):
         return int(self.projector.output_lengths(self.encoder.output_lengths(frames))[0])
 
     # ---- audio ------------------------------------------------------------------------------
+
+    def featurize(self, clips: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """16 kHz clips -> the encoder's input features [N, M, T] and valid frames [N]: log-mel
+        with Whisper's numerics."""
+        return log_mel_batch(list(clips), self.config.n_mels)
 
     def embed_audio(self, features: torch.Tensor, frames: torch.Tensor) -> list[torch.Tensor]:
         """Log-mel `features` [N, M, T] with valid `frames` [N] -> one [n_i, D] tensor per clip."""
@@ -143,7 +160,7 @@ class SpeechLM(nn.Module):
         """Encode a clip once (anything `voxtune.audio.load` reads); the result can stand in for
         the audio in later prompts."""
         clip = self.processor.encode_messages([{"role": "user", "content": [{"type": "audio", "audio": audio}]}]).clips[0]
-        features, frames = log_mel_batch([clip.samples], self.config.n_mels)
+        features, frames = self.featurize([clip.samples])
         (embeddings,) = self.embed_audio(features, frames)
         return AudioEmbedding(embeddings.detach(), clip.duration)
 
@@ -216,6 +233,48 @@ class SpeechLM(nn.Module):
         """The transformers model, inside a peft wrapper or not."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
+    # ---- adapters ---------------------------------------------------------------------------
+
+    def add_adapters(self, lm_targets: Sequence[str], encoder_targets: Sequence[str], **lora: Any) -> None:
+        """LoRA adapters (peft, so they are standard) on the LM's linear layers named
+        `lm_targets` and the encoder's named `encoder_targets` (either may be empty); `lora`
+        holds `peft.LoraConfig` settings (r, lora_alpha, lora_dropout). Only the adapters
+        require gradients in the parts that get them."""
+        if lm_targets:
+            self.lm = _with_lora(self.lm, list(lm_targets), lora)
+        if encoder_targets:
+            self.encoder = _with_lora(self.encoder, list(encoder_targets), lora)
+
+    @property
+    def has_adapters(self) -> bool:
+        """Whether LoRA adapters are attached (and not merged)."""
+        return any(hasattr(part, "merge_and_unload") for part in (self.lm, self.encoder))
+
+    def save_adapters(self, directory: str | os.PathLike) -> None:
+        """Write the adapters alone in peft's format: the LM's in `directory`, the encoder's in
+        `directory/encoder`."""
+        if hasattr(self.lm, "merge_and_unload"):
+            self.lm.save_pretrained(directory)
+        if hasattr(self.encoder, "merge_and_unload"):
+            self.encoder.save_pretrained(os.path.join(directory, "encoder"))
+
+    def merge_adapters(self) -> None:
+        """Fold the adapters into the weights they adapt (the model stays as it computes)."""
+        if hasattr(self.lm, "merge_and_unload"):
+            self.lm = self.lm.merge_and_unload()
+        if hasattr(self.encoder, "merge_and_unload"):
+            self.encoder = self.encoder.merge_and_unload()
+
+    @contextlib.contextmanager
+    def lm_adapters_disabled(self) -> Iterator[Any]:
+        """The LM as it was before its adapters (the base model, adapters switched off), for
+        the duration of the block."""
+        if hasattr(self.lm, "disable_adapter"):
+            with self.lm.disable_adapter():
+                yield self.lm.get_base_model()
+        else:
+            yield self.lm
+
     def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
         """(weight [V, D], bias [V] or None, final logit soft-cap or None) of the LM's output
         projection as its forward pass applies it, for losses that project hidden states
@@ -277,3 +336,14 @@ class SpeechLM(nn.Module):
         from voxtune.model.checkpoint import save
 
         save(self, directory, extra_files=extra_files)
+
+
+def _with_lora(module: nn.Module, targets: list[str] | str, settings: dict[str, Any]) -> nn.Module:
+    """`module` inside a peft model with LoRA adapters on the linear layers `targets` names."""
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        # peft reads a transformers property that transformers 5 marks deprecated; the
+        # warning is about peft's code, not the user's, so it is not shown to them.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(module, LoraConfig(target_modules=targets, **settings))

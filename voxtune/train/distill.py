@@ -45,23 +45,19 @@ class Distiller:
     def __init__(self, model: SpeechLM, *, temperature: float = 1.0, chunk_tokens: int = 1024) -> None:
         self.temperature = temperature
         self.chunk_tokens = chunk_tokens
-        trains_lm = any(p.requires_grad for p in model.lm.parameters())
-        lora_on_lm = hasattr(model.lm, "disable_adapter")
+        trains_lm = any(p.requires_grad and "lora_" not in name for name, p in model.lm.named_parameters())
         # A full fine-tune changes the LM itself: the teacher is a frozen copy made now.
-        self._copy = copy.deepcopy(model.base_lm()).requires_grad_(False).eval() if trains_lm and not lora_on_lm else None
+        self._copy = copy.deepcopy(model.base_lm()).requires_grad_(False).eval() if trains_lm else None
         self._model = model
 
     @contextlib.contextmanager
     def teacher(self) -> Iterator[Any]:
         """The teacher LM (a transformers causal LM), for the duration of the block."""
-        lm = self._model.lm
         if self._copy is not None:
             yield self._copy
-        elif hasattr(lm, "disable_adapter"):
-            with lm.disable_adapter():
-                yield lm.get_base_model()
         else:
-            yield lm
+            with self._model.lm_adapters_disabled() as lm:
+                yield lm
 
     def loss(self, hidden: Tensor, labels: Tensor, examples: Sequence[Example]) -> Tensor | None:
         """KL(teacher || student) over the reply tokens of the examples that have a teacher

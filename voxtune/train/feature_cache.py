@@ -328,7 +328,7 @@ def encode_with_cache(
     and carry no gradient.
 
     Args:
-        model: the `SpeechLM` whose encoder (frozen) and `config.n_mels` are used.
+        model: the `SpeechLM` whose featuriser and (frozen) encoder are used.
         clips: the audio the encoder sees (after augmentation).
         augmentations: each clip's augmentation record (None when not augmented).
         cache: the cache, made with this encoder's fingerprint.
@@ -376,9 +376,7 @@ def encode_with_cache(
 @torch.no_grad()
 def _encode(model: SpeechLM, clips: list[Audio]) -> list[torch.Tensor]:
     """Run the encoder on a batch of clips, as `SpeechLM.embed_audio` does: one [T'_i, D_enc] each."""
-    from voxtune.audio.features import log_mel_batch  # imported on use, as voxtune.audio does
-
-    features, frames = log_mel_batch(clips, model.config.n_mels)  # [N, M, T], [N]
+    features, frames = model.featurize([clip.samples for clip in clips])  # [N, M, T], [N]
     dtype = next(model.encoder.parameters()).dtype  # features are float32; the model may not be
     training = model.encoder.training
     model.encoder.eval()  # the cached output must not depend on whether the loop is in train mode

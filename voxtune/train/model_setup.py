@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from voxtune.data.example import SpeechExample
 from voxtune.errors import InputError
 from voxtune.model import SpeechLM
-from voxtune.train.recipe import LoraSection, ModelSection, TrainSection
+from voxtune.train.recipe import ModelSection, TrainSection
 
 
 class TrainError(InputError):
@@ -58,11 +57,12 @@ def prepare_trainable(model: SpeechLM, train: TrainSection) -> list[torch.nn.Par
     """Freeze and wrap `model` for `train.method`; returns the parameters that train.
 
     full: everything but the encoder (unless `train_encoder`); lora / qlora: LoRA adapters
-    (through peft, so adapters are standard) on the LM and/or the encoder, plus the projector;
-    projector: the projector only. qlora first loads the LM in 4 bits (CUDA and bitsandbytes).
+    (through peft, so adapters are standard) on the LM and/or the encoder; projector: the
+    projector only. The projector trains in every method when `train.train_projector` says so
+    (by default: for a new projector, not for a pretrained architecture's). qlora first loads
+    the LM in 4 bits (CUDA and bitsandbytes).
     """
     model.requires_grad_(False)
-    model.projector.requires_grad_(True)
     if train.method == "full":
         model.lm.requires_grad_(True)
         model.encoder.requires_grad_(train.train_encoder)
@@ -70,28 +70,30 @@ def prepare_trainable(model: SpeechLM, train: TrainSection) -> list[torch.nn.Par
         lora = train.lora
         if train.method == "qlora":
             model.lm = quantized_lm(model, gradient_checkpointing=train.grad_checkpointing)
-        if lora.lm:
-            model.lm = with_lora(model.lm, lora.targets or list(model.family.lora_targets), lora, "train.lora.targets")
-        if lora.encoder:
-            targets = lora.encoder_targets or list(getattr(model.encoder, "lora_targets", ()))
-            model.encoder = with_lora(model.encoder, targets, lora, "train.lora.encoder_targets")
-    return [p for p in model.parameters() if p.requires_grad]
+        lm_targets = lora.targets or list(model.family.lora_targets) if lora.lm else []
+        encoder_targets = (lora.encoder_targets or list(getattr(model.encoder, "lora_targets", ()))) if lora.encoder else []
+        check_targets(model.base_lm(), lm_targets, "train.lora.targets", lora.lm)
+        check_targets(model.encoder, encoder_targets, "train.lora.encoder_targets", lora.encoder)
+        model.add_adapters(lm_targets, encoder_targets, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout)
+    train_projector = train.train_projector
+    if train_projector is None:
+        train_projector = model.trains_projector_by_default or train.method == "projector"
+    model.projector.requires_grad_(train_projector)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainError(f"train.method={train.method} with these settings leaves nothing to train")
+    return params
 
 
-def with_lora(module: torch.nn.Module, targets: list[str], lora: LoraSection, key: str) -> torch.nn.Module:
-    """`module` inside a peft model with LoRA adapters on its linear layers named `targets`."""
-    from peft import LoraConfig, get_peft_model
-
+def check_targets(module: torch.nn.Module, targets: list[str], key: str, wanted: bool) -> None:
+    """Raise `TrainError` naming `key` when LoRA is `wanted` on `module` but `targets` is empty
+    or names layers it does not have."""
+    if not wanted:
+        return
     present = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
     missing = sorted(set(targets) - present)
     if not targets or missing:
         raise TrainError(f"{key}: the model has no modules named {', '.join(missing) or '(none given)'}")
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
-    with warnings.catch_warnings():
-        # peft reads a transformers property that transformers 5 marks deprecated; the
-        # warning is about peft's code, not the user's, so it is not shown to them.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(module, config)
 
 
 def quantized_lm(model: SpeechLM, *, gradient_checkpointing: bool) -> torch.nn.Module:

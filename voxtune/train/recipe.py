@@ -135,6 +135,9 @@ class TrainSection(Config):
     # projector: only the projector trains; qlora: lora on a 4-bit LM (CUDA and bitsandbytes)
     method: Literal["full", "lora", "qlora", "projector"] = "lora"
     train_encoder: bool = False  # with full: also update the encoder
+    # Whether the projector trains alongside (default: yes for voxtune's own new projector,
+    # no for a pretrained architecture's, which is already fitted; projector: always).
+    train_projector: bool | None = None
     lora: LoraSection = Field(default_factory=LoraSection)
     distill: DistillSection | None = None
     ctc: CtcSection | None = None  # needs a training encoder (train_encoder, or LoRA on it)

@@ -634,12 +634,9 @@ class Trainer:
             if trained - set(weights):
                 raise TrainError("the last checkpoint lacks trained weights of this recipe's model")
             model.load_state_dict(weights, strict=False)
-        if hasattr(model.lm, "merge_and_unload"):
-            model.lm.save_pretrained(self.out / "adapter")
-            model.lm = model.lm.merge_and_unload()
-        if hasattr(model.encoder, "merge_and_unload"):
-            model.encoder.save_pretrained(self.out / "adapter" / "encoder")
-            model.encoder = model.encoder.merge_and_unload()
+        if model.has_adapters:
+            model.save_adapters(self.out / "adapter")
+            model.merge_adapters()
         model.eval()
         provenance = json.dumps(self._provenance(), indent=2, ensure_ascii=False) + "\n"
         model.save_pretrained(target, extra_files={TRAINING_RECORD: provenance})
