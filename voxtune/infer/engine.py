@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache, EncoderDecoderCache
 
 from voxtune.model.generation import (
     Prefill,
@@ -312,7 +312,7 @@ def _select(state: Prefill, rows: list[int]) -> None:
     state.attention_mask = mask[:, start:]
     state.positions = state.positions[index]
     state.logits = state.logits[index]
-    state.cache = DynamicCache(ddp_cache_data=[(k[index, :, start:], v[index, :, start:]) for k, v in _layers(state.cache)])
+    state.cache = _map_cache(state.cache, lambda t: t[index, :, start:], lambda t: t[index])
 
 
 def _concat(old: Prefill, new: Prefill) -> Prefill:
@@ -324,16 +324,41 @@ def _concat(old: Prefill, new: Prefill) -> Prefill:
         # F.pad takes (left, right) pairs from the last axis backwards.
         return F.pad(tensor, [0, 0] * (axis_from_end - 1) + [missing, 0]) if missing else tensor
 
-    layers = [
-        (torch.cat([pad(k1, 2), pad(k2, 2)]), torch.cat([pad(v1, 2), pad(v2, 2)]))  # [B, H, L, d]
-        for (k1, v1), (k2, v2) in zip(_layers(old.cache), _layers(new.cache))
-    ]
+    def join(first: DynamicCache, second: DynamicCache, padded: bool) -> DynamicCache:
+        fit = (lambda t: pad(t, 2)) if padded else (lambda t: t)
+        return DynamicCache(ddp_cache_data=[
+            (torch.cat([fit(k1), fit(k2)]), torch.cat([fit(v1), fit(v2)]))  # [B, H, L, d]
+            for (k1, v1), (k2, v2) in zip(_layers(first), _layers(second))
+        ])  # fmt: skip
+
+    if isinstance(old.cache, EncoderDecoderCache):
+        # Cross-attention rows all read a whole encoder window: same length, nothing to pad.
+        cache: Cache = EncoderDecoderCache(
+            join(old.cache.self_attention_cache, new.cache.self_attention_cache, True),
+            join(old.cache.cross_attention_cache, new.cache.cross_attention_cache, False),
+        )
+    else:
+        cache = join(old.cache, new.cache, True)
     return Prefill(
         logits=torch.cat([old.logits, new.logits]),
-        cache=DynamicCache(ddp_cache_data=layers),
+        cache=cache,
         attention_mask=torch.cat([pad(old.attention_mask, 1), pad(new.attention_mask, 1)]),
         positions=torch.cat([old.positions, new.positions]),
     )
+
+
+def _map_cache(cache: Cache, self_attention: Any, cross_attention: Any) -> Cache:
+    """A new cache with `self_attention` applied to every self-attention key and value
+    [B, H, L, d], and `cross_attention` to an encoder-decoder's cross-attention ones."""
+
+    def mapped(part: DynamicCache, fn: Any) -> DynamicCache:
+        return DynamicCache(ddp_cache_data=[(fn(k), fn(v)) for k, v in _layers(part)])
+
+    if isinstance(cache, EncoderDecoderCache):
+        return EncoderDecoderCache(
+            mapped(cache.self_attention_cache, self_attention), mapped(cache.cross_attention_cache, cross_attention)
+        )
+    return mapped(cache, self_attention)
 
 
 def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

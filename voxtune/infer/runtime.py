@@ -281,7 +281,9 @@ class Runtime:
         """The spans of speech in `audio` and the conversation that asks for each one's words."""
         if language is not None and language not in LANGUAGES:
             raise MessageError(f"language must be an ISO-639-1 code this model knows ({', '.join(LANGUAGES)}), not {language!r}")
-        spans = [(s, e) for s, e in speech_spans(audio) if (e - s) * SAMPLE_RATE >= MIN_SAMPLES]
+        window = self.model.processor.max_seconds  # a span must fit the encoder (and its 0.1 s pads)
+        longest_span = 20.0 if window is None else min(20.0, window - 0.25)
+        spans = [(s, e) for s, e in speech_spans(audio, max_span=longest_span) if (e - s) * SAMPLE_RATE >= MIN_SAMPLES]
         clips = [Audio(audio.samples[int(s * SAMPLE_RATE) : int(e * SAMPLE_RATE)], SAMPLE_RATE) for s, e in spans]
         # About 40 tokens per second of speech is more than any language here needs.
         longest = max((e - s for s, e in spans), default=0.0)

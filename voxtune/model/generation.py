@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache
 
 from voxtune.errors import InputError
 from voxtune.model.processor import Example, MessageError, SpeechProcessor
@@ -136,16 +136,21 @@ def stop_token_ids(model) -> set[int]:
     """End-of-sequence and end-of-turn ids of the model's tokenizer, family and generation config."""
     tokenizer = model.tokenizer
     ids = {tokenizer.eos_token_id}
-    if model.family.end_of_turn is not None:
-        ids.add(tokenizer.convert_tokens_to_ids(model.family.end_of_turn))
+    end_of_turn = model.family.end_of_turn
+    if end_of_turn is not None:
+        found = tokenizer.convert_tokens_to_ids(end_of_turn)
+        # A token the vocabulary lacks comes back as unk; Whisper's unk is its end token.
+        if found != tokenizer.unk_token_id or end_of_turn == tokenizer.unk_token:
+            ids.add(found)
     configured = getattr(getattr(model.lm, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
-    return {i for i in ids if i is not None and i != tokenizer.unk_token_id}
+    return {i for i in ids if i is not None}
 
 
 def check_prompt(model, example: Example, max_new_tokens: int) -> None:
     """Raise `MessageError` when the prompt and the longest reply do not fit the LM's context."""
-    limit = getattr(model.lm.config, "max_position_embeddings", None)
+    config = model.lm.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "max_target_positions", None)
     length = len(example.input_ids)
     if limit is not None and length + max_new_tokens > limit:
         raise MessageError(
@@ -158,7 +163,7 @@ class Prefill:
     """The model's state after reading left-padded prompts."""
 
     logits: torch.Tensor  # [B, V]: each row's next-token logits
-    cache: DynamicCache  # keys and values [B, H, L, d] per layer
+    cache: Cache  # keys and values [B, H, L, d] per layer (and cross-attention's, for encoder-decoders)
     attention_mask: torch.Tensor  # [B, L]: 0 over the left padding
     positions: torch.Tensor  # [B, 1]: the position of each row's next token
 
@@ -170,10 +175,10 @@ def prefill(model, examples: Sequence[Example]) -> Prefill:
     attention_mask = batch["attention_mask"].to(model.device)  # [B, L]
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: left padding shifts them
     out = model.lm(
-        inputs_embeds=model.embed(batch),
+        **model.prompt_inputs(batch),
         attention_mask=attention_mask,
         position_ids=positions,
-        past_key_values=DynamicCache(),
+        past_key_values=model.new_cache(),
         use_cache=True,
         logits_to_keep=1,  # only the last position picks a token
     )
@@ -184,11 +189,11 @@ def prefill(model, examples: Sequence[Example]) -> Prefill:
 def decode_step(model, tokens: Sequence[int], state: Prefill) -> torch.Tensor:
     """Feed one token per row to the model in `state` (advanced in place); returns the next
     logits [B, V]."""
-    embeddings = model.lm.get_input_embeddings()(torch.tensor(list(tokens), device=model.device)[:, None])  # [B, 1, D]
+    inputs = model.step_inputs(torch.tensor(list(tokens), device=model.device)[:, None])  # tokens [B, 1]
     mask = state.attention_mask
     state.attention_mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
     out = model.lm(
-        inputs_embeds=embeddings,
+        **inputs,
         attention_mask=state.attention_mask,
         position_ids=state.positions,
         past_key_values=state.cache,

@@ -64,7 +64,9 @@ class SpeechProcessor:
         featurize: 16 kHz clips -> the encoder's input features [N, M, T] and valid frames [N].
         max_seconds: longest clip the encoder takes (None: any).
         end_of_turn: the token that closes an assistant turn (default: the tokenizer's eos).
-        audio_token: the placeholder repeated once per audio position.
+        audio_token: the placeholder repeated once per audio position (None: the model reads
+            audio some other way, e.g. an encoder-decoder's cross-attention, and a subclass
+            lays out its prompts).
         audio_text: what a clip is written as in the chat before expansion: `audio_token`,
             with the markers some models put around it (e.g. `<|audio_bos|>...<|audio_eos|>`).
     """
@@ -77,7 +79,7 @@ class SpeechProcessor:
         *,
         max_seconds: float | None = None,
         end_of_turn: str | None = None,
-        audio_token: str = AUDIO_TOKEN,
+        audio_token: str | None = AUDIO_TOKEN,
         audio_text: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
@@ -86,7 +88,10 @@ class SpeechProcessor:
         self.max_seconds = max_seconds
         self.end_of_turn = end_of_turn or tokenizer.eos_token
         self.audio_token = audio_token
-        self.audio_text = audio_text or audio_token
+        self.audio_text = audio_text or audio_token or ""
+        self.audio_token_id: int | None = None
+        if audio_token is None:
+            return
         if audio_token not in self.audio_text:
             raise ValueError(f"audio_text {self.audio_text!r} must hold the audio token {audio_token!r}")
         self.audio_token_id = tokenizer.convert_tokens_to_ids(audio_token)
@@ -153,7 +158,7 @@ class SpeechProcessor:
     def _check_text(self, text: str, index: int) -> str:
         if not isinstance(text, str):
             raise MessageError(f"message {index} has text that is not a string")
-        if self.audio_token in text:  # it would be read as a clip that is not there
+        if self.audio_token and self.audio_token in text:  # it would be read as a clip that is not there
             raise MessageError(f"message {index}: text may not contain {self.audio_token}")
         return text
 

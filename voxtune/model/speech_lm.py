@@ -97,6 +97,8 @@ class SpeechLM(nn.Module):
     # A new projector learns the LM's input space, so it trains in every method; a pretrained
     # architecture's projector is already fitted and trains only when a recipe asks.
     trains_projector_by_default = True
+    # Whether examples can share a row (packing): not when each row cross-attends its own clip.
+    supports_packing = True
 
     def __init__(self, encoder: nn.Module, projector: Projector, lm: nn.Module, tokenizer: Any, config: SpeechLMConfig) -> None:
         super().__init__()
@@ -171,17 +173,7 @@ class SpeechLM(nn.Module):
         input_ids = batch["input_ids"].to(self.device)
         embeddings = self.lm.get_input_embeddings()(input_ids)  # [B, L, D]
         mask = input_ids == self.processor.audio_token_id  # [B, L]
-        encoded = self.embed_audio(batch["audio_features"], batch["audio_frames"]) if "audio_features" in batch else []
-        cached = list(batch.get("audio_embeddings", []))
-        flags = batch.get("audio_is_embedding")
-        flags = flags.tolist() if flags is not None else [False] * len(encoded) + [True] * len(cached)
-        if sum(flags) != len(cached) or len(flags) - sum(flags) != len(encoded):
-            raise ValueError("audio_is_embedding does not match the clips in the batch")
-        for clip in cached:
-            if clip.ndim != 2 or clip.shape[1] != embeddings.shape[-1]:
-                raise MessageError(f"a pre-encoded clip is {tuple(clip.shape)}; this model needs [tokens, {embeddings.shape[-1]}]")
-        encoded_clips, cached_clips = iter(encoded), iter(cached)
-        clips = [next(cached_clips) if flag else next(encoded_clips) for flag in flags]
+        clips = self.batch_clips(batch, embeddings.shape[-1])
         positions = int(mask.sum())
         if not clips:
             if positions:
@@ -193,6 +185,37 @@ class SpeechLM(nn.Module):
             raise ValueError(f"{positions} audio positions but {audio.shape[0]} audio embeddings")
         # Row-major boolean indexing matches the processor's reading order of the clips.
         return embeddings.masked_scatter(mask[..., None], audio)
+
+    def prompt_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The LM's inputs for reading prompts at generation, besides the mask, the positions
+        and the cache: the embeddings with the audio spliced in."""
+        return {"inputs_embeds": self.embed(batch)}
+
+    def step_inputs(self, tokens: torch.Tensor) -> dict[str, Any]:
+        """The LM's inputs for one decoding step of `tokens` [B, 1], besides the mask, the
+        positions and the cache: their embeddings [B, 1, D]."""
+        return {"inputs_embeds": self.lm.get_input_embeddings()(tokens)}
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for generation."""
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def batch_clips(self, batch: dict[str, Any], width: int) -> list[torch.Tensor]:
+        """Every clip of a collated batch as the LM reads it, [n_i, width] each, in reading order:
+        the ones given as features encoded now, the pre-encoded ones as they are."""
+        encoded = self.embed_audio(batch["audio_features"], batch["audio_frames"]) if "audio_features" in batch else []
+        cached = list(batch.get("audio_embeddings", []))
+        flags = batch.get("audio_is_embedding")
+        flags = flags.tolist() if flags is not None else [False] * len(encoded) + [True] * len(cached)
+        if sum(flags) != len(cached) or len(flags) - sum(flags) != len(encoded):
+            raise ValueError("audio_is_embedding does not match the clips in the batch")
+        for clip in cached:
+            if clip.ndim != 2 or clip.shape[1] != width:
+                raise MessageError(f"a pre-encoded clip is {tuple(clip.shape)}; this model needs [tokens, {width}]")
+        encoded_clips, cached_clips = iter(encoded), iter(cached)
+        return [next(cached_clips) if flag else next(encoded_clips) for flag in flags]
 
     def lm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The LM's keyword inputs for a collated (or packed) batch: `inputs_embeds` with the

@@ -396,9 +396,10 @@ def project(model: SpeechLM, encoder_outputs: Sequence[torch.Tensor]) -> list[to
     """
     if not encoder_outputs:
         return []
-    weight = next(model.projector.parameters())
+    weight = next(model.projector.parameters(), None)  # none for an identity (Whisper's cross-attention)
+    device, dtype = (weight.device, weight.dtype) if weight is not None else (model.device, encoder_outputs[0].dtype)
     lengths = torch.tensor([o.shape[0] for o in encoder_outputs])
-    outputs = [o.to(weight.device, weight.dtype) for o in encoder_outputs]
+    outputs = [o.to(device, dtype) for o in encoder_outputs]
     hidden = pad_sequence(outputs, batch_first=True)  # [N, T', D_enc], zeros past each clip
     tokens = model.projector(hidden)  # [N, ceil(T'/k), D]
     counts = model.projector.output_lengths(lengths).tolist()

@@ -201,7 +201,10 @@ class Trainer:
             # Non-reentrant: the inputs are embeddings, not leaves that require grad.
             self.model.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.log(f"fused kernels: {fused_kernels(self.model, train)}")
-        if train.pack and use_packed_attention(self.model.base_lm()):
+        self.pack = train.pack and self.model.supports_packing
+        if train.pack and not self.pack:
+            self.log("packing: off (each row of this model cross-attends one clip)")
+        if self.pack and use_packed_attention(self.model.base_lm()):
             self.log("attention: per example in packed rows (no [L, L] mask)")
         self.distiller = (
             Distiller(self.model, temperature=train.distill.temperature, chunk_tokens=train.chunk_tokens)
@@ -298,7 +301,7 @@ class Trainer:
         process's rank; one process takes them all. Made ahead in a background thread when
         `train.prefetch` says so; `self.state` is only moved by the loop, as it consumes them."""
         # With the cache, the clips' encoder outputs come from it: no log-mel needed here.
-        collate = collator(self.train_data.processor, pack=self.recipe.train.pack, features=self.cache is None)
+        collate = collator(self.train_data.processor, pack=self.pack, features=self.cache is None)
         stream = self._stream(self.state.epoch, self.state.batch_in_epoch)
 
         def make() -> Iterator[tuple[dict[str, Any], list[Example], tuple[int, int]]]:

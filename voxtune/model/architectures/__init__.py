@@ -23,6 +23,15 @@ if TYPE_CHECKING:
 # model_type -> the module that loads it (imported on use: each pulls in its transformers class).
 ARCHITECTURES: dict[str, str] = {
     "qwen2_audio": "voxtune.model.architectures.qwen2_audio",
+    "qwen2_5_omni": "voxtune.model.architectures.qwen_omni",
+    "qwen3_omni_moe": "voxtune.model.architectures.qwen_omni",
+    # The Omni thinkers saved alone (voxtune's merged exports of the two above).
+    "qwen2_5_omni_thinker": "voxtune.model.architectures.qwen_omni",
+    "qwen3_omni_moe_thinker": "voxtune.model.architectures.qwen_omni",
+    "qwen3_asr": "voxtune.model.architectures.qwen3_asr",
+    "gemma4": "voxtune.model.architectures.gemma4",
+    "whisper": "voxtune.model.architectures.whisper",
+    "voxtral": "voxtune.model.architectures.voxtral",
 }
 
 

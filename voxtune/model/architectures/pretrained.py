@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from voxtune.audio.features import SAMPLE_RATE
+from voxtune.errors import InputError
 from voxtune.files import atomic_directory
 from voxtune.model.processor import SpeechProcessor
 from voxtune.model.speech_lm import SpeechLM, SpeechLMConfig, _with_lora
@@ -202,6 +203,11 @@ class PretrainedSpeechLM(SpeechLM):
         if self._peft is not None:
             raise ValueError("this model has adapters already; merge them first")
         names = self._full_names(self.lm, lm_targets) + self._full_names(self.encoder, encoder_targets)
+        head, embeddings = self.pretrained.get_output_embeddings(), self.pretrained.get_input_embeddings()
+        if head.weight is embeddings.weight and any(self.pretrained.get_submodule(n) is head for n in names):
+            # Merging would write the head's update into the input embeddings too.
+            raise InputError("LoRA on the output head: this model ties it to the input embeddings, so merged "
+                             "adapters would change both; leave the head out of the targets")  # fmt: skip
         if names:
             object.__setattr__(self, "_peft", _with_lora(self.pretrained, names, lora))
             self._share_head()
