@@ -171,8 +171,10 @@ class SpeechLM(nn.Module):
     def embed(self, batch: dict[str, Any]) -> torch.Tensor:
         """Input embeddings [B, L, D] with every clip's audio embeddings at its placeholders."""
         input_ids = batch["input_ids"].to(self.device)
-        embeddings = self.lm.get_input_embeddings()(input_ids)  # [B, L, D]
         mask = input_ids == self.processor.audio_token_id  # [B, L]
+        # The placeholder may lie past the LM's embedding rows (Ultravox adds it without
+        # resizing them); its rows are replaced below, so any id will do.
+        embeddings = self.lm.get_input_embeddings()(input_ids.masked_fill(mask, 0))  # [B, L, D]
         clips = self.batch_clips(batch, embeddings.shape[-1])
         positions = int(mask.sum())
         if not clips:

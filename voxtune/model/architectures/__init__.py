@@ -31,6 +31,7 @@ ARCHITECTURES: dict[str, str] = {
     "qwen3_asr": "voxtune.model.architectures.qwen3_asr",
     "gemma4": "voxtune.model.architectures.gemma4",
     "whisper": "voxtune.model.architectures.whisper",
+    "ultravox": "voxtune.model.architectures.ultravox",
     "voxtral": "voxtune.model.architectures.voxtral",
 }
 

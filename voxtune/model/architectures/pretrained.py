@@ -38,6 +38,8 @@ class FeatureExtractorFrontEnd:
         extractor: a transformers feature extractor (Whisper-style: `hop_length`, `n_samples`).
         pad_to_max: pad every clip to the extractor's full window (30 s for Whisper), as
             encoders with a fixed positional table need.
+        pad_to_hop: otherwise, pad each clip to whole hops, so a last partial hop is a frame
+            (as Ultravox's processor does); without either, it is dropped.
         features_key, mask_key: the names of its outputs.
         channels_last: the extractor returns [N, T, M] (transposed here to [N, M, T]).
     """
@@ -47,12 +49,14 @@ class FeatureExtractorFrontEnd:
         extractor: Any,
         *,
         pad_to_max: bool,
+        pad_to_hop: bool = False,
         features_key: str = "input_features",
         mask_key: str = "attention_mask",
         channels_last: bool = False,
     ) -> None:
         self.extractor = extractor
         self.pad_to_max = pad_to_max
+        self.pad_to_hop = pad_to_hop
         self.features_key = features_key
         self.mask_key = mask_key
         self.channels_last = channels_last
@@ -67,6 +71,7 @@ class FeatureExtractorFrontEnd:
             return_attention_mask=True,
             padding="max_length" if self.pad_to_max else "longest",
             return_tensors="pt",
+            **({"pad_to_multiple_of": self.hop} if self.pad_to_hop and not self.pad_to_max else {}),
         )
         features = out[self.features_key].float()
         if self.channels_last:
@@ -74,8 +79,9 @@ class FeatureExtractorFrontEnd:
         return features, out[self.mask_key].sum(-1).long()
 
     def frames(self, samples: int) -> int:
-        """Valid frames of a clip of `samples` samples: one per started hop, within the window."""
-        frames = -(-samples // self.hop)
+        """Valid frames of a clip of `samples` samples: one per hop, a partial last hop counting
+        when clips are padded (to the window or to whole hops), within the window."""
+        frames = -(-samples // self.hop) if self.pad_to_max or self.pad_to_hop else samples // self.hop
         return min(frames, self.max_frames) if self.max_frames else frames
 
 
@@ -160,7 +166,7 @@ class PretrainedSpeechLM(SpeechLM):
         audio_config = getattr(model.config, "audio_config", None) or model.config
         config = SpeechLMConfig(
             encoder_kind=architecture,
-            encoder=audio_config.to_dict(),
+            encoder=audio_config if isinstance(audio_config, dict) else audio_config.to_dict(),
             projector_stack=1,
             projector_hidden=0,
             n_mels=int(getattr(front_end.extractor, "feature_size", 0)),
@@ -175,7 +181,7 @@ class PretrainedSpeechLM(SpeechLM):
             self.lm.generation_config = generation  # the checkpoint's stop tokens
 
     def _make_processor(self) -> SpeechProcessor:
-        max_frames = self.front_end.max_frames
+        max_frames = self.front_end.max_frames or getattr(self.encoder, "max_frames", None)
         return SpeechProcessor(
             self.tokenizer,
             self.audio_tokens,

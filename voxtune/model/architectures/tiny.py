@@ -9,6 +9,7 @@ benchmarks load through the real loading code, since real checkpoints cannot be 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -52,4 +53,7 @@ def tiny_checkpoint(architecture: str, directory: str | os.PathLike, **sizes: An
 
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r} (there are: {', '.join(ARCHITECTURES)})")
-    return importlib.import_module(ARCHITECTURES[architecture]).tiny(directory, **sizes)
+    build = importlib.import_module(ARCHITECTURES[architecture]).tiny
+    if "model_type" in inspect.signature(build).parameters:  # one module for several model types
+        sizes.setdefault("model_type", architecture)
+    return build(directory, **sizes)
