@@ -107,6 +107,9 @@ def quantized_lm(model: SpeechLM, *, gradient_checkpointing: bool) -> torch.nn.M
             "train.method=qlora needs a CUDA GPU (4-bit weights run on bitsandbytes' CUDA kernels); "
             "on this machine use train.method=lora"
         )
+    architecture = getattr(model, "architecture", None)
+    if architecture is not None:  # its LM is a view into the architecture's model: reloading it would cut the tie
+        raise TrainError(f"train.method=qlora is not available for {architecture} checkpoints yet; use train.method=lora")
     import importlib.util
     import tempfile
 
