@@ -3,7 +3,7 @@
 Run from the repository root (about 4 minutes on an idle 2-core CPU, plus a minute to
 synthesise the corpus the first time):
 
-    .venv/bin/python benchmarks/train_throughput.py [--data out/bench-data] [--epochs 2] [--batch 8]
+    .venv/bin/python benchmarks/train_throughput.py [--data out/bench-data] [--epochs 2] [--batch 8] [--arch qwen2_audio]
 
 One model and one synthesised corpus (made once into --data), trained several ways, each
 configuration in a fresh process of its own:
@@ -56,7 +56,14 @@ was over 0.25, keeping the quietest run.
 The last line is `throughput_ratio=<x> peak_memory_ratio=<y>`: voxtune over the baseline,
 epochs 2+ examples/s and training-phase memory (+MiB).
 
-The model is small but complete: a 4-layer 256-wide Llama-style LM with an 8000-token BPE
+`--arch qwen2_audio` trains a Qwen2-Audio-shaped checkpoint instead (about 100M parameters,
+random weights, saved in the architecture's own layout): a 10-layer 768-wide Qwen2 LM with the
+same kind of BPE vocabulary, and a 6-layer 768-wide Whisper-style encoder that reads 30 s
+windows (every clip padded to 30 s, as the architecture does). Its baseline is the
+architecture's own class, `Qwen2AudioForConditionalGeneration` + peft LoRA on its LM +
+`transformers.Trainer`; voxtune loads the same checkpoint and trains it with the same LoRA.
+
+The default model is small but complete: a 4-layer 256-wide Llama-style LM with an 8000-token BPE
 vocabulary trained on the synthesiser's text (so the logits are [tokens, 8056]), and a 4-layer
 256-wide streaming encoder (random weights, frozen: its cost is what matters here). How much
 each feature pays depends on that balance: a larger encoder makes the cache worth more, longer
@@ -120,8 +127,10 @@ def make_data(folder: Path, clips: int) -> None:
     print(f"synthesised {summary.clips} clips ({summary.seconds / 60:.1f} min of audio) in {time.perf_counter() - started:.1f} s")
 
 
-def make_model(folder: Path, vocab: int) -> Any:
+def make_model(folder: Path, vocab: int, arch: str) -> Any:
     """Build the benchmark `SpeechLM` (seeded) and save it to `folder`; returns it."""
+    if arch == "qwen2_audio":
+        return make_qwen2_audio(folder, vocab)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
@@ -140,6 +149,26 @@ def make_model(folder: Path, vocab: int) -> Any:
     transformers_logging.disable_progress_bar()
     model.save_pretrained(str(folder))
     return model
+
+
+def make_qwen2_audio(folder: Path, vocab: int) -> Any:
+    """A Qwen2-Audio-shaped checkpoint with random weights, about 100M parameters (a 10-layer
+    768-wide Qwen2 LM and a 6-layer 768-wide Whisper-style encoder with its 30 s window and 2x
+    pooling), saved in the architecture's own layout and loaded back through voxtune."""
+    from transformers.utils import logging as transformers_logging
+
+    from voxtune.config import load_config
+    from voxtune.data.synth import SynthRecipe, plan
+    from voxtune.model import load
+    from voxtune.model.architectures import qwen2_audio
+    from voxtune.model.tiny import train_tokenizer
+
+    texts = [p.text for p in plan(load_config(SynthRecipe, {"seed": 1, "clips": 20000, "languages": LANGUAGES}), ["a", "b"])]
+    tokenizer = train_tokenizer("qwen2", vocab_size=vocab, corpus="\n".join(texts))
+    transformers_logging.disable_progress_bar()
+    qwen2_audio.tiny(folder, hidden=768, layers=10, heads=12, encoder_dim=768, encoder_layers=6, encoder_heads=12,
+                     seconds=30, tokenizer=tokenizer, seed=SEED)  # fmt: skip
+    return load(folder)
 
 
 def batch_plan(model: Any, manifest: Path, batch: int, epochs: int) -> dict[str, int]:
@@ -211,25 +240,18 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(SEED)  # as voxtune's trainer does before building, so LoRA starts the same
     model = load(args.work / "model")
-    model.requires_grad_(False)
-    model.projector.requires_grad_(True)
-    config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(model.family.lora_targets))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model.lm = get_peft_model(model.lm, config)
-    model.train()
-
-    class SpeechLMForTrainer(torch.nn.Module):
-        """What a user writes to hand a `SpeechLM` to transformers.Trainer."""
-
-        accepts_loss_kwargs = False  # the LM's loss is a mean over the batch's tokens already
-
-        def __init__(self, speech_lm: Any) -> None:
-            super().__init__()
-            self.speech_lm = speech_lm
-
-        def forward(self, **batch: Any) -> dict[str, torch.Tensor]:
-            return {"loss": self.speech_lm(batch).loss}
+    targets = list(model.family.lora_targets)
+    if args.arch == "qwen2_audio":
+        trained = _qwen2_audio_for_trainer(args.work / "model", targets)
+    else:
+        model.requires_grad_(False)
+        model.projector.requires_grad_(True)
+        config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model.lm = get_peft_model(model.lm, config)
+        model.train()
+        trained = SpeechLMForTrainer(model)
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
@@ -261,7 +283,7 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
         use_cpu=DEVICE == "cpu",
     )  # fmt: skip
     trainer = Trainer(
-        model=SpeechLMForTrainer(model), args=training_args, train_dataset=dataset,
+        model=trained, args=training_args, train_dataset=dataset,
         data_collator=collate, callbacks=[clock],
     )  # fmt: skip
     memory = Memory(DEVICE)
@@ -277,6 +299,53 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
         "steps": trainer.state.global_step, "loss": sum(last) / max(1, len(last)),
         "examples": len(dataset), "audio_seconds": sum(dataset.durations()), "positions": positions[0],
     }  # fmt: skip
+
+
+class SpeechLMForTrainer(torch.nn.Module):
+    """What a user writes to hand a `SpeechLM` to transformers.Trainer."""
+
+    accepts_loss_kwargs = False  # the LM's loss is a mean over the batch's tokens already
+
+    def __init__(self, speech_lm: Any) -> None:
+        super().__init__()
+        self.speech_lm = speech_lm
+
+    def forward(self, **batch: Any) -> dict[str, torch.Tensor]:
+        return {"loss": self.speech_lm(batch).loss}
+
+
+class Qwen2AudioForTrainer(torch.nn.Module):
+    """What a user writes to train `Qwen2AudioForConditionalGeneration` with transformers.Trainer:
+    the batch's token ids, 30 s log-mel windows and their valid frames into the model's own
+    forward (its encoder on every step) and its own loss."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch: Any) -> dict[str, torch.Tensor]:
+        features = batch["audio_features"]  # [N, 128, 3000]
+        frames = torch.arange(features.shape[-1])[None] < batch["audio_frames"][:, None]  # [N, 3000]
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], input_features=features,
+                         feature_attention_mask=frames.long(), labels=batch["labels"])  # fmt: skip
+        return {"loss": out.loss}
+
+
+def _qwen2_audio_for_trainer(path: Path, targets: list[str]) -> torch.nn.Module:
+    """The checkpoint in its own transformers class with peft LoRA on its LM's `targets`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    pattern = rf"model\.language_model\..*\.({'|'.join(targets)})"
+    config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=pattern)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(model, config)
+    model.train()
+    return Qwen2AudioForTrainer(model)
 
 
 def run_voxtune(args: argparse.Namespace, name: str, batching: dict[str, Any]) -> dict[str, Any]:
@@ -341,7 +410,7 @@ def run_child(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
     that other processes on the machine kept busy meanwhile, on average."""
     shutil.rmtree(work / name, ignore_errors=True)  # an empty output folder (and encoder cache)
     command = [sys.executable, __file__, "--only", name, "--work", str(work), "--data", str(args.data),
-               "--epochs", str(args.epochs), "--batch", str(args.batch)]  # fmt: skip
+               "--epochs", str(args.epochs), "--batch", str(args.batch), "--arch", args.arch]  # fmt: skip
     busy, ours, started = _busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     wall = time.perf_counter() - started
@@ -401,6 +470,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per configuration (at least 2)")
     parser.add_argument("--batch", type=int, default=8, help="examples per batch (voxtune: at most)")
     parser.add_argument("--vocab", type=int, default=8000, help="BPE vocabulary of the LM")
+    parser.add_argument("--arch", choices=["voxtune", "qwen2_audio"], default="voxtune",
+                        help="the model: voxtune's own (default) or a Qwen2-Audio-shaped checkpoint of about 100M parameters")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="which configurations to run (baseline and voxtune always)")
     parser.add_argument("--retries", type=int, default=1, help="runs of a configuration again while other processes use the CPU")
     parser.add_argument("--work", type=Path, help="keep the model, checkpoints and logs here (default: a temporary folder)")
@@ -418,7 +489,7 @@ def main() -> None:
     names = ["baseline", "voxtune"] + [n for n in args.configs.split(",") if n in CONFIGS and n not in ("baseline", "voxtune")]
     with tempfile.TemporaryDirectory(prefix="voxtune-bench-") as temporary:
         work = args.work or Path(temporary)
-        model = make_model(work / "model", args.vocab)
+        model = make_model(work / "model", args.vocab, args.arch)
         batching = batch_plan(model, args.data / "train.jsonl", args.batch, args.epochs)
         (work / "plan.json").write_text(json.dumps(batching))
         count = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731

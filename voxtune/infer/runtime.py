@@ -11,7 +11,7 @@ import base64
 import binascii
 import queue
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ from voxtune.infer.tools import render_tool_calls, tools_prompt
 from voxtune.model import prompts
 from voxtune.model.generation import SamplingParams
 from voxtune.model.processor import AudioEmbedding, Example, MessageError
-from voxtune.tags import LANGUAGES, strip_tags, tag_values
+from voxtune.tags import LANGUAGES
 
 if TYPE_CHECKING:
     from voxtune.model import SpeechLM
@@ -288,7 +288,8 @@ class Runtime:
         # About 40 tokens per second of speech is more than any language here needs.
         longest = max((e - s for s, e in spans), default=0.0)
         params = SamplingParams(max_new_tokens=min(448, 32 + int(40 * longest)), temperature=temperature)
-        return TranscriptionPlan(spans, [prompts.transcribe_messages(c, language) for c in clips], params, audio.duration, language)
+        conversations = [self.model.transcription_messages(c, language) for c in clips]
+        return TranscriptionPlan(spans, conversations, params, audio.duration, language, self.model.read_transcript)
 
     def transcribe(self, audio: Audio, language: str | None = None, *, temperature: float = 0.0) -> Transcript:
         """The words of `audio`, one segment per stretch of speech, the spans decoded together."""
@@ -321,13 +322,14 @@ class TranscriptionPlan:
     params: SamplingParams
     duration: float
     language: str | None
+    read: Callable[[str], tuple[str, str | None]]  # a reply -> (its words, the language it names)
 
     def transcript(self, replies: Sequence[str]) -> Transcript:
         """The transcript from the model's reply for each span (in order)."""
         segments = []
         for i, ((start, end), raw) in enumerate(zip(self.spans, replies)):
-            found = tag_values(raw, "lang")
-            segments.append(Segment(i, round(start, 3), round(end, 3), strip_tags(raw), found[0] if found else self.language))
+            text, found = self.read(raw)
+            segments.append(Segment(i, round(start, 3), round(end, 3), text, found or self.language))
         heard = Counter(s.language for s in segments if s.language)
         return Transcript(
             text=" ".join(s.text for s in segments if s.text),

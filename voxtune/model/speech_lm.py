@@ -347,13 +347,25 @@ class SpeechLM(nn.Module):
 
         return stream_one(self, messages, SamplingParams(**sampling))
 
+    def transcription_messages(self, audio: Any, language: str | None = None) -> list[dict]:
+        """The conversation that asks this model for the words spoken in `audio` (optionally in
+        a known `language`): voxtune's task tag here; other architectures ask their own way."""
+        from voxtune.model.prompts import transcribe_messages
+
+        return transcribe_messages(audio, language)
+
+    def read_transcript(self, reply: str) -> tuple[str, str | None]:
+        """(the words, the language the model named or None) of a reply to
+        `transcription_messages`; on a partial reply, the words so far."""
+        from voxtune.tags import strip_tags, tag_values
+
+        found = tag_values(reply, "lang")
+        return strip_tags(reply), found[0] if found else None
+
     def transcribe(self, audio: Any, language: str | None = None, **sampling: Any) -> str:
         """The words spoken in `audio` (anything `voxtune.audio.load` reads, or an `Audio`),
         without the tags the model writes around them."""
-        from voxtune.model.prompts import transcribe_messages
-        from voxtune.tags import strip_tags
-
-        return strip_tags(self.generate(transcribe_messages(audio, language), **sampling))
+        return self.read_transcript(self.generate(self.transcription_messages(audio, language), **sampling))[0]
 
     def save_pretrained(self, directory: str, *, extra_files: dict[str, str] | None = None) -> None:
         """Write the model: a standard causal-LM checkpoint plus `voxtune.json` and the audio

@@ -21,7 +21,7 @@ from voxtune.errors import InputError
 from voxtune.infer.runtime import Runtime, Transcript, TranscriptionPlan
 from voxtune.serve.bridge import ClientGone, Pending, cancel_all
 from voxtune.serve.errors import APIError, from_validation_error, parse_json
-from voxtune.tags import LANGUAGES, strip_tags
+from voxtune.tags import LANGUAGES
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ async def _stream_transcript(runtime: Runtime, plan: TranscriptionPlan) -> Async
     raw, sent, replies = "", "", []  # the current span's text so far, and how much of it went out
     try:
         async for kind, value in _decode_spans(runtime, plan):
-            text = strip_tags(raw + value if kind == "piece" else value)
+            text = plan.read(raw + value if kind == "piece" else value)[0]
             if len(text) > len(sent) and text.startswith(sent):
                 space = " " if anything_sent and not sent else ""
                 yield _sse({"type": "transcript.text.delta", "delta": space + text[len(sent) :]})

@@ -185,3 +185,10 @@ def test_the_openai_client_talks_to_it_through_the_server(model, checkpoint):
     assert reply.choices[0].message.content == expected
     assert reply.usage.prompt_tokens_details.audio_tokens == model.audio_tokens(len(_clip(1.2)))
     assert isinstance(transcript.text, str)
+
+
+def test_transcripts_are_read_after_the_language_it_names(model):
+    assert model.transcription_messages("clip.wav") == [{"role": "user", "content": [{"type": "audio", "audio": "clip.wav"}]}]
+    assert model.read_transcript("language English<asr_text>Hello there.") == ("Hello there.", None)
+    # Streamed: nothing shows while the language is written, then the words as they come.
+    assert [model.read_transcript(p)[0] for p in ("lang", "language Eng", "language English<asr_text>Hel")] == ["", "", "Hel"]

@@ -33,6 +33,9 @@ ARCHITECTURES: dict[str, str] = {
     "whisper": "voxtune.model.architectures.whisper",
     "ultravox": "voxtune.model.architectures.ultravox",
     "voxtral": "voxtune.model.architectures.voxtral",
+    "audioflamingo3": "voxtune.model.architectures.audio_flamingo",
+    "musicflamingo": "voxtune.model.architectures.audio_flamingo",
+    "glmasr": "voxtune.model.architectures.glm_asr",
 }
 
 

@@ -201,6 +201,18 @@ class PretrainedSpeechLM(SpeechLM):
         frames = torch.tensor([self.front_end.frames(samples)])
         return int(self.projector.output_lengths(self.encoder.output_lengths(frames))[0])
 
+    # ---- transcription: in words the checkpoint was trained on, not voxtune's task tags -------
+
+    def transcription_messages(self, audio: Any, language: str | None = None) -> list[dict]:
+        """A plain request for the words, as these models' instruction data asks for them."""
+        ask = "Transcribe the audio exactly, word for word. Reply with the transcript only."
+        if language is not None:
+            ask = f"{ask} The language is {language} (ISO 639-1)."
+        return [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": ask}]}]
+
+    def read_transcript(self, reply: str) -> tuple[str, str | None]:
+        return reply.strip(), None
+
     # ---- adapters: on the architecture's own model, so they carry its module names ----------
 
     def add_adapters(self, lm_targets: Sequence[str], encoder_targets: Sequence[str], **lora: Any) -> None:
@@ -317,7 +329,7 @@ def load_weights(model_class: Any, path: Path, dtype: torch.dtype) -> nn.Module:
     Raises:
         ModelLoadError: weights missing or left over (named), or files that do not load.
     """
-    from voxtune.model.checkpoint import ModelLoadError, check_keys
+    from voxtune.model.checkpoint import check_keys
 
     model, info = model_class.from_pretrained(path, dtype=dtype, output_loading_info=True)
     check_keys(type(model).__name__, sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", [])), [])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,19 +83,24 @@ def load(path: Path, dtype: torch.dtype) -> PretrainedSpeechLM:
 
 
 def tiny(directory: str | os.PathLike, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-         encoder_dim: int = 32, encoder_layers: int = 2, seconds: int = 1, seed: int = 0) -> Path:
+         encoder_dim: int = 32, encoder_layers: int = 2, encoder_heads: int = 2, seconds: int = 1,
+         tokenizer: Any = None, seed: int = 0) -> Path:
     """A random Qwen2-Audio (`Qwen2AudioForConditionalGeneration` + `Qwen2AudioProcessor`) with a
-    `seconds`-long encoder window (real checkpoints: 30 s)."""  # fmt: skip
+    `seconds`-long encoder window (real checkpoints: 30 s). `tokenizer`: a fast tokenizer with
+    ChatML markers to use (its audio tokens are added); default one token per byte."""  # fmt: skip
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, Qwen2Tokenizer
     from transformers import WhisperFeatureExtractor
 
     from voxtune.model.architectures.tiny import CHATML, byte_tokenizer, save_tiny
 
     audio = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
-    tokenizer = byte_tokenizer(Qwen2Tokenizer, audio, CHATML, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if tokenizer is None:
+        tokenizer = byte_tokenizer(Qwen2Tokenizer, audio, CHATML, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    else:
+        tokenizer.add_tokens(list(audio.values()), special_tokens=True)
     config = Qwen2AudioConfig(
         audio_config={
-            "d_model": encoder_dim, "encoder_layers": encoder_layers, "encoder_attention_heads": 2,
+            "d_model": encoder_dim, "encoder_layers": encoder_layers, "encoder_attention_heads": encoder_heads,
             "encoder_ffn_dim": 2 * encoder_dim, "num_mel_bins": 128, "max_source_positions": 50 * seconds,
         },
         text_config={

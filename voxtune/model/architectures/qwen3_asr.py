@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,28 @@ class Qwen3ASRAudioEncoder(nn.Module):
         return pad_sequence(hidden.split(lengths.tolist()), batch_first=True), lengths  # [N, T', D]
 
 
+ASR_TEXT = "<asr_text>"  # between the language it names and the words
+_LANGUAGE = "language"
+
+
+class Qwen3ASRSpeechLM(PretrainedSpeechLM):
+    """Qwen3-ASR transcribes what it hears without being asked, and writes
+    `language <Name><asr_text><words>`."""
+
+    def transcription_messages(self, audio: Any, language: str | None = None) -> list[dict]:
+        """The clip alone (the model names the language itself)."""
+        return [{"role": "user", "content": [{"type": "audio", "audio": audio}]}]
+
+    def read_transcript(self, reply: str) -> tuple[str, str | None]:
+        """The words after `<asr_text>` (none yet while the language is being written)."""
+        _, marker, words = reply.partition(ASR_TEXT)
+        if marker:
+            return words.strip(), None
+        text = reply.strip()
+        writing_language = text.startswith(_LANGUAGE) or _LANGUAGE.startswith(text)
+        return ("" if writing_language else text), None
+
+
 def load(path: Path, dtype: torch.dtype) -> PretrainedSpeechLM:
     """A Qwen3-ASR checkpoint directory as a `PretrainedSpeechLM`."""
     from transformers import Qwen3ASRForConditionalGeneration
@@ -65,7 +88,7 @@ def load(path: Path, dtype: torch.dtype) -> PretrainedSpeechLM:
     processor = load_processor(path)
     model = load_weights(Qwen3ASRForConditionalGeneration, path, dtype)
     inner = model.model
-    return PretrainedSpeechLM(
+    return Qwen3ASRSpeechLM(
         architecture="qwen3_asr",
         model=model,
         processor=processor,

@@ -226,8 +226,11 @@ class WhisperSpeechLM(PretrainedSpeechLM):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding (generation) shifts them
         return {**self.prompt_inputs(batch), "attention_mask": mask, "position_ids": positions}
 
-    def transcribe(self, audio: Any, language: str | None = None, **sampling: Any) -> str:
-        return super().transcribe(audio, language, **sampling).strip()
+    def transcription_messages(self, audio: Any, language: str | None = None) -> list[dict]:
+        """The clip, and the language as a tag (WhisperPrompts reads it)."""
+        from voxtune.model.prompts import transcribe_messages
+
+        return transcribe_messages(audio, language)
 
     def generate(self, messages: Sequence[dict] | Sequence[Sequence[dict]], **sampling: Any) -> str | list[str]:
         """The transcript of each conversation's clip (leading space trimmed, as Whisper writes one)."""
