@@ -179,8 +179,7 @@ def _chat(args: argparse.Namespace) -> int:
     content = [{"type": "audio", "audio": path} for path in args.audio]
     content += [{"type": "text", "text": args.text}] if args.text else []
     system = [{"role": "system", "content": args.system}] if args.system else []
-    # Clips alone are a spoken request: ask for their answer.
-    messages = ask_spoken_requests(system + [{"role": "user", "content": content}])
+    messages = system + [{"role": "user", "content": content}]
     if args.speak is None and args.voice is not None:
         raise UsageError("--voice is the voice of --speak; give --speak FILE too")
     if args.speak is not None:
@@ -189,6 +188,8 @@ def _chat(args: argparse.Namespace) -> int:
         voices.default_backend().resolve_voice(args.voice or voices.DEFAULT_VOICE)  # before the model loads
         fmt = normalize_format(_format_from_suffix(args.speak))
     model = _load_model(args)
+    if model.knows_task_tags:  # clips alone are a spoken request: ask for their answer
+        messages = ask_spoken_requests(messages)
     if args.stream:
         pieces = []
         for piece in model.stream(messages, **_sampling(args)):

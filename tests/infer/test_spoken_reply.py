@@ -65,3 +65,27 @@ def test_every_style_has_a_reply_style():
 def test_text_only_conversations_default_to_english_neutral():
     model = Scripted("de", "sad", "hello")
     assert reply_voice(model, [{"role": "user", "content": "hi"}], "hello") == ("en", "neutral")
+
+
+def test_other_architectures_get_no_task_tags(tmp_path):
+    """A checkpoint of another architecture was never taught voxtune's tags: a clip alone goes
+    to it as it is (no answer tag), and its spoken reply's voice is not asked about in tags."""
+    import base64
+
+    import voxtune
+    from voxtune.audio import Audio, encode
+    from voxtune.infer import Runtime
+    from voxtune.model.architectures.tiny import tiny_checkpoint
+
+    model = voxtune.load(str(tiny_checkpoint("qwen2_audio", tmp_path / "model", seconds=2)))
+    clip = Audio((0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32), 16000)
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(encode(clip, "wav")).decode(), "format": "wav"}}
+    runtime = Runtime(model)
+    try:
+        prepared = runtime.prepare_chat([{"role": "user", "content": [part]}], "owner")
+        assert [p["type"] for p in prepared.messages[-1]["content"]] == ["audio"]  # no task tag added
+        assert runtime.voice_prompts(prepared) == []
+    finally:
+        runtime.close()
+    spoken = speak_reply(model, [{"role": "user", "content": [{"type": "audio", "audio": clip}]}], "Hello there.")
+    assert (spoken.language, spoken.style) == ("en", "neutral") and spoken.audio is not None

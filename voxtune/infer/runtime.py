@@ -142,7 +142,8 @@ class Runtime:
             part["audio"] = item.embedding
             prepared.clips.append(InputClip(item.id, item.expires_at, item.embedding.duration, reused))
             prepared.last_clip = item.embedding
-        prepared.messages = prompts.ask_spoken_requests(prepared.messages)
+        if self.model.knows_task_tags:
+            prepared.messages = prompts.ask_spoken_requests(prepared.messages)
         if offer is not None:
             prepared.messages.insert(0, {"role": "system", "content": offer})
         return prepared
@@ -266,8 +267,9 @@ class Runtime:
 
     def voice_prompts(self, prepared: PreparedChat) -> list[list[dict]]:
         """The two questions whose answers choose a spoken reply's voice (which language the
-        user spoke, how they sounded), about the newest user clip; none without a clip."""
-        if prepared.last_clip is None:
+        user spoke, how they sounded), about the newest user clip; none without a clip or
+        for a model not taught to answer them."""
+        if prepared.last_clip is None or not self.model.knows_task_tags:
             return []
         return [prompts.language_messages(prepared.last_clip), prompts.describe_messages(prepared.last_clip)]
 

@@ -51,7 +51,7 @@ def _last_clip(messages: Sequence[dict]) -> Any:
 
 def reply_voice(model: SpeechLM, messages: Sequence[dict], reply: str) -> tuple[str, str]:
     """(language, style) to speak `reply` to `messages` in; see the module docstring."""
-    clip = _last_clip(messages)
+    clip = _last_clip(messages) if model.knows_task_tags else None
     if clip is not None:  # asked about twice: encode it once
         clip = model.encode_audio(clip)
     heard_language = heard_style = ""

@@ -99,6 +99,9 @@ class SpeechLM(nn.Module):
     trains_projector_by_default = True
     # Whether examples can share a row (packing): not when each row cross-attends its own clip.
     supports_packing = True
+    # Whether the model was taught voxtune's task tags (answer a spoken request, name the
+    # language and style it hears); other architectures answer a clip as it is.
+    knows_task_tags = True
 
     def __init__(self, encoder: nn.Module, projector: Projector, lm: nn.Module, tokenizer: Any, config: SpeechLMConfig) -> None:
         super().__init__()

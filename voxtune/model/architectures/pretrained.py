@@ -140,6 +140,7 @@ class PretrainedSpeechLM(SpeechLM):
     """
 
     trains_projector_by_default = False
+    knows_task_tags = False
 
     def __init__(
         self,
