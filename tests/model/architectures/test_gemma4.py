@@ -11,27 +11,22 @@ tokenised; features and masks come from the checkpoint's `Gemma4AudioFeatureExtr
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 
-import numpy as np
+import harness
 import pytest
 import torch
-from openai import OpenAI
-from peft import PeftModel
+from harness import clip, messages
 from transformers import AutoTokenizer, Gemma4AudioFeatureExtractor, Gemma4ForConditionalGeneration
 
 import voxtune
 from voxtune.audio import Audio, AudioTooLongError, encode
-from voxtune.cli import main
 from voxtune.infer import Engine
 from voxtune.model import ModelLoadError
 from voxtune.model.architectures.gemma4 import Gemma4AudioProcessor, Gemma4SpeechLM, load_gemma4_processor
 from voxtune.model.architectures.tiny import tiny_checkpoint
 from voxtune.model.generation import stop_token_ids
-from voxtune.serve.config import ServeConfig
-from voxtune.serve.server import build_runtime, running_server
 from voxtune.train.model_setup import TrainError, prepare_trainable
 from voxtune.train.recipe import TrainSection
 
@@ -58,15 +53,6 @@ def reference(checkpoint):
     )
 
 
-def _clip(seconds: float, seed: int = 0) -> Audio:
-    rng = np.random.default_rng(seed)
-    return Audio((0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
-
-
-def _messages(clip, text: str = "What is said?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": text}]}]
-
-
 def _soft_tokens(mask: torch.Tensor) -> int:
     """Gemma4Processor.replace_audio_token's count: the valid frames through two stride-2 convolutions."""
     for _ in range(2):
@@ -87,55 +73,36 @@ def _reference_inputs(model, reference, text: str, clips: list[Audio]) -> dict:
     return {**tokenizer(expanded, add_special_tokens=False, return_tensors="pt"), **features}
 
 
-def test_it_loads_as_a_speech_lm_with_the_same_logits_and_greedy_tokens(checkpoint, reference):
-    model = voxtune.load(str(checkpoint))
+def test_it_loads_as_a_speech_lm_with_the_same_logits_and_greedy_tokens(model, reference):
     hf, tokenizer, _ = reference
     assert isinstance(model, Gemma4SpeechLM) and model.family.name == "gemma4_text"
     assert model.lm.config.model_type == "gemma4_text" and model.family.end_of_turn == "<turn|>"
-    clip = _clip(2.3)
-    messages = _messages(clip)
-    example = model.processor.encode_messages(messages, add_generation_prompt=True)
-    inputs = _reference_inputs(model, reference, "What is said?", [clip])
-    assert example.input_ids == inputs["input_ids"][0].tolist()
-    assert len(example.input_ids) > 4 * hf.config.text_config.sliding_window  # the window matters
-    with torch.no_grad():
-        ours = model(model.processor.collate([example])).logits
-        theirs = hf(**inputs).logits
-    assert (ours - theirs).abs().max() <= 1e-4
-    new = hf.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1] :]
-    expected = tokenizer.decode(new, skip_special_tokens=True)
-    assert model.generate(messages, max_new_tokens=12, ignore_eos=False) == expected
+    audio = clip(2.3)
+    chat = messages(audio)
+    inputs = _reference_inputs(model, reference, "What is said?", [audio])
+    assert inputs["input_ids"].shape[1] > 4 * hf.config.text_config.sliding_window  # the window matters
+    expected = harness.assert_same_as_reference(model, hf, tokenizer, chat, inputs, max_new_tokens=12)
     # The end of a turn stops a reply, as the checkpoint's generation config says.
     assert tokenizer.convert_tokens_to_ids("<turn|>") in stop_token_ids(model)
-    # Batched (left-padded, clips of other lengths) gives each conversation's own reply.
-    other = _messages(_clip(0.7, seed=1), "And this?")
-    alone = model.generate(other, max_new_tokens=12)
-    assert model.generate([messages, other], max_new_tokens=12) == [expected, alone]
-    # A clip encoded once stands in for its audio.
-    embedded = model.encode_audio(clip)
-    assert model.generate(_messages(embedded), max_new_tokens=12) == expected
+    harness.assert_batched_and_encoded_replies(model, chat, audio, expected, max_new_tokens=12)
 
 
 @pytest.mark.parametrize("seconds", [0.2, 1.0, 2.55, 6.0, 30.0])
-def test_placeholder_counts_match_the_processor_and_the_encoder(checkpoint, reference, seconds):
-    model = voxtune.load(str(checkpoint))
+def test_placeholder_counts_match_the_processor_and_the_encoder(model, reference, seconds):
     hf = reference[0]
-    clip = _clip(seconds)
-    inputs = _reference_inputs(model, reference, "Hi", [clip])
+    audio = clip(seconds)
+    inputs = _reference_inputs(model, reference, "Hi", [audio])
     expected = int((inputs["input_ids"] == hf.config.audio_token_id).sum())
     assert expected == min(-(-int(seconds * 1000) // 40), 750)  # about ceil(ms / 40), at most 750
-    features, frames = model.featurize([clip.samples])
-    (embeddings,) = model.embed_audio(features, frames)
-    assert model.audio_tokens(len(clip)) == expected == embeddings.shape[0]
+    harness.assert_audio_tokens(model, audio, expected)
     with torch.no_grad():
         encoded = hf.model.get_audio_features(inputs["input_features"], inputs["input_features_mask"])
     assert int(encoded.attention_mask.sum()) == expected
 
 
-def test_a_clip_longer_than_30_seconds_is_refused(checkpoint):
-    model = voxtune.load(str(checkpoint))
+def test_a_clip_longer_than_30_seconds_is_refused(model):
     with pytest.raises(AudioTooLongError, match="at most 30 s"):
-        model.processor.encode_messages(_messages(_clip(30.5)))
+        model.processor.encode_messages(messages(clip(30.5)))
 
 
 def _lm_names(layers: int = LAYERS) -> set[str]:
@@ -147,25 +114,10 @@ def _lm_names(layers: int = LAYERS) -> set[str]:
 
 
 def test_lora_lands_on_the_lm_only_unless_the_encoder_is_asked(checkpoint):
-    model = voxtune.load(str(checkpoint))
-    params = prepare_trainable(model, TrainSection(method="lora"))
-    targeted = set(model._peft.base_model.targeted_module_names)
-    assert targeted == _lm_names()
-    assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
-    assert len(params) == 2 * len(targeted)  # A and B of each, the projector stays as it is
-    batch = model.processor.collate([model.processor.encode_messages(
-        _messages(_clip(1.0)) + [{"role": "assistant", "content": "hello"}], with_labels=True)])  # fmt: skip
-    model(batch).loss.backward()
-    grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
-
-    with_encoder = voxtune.load(str(checkpoint))
-    prepare_trainable(with_encoder, TrainSection(method="lora", lora={"encoder": True}, train_projector=True))
-    targeted = set(with_encoder._peft.base_model.targeted_module_names)
-    tower = {name for name in targeted if name.startswith("model.audio_tower.")}
-    assert tower == {f"model.audio_tower.layers.{i}.{leaf}.linear" for i in range(2) for leaf in AUDIO_LINEARS}
-    assert targeted - tower == _lm_names()
-    assert all(p.requires_grad for p in with_encoder.projector.parameters())
+    model = harness.assert_lora_targets(checkpoint, _lm_names())  # the projector stays as it is
+    harness.assert_lora_b_gradients(model, harness.labelled_batch(model, messages(clip(1.0))))
+    tower = {f"model.audio_tower.layers.{i}.{leaf}.linear" for i in range(2) for leaf in AUDIO_LINEARS}
+    harness.assert_encoder_lora(checkpoint, tower, _lm_names())
 
 
 def test_missing_lora_targets_name_the_field(checkpoint):
@@ -174,41 +126,27 @@ def test_missing_lora_targets_name_the_field(checkpoint):
         prepare_trainable(model, TrainSection(method="lora", lora={"targets": ["qkv_proj"]}))
 
 
-def test_train_export_adapters_and_merged_load_in_transformers(checkpoint, reference, corpus, tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({
-        "model": {"load": str(checkpoint)},
-        "data": {"train": [str(corpus / "train.jsonl")]},
-        "train": {"max_steps": 12, "max_tokens": 1000, "log_every": 1, "lora": {"r": 8}},
-        "optim": {"lr": 2e-2, "warmup_steps": 1},
-        "eval": {"every": 100},
-        "output": {"dir": str(tmp_path / "run"), "save_every": 100},
-    }))  # fmt: skip
-    assert main(["train", str(recipe)]) == 0
-    run = tmp_path / "run"
-    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4
-    assert (run / "encoder_cache").is_dir()  # the frozen tower's outputs were cached
-
-    merged = voxtune.load(str(run / "model"))
-    clip = _clip(1.5, seed=3)
-    messages = _messages(clip)
-    batch = merged.processor.collate([merged.processor.encode_messages(messages, add_generation_prompt=True)])
-    inputs = _reference_inputs(merged, reference, "What is said?", [clip])
-    base = Gemma4ForConditionalGeneration.from_pretrained(checkpoint).eval()
-    with torch.no_grad():
-        ours = merged(batch).logits
-        before = base(**inputs).logits
-        exported = Gemma4ForConditionalGeneration.from_pretrained(run / "model").eval()(**inputs).logits
-        adapted = PeftModel.from_pretrained(base, run / "adapter").eval()(**inputs).logits
-    assert (ours - before).abs().max() > 1e-3  # training changed the model
-    assert (ours - exported).abs().max() <= 1e-4
-    assert (ours - adapted).abs().max() <= 1e-4
+@pytest.fixture(scope="module")
+def trained(checkpoint, corpus, tmp_path_factory):
+    """12 steps of LoRA on the default targets, 1000 tokens a batch: the run's folder."""
+    return harness.train(checkpoint, corpus, tmp_path_factory.mktemp("train"), max_tokens=1000)
 
 
-def test_the_engine_gives_each_reply_as_alone_whenever_it_joins(checkpoint):
-    model = voxtune.load(str(checkpoint))
-    conversations = [_messages(_clip(0.4 + 0.5 * i, seed=i), "q" * (i + 1)) for i in range(4)]
+def test_training_lowers_the_loss_and_caches_the_frozen_tower(trained):
+    harness.assert_loss_fell(trained)
+    assert (trained / "encoder_cache").is_dir()  # the frozen tower's outputs were cached
+
+
+def test_the_merged_export_and_the_adapters_load_in_transformers(checkpoint, reference, trained):
+    merged = voxtune.load(str(trained / "model"))
+    audio = clip(1.5, seed=3)
+    inputs = _reference_inputs(merged, reference, "What is said?", [audio])
+    batch = harness.prompt_batch(merged, messages(audio))
+    harness.assert_exports_match(merged, batch, Gemma4ForConditionalGeneration, checkpoint, trained, inputs)
+
+
+def test_the_engine_gives_each_reply_as_alone_whenever_it_joins(model):
+    conversations = [messages(clip(0.4 + 0.5 * i, seed=i), "q" * (i + 1)) for i in range(4)]
     # Streamed, as the engine decodes text: piece by piece (a random model's runs of byte tokens
     # that are not UTF-8 read differently piecewise than whole).
     alone = ["".join(model.stream(c, max_new_tokens=16, ignore_eos=True)) for c in conversations]
@@ -234,24 +172,11 @@ def test_the_engine_gives_each_reply_as_alone_whenever_it_joins(checkpoint):
     assert engine.peak_batch >= 3
 
 
-def test_the_openai_client_talks_to_it_through_the_server(checkpoint):
-    model = voxtune.load(str(checkpoint))
-    config = ServeConfig(model=str(checkpoint))
-    runtime = build_runtime(config, model)
-    wav = encode(_clip(1.2), "wav")
-    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
-    expected = "".join(model.stream(_messages(_clip(1.2), "Hi"), max_new_tokens=6))  # decoded as the engine does
-    try:
-        with running_server(runtime, config) as url:
-            client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-            reply = client.chat.completions.create(
-                model=checkpoint.name, max_tokens=6, temperature=0,
-                messages=[{"role": "user", "content": [part, {"type": "text", "text": "Hi"}]}],
-            )  # fmt: skip
-    finally:
-        runtime.close()
-    assert reply.choices[0].message.content == expected
-    assert reply.usage.prompt_tokens_details.audio_tokens == model.audio_tokens(len(_clip(1.2)))
+def test_the_openai_client_talks_to_it_through_the_server(model, checkpoint):
+    expected = "".join(model.stream(messages(clip(1.2), "Hi"), max_new_tokens=6))  # decoded as the engine does
+    served = harness.ask_server(model, checkpoint, encode(clip(1.2), "wav"))
+    assert served.reply == expected
+    assert served.audio_tokens == model.audio_tokens(len(clip(1.2)))
 
 
 def test_without_torchvision_the_processor_is_read_as_tokenizer_and_feature_extractor(checkpoint, reference, tmp_path):
@@ -271,13 +196,12 @@ def test_a_checkpoint_with_a_vision_tower_loads_and_leaves_it_alone(tmp_path):
     path = tiny_checkpoint("gemma4", tmp_path / "with-vision", vision=True)
     model = voxtune.load(str(path))
     assert model.pretrained.model.vision_tower is not None
-    clip = _clip(1.0)
-    batch = model.processor.collate([model.processor.encode_messages(_messages(clip), add_generation_prompt=True)])
+    audio = clip(1.0)
     hf = Gemma4ForConditionalGeneration.from_pretrained(path).eval()
     tokenizer, extractor = AutoTokenizer.from_pretrained(path), model.front_end.extractor
-    inputs = _reference_inputs(model, (hf, tokenizer, extractor), "What is said?", [clip])
+    inputs = _reference_inputs(model, (hf, tokenizer, extractor), "What is said?", [audio])
     with torch.no_grad():
-        assert (model(batch).logits - hf(**inputs).logits).abs().max() <= 1e-4
+        assert (model(harness.prompt_batch(model, messages(audio))).logits - hf(**inputs).logits).abs().max() <= 1e-4
     prepare_trainable(model, TrainSection(method="lora", lora={"encoder": True}))
     assert not any("vision" in name for name in model._peft.base_model.targeted_module_names)
     assert not any(p.requires_grad for p in model.pretrained.model.vision_tower.parameters())
@@ -290,9 +214,6 @@ def test_unreadable_checkpoints_say_what_is_wrong(checkpoint, tmp_path):
     (no_audio / "config.json").write_text(json.dumps({**config, "audio_config": None}))
     with pytest.raises(ModelLoadError, match=r"has no audio_config: this Gemma 4 checkpoint reads no audio"):
         voxtune.load(str(no_audio))
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for name in ("config.json", "model.safetensors", "generation_config.json"):
-        (bare / name).write_bytes((checkpoint / name).read_bytes())
+    bare = harness.copy_files(checkpoint, tmp_path / "bare", harness.WEIGHTS_ONLY)
     with pytest.raises(ModelLoadError, match=r"has no audio feature extractor settings"):
         voxtune.load(str(bare))

@@ -4,28 +4,23 @@ and the OpenAI server on it. The checkpoint is a tiny random one the tests build
 
 from __future__ import annotations
 
-import base64
 import json
 
-import numpy as np
+import harness
 import pytest
-import torch
-from openai import OpenAI
-from peft import PeftModel
+from harness import clip, messages
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 import voxtune
-from voxtune.audio import Audio, encode
+from voxtune.audio import encode
 from voxtune.cli import main
 from voxtune.model import ModelLoadError
 from voxtune.model.architectures.pretrained import PretrainedSpeechLM
 from voxtune.model.architectures.tiny import tiny_checkpoint
-from voxtune.serve.config import ServeConfig
-from voxtune.serve.server import build_runtime, running_server
 from voxtune.train.model_setup import TrainError, prepare_trainable
 from voxtune.train.recipe import TrainSection
 
-LM_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LM = harness.lm_layers("model.language_model.layers")  # its attention and MLP layers
 
 
 @pytest.fixture(scope="module")
@@ -40,83 +35,34 @@ def reference(checkpoint):
     return Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint).eval(), AutoProcessor.from_pretrained(checkpoint)
 
 
-def _clip(seconds: float, seed: int = 0) -> Audio:
-    rng = np.random.default_rng(seed)
-    return Audio((0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
-
-
-def _messages(clip: Audio, text: str = "What is said?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": text}]}]
-
-
-def _reference_inputs(model, processor, messages: list[dict], clips: list[Audio]) -> dict:
+def _reference_inputs(model, processor, audio, text: str = "What is said?") -> dict:
     """What the architecture's own processor makes of the chat voxtune renders."""
-    flat = [{"role": "user", "content": model.processor.audio_text + messages[0]["content"][1]["text"]}]
-    text = model.processor._render(flat, True)
-    return processor(text=text, audio=[c.samples for c in clips], sampling_rate=16000, return_tensors="pt")
+    return harness.rendered_inputs(model, processor, audio, text, sampling_rate=16000)
 
 
-def test_it_loads_as_a_speech_lm_with_the_same_logits_and_greedy_tokens(checkpoint, reference):
-    model = voxtune.load(str(checkpoint))
+def test_it_loads_as_a_speech_lm_with_the_same_logits_and_greedy_tokens(model, reference):
     hf, processor = reference
     assert isinstance(model, PretrainedSpeechLM) and model.family.name == "qwen2"
-    clip = _clip(2.3)
-    messages = _messages(clip)
-    example = model.processor.encode_messages(messages, add_generation_prompt=True)
-    inputs = _reference_inputs(model, processor, messages, [clip])
-    assert example.input_ids == inputs["input_ids"][0].tolist()
-    with torch.no_grad():
-        ours = model(model.processor.collate([example])).logits
-        theirs = hf(**inputs).logits
-    assert (ours - theirs).abs().max() <= 1e-4
-    new = hf.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
-    expected = processor.tokenizer.decode(new, skip_special_tokens=True)
-    assert model.generate(messages, max_new_tokens=8, ignore_eos=False) == expected
-    # Batched (left-padded, clips of other lengths) gives each conversation's own reply.
-    other = _messages(_clip(0.7, seed=1), "And this?")
-    alone = model.generate(other, max_new_tokens=8)
-    assert model.generate([messages, other], max_new_tokens=8) == [expected, alone]
-    # A clip encoded once stands in for its audio.
-    embedded = model.encode_audio(clip)
-    assert model.generate(_messages(embedded), max_new_tokens=8) == expected
+    audio = clip(2.3)
+    chat = messages(audio)
+    inputs = _reference_inputs(model, processor, audio)
+    expected = harness.assert_same_as_reference(model, hf, processor.tokenizer, chat, inputs)
+    harness.assert_batched_and_encoded_replies(model, chat, audio, expected)
 
 
 @pytest.mark.parametrize("seconds", [0.2, 1.00003, 2.5537, 6.0])
-def test_placeholder_counts_match_the_processor_and_the_encoder(checkpoint, reference, seconds):
-    model = voxtune.load(str(checkpoint))
+def test_placeholder_counts_match_the_processor_and_the_encoder(model, reference, seconds):
     hf, processor = reference
-    clip = _clip(seconds)
-    inputs = _reference_inputs(model, processor, _messages(clip), [clip])
-    expected = int((inputs["input_ids"] == hf.config.audio_token_id).sum())
-    features, frames = model.featurize([clip.samples])
-    (embeddings,) = model.embed_audio(features, frames)
-    assert model.audio_tokens(len(clip)) == expected == embeddings.shape[0]
+    audio = clip(seconds)
+    inputs = _reference_inputs(model, processor, audio)
+    harness.assert_audio_tokens(model, audio, int((inputs["input_ids"] == hf.config.audio_token_id).sum()))
 
 
 def test_lora_lands_on_the_lm_only_unless_the_encoder_is_asked(checkpoint):
-    model = voxtune.load(str(checkpoint))
-    params = prepare_trainable(model, TrainSection(method="lora"))
-    targeted = set(model._peft.base_model.targeted_module_names)
-    expected = {f"model.language_model.layers.{i}.{part}.{name}" for i in range(2)
-                for part, names in (("self_attn", LM_LAYERS[:4]), ("mlp", LM_LAYERS[4:])) for name in names}  # fmt: skip
-    assert targeted == expected
-    assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
-    assert len(params) == 2 * len(expected)  # A and B of each, the projector stays as it is
-    batch = model.processor.collate([model.processor.encode_messages(
-        _messages(_clip(1.0)) + [{"role": "assistant", "content": "hello"}], with_labels=True)])  # fmt: skip
-    model(batch).loss.backward()
-    grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
-
-    with_encoder = voxtune.load(str(checkpoint))
-    prepare_trainable(with_encoder, TrainSection(method="lora", lora={"encoder": True}, train_projector=True))
-    targeted = set(with_encoder._peft.base_model.targeted_module_names)
-    assert {name for name in targeted if name.startswith("model.audio_tower.")} == {
-        f"model.audio_tower.layers.{i}.{leaf}" for i in range(2) for leaf in
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
-    }  # fmt: skip
-    assert targeted - {n for n in targeted if n.startswith("model.audio_tower.")} == expected
-    assert all(p.requires_grad for p in with_encoder.projector.parameters())
+    model = harness.assert_lora_targets(checkpoint, LM)  # the projector stays as it is
+    harness.assert_lora_b_gradients(model, harness.labelled_batch(model, messages(clip(1.0))))
+    tower = {f"model.audio_tower.layers.{i}.{leaf}" for i in range(2) for leaf in harness.WHISPER_ENCODER}
+    harness.assert_encoder_lora(checkpoint, tower, LM)
 
 
 def test_missing_lora_targets_name_the_field(checkpoint):
@@ -125,60 +71,31 @@ def test_missing_lora_targets_name_the_field(checkpoint):
         prepare_trainable(model, TrainSection(method="lora", lora={"targets": ["qkv_proj"]}))
 
 
-def test_train_export_adapters_and_merged_load_in_transformers(checkpoint, corpus, tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({
-        "model": {"load": str(checkpoint)},
-        "data": {"train": [str(corpus / "train.jsonl")]},
-        "train": {"max_steps": 16, "max_tokens": 2000, "log_every": 1,
-                  "lora": {"r": 8, "targets": ["q_proj", "v_proj", "lm_head"]}},
-        "optim": {"lr": 2e-2, "warmup_steps": 1},
-        "eval": {"every": 100},
-        "output": {"dir": str(tmp_path / "run"), "save_every": 100},
-    }))  # fmt: skip
-    assert main(["train", str(recipe)]) == 0
-    run = tmp_path / "run"
-    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4
-    assert (run / "encoder_cache").is_dir()  # the frozen tower's outputs were cached
-
-    merged = voxtune.load(str(run / "model"))
-    clip = _clip(1.5, seed=3)
-    messages = _messages(clip)
-    batch = merged.processor.collate([merged.processor.encode_messages(messages, add_generation_prompt=True)])
-    processor = AutoProcessor.from_pretrained(run / "model")
-    inputs = _reference_inputs(merged, processor, messages, [clip])
-    base = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint).eval()
-    with torch.no_grad():
-        ours = merged(batch).logits
-        before = base(**inputs).logits
-        exported = Qwen2AudioForConditionalGeneration.from_pretrained(run / "model").eval()(**inputs).logits
-        adapted = PeftModel.from_pretrained(base, run / "adapter").eval()(**inputs).logits
-    assert (ours - before).abs().max() > 1e-3  # training changed the model
-    assert (ours - exported).abs().max() <= 1e-4
-    assert (ours - adapted).abs().max() <= 1e-4
+@pytest.fixture(scope="module")
+def trained(checkpoint, corpus, tmp_path_factory):
+    """12 steps of LoRA on q, v and the head: the run's folder."""
+    return harness.train(checkpoint, corpus, tmp_path_factory.mktemp("train"), targets=["q_proj", "v_proj", "lm_head"])
 
 
-def test_the_openai_client_talks_to_it_through_the_server(checkpoint):
-    model = voxtune.load(str(checkpoint))
-    config = ServeConfig(model=str(checkpoint))
-    runtime = build_runtime(config, model)
-    wav = encode(_clip(1.2), "wav")
-    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
-    expected = model.generate(_messages(_clip(1.2), "Hi"), max_new_tokens=6)
-    try:
-        with running_server(runtime, config) as url:
-            client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-            reply = client.chat.completions.create(
-                model=checkpoint.name, max_tokens=6, temperature=0,
-                messages=[{"role": "user", "content": [part, {"type": "text", "text": "Hi"}]}],
-            )  # fmt: skip
-            transcript = client.audio.transcriptions.create(model=checkpoint.name, file=("clip.wav", wav))
-    finally:
-        runtime.close()
-    assert reply.choices[0].message.content == expected
-    assert reply.usage.prompt_tokens_details.audio_tokens == model.audio_tokens(len(_clip(1.2)))
-    assert isinstance(transcript.text, str)
+def test_training_lowers_the_loss_and_caches_the_frozen_tower(trained):
+    harness.assert_loss_fell(trained)
+    assert (trained / "encoder_cache").is_dir()  # the frozen tower's outputs were cached
+
+
+def test_the_merged_export_and_the_adapters_load_in_transformers(checkpoint, trained):
+    merged = voxtune.load(str(trained / "model"))
+    audio = clip(1.5, seed=3)
+    inputs = _reference_inputs(merged, AutoProcessor.from_pretrained(trained / "model"), audio)
+    batch = harness.prompt_batch(merged, messages(audio))
+    harness.assert_exports_match(merged, batch, Qwen2AudioForConditionalGeneration, checkpoint, trained, inputs)
+
+
+def test_the_openai_client_talks_to_it_through_the_server(model, checkpoint):
+    expected = model.generate(messages(clip(1.2), "Hi"), max_new_tokens=6)
+    served = harness.ask_server(model, checkpoint, encode(clip(1.2), "wav"), transcribe=True)
+    assert served.reply == expected
+    assert served.audio_tokens == model.audio_tokens(len(clip(1.2)))
+    assert served.transcript == served.expected_transcript
 
 
 def test_unreadable_checkpoints_say_what_is_wrong(checkpoint, tmp_path):
@@ -187,10 +104,7 @@ def test_unreadable_checkpoints_say_what_is_wrong(checkpoint, tmp_path):
     (unknown / "config.json").write_text(json.dumps({"model_type": "brand_new_audio_llm"}))
     with pytest.raises(ModelLoadError, match=r"model_type 'brand_new_audio_llm' is not an architecture voxtune reads.*qwen2_audio"):
         voxtune.load(str(unknown))
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for name in ("config.json", "model.safetensors", "generation_config.json"):
-        (bare / name).write_bytes((checkpoint / name).read_bytes())
+    bare = harness.copy_files(checkpoint, tmp_path / "bare", harness.WEIGHTS_ONLY)
     with pytest.raises(ModelLoadError, match=r"has no preprocessor_config.json: the checkpoint is missing its processor files"):
         voxtune.load(str(bare))
     assert main(["transcribe", "--model", str(bare), str(tmp_path / "none.wav")]) != 0

@@ -4,28 +4,18 @@ processor, LoRA on the LM alone, adapters and merged exports that transformers +
 
 from __future__ import annotations
 
-import base64
-import json
-
-import numpy as np
+import harness
 import pytest
 import torch
-from openai import OpenAI
-from peft import PeftModel
+from harness import clip, messages
 from transformers import AutoProcessor, Qwen3ASRForConditionalGeneration
 
 import voxtune
-from voxtune.audio import Audio, encode
-from voxtune.cli import main
+from voxtune.audio import encode
 from voxtune.model.architectures.pretrained import PretrainedSpeechLM
 from voxtune.model.architectures.tiny import tiny_checkpoint
-from voxtune.serve.config import ServeConfig
-from voxtune.serve.server import build_runtime, running_server
-from voxtune.train.model_setup import prepare_trainable
-from voxtune.train.recipe import TrainSection
 
-LM_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ENCODER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
+LM = harness.lm_layers("model.language_model.layers")  # its attention and MLP layers
 
 
 @pytest.fixture(scope="module")
@@ -40,49 +30,16 @@ def reference(checkpoint):
     return Qwen3ASRForConditionalGeneration.from_pretrained(checkpoint).eval(), AutoProcessor.from_pretrained(checkpoint)
 
 
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return voxtune.load(str(checkpoint))
-
-
-def _clip(seconds: float, seed: int = 0) -> Audio:
-    rng = np.random.default_rng(seed)
-    return Audio((0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
-
-
-def _messages(clip, text: str = "What is said?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": text}]}]
-
-
-def _reference_inputs(model, processor, clip: Audio, text: str = "What is said?") -> dict:
-    """What the architecture's own processor makes of the chat voxtune renders."""
-    chat = model.processor._render([{"role": "user", "content": model.processor.audio_text + text}], True)
-    return processor(text=chat, audio=[clip.samples], return_tensors="pt")
-
-
 def test_it_loads_as_a_speech_lm_with_the_same_logits_and_greedy_tokens(model, reference):
     hf, processor = reference
     assert isinstance(model, PretrainedSpeechLM) and model.family.name == "qwen3"
     assert model.processor.audio_text == "<|audio_start|><|audio_pad|><|audio_end|>"
-    clip = _clip(2.3)
-    messages = _messages(clip)
-    example = model.processor.encode_messages(messages, add_generation_prompt=True)
-    inputs = _reference_inputs(model, processor, clip)
+    audio = clip(2.3)
+    chat = messages(audio)
+    inputs = harness.rendered_inputs(model, processor, audio)
     assert set(inputs) >= {"input_features", "input_features_mask"} and inputs["input_features"].shape[1] == 128
-    assert example.input_ids == inputs["input_ids"][0].tolist()
-    with torch.no_grad():
-        ours = model(model.processor.collate([example])).logits
-        theirs = hf(**inputs).logits
-    assert (ours - theirs).abs().max() <= 1e-4
-    new = hf.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
-    expected = processor.tokenizer.decode(new, skip_special_tokens=True)
-    assert model.generate(messages, max_new_tokens=8, ignore_eos=False) == expected
-    # Batched (left-padded, clips of other lengths) gives each conversation's own reply.
-    other = _messages(_clip(0.7, seed=1), "And this?")
-    alone = model.generate(other, max_new_tokens=8)
-    assert model.generate([messages, other], max_new_tokens=8) == [expected, alone]
-    # A clip encoded once stands in for its audio.
-    assert model.generate(_messages(model.encode_audio(clip)), max_new_tokens=8) == expected
+    expected = harness.assert_same_as_reference(model, hf, processor.tokenizer, chat, inputs)
+    harness.assert_batched_and_encoded_replies(model, chat, audio, expected)
 
 
 # 0.2 s and 0.45 s: shorter than the extractor's 0.5 s minimum; 1.2345 s: not whole hops;
@@ -90,20 +47,18 @@ def test_it_loads_as_a_speech_lm_with_the_same_logits_and_greedy_tokens(model, r
 @pytest.mark.parametrize("seconds", [0.2, 0.45, 1.0, 1.2345, 2.55, 31.0])
 def test_placeholder_counts_match_the_processor_and_the_encoder(model, reference, seconds):
     hf, processor = reference
-    clip = _clip(seconds)
-    inputs = _reference_inputs(model, processor, clip)
+    audio = clip(seconds)
+    inputs = harness.rendered_inputs(model, processor, audio)
     expected = int((inputs["input_ids"] == hf.config.audio_token_id).sum())
-    features, frames = model.featurize([clip.samples])
+    embeddings, frames = harness.assert_audio_tokens(model, audio, expected)
     assert int(frames[0]) == int(inputs["input_features_mask"].sum())
-    (embeddings,) = model.embed_audio(features, frames)
-    assert model.audio_tokens(len(clip)) == expected == embeddings.shape[0]
     with torch.no_grad():
         rows = hf.get_audio_features(inputs["input_features"], inputs["input_features_mask"]).pooler_output
     assert (embeddings - rows).abs().max() <= 1e-5
 
 
 def test_batched_clips_are_featurised_as_each_alone(model):
-    clips = [_clip(1.2345).samples, _clip(0.3, seed=1).samples, _clip(2.0, seed=2).samples]
+    clips = [clip(1.2345).samples, clip(0.3, seed=1).samples, clip(2.0, seed=2).samples]
     features, frames = model.featurize(clips)
     for i, samples in enumerate(clips):
         alone, count = model.featurize([samples])
@@ -111,80 +66,37 @@ def test_batched_clips_are_featurised_as_each_alone(model):
 
 
 def test_lora_lands_on_the_lm_only_unless_the_encoder_is_asked(checkpoint):
-    model = voxtune.load(str(checkpoint))
-    params = prepare_trainable(model, TrainSection(method="lora"))
-    targeted = set(model._peft.base_model.targeted_module_names)
-    expected = {f"model.language_model.layers.{i}.{part}.{name}" for i in range(2)
-                for part, names in (("self_attn", LM_LAYERS[:4]), ("mlp", LM_LAYERS[4:])) for name in names}  # fmt: skip
-    assert targeted == expected
-    assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
-    assert len(params) == 2 * len(expected)  # A and B of each, the projector stays as it is
-    batch = model.processor.collate([model.processor.encode_messages(
-        _messages(_clip(1.0)) + [{"role": "assistant", "content": "hello"}], with_labels=True)])  # fmt: skip
-    model(batch).loss.backward()
-    grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
-
-    with_encoder = voxtune.load(str(checkpoint))
-    prepare_trainable(with_encoder, TrainSection(method="lora", lora={"encoder": True}, train_projector=True))
-    targeted = set(with_encoder._peft.base_model.targeted_module_names)
-    tower = {name for name in targeted if name.startswith("model.audio_tower.")}
-    assert tower == {f"model.audio_tower.layers.{i}.{leaf}" for i in range(2) for leaf in ENCODER}
-    assert targeted - tower == expected
-    assert all(p.requires_grad for p in with_encoder.projector.parameters())
+    model = harness.assert_lora_targets(checkpoint, LM)  # the projector stays as it is
+    harness.assert_lora_b_gradients(model, harness.labelled_batch(model, messages(clip(1.0))))
+    tower = {f"model.audio_tower.layers.{i}.{leaf}" for i in range(2) for leaf in harness.WHISPER_ENCODER}
+    harness.assert_encoder_lora(checkpoint, tower, LM)
 
 
-def test_train_export_adapters_and_merged_load_in_transformers(checkpoint, reference, corpus, tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({
-        "model": {"load": str(checkpoint)},
-        "data": {"train": [str(corpus / "train.jsonl")]},
-        "train": {"max_steps": 12, "max_tokens": 2000, "log_every": 1,
-                  "lora": {"r": 8, "targets": ["q_proj", "v_proj", "lm_head"]}},
-        "optim": {"lr": 2e-2, "warmup_steps": 1},
-        "eval": {"every": 100},
-        "output": {"dir": str(tmp_path / "run"), "save_every": 100},
-    }))  # fmt: skip
-    assert main(["train", str(recipe)]) == 0
-    run = tmp_path / "run"
-    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4
-    assert (run / "encoder_cache").is_dir()  # the frozen tower's outputs were cached
+@pytest.fixture(scope="module")
+def trained(checkpoint, corpus, tmp_path_factory):
+    """12 steps of LoRA on q, v and the head: the run's folder."""
+    return harness.train(checkpoint, corpus, tmp_path_factory.mktemp("train"), targets=["q_proj", "v_proj", "lm_head"])
 
-    merged = voxtune.load(str(run / "model"))
-    clip = _clip(1.5, seed=3)
-    batch = merged.processor.collate([merged.processor.encode_messages(_messages(clip), add_generation_prompt=True)])
-    inputs = _reference_inputs(merged, AutoProcessor.from_pretrained(run / "model"), clip)
-    base = Qwen3ASRForConditionalGeneration.from_pretrained(checkpoint).eval()
-    with torch.no_grad():
-        ours = merged(batch).logits
-        before = reference[0](**inputs).logits
-        exported = Qwen3ASRForConditionalGeneration.from_pretrained(run / "model").eval()(**inputs).logits
-        adapted = PeftModel.from_pretrained(base, run / "adapter").eval()(**inputs).logits
-    assert (ours - before).abs().max() > 1e-3  # training changed the model
-    assert (ours - exported).abs().max() <= 1e-4
-    assert (ours - adapted).abs().max() <= 1e-4
+
+def test_training_lowers_the_loss_and_caches_the_frozen_tower(trained):
+    harness.assert_loss_fell(trained)
+    assert (trained / "encoder_cache").is_dir()  # the frozen tower's outputs were cached
+
+
+def test_the_merged_export_and_the_adapters_load_in_transformers(checkpoint, trained):
+    merged = voxtune.load(str(trained / "model"))
+    audio = clip(1.5, seed=3)
+    inputs = harness.rendered_inputs(merged, AutoProcessor.from_pretrained(trained / "model"), audio)
+    batch = harness.prompt_batch(merged, messages(audio))
+    harness.assert_exports_match(merged, batch, Qwen3ASRForConditionalGeneration, checkpoint, trained, inputs)
 
 
 def test_the_openai_client_talks_to_it_through_the_server(model, checkpoint):
-    config = ServeConfig(model=str(checkpoint))
-    runtime = build_runtime(config, model)
-    wav = encode(_clip(1.2), "wav")
-    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
-    expected = model.generate(_messages(_clip(1.2), "Hi"), max_new_tokens=6)
-    try:
-        with running_server(runtime, config) as url:
-            client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-            reply = client.chat.completions.create(
-                model=checkpoint.name, max_tokens=6, temperature=0,
-                messages=[{"role": "user", "content": [part, {"type": "text", "text": "Hi"}]}],
-            )  # fmt: skip
-            transcript = client.audio.transcriptions.create(model=checkpoint.name, file=("clip.wav", wav))
-    finally:
-        runtime.close()
-    assert reply.choices[0].message.content == expected
-    assert reply.usage.prompt_tokens_details.audio_tokens == model.audio_tokens(len(_clip(1.2)))
-    assert isinstance(transcript.text, str)
+    expected = model.generate(messages(clip(1.2), "Hi"), max_new_tokens=6)
+    served = harness.ask_server(model, checkpoint, encode(clip(1.2), "wav"), transcribe=True)
+    assert served.reply == expected
+    assert served.audio_tokens == model.audio_tokens(len(clip(1.2)))
+    assert served.transcript == served.expected_transcript
 
 
 def test_transcripts_are_read_after_the_language_it_names(model):

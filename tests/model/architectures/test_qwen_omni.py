@@ -10,15 +10,13 @@ repeated by the processor module's own token formula, and the tokenizer."""
 
 from __future__ import annotations
 
-import base64
 import importlib.util
 import json
 
-import numpy as np
+import harness
 import pytest
 import torch
-from openai import OpenAI
-from peft import PeftModel
+from harness import clip, messages
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoProcessor,
@@ -32,27 +30,18 @@ from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import _get_fe
 
 import voxtune
 from voxtune.audio import Audio, AudioTooLongError, encode
-from voxtune.cli import main
 from voxtune.model import ModelLoadError
 from voxtune.model.architectures.qwen_omni import OmniAudioProcessor, OmniSpeechLM, load_omni_processor
 from voxtune.model.architectures.tiny import tiny_checkpoint
-from voxtune.serve.config import ServeConfig
-from voxtune.serve.server import build_runtime, running_server
-from voxtune.train.model_setup import prepare_trainable
-from voxtune.train.recipe import TrainSection
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-ENCODER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
 
 # Per generation: the thinker's class, its processor class (for its audio settings), the
 # processor's token formula, its LM family and default LM LoRA targets, and the speech-out
 # parts of the full model (left unread).
 GENERATIONS = {
     "qwen2_5_omni": (Qwen2_5OmniThinkerForConditionalGeneration, Qwen2_5OmniProcessor, qwen25_tokens,
-                     "qwen2", ATTENTION + MLP, ("talker", "token2wav")),
+                     "qwen2", harness.ATTENTION + harness.MLP, ("talker", "token2wav")),
     "qwen3_omni_moe": (Qwen3OmniMoeThinkerForConditionalGeneration, Qwen3OmniMoeProcessor, lambda n: qwen3_tokens(n, 50),
-                       "qwen3_moe", ATTENTION, ("talker", "code2wav")),
+                       "qwen3_moe", harness.ATTENTION, ("talker", "code2wav")),
 }  # fmt: skip
 
 
@@ -73,68 +62,39 @@ def reference(kind, checkpoint):
     return GENERATIONS[kind][0].from_pretrained(checkpoint).eval()
 
 
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return voxtune.load(str(checkpoint))
-
-
-def _clip(seconds: float, seed: int = 0) -> Audio:
-    rng = np.random.default_rng(seed)
-    return Audio((0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
-
-
-def _messages(clip, text: str = "What is said?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": text}]}]
-
-
-def _reference_inputs(kind: str, model, clip: Audio, text: str = "What is said?") -> dict:
+def _reference_inputs(kind: str, model, audio: Audio, text: str = "What is said?") -> dict:
     """What the generation's processor makes of a one-clip prompt (see the module doc)."""
     _, processor_class, tokens, *_ = GENERATIONS[kind]
-    audio = model.hf_processor.feature_extractor([clip.samples], **processor_class.audio_kwargs, return_tensors="pt")
-    mask = audio["attention_mask"]
+    features = model.hf_processor.feature_extractor([audio.samples], **processor_class.audio_kwargs, return_tensors="pt")
+    mask = features["attention_mask"]
     chat = model.processor._render([{"role": "user", "content": model.processor.audio_text + text}], True)
     placeholder = model.processor.audio_token
     ids = model.tokenizer(chat.replace(placeholder, placeholder * int(tokens(mask.sum(-1))[0])), return_tensors="pt")
-    return {**ids, "input_features": audio["input_features"], "feature_attention_mask": mask}
+    return {**ids, "input_features": features["input_features"], "feature_attention_mask": mask}
 
 
 def test_it_loads_as_a_speech_lm_with_the_same_logits_and_greedy_tokens(kind, model, reference):
     assert isinstance(model, OmniSpeechLM) and model.family.name == GENERATIONS[kind][3]
-    clip = _clip(2.3)
-    messages = _messages(clip)
-    example = model.processor.encode_messages(messages, add_generation_prompt=True)
-    inputs = _reference_inputs(kind, model, clip)
-    assert example.input_ids == inputs["input_ids"][0].tolist()
-    with torch.no_grad():
-        ours = model(model.processor.collate([example])).logits
-        theirs = reference(**inputs).logits
-    assert (ours - theirs).abs().max() <= 1e-4
+    audio = clip(2.3)
+    chat = messages(audio)
     # The thinker's generate computes its 3-D TMRoPE positions; voxtune's plain ones match them.
-    new = reference.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
-    expected = model.tokenizer.decode(new, skip_special_tokens=True)
-    assert model.generate(messages, max_new_tokens=8, ignore_eos=False) == expected
-    # Batched (left-padded, clips of other lengths) gives each conversation's own reply.
-    other = _messages(_clip(0.7, seed=1), "And this?")
-    alone = model.generate(other, max_new_tokens=8)
-    assert model.generate([messages, other], max_new_tokens=8) == [expected, alone]
-    # A clip encoded once stands in for its audio.
-    assert model.generate(_messages(model.encode_audio(clip)), max_new_tokens=8) == expected
+    inputs = _reference_inputs(kind, model, audio)
+    expected = harness.assert_same_as_reference(model, reference, model.tokenizer, chat, inputs)
+    harness.assert_batched_and_encoded_replies(model, chat, audio, expected)
 
 
 # 1.2345 s: not whole hops; 7.5 s: longer than the feature extractor's 6 s window, which
 # Qwen3-Omni's processor does not pad or cut to (Qwen2.5-Omni's cuts, and voxtune refuses).
 @pytest.mark.parametrize("seconds", [0.2, 1.0, 1.2345, 2.55, 6.0, 7.5])
 def test_placeholder_counts_match_the_processor_and_the_encoder(kind, model, reference, seconds):
-    clip = _clip(seconds)
+    audio = clip(seconds)
     if kind == "qwen2_5_omni" and seconds > 6:
         with pytest.raises(AudioTooLongError, match=r"takes at most 6 s per clip"):
-            model.processor.encode_messages(_messages(clip))
+            model.processor.encode_messages(messages(audio))
         return
-    inputs = _reference_inputs(kind, model, clip)
+    inputs = _reference_inputs(kind, model, audio)
     expected = int((inputs["input_ids"] == reference.config.audio_token_id).sum())
-    features, frames = model.featurize([clip.samples])
-    (embeddings,) = model.embed_audio(features, frames)
-    assert model.audio_tokens(len(clip)) == expected == embeddings.shape[0]
+    embeddings, _ = harness.assert_audio_tokens(model, audio, expected)
     with torch.no_grad():
         rows = reference.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"]).last_hidden_state
     assert (embeddings - rows).abs().max() <= 1e-5
@@ -148,10 +108,7 @@ def test_the_thinker_alone_and_a_full_model_with_speech_out_load_alike(kind, mod
     model.hf_processor.save_pretrained(alone)
     assert json.loads((alone / "config.json").read_text())["model_type"] == f"{kind}_thinker"
 
-    full = tmp_path / "full"
-    full.mkdir()
-    for path in checkpoint.iterdir():
-        (full / path.name).write_bytes(path.read_bytes())
+    full = harness.copy_files(checkpoint, tmp_path / "full")
     weights = load_file(full / "model.safetensors")
     for part in GENERATIONS[kind][5]:
         weights[f"{part}.some_layer.weight"] = torch.ones(2, 2)
@@ -159,7 +116,7 @@ def test_the_thinker_alone_and_a_full_model_with_speech_out_load_alike(kind, mod
     config = json.loads((full / "config.json").read_text())
     (full / "config.json").write_text(json.dumps({**config, "enable_audio_output": True}))
 
-    batch = model.processor.collate([model.processor.encode_messages(_messages(_clip(1.1)), add_generation_prompt=True)])
+    batch = harness.prompt_batch(model, messages(clip(1.1)))
     with torch.no_grad():
         expected = model(batch).logits
         for path in (alone, full):
@@ -171,10 +128,7 @@ def test_without_torchvision_the_processor_is_read_as_its_audio_half(model, chec
     with pytest.raises((ValueError, ImportError, AttributeError)):
         AutoProcessor.from_pretrained(checkpoint)  # its image and video halves cannot load
     # A released checkpoint's preprocessor_config.json holds the image processor's settings too.
-    source = tmp_path / "source"
-    source.mkdir()
-    for path in checkpoint.iterdir():
-        (source / path.name).write_bytes(path.read_bytes())
+    source = harness.copy_files(checkpoint, tmp_path / "source")
     settings = json.loads((source / "preprocessor_config.json").read_text())
     settings |= {"image_processor_type": "Qwen2VLImageProcessor", "merge_size": 2, "patch_size": 14}
     (source / "preprocessor_config.json").write_text(json.dumps(settings))
@@ -191,86 +145,44 @@ def test_without_torchvision_the_processor_is_read_as_its_audio_half(model, chec
 
 
 def test_lora_lands_on_the_lm_attention_and_mlp_it_targets_unless_the_encoder_is_asked(kind, checkpoint):
-    model = voxtune.load(str(checkpoint))
     lm_targets = GENERATIONS[kind][4]
+    expected = harness.lm_layers("model.language_model.layers", lm_targets)
+    model = harness.assert_lora_targets(checkpoint, expected)
     assert model.family.lora_targets == lm_targets  # Qwen3-Omni: its experts are fused, not linear layers
-    prepare_trainable(model, TrainSection(method="lora"))
-    targeted = set(model._peft.base_model.targeted_module_names)
-    part = {**dict.fromkeys(ATTENTION, "self_attn"), **dict.fromkeys(MLP, "mlp")}
-    expected = {f"model.language_model.layers.{i}.{part[name]}.{name}" for i in range(2) for name in lm_targets}
-    assert targeted == expected
-    assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
-    batch = model.processor.collate([model.processor.encode_messages(
-        _messages(_clip(1.0)) + [{"role": "assistant", "content": "hello"}], with_labels=True)])  # fmt: skip
-    model(batch).loss.backward()
-    grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
-    assert len(grads) == len(expected) and all(g is not None and g.abs().sum() > 0 for g in grads)
-
-    with_encoder = voxtune.load(str(checkpoint))
-    prepare_trainable(with_encoder, TrainSection(method="lora", lora={"encoder": True}))
-    targeted = set(with_encoder._peft.base_model.targeted_module_names)
-    tower = {name for name in targeted if name.startswith("model.audio_tower.")}
-    assert tower == {f"model.audio_tower.layers.{i}.{leaf}" for i in range(2) for leaf in ENCODER}
-    assert targeted - tower == expected  # nothing of the vision tower, the experts or the routers
+    harness.assert_lora_b_gradients(model, harness.labelled_batch(model, messages(clip(1.0))))
+    tower = {f"model.audio_tower.layers.{i}.{leaf}" for i in range(2) for leaf in harness.WHISPER_ENCODER}
+    # Nothing of the vision tower, the experts or the routers; the projector as the default has it.
+    harness.assert_encoder_lora(checkpoint, tower, expected, train_projector=None)
 
 
-def test_train_export_adapters_and_merged_load_in_transformers(kind, checkpoint, reference, corpus, tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({
-        "model": {"load": str(checkpoint)},
-        "data": {"train": [str(corpus / "train.jsonl")]},
-        "train": {"max_steps": 12, "max_tokens": 2000, "log_every": 1,
-                  "lora": {"r": 8, "targets": ["q_proj", "v_proj", "lm_head"]}},
-        "optim": {"lr": 2e-2, "warmup_steps": 1},
-        "eval": {"every": 100},
-        "output": {"dir": str(tmp_path / "run"), "save_every": 100},
-    }))  # fmt: skip
-    assert main(["train", str(recipe)]) == 0
-    run = tmp_path / "run"
-    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4
-    assert (run / "encoder_cache").is_dir()  # the frozen tower's outputs were cached
+@pytest.fixture(scope="module")
+def trained(checkpoint, corpus, tmp_path_factory):
+    """12 steps of LoRA on q, v and the head: the run's folder."""
+    return harness.train(checkpoint, corpus, tmp_path_factory.mktemp("train"), targets=["q_proj", "v_proj", "lm_head"])
 
-    merged = voxtune.load(str(run / "model"))  # the thinker alone: the talker is not voxtune's to export
-    thinker_class = GENERATIONS[kind][0]
-    clip = _clip(1.5, seed=3)
-    batch = merged.processor.collate([merged.processor.encode_messages(_messages(clip), add_generation_prompt=True)])
-    inputs = _reference_inputs(kind, merged, clip)
-    base = thinker_class.from_pretrained(checkpoint).eval()
-    with torch.no_grad():
-        ours = merged(batch).logits
-        before = reference(**inputs).logits
-        exported = thinker_class.from_pretrained(run / "model").eval()(**inputs).logits
-        adapted = PeftModel.from_pretrained(base, run / "adapter").eval()(**inputs).logits
-    assert (ours - before).abs().max() > 1e-3  # training changed the model
-    assert (ours - exported).abs().max() <= 1e-4
-    assert (ours - adapted).abs().max() <= 1e-4
+
+def test_training_lowers_the_loss_and_caches_the_frozen_tower(trained):
+    harness.assert_loss_fell(trained)
+    assert (trained / "encoder_cache").is_dir()  # the frozen tower's outputs were cached
+
+
+def test_the_merged_thinker_and_the_adapters_load_in_transformers(kind, checkpoint, trained):
+    merged = voxtune.load(str(trained / "model"))  # the thinker alone: the talker is not voxtune's to export
+    audio = clip(1.5, seed=3)
+    inputs = _reference_inputs(kind, merged, audio)
+    batch = harness.prompt_batch(merged, messages(audio))
+    harness.assert_exports_match(merged, batch, GENERATIONS[kind][0], checkpoint, trained, inputs)
 
 
 def test_the_openai_client_talks_to_it_through_the_server(model, checkpoint):
-    config = ServeConfig(model=str(checkpoint))
-    runtime = build_runtime(config, model)
-    wav = encode(_clip(1.2), "wav")
-    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
-    expected = model.generate(_messages(_clip(1.2), "Hi"), max_new_tokens=6)
-    try:
-        with running_server(runtime, config) as url:
-            client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-            reply = client.chat.completions.create(
-                model=checkpoint.name, max_tokens=6, temperature=0,
-                messages=[{"role": "user", "content": [part, {"type": "text", "text": "Hi"}]}],
-            )  # fmt: skip
-    finally:
-        runtime.close()
-    assert reply.choices[0].message.content == expected
-    assert reply.usage.prompt_tokens_details.audio_tokens == model.audio_tokens(len(_clip(1.2)))
+    expected = model.generate(messages(clip(1.2), "Hi"), max_new_tokens=6)
+    served = harness.ask_server(model, checkpoint, encode(clip(1.2), "wav"))
+    assert served.reply == expected
+    assert served.audio_tokens == model.audio_tokens(len(clip(1.2)))
 
 
 def test_missing_processor_files_are_named(checkpoint, tmp_path):
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for name in ("config.json", "model.safetensors", "generation_config.json"):
-        (bare / name).write_bytes((checkpoint / name).read_bytes())
+    bare = harness.copy_files(checkpoint, tmp_path / "bare", harness.WEIGHTS_ONLY)
     with pytest.raises(ModelLoadError, match=r"has no preprocessor_config.json: the checkpoint is missing its processor files"):
         voxtune.load(str(bare))
 
