@@ -8,6 +8,7 @@ import json
 
 import harness
 import pytest
+import torch
 from harness import clip, messages
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
@@ -88,6 +89,20 @@ def test_the_merged_export_and_the_adapters_load_in_transformers(checkpoint, tra
     inputs = _reference_inputs(merged, AutoProcessor.from_pretrained(trained / "model"), audio)
     batch = harness.prompt_batch(merged, messages(audio))
     harness.assert_exports_match(merged, batch, Qwen2AudioForConditionalGeneration, checkpoint, trained, inputs)
+
+
+def test_a_full_fine_tune_exports_what_its_class_loads(checkpoint, corpus, tmp_path):
+    run = harness.train(checkpoint, corpus, tmp_path, method="full", lr=3e-3, max_steps=10)
+    harness.assert_loss_fell(run)
+    assert not (run / "adapter").exists()  # no adapters: every LM weight trained
+    merged = voxtune.load(str(run / "model"))
+    audio = clip(1.5, seed=3)
+    inputs = _reference_inputs(merged, AutoProcessor.from_pretrained(run / "model"), audio)
+    with torch.no_grad():
+        ours = merged(harness.prompt_batch(merged, harness.messages(audio))).logits
+        theirs = Qwen2AudioForConditionalGeneration.from_pretrained(run / "model").eval()(**inputs).logits
+        before = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint).eval()(**inputs).logits
+    assert (ours - theirs).abs().max() <= 1e-4 and (ours - before).abs().max() > 1e-3
 
 
 def test_the_openai_client_talks_to_it_through_the_server(model, checkpoint):
