@@ -15,6 +15,8 @@ from voxtune.tags import tag
 class Scripted:
     """A model whose replies are scripted per prompt; it still encodes audio as a model does."""
 
+    knows_task_tags = True  # as voxtune's own models: it answers the voice questions
+
     def __init__(self, heard_language: str, heard_style: str, reply: str) -> None:
         self.inner = tiny("llama", "streaming")
         self.answers = {tag("task", "language"): tag("lang", heard_language),
