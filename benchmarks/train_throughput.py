@@ -27,7 +27,9 @@ configuration in a fresh process of its own:
   over the scored rows only, so it measures the chunking alone), the chunked cross-entropy as
   a whole (`train.chunked_loss=false`: the LM's own loss on full logits, as the baseline
   computes it); and one the other way: batches prepared by a background thread
-  (`train.prefetch=2`, off by default on the CPU).
+  (`train.prefetch=2`, off by default on the CPU), and QLoRA (`train.method=qlora`: the same
+  adapters on an LM whose linear layers hold 4-bit NF4 weights; its saving is in the model's
+  resident weights, so compare peak MiB, not +MiB).
 
 Each configuration trains `--epochs` epochs; an epoch is every training example once. What the
 table shows:
@@ -98,6 +100,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "full_logits": ("voxtune, full-logits CE", {"chunked_loss": False}),
     "no_bucket": ("voxtune, length buckets off", {"bucket": False}),
     "prefetch": ("voxtune, prefetch thread on", {"prefetch": 2}),
+    "qlora": ("voxtune, QLoRA (4-bit LM)", {"method": "qlora"}),
 }
 LANGUAGES = ["en", "de", "fr", "es", "ru", "zh"]
 MIXTURE = {"transcribe": 2.0, "language": 1.0, "describe": 1.0, "answer": 1.0}

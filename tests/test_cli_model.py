@@ -82,7 +82,8 @@ def test_train_runs_a_recipe_end_to_end_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["train", "{recipe}", "optim.lrr=1"], "unknown key optim.lrr (did you mean optim.lr?)"),
-    (["train", "{recipe}", "train.method=qlora"], "train.method=qlora needs a CUDA GPU"),
+    (["train", "{recipe}", "train.method=qlora", "train.lora.lm=false", "train.lora.encoder=true"],
+     "with lora.lm=false use method lora"),
     (["train", "{recipe}", "--resume", "output.dir={empty}", "data.train=[{missing}]"], "no such manifest"),
 ])  # fmt: skip
 def test_train_bad_input_is_one_line(tmp_path, args, words):

@@ -21,7 +21,7 @@ def _losses(run_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "qlora"])
 def test_a_resumed_run_follows_the_uninterrupted_curve(corpus, tmp_path, method, _recipe):
     whole = Trainer(_recipe(corpus, tmp_path / "a", f"train.method={method}"), log=lambda _: None)
     whole.fit()
@@ -148,9 +148,24 @@ def test_lora_on_the_output_head_gets_gradients(corpus, tmp_path, _recipe):
     assert all(now[n].detach().abs().sum() > 0 for n in head)
 
 
-def test_qlora_is_refused_without_cuda(corpus, tmp_path, _recipe, capsys):
-    with pytest.raises(TrainError, match="qlora needs a CUDA GPU"):
-        Trainer(_recipe(corpus, tmp_path, "train.method=qlora"), log=lambda _: None)
+def test_qlora_trains_lora_on_a_4_bit_lm_and_exports_what_it_computes(corpus, tmp_path, _recipe):
+    pytest.importorskip("bitsandbytes", reason="QLoRA's 4-bit layers need bitsandbytes")
+    trainer = Trainer(_recipe(corpus, tmp_path, "train.method=qlora", "train.max_steps=8"), log=lambda _: None)
+    lm = trainer.model.base_lm()
+    kinds = {name: type(getattr(module, "base_layer", module)).__name__  # under a LoRA layer
+             for name, module in lm.named_modules() if name.endswith(("_proj", "lm_head"))}  # fmt: skip
+    assert kinds["lm_head"] == "Linear"  # the head keeps its weights
+    assert {kind for name, kind in kinds.items() if name != "lm_head"} == {"Linear4bit"}
+    trainer.fit()
+    assert _losses(tmp_path / "run")[-1] < _losses(tmp_path / "run")[0]
+    processor = trainer.model.processor
+    batch = processor.collate([processor.encode_messages([{"role": "user", "content": "hi"}], add_generation_prompt=True)])
+    with torch.no_grad():
+        trained = trainer.model.eval()(batch).logits
+        exported = voxtune.load(trainer.export())
+        assert not any(type(m).__name__ == "Linear4bit" for m in exported.modules())  # full precision again
+        assert (exported(batch).logits - trained).abs().max() <= 1e-4
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
 
 def test_fused_kernels_and_packed_attention_are_reported(corpus, tmp_path, _recipe):

@@ -22,6 +22,7 @@ from torch import nn
 from voxtune.audio.features import HOP_LENGTH, SAMPLE_RATE, log_mel_batch
 from voxtune.model.processor import AudioEmbedding, MessageError, SpeechProcessor
 from voxtune.model.projector import Projector
+from voxtune.model.quantize import merge_to_full_precision
 from voxtune.model.registry import Family, family_of
 
 CONFIG_VERSION = 1
@@ -287,7 +288,10 @@ class SpeechLM(nn.Module):
             self.encoder.save_pretrained(os.path.join(directory, "encoder"))
 
     def merge_adapters(self) -> None:
-        """Fold the adapters into the weights they adapt (the model stays as it computes)."""
+        """Fold the adapters into the weights they adapt (the model stays as it computes); a
+        4-bit LM (QLoRA) comes back in full precision, its adapters added to the dequantised
+        weights."""
+        merge_to_full_precision(self.lm)
         if hasattr(self.lm, "merge_and_unload"):
             self.lm = self.lm.merge_and_unload()
         if hasattr(self.encoder, "merge_and_unload"):

@@ -59,8 +59,8 @@ def prepare_trainable(model: SpeechLM, train: TrainSection) -> list[torch.nn.Par
     full: everything but the encoder (unless `train_encoder`); lora / qlora: LoRA adapters
     (through peft, so adapters are standard) on the LM and/or the encoder; projector: the
     projector only. The projector trains in every method when `train.train_projector` says so
-    (by default: for a new projector, not for a pretrained architecture's). qlora first loads
-    the LM in 4 bits (CUDA and bitsandbytes).
+    (by default: for a new projector, not for a pretrained architecture's). qlora first turns
+    the LM's linear layers into 4-bit NF4 ones (bitsandbytes), in place.
     """
     model.requires_grad_(False)
     if train.method == "full":
@@ -69,7 +69,7 @@ def prepare_trainable(model: SpeechLM, train: TrainSection) -> list[torch.nn.Par
     elif train.method in ("lora", "qlora"):
         lora = train.lora
         if train.method == "qlora":
-            model.lm = quantized_lm(model, gradient_checkpointing=train.grad_checkpointing)
+            quantize_lm(model)
         lm_targets = lora.targets or list(model.family.lora_targets) if lora.lm else []
         encoder_targets = (lora.encoder_targets or list(getattr(model.encoder, "lora_targets", ()))) if lora.encoder else []
         check_targets(model.base_lm(), lm_targets, "train.lora.targets", lora.lm)
@@ -96,36 +96,19 @@ def check_targets(module: torch.nn.Module, targets: list[str], key: str, wanted:
         raise TrainError(f"{key}: the model has no modules named {', '.join(missing) or '(none given)'}")
 
 
-def quantized_lm(model: SpeechLM, *, gradient_checkpointing: bool) -> torch.nn.Module:
-    """The model's LM reloaded with 4-bit NF4 weights (bitsandbytes), ready for QLoRA.
-
-    Raises TrainError where it cannot run: without CUDA (bitsandbytes' 4-bit matmuls are CUDA
-    kernels) or without bitsandbytes installed.
-    """
-    if model.device.type != "cuda":
-        raise TrainError(
-            "train.method=qlora needs a CUDA GPU (4-bit weights run on bitsandbytes' CUDA kernels); "
-            "on this machine use train.method=lora"
-        )
-    architecture = getattr(model, "architecture", None)
-    if architecture is not None:  # its LM is a view into the architecture's model: reloading it would cut the tie
-        raise TrainError(f"train.method=qlora is not available for {architecture} checkpoints yet; use train.method=lora")
+def quantize_lm(model: SpeechLM) -> int:
+    """Swap the LM's linear layers (not its output head) for 4-bit NF4 ones (bitsandbytes), in
+    place, for QLoRA; returns how many were swapped. Runs on the CPU and on CUDA; matmuls keep
+    the model's dtype. Raises TrainError without bitsandbytes."""
     import importlib.util
-    import tempfile
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise TrainError("train.method=qlora needs bitsandbytes: pip install bitsandbytes")
+        raise TrainError("train.method=qlora needs bitsandbytes: pip install 'voxtune[qlora]'")
+    from voxtune.model.quantize import quantize_linears
 
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
-    )
-    with tempfile.TemporaryDirectory(prefix="voxtune-qlora-") as folder:
-        model.lm.save_pretrained(folder)  # the weights as they are now (built, loaded or composed)
-        lm = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map={"": model.device})
-    return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=gradient_checkpointing)
+    lm = model.base_lm()
+    dtype = lm.get_input_embeddings().weight.dtype
+    return quantize_linears(lm, skip=[lm.get_output_embeddings()], compute_dtype=dtype)
 
 
 def fused_kernels(model: SpeechLM, train: TrainSection) -> str:

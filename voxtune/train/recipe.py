@@ -132,7 +132,7 @@ class CtcSection(Config):
 class TrainSection(Config):
     """What trains, and the schedule."""
 
-    # projector: only the projector trains; qlora: lora on a 4-bit LM (CUDA and bitsandbytes)
+    # projector: only the projector trains; qlora: lora on a 4-bit NF4 LM (bitsandbytes)
     method: Literal["full", "lora", "qlora", "projector"] = "lora"
     train_encoder: bool = False  # with full: also update the encoder
     # Whether the projector trains alongside (default: yes for voxtune's own new projector,
@@ -167,6 +167,12 @@ class TrainSection(Config):
     seed: int = 0
     log_every: int = Field(10, ge=1)
     progress: bool = True  # a progress bar on a terminal (the log lines are written either way)
+
+    @model_validator(mode="after")
+    def _qlora_has_lm_adapters(self) -> TrainSection:
+        if self.method == "qlora" and not self.lora.lm:
+            raise ValueError("method qlora puts the LM in 4 bits under its adapters: with lora.lm=false use method lora")
+        return self
 
 class OptimSection(Config):
     """AdamW with linear warm-up then cosine decay to `min_lr_ratio` of the peak."""

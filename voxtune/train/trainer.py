@@ -547,7 +547,9 @@ class Trainer:
         rngs = self.procs.all_gather(torch.get_rng_state())  # each process's, for dropout after resume
         # Collectives under FSDP: every process takes part, rank 0 receives the whole tensors.
         options = _state_dict_options(full=True)
-        weights = get_model_state_dict(self.model, options=options)
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        # Frozen 4-bit layers (QLoRA) add their quantisation statistics, which are not parameters.
+        weights = {k: v for k, v in get_model_state_dict(self.model, options=options).items() if k in trainable}
         optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         if self.procs.main:
             extra = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rngs[0]}

@@ -18,6 +18,7 @@ from voxtune.cli import main
 from voxtune.model import ModelLoadError
 from voxtune.model.architectures.pretrained import PretrainedSpeechLM
 from voxtune.model.architectures.tiny import tiny_checkpoint
+from voxtune.model.quantize import dequantized_weight, quantize_linears
 from voxtune.train.model_setup import TrainError, prepare_trainable
 from voxtune.train.recipe import TrainSection
 
@@ -103,6 +104,29 @@ def test_a_full_fine_tune_exports_what_its_class_loads(checkpoint, corpus, tmp_p
         theirs = Qwen2AudioForConditionalGeneration.from_pretrained(run / "model").eval()(**inputs).logits
         before = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint).eval()(**inputs).logits
     assert (ours - theirs).abs().max() <= 1e-4 and (ours - before).abs().max() > 1e-3
+
+
+def test_qlora_trains_on_its_lm_in_4_bits_and_exports_full_precision(checkpoint, corpus, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA's 4-bit layers need bitsandbytes")
+    run = harness.train(checkpoint, corpus, tmp_path, method="qlora", targets=["q_proj", "v_proj", "lm_head"])
+    harness.assert_loss_fell(run)
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    exported = Qwen2AudioForConditionalGeneration.from_pretrained(run / "model").state_dict()
+    base = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint)
+    # A layer without adapters comes back as its 4-bit weights dequantised, so the export
+    # computes what training did; the audio tower was never quantised.
+    layer = torch.nn.Sequential(base.model.language_model.layers[0].self_attn.o_proj)
+    quantize_linears(layer)
+    assert torch.equal(exported["model.language_model.layers.0.self_attn.o_proj.weight"], dequantized_weight(layer[0]))
+    tower = base.model.audio_tower.layers[0].self_attn.q_proj.weight
+    assert torch.equal(exported["model.audio_tower.layers.0.self_attn.q_proj.weight"], tower)
+    merged = voxtune.load(str(run / "model"))
+    audio = clip(1.5, seed=3)
+    inputs = _reference_inputs(merged, AutoProcessor.from_pretrained(run / "model"), audio)
+    with torch.no_grad():
+        ours = merged(harness.prompt_batch(merged, messages(audio))).logits
+        theirs = Qwen2AudioForConditionalGeneration.from_pretrained(run / "model").eval()(**inputs).logits
+    assert (ours - theirs).abs().max() <= 1e-4
 
 
 def test_the_openai_client_talks_to_it_through_the_server(model, checkpoint):

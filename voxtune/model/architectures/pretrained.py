@@ -27,6 +27,7 @@ from voxtune.audio.features import SAMPLE_RATE
 from voxtune.errors import InputError
 from voxtune.files import atomic_directory
 from voxtune.model.processor import SpeechProcessor
+from voxtune.model.quantize import merge_to_full_precision
 from voxtune.model.speech_lm import SpeechLM, SpeechLMConfig, _with_lora
 
 
@@ -256,6 +257,7 @@ class PretrainedSpeechLM(SpeechLM):
             self._peft.save_pretrained(directory)
 
     def merge_adapters(self) -> None:
+        merge_to_full_precision(self.pretrained)
         if self._peft is not None:
             self._peft.merge_and_unload()  # swaps each LoRA layer for its merged base layer, in place
             object.__setattr__(self, "_peft", None)
