@@ -172,7 +172,8 @@ class SpeechProcessor:
 
     def _pieces(self, messages: list[dict], add_generation_prompt: bool, with_labels: bool) -> list[tuple[str, bool]]:
         """The rendered conversation as (text, trained) pieces: each assistant reply up to and
-        including its end-of-turn token is trained, the rest is not.
+        including its end-of-turn token is trained, the rest is not. A template that writes
+        none after a reply (the next turn's opening closes it) gets it trained all the same.
 
         Pieces are tokenised one by one, so a reply's tokens are the ones the model produces
         after the prompt at inference (no token straddles the prompt and the reply). The
@@ -191,9 +192,14 @@ class SpeechProcessor:
                 raise MessageError("the chat template does not render conversations prefix-consistently")
             end = len(through)
             marker = through.rfind(self.end_of_turn, len(before))
+            closing = ""
             if marker >= 0:  # what a template writes after the end-of-turn token is not trained
                 end = marker + len(self.end_of_turn)
-            pieces += [(text[cursor : len(before)], False), (text[len(before) : end], True)]
+            elif text.startswith(self.end_of_turn, end):  # the next turn's opening ends it (GLM-4)
+                end += len(self.end_of_turn)
+            elif end == len(text):  # the last reply, in a template that closes it with the next turn
+                closing = self.end_of_turn  # trained all the same: the model learns to stop
+            pieces += [(text[cursor : len(before)], False), (text[len(before) : end] + closing, True)]
             cursor = end
         pieces.append((text[cursor:], False))
         return [(piece, trained) for piece, trained in pieces if piece]

@@ -79,6 +79,22 @@ def test_lora_lands_on_the_lm_only_unless_the_encoder_is_asked(checkpoint):
     harness.assert_encoder_lora(checkpoint, tower, LM)
 
 
+def test_replies_are_labelled_with_the_turn_closing_stop_token(model):
+    """GLM-4 writes nothing after a reply; the next turn's `<|user|>` closes it, and generation
+    stops there: the labels must teach it, or a fine-tune never learns to stop."""
+    tokenizer, processor = model.processor.tokenizer, model.processor
+    stop = tokenizer.convert_tokens_to_ids("<|user|>")
+    turns = messages(clip(1.0)) + [{"role": "assistant", "content": "one"}]
+    last = processor.encode_messages(turns, with_labels=True)
+    trained = [t for t in last.labels if t != -100]
+    assert tokenizer.decode(trained[:-1]).strip() == "one" and trained[-1] == stop
+    both = processor.encode_messages(turns + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "two"}],
+                                     with_labels=True)  # fmt: skip
+    trained = [t for t in both.labels if t != -100]
+    assert trained.count(stop) == 2 and trained[-1] == stop  # each reply, the inner one by the next turn's marker
+    assert both.input_ids.count(stop) == last.input_ids.count(stop) + 1  # the inner `<|user|>` is not doubled
+
+
 def test_lora_on_the_tied_head_is_refused(checkpoint):
     model = voxtune.load(str(checkpoint))  # GLM-ASR ties its output head to the input embeddings
     with pytest.raises(InputError, match="ties it to the input embeddings"):

@@ -16,7 +16,8 @@ Llama-layout LM that writes GLM-4 chats.
   from the template; `<|pad|>` is repeated once per token.
 - Turns: GLM-4's `<|role|>\\n...`; nothing closes an assistant turn but the next turn's marker,
   so `<|user|>` is the end-of-turn (stop) token (`GLM4`; the tiny checkpoint's generation config
-  stops there too). A trained reply therefore has no stop token in its labels.
+  stops there too). A trained reply is labelled with it after the reply, as the model ends a
+  turn when it writes one (the processor adds it where the template writes no end-of-turn).
 
 Shape letters: N clips, K windows, M mel bins, W frames of a window, T' tokens, D width.
 """
