@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -160,6 +161,8 @@ def _quiet_libraries() -> None:
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+    # bitsandbytes (imported by peft when installed) warns at import about an optional CPU kernel.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _load_model(args: argparse.Namespace) -> "voxtune.model.SpeechLM":

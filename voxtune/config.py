@@ -17,9 +17,10 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from voxtune.errors import InputError
+from voxtune.errors import InputError, echo, shorten
 
 T = TypeVar("T", bound="Config")
+MAX_PROBLEMS = 5  # problems a config error lists before "and N more"
 
 
 class ConfigError(InputError):
@@ -97,13 +98,16 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
 def _describe(error: ValidationError, schema: type[Config], source: Any) -> str:
     where = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
     problems = []
-    for item in error.errors():
+    errors = error.errors()
+    for item in errors[:MAX_PROBLEMS]:
         location = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             hint = _closest(schema, item["loc"])
-            problems.append(f"unknown key {location}" + (f" (did you mean {hint}?)" if hint else ""))
+            problems.append(f"unknown key {shorten(location)}" + (f" (did you mean {hint}?)" if hint else ""))
         else:
-            problems.append(f"{location}: {item['msg']} (got {item.get('input')!r})")
+            problems.append(f"{shorten(location)}: {item['msg']} (got {echo(item.get('input'))})")
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(f"and {len(errors) - MAX_PROBLEMS} more")
     return where + "; ".join(problems)
 
 

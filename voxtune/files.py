@@ -11,6 +11,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from voxtune.errors import InputError, shorten
+
+
+class WriteError(InputError):
+    """A write that failed: a full disk, a file-size limit, no permission."""
+
+
+@contextmanager
+def reported_writes(what: str) -> Iterator[None]:
+    """Turn a failed write inside the block into a one-line `WriteError` about `what`: an
+    OSError, or what the serialisers raise for one (safetensors' SafetensorError, torch.save's
+    RuntimeError). Keep the block to writes: any RuntimeError in it is read as one."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as error:
+        raise WriteError(f"cannot write {what}: {error.strerror or error}") from None
+    except (SafetensorError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise WriteError(f"cannot write {what}: {shorten(reason)}") from None
+
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file in the same folder and a rename.

@@ -118,3 +118,68 @@ def test_closing_cancels_what_is_running_and_refuses_more(model):
     assert event[1].finish_reason == "cancelled"
     with pytest.raises(RuntimeError, match="stopped"):
         engine.submit([{"role": "user", "content": "hi"}], SamplingParams(), lambda *_: None)
+
+
+def _while_the_engine_waits(engine, submit_all) -> None:
+    """Run `submit_all` while the engine thread is held inside a running generation's
+    callback, so that everything it submits is admitted in one prefill together."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold(kind, value):
+        if not held.is_set():
+            held.set()
+            release.wait(30)
+
+    engine.submit([{"role": "user", "content": "hold"}], SamplingParams(max_new_tokens=4, ignore_eos=True), hold)
+    assert held.wait(30)
+    try:
+        submit_all()
+    finally:
+        release.set()
+
+
+def _answers(engine, requests) -> dict:
+    """Submit (messages or Example, params) pairs admitted together: index -> done or error."""
+    events: queue.Queue = queue.Queue()
+
+    def submit_all():
+        for i, (request, params) in enumerate(requests):
+            engine.submit(request, params, lambda kind, value, i=i: events.put((i, kind, value)))
+
+    _while_the_engine_waits(engine, submit_all)
+    ended = {}
+    while len(ended) < len(requests):
+        i, kind, value = events.get(timeout=60)
+        if kind in ("done", "error"):
+            ended[i] = (kind, value)
+    return ended
+
+
+def test_a_request_whose_sampling_fails_fails_alone(model, engine, make_clip):
+    conversations = [conversation(i, make_clip) for i in range(4)]
+    alone = [model.generate(c, max_new_tokens=12) for c in conversations]
+    poisoned = SamplingParams(max_new_tokens=12, temperature=1.0)
+    poisoned.temperature = float("nan")  # past validation: the sampler itself raises on it
+    requests = [(c, SamplingParams(max_new_tokens=12)) for c in conversations]
+    ended = _answers(engine, requests[:2] + [(conversations[0], poisoned)] + requests[2:])
+    assert ended.pop(2)[0] == "error"
+    assert [value.text for kind, value in ended.values()] == alone
+    assert engine.generate([{"role": "user", "content": "after"}], max_new_tokens=3).completion_tokens <= 3
+
+
+def test_a_prompt_that_cannot_be_read_fails_alone(model, engine, make_clip):
+    conversations = [conversation(i, make_clip) for i in range(3)]
+    alone = [model.generate(c, max_new_tokens=12) for c in conversations]
+    broken = engine.encode([{"role": "user", "content": "hi"}])
+    broken.input_ids[0] = 10**7  # no such token: reading the prompt raises
+    requests = [(c, SamplingParams(max_new_tokens=12)) for c in conversations]
+    ended = _answers(engine, [requests[0], (broken, SamplingParams(max_new_tokens=12)), *requests[1:]])
+    assert ended.pop(1)[0] == "error"
+    assert [value.text for kind, value in ended.values()] == alone
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token(model, make_clip):
+    chat = conversation(1, make_clip)
+    greedy = model.generate(chat, max_new_tokens=10)
+    assert model.generate(chat, max_new_tokens=10, temperature=1.0, top_p=1e-300, seed=1) == greedy
+    assert model.generate(chat, max_new_tokens=10, temperature=1.0, top_p=0.0, seed=2) == greedy

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import resource
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -215,9 +219,6 @@ def test_batches_are_seen_through_the_hook_and_bucketing_switches_off(corpus, tm
 def test_a_run_killed_at_any_moment_resumes_to_the_same_curve(corpus, tmp_path, _recipe):
     """kill -9 during training (checkpoints every step, so mid-write often): the last good
     checkpoint survives and `--resume` ends where the uninterrupted run does."""
-    import signal
-    import subprocess
-    import sys
     import time
 
     from voxtune.config import dump_config
@@ -342,3 +343,28 @@ def test_init_encoder_is_refused_beside_a_loaded_model(tiny_recipe, tmp_path):
 
     with pytest.raises(ConfigError, match="model.init_encoder goes with model.tiny or model.lm"):
         tiny_recipe(tmp_path, "model.tiny=null", "model.load=somewhere", "model.init_encoder=elsewhere")
+
+
+def test_a_full_disk_ends_training_in_one_line_and_resume_goes_on(tiny_recipe, tmp_path):
+    """A file-size limit makes the checkpoint's write fail as a full disk does (EFBIG, not ENOSPC:
+    the same path through safetensors and torch.save)."""
+    recipe = tiny_recipe(tmp_path / "run", "train.max_steps=4", "output.save_every=2")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe.model_dump(mode="json")))
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # the checkpoint is ~140 kB
+
+    train = [sys.executable, "-m", "voxtune.cli", "train", str(path)]
+    first = subprocess.run([*train, "--stop-after", "2"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    full = subprocess.run([*train, "--resume"], preexec_fn=limited, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 1, full.stderr
+    assert full.stderr.startswith("voxtune: error: cannot write the checkpoint")  # the whole of stderr: one line
+    assert full.stderr.count("\n") == 1 and "make room, then --resume" in full.stderr
+    checkpoints = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    assert checkpoints == ["step-0000002"]  # the earlier one whole, no staging folder left behind
+    resumed = subprocess.run([*train, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and (tmp_path / "run" / "model" / "voxtune.json").is_file()

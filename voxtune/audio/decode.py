@@ -31,6 +31,7 @@ from voxtune.audio.errors import (
     ZeroLengthAudioError,
 )
 from voxtune.audio.sniff import container_magic, sniff
+from voxtune.errors import echo
 
 DEFAULT_SAMPLE_RATE = 16000
 DEFAULT_MAX_DURATION = 3600.0  # seconds; None disables the check
@@ -140,7 +141,7 @@ def decode_bytes(
         format = format.lower()
         if format not in NAMED_FORMATS:
             known = ", ".join(sorted(NAMED_FORMATS))
-            raise UnsupportedFormatError(f"unknown audio format {format!r} (known: {known})")
+            raise UnsupportedFormatError(f"unknown audio format {echo(format)} (known: {known})")
         if format in ("pcm16", "pcm"):
             if (container := container_magic(data)) is not None:
                 raise FormatMismatchError(f"format is pcm16 but the data is a {container} file")
@@ -216,7 +217,7 @@ def _read_file(path: Path) -> bytes:
 
 def _check_rate(rate: int, name: str) -> None:
     if not isinstance(rate, (int, np.integer)) or rate <= 0:
-        raise AudioError(f"{name} must be a positive whole number of Hz, got {rate!r}")
+        raise AudioError(f"{name} must be a positive whole number of Hz, got {echo(rate)}")
 
 
 def _from_array(array: np.ndarray, rate: int | None) -> Decoded:

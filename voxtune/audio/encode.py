@@ -9,7 +9,12 @@ import numpy as np
 import soundfile as sf
 
 from voxtune.audio.audio import Audio
-from voxtune.audio.errors import EmptyAudioError, NonFiniteAudioError, UnsupportedFormatError
+from voxtune.audio.errors import (
+    EmptyAudioError,
+    NonFiniteAudioError,
+    UnsupportedFormatError,
+)
+from voxtune.errors import echo
 
 OUTPUT_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16")
 # "pcm" is the /v1/audio/speech name for what chat completions calls "pcm16".
@@ -40,7 +45,7 @@ def normalize_format(format: str) -> str:
     name = FORMAT_ALIASES.get(format.lower(), format.lower())
     if name not in OUTPUT_FORMATS:
         raise UnsupportedFormatError(
-            f"cannot write audio as {format!r} (choose from {', '.join(OUTPUT_FORMATS)})"
+            f"cannot write audio as {echo(format)} (choose from {', '.join(OUTPUT_FORMATS)})"
         )
     return name
 

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from voxtune.errors import InputError
+from voxtune.errors import InputError, echo
 from voxtune.model.processor import AudioEmbedding
 
 
@@ -106,7 +106,7 @@ class AudioStore:
                 self.stats.expired += 1
                 entry = None
             if entry is None or entry.owner != owner:  # someone else's id reads as unknown
-                raise AudioNotFoundError(f"no audio with id {audio_id!r} (unknown, expired, or not yours)")
+                raise AudioNotFoundError(f"no audio with id {echo(audio_id)} (unknown, expired, or not yours)")
             self._entries.move_to_end(audio_id)
             if entry.embedding is not None:
                 self.stats.clips_reused += 1

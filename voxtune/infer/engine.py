@@ -30,7 +30,7 @@ from voxtune.model.generation import (
     _Row,
     check_prompt,
     decode_step,
-    pick_tokens,
+    greedy_tokens,
     prefill,
     stop_token_ids,
 )
@@ -179,11 +179,7 @@ class Engine:
         while not stopping:
             arrived, stopping = self._take()
             if arrived:
-                try:
-                    self._admit(arrived)
-                except Exception as error:  # e.g. out of memory reading these prompts: only they fail
-                    logger.exception("prefill failed")
-                    self._fail(arrived, error)
+                self._admit_each(arrived)
             if self._active and not stopping:
                 try:
                     self._step()
@@ -230,6 +226,30 @@ class Engine:
             logger.exception("an event sink failed; cancelling its generation")
             generation.cancel()
 
+    def _admit_each(self, arrived: list[Generation]) -> None:
+        """Admit the new requests together; when that fails, one by one, so that a request
+        that cannot be read fails alone and the others join the batch."""
+        try:
+            self._admit(arrived)
+            return
+        except Exception as error:  # noqa: BLE001 - whatever it is, it belongs to these requests only
+            if len(arrived) == 1:
+                logger.exception("prefill failed")
+                self._fail(arrived, error)
+                return
+            joint_error = error
+        for generation in arrived:
+            if generation.row.done:  # it failed already, in the joint attempt's token picking
+                continue
+            if generation.row.tokens:  # it has its first token already: reading it again would repeat it
+                self._fail([generation], joint_error)
+                continue
+            try:
+                self._admit([generation])
+            except Exception as error:  # noqa: BLE001 - this request's own failure
+                logger.exception("prefill failed")
+                self._fail([generation], error)
+
     def _admit(self, arrived: list[Generation]) -> None:
         """Prefill the new requests together, take their first tokens and join them to the batch."""
         state = prefill(self.model, [g.example for g in arrived])
@@ -265,12 +285,21 @@ class Engine:
             self._drop(keep)
 
     def _pick(self, generations: list[Generation], logits: torch.Tensor) -> None:
-        """Choose each row's next token, send its settled text, finish the rows that end."""
-        tokens = pick_tokens([g.row for g in generations], logits)
-        for generation, token in zip(generations, tokens):
+        """Choose each row's next token, send its settled text, finish the rows that end. A
+        row whose sampling or text fails ends with that error; the other rows go on."""
+        greedy = greedy_tokens([g.row for g in generations], logits)
+        for i, generation in enumerate(generations):
             row = generation.row
-            row.add(token, self._stop_ids, self.model.tokenizer)
-            settled = row.settled_text()
+            if row.done:
+                continue
+            try:
+                token = greedy[i] if row.params.temperature == 0 else row.pick(logits[i])
+                row.add(token, self._stop_ids, self.model.tokenizer)
+                settled = row.settled_text()
+            except Exception as error:  # noqa: BLE001 - this request's own failure
+                logger.exception("choosing a token failed")
+                self._fail([generation], error)
+                continue
             if len(settled) > len(generation.sent) and settled.startswith(generation.sent):
                 self._send(generation, "piece", settled[len(generation.sent) :])
                 generation.sent = settled
@@ -298,10 +327,6 @@ class Engine:
                 prompt_audio_tokens=generation.audio_tokens(self.model.processor.audio_token_id),
             ),
         )
-
-
-class _Closed(Exception):
-    """The engine was closed."""
 
 
 def _select(state: Prefill, rows: list[int]) -> None:

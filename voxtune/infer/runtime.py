@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import queue
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -19,17 +20,22 @@ from voxtune.audio import Audio, AudioError, AudioTooLongError, load
 from voxtune.audio.encode import PCM16_RATE
 from voxtune.audio.features import MIN_SAMPLES, SAMPLE_RATE
 from voxtune.audio.spans import speech_spans
+from voxtune.errors import echo
 from voxtune.infer.audio_store import AudioNotFoundError, AudioStore
 from voxtune.infer.engine import Engine
 from voxtune.infer.tools import render_tool_calls, tools_prompt
 from voxtune.model import prompts
-from voxtune.model.generation import SamplingParams
+from voxtune.model.generation import SamplingParams, check_prompt, context_length
 from voxtune.model.processor import AudioEmbedding, Example, MessageError
 from voxtune.tags import LANGUAGES
 
 if TYPE_CHECKING:
     from voxtune.model import SpeechLM
 
+# Text longer than the context times this is refused before tokenising (which takes seconds and
+# gigabytes for the megabytes a request body may hold): natural text averages about 4
+# characters a token in the tokenizers here, and no word-like token comes near 32.
+MAX_CHARS_PER_TOKEN = 32
 # Formats an input_audio part may name (OpenAI allows wav and mp3; the rest are accepted too).
 INPUT_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "mp4", "aac", "pcm16", "pcm")
 
@@ -59,6 +65,7 @@ class PreparedChat:
     messages: list[dict]
     clips: list[InputClip] = field(default_factory=list)
     last_clip: AudioEmbedding | None = None  # the newest user clip: the voice of a spoken reply follows it
+    example: Example | None = None  # `messages` tokenised, as the engine reads them
 
 
 @dataclass
@@ -114,24 +121,38 @@ class Runtime:
     # ---- chat -------------------------------------------------------------------------------
 
     def prepare_chat(
-        self, messages: Sequence[Any], owner: str, *, tools: Sequence[dict] | None = None, tool_choice: Any = None
-    ) -> PreparedChat:
-        """The model's conversation for OpenAI-shaped `messages` sent by `owner` (an API key).
+        self, messages: Sequence[Any], owner: str, *, tools: Sequence[dict] | None = None, tool_choice: Any = None,
+        reply_tokens: int = 1,
+    ) -> PreparedChat:  # fmt: skip
+        """The model's conversation for OpenAI-shaped `messages` sent by `owner` (an API key),
+        tokenised (`example`) with every clip encoded.
 
         User content parts: `text`; `input_audio` with `data` (base64) and `format`, or with
         `id` (a clip stored by an earlier request). An assistant message may carry
         `audio: {id}` (an earlier spoken reply: its text is used) and `tool_calls`. A last
         user turn of audio alone is a spoken request to answer. `tools` (with `tool_choice`
         other than "none") are offered in a system message.
+
+        The cheap bounds come first: the text's length before tokenising, the audio's duration
+        (the request limit, and what the context holds) while decoding, the prompt's tokens
+        with `reply_tokens` to follow before any clip is encoded. Only an accepted request has
+        its new clips encoded and stored.
         """
         if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
             raise MessageError("messages must be a non-empty list")
         offer = tools_prompt(tools, tool_choice or "auto") if tools and tool_choice != "none" else None
+        self._check_text_length(messages, offer)
         prepared = PreparedChat([])
         slots: list[tuple[dict, Any]] = []  # (audio part, stored entry or _Fresh clip), in reading order
         for index, message in enumerate(messages):
             prepared.messages.append(self._message(message, index, owner, slots))
-        # Only a request within every limit gets its new clips encoded and stored.
+        for part, item in slots:  # the decoded clips count their tokens as well as encoded ones
+            part["audio"] = item.audio if isinstance(item, _Fresh) else item.embedding
+        if self.model.knows_task_tags:
+            prepared.messages = prompts.ask_spoken_requests(prepared.messages)
+        if offer is not None:
+            prepared.messages.insert(0, {"role": "system", "content": offer})
+        check_prompt(self.model, self.engine.encode(prepared.messages), reply_tokens)
         fresh: dict[str, Any] = {}
         for part, item in slots:
             reused = not isinstance(item, _Fresh)
@@ -142,11 +163,34 @@ class Runtime:
             part["audio"] = item.embedding
             prepared.clips.append(InputClip(item.id, item.expires_at, item.embedding.duration, reused))
             prepared.last_clip = item.embedding
-        if self.model.knows_task_tags:
-            prepared.messages = prompts.ask_spoken_requests(prepared.messages)
-        if offer is not None:
-            prepared.messages.insert(0, {"role": "system", "content": offer})
+        prepared.example = self.engine.encode(prepared.messages)
         return prepared
+
+    def _check_text_length(self, messages: Sequence[Any], offer: str | None) -> None:
+        """Refuse text that cannot fit the context whatever its tokens, before tokenising it."""
+        limit = context_length(self.model)
+        if limit is None:
+            return
+        chars = len(offer or "") + sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
+        if chars > limit * MAX_CHARS_PER_TOKEN:
+            raise MessageError(
+                f"the messages hold {chars} characters of text; this model reads at most {limit} tokens "
+                f"(about {limit * MAX_CHARS_PER_TOKEN} characters at the very most)"
+            )
+
+    @functools.cached_property
+    def context_audio_seconds(self) -> float:
+        """The longest audio the model's context holds (a clip's tokens, one position left for
+        a reply); the request limit where that is shorter or the model has no set context."""
+        limit = context_length(self.model)
+        most = int(self.max_audio_seconds * SAMPLE_RATE)
+        if limit is None or self.model.audio_tokens(most) < limit:
+            return self.max_audio_seconds
+        low, high = 0, most  # audio_tokens grows with the samples: the last length that fits
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if self.model.audio_tokens(middle) < limit else (low, middle - 1)
+        return low / SAMPLE_RATE
 
     def _message(self, message: Any, index: int, owner: str, slots: list[tuple[dict, Any]]) -> dict:
         where = f"messages[{index}]"
@@ -160,7 +204,7 @@ class Runtime:
         if role == "assistant":
             return {"role": "assistant", "content": self._assistant_text(message, where, owner)}
         if role != "user":
-            raise MessageError(f"{where}.role must be system, developer, user, assistant or tool, not {role!r}")
+            raise MessageError(f"{where}.role must be system, developer, user, assistant or tool, not {echo(role)}")
         content = message.get("content")
         if isinstance(content, str):
             return {"role": "user", "content": content}
@@ -179,7 +223,7 @@ class Runtime:
             elif kind in ("image_url", "input_image", "file"):
                 raise MessageError(f"{at}: this model reads text and audio, not {kind}")
             else:
-                raise MessageError(f"{at}.type must be 'text' or 'input_audio', not {kind!r}")
+                raise MessageError(f"{at}.type must be 'text' or 'input_audio', not {echo(kind)}")
         return {"role": "user", "content": parts}
 
     def _assistant_text(self, message: dict, where: str, owner: str) -> str:
@@ -190,7 +234,7 @@ class Runtime:
                 raise MessageError(f"{where}.audio must be {{'id': <audio id>}}")
             entry = self.store.get(audio["id"], owner)
             if entry.text is None:
-                raise MessageError(f"{where}.audio.id {audio['id']!r} is a user clip, not a spoken reply")
+                raise MessageError(f"{where}.audio.id {echo(audio['id'])} is a user clip, not a spoken reply")
             text = entry.text  # what the model said, tags and all
         if text is None:
             content = message.get("content")
@@ -208,29 +252,34 @@ class Runtime:
         if "id" in payload and "data" not in payload:
             entry = self.store.get(_string(payload["id"], f"{where}.input_audio.id"), owner)
             if entry.embedding is None:
-                raise MessageError(f"{where}.input_audio.id {payload['id']!r} is a spoken reply, not a user clip")
+                raise MessageError(f"{where}.input_audio.id {echo(payload['id'])} is a spoken reply, not a user clip")
             self._check_budget(used + entry.embedding.duration)
             return entry
         data = _string(payload.get("data"), f"{where}.input_audio.data")
         fmt = payload.get("format")
         if fmt is not None and fmt not in INPUT_FORMATS:
-            raise MessageError(f"{where}.input_audio.format must be one of {', '.join(INPUT_FORMATS)}, not {fmt!r}")
+            raise MessageError(f"{where}.input_audio.format must be one of {', '.join(INPUT_FORMATS)}, not {echo(fmt)}")
         digest = self.store.digest(f"{fmt}:{data}")
         entry = self.store.find_clip(owner, digest)
         if entry is not None:
             self._check_budget(used + entry.embedding.duration)
             return entry
         try:  # decoding stops as soon as the clip passes what is left of the budget
-            audio = self.decode(data, fmt, where=f"{where}.input_audio", max_seconds=self.max_audio_seconds - used)
+            audio = self.decode(data, fmt, where=f"{where}.input_audio", max_seconds=self.context_audio_seconds - used)
         except AudioTooLongError:
             raise self._over_budget() from None
         return _Fresh(audio, digest)
 
     def _check_budget(self, seconds: float) -> None:
-        if seconds > self.max_audio_seconds:
+        if seconds > self.context_audio_seconds:
             raise self._over_budget()
 
     def _over_budget(self) -> AudioTooLongError:
+        if self.context_audio_seconds < self.max_audio_seconds:
+            return AudioTooLongError(
+                f"the request carries more than {self.context_audio_seconds:.0f} s of audio, what this model's "
+                f"context holds"
+            )
         return AudioTooLongError(f"the request carries more than {self.max_audio_seconds:g} s of audio, the limit")
 
     def decode(
@@ -262,7 +311,7 @@ class Runtime:
 
     def reply_room(self, example: Example) -> int | None:
         """Tokens left for a reply after the prompt `example` (None: the LM has no set context)."""
-        limit = getattr(self.model.lm.config, "max_position_embeddings", None)
+        limit = context_length(self.model)
         return None if limit is None else limit - len(example.input_ids)
 
     def voice_prompts(self, prepared: PreparedChat) -> list[list[dict]]:
@@ -282,7 +331,7 @@ class Runtime:
     def plan_transcription(self, audio: Audio, language: str | None = None, *, temperature: float = 0.0) -> TranscriptionPlan:
         """The spans of speech in `audio` and the conversation that asks for each one's words."""
         if language is not None and language not in LANGUAGES:
-            raise MessageError(f"language must be an ISO-639-1 code this model knows ({', '.join(LANGUAGES)}), not {language!r}")
+            raise MessageError(f"language must be an ISO-639-1 code this model knows ({', '.join(LANGUAGES)}), not {echo(language)}")
         window = self.model.processor.max_seconds  # a span must fit the encoder (and its 0.1 s pads)
         longest_span = 20.0 if window is None else min(20.0, window - 0.25)
         spans = [(s, e) for s, e in speech_spans(audio, max_span=longest_span) if (e - s) * SAMPLE_RATE >= MIN_SAMPLES]
@@ -339,6 +388,16 @@ class TranscriptionPlan:
             duration=self.duration,
             segments=segments,
         )
+
+
+def _text_chars(content: Any) -> int:
+    """Characters of text in a message's content (a string, or text parts), counted without
+    checking it: the checks come later."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return 0
 
 
 def _string(value: Any, where: str) -> str:

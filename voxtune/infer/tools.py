@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from voxtune.errors import InputError
+from voxtune.errors import InputError, echo
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
@@ -45,7 +45,7 @@ def tools_prompt(tools: Sequence[dict], tool_choice: Any = "auto") -> str:
         function = tool_choice.get("function")
         name = function.get("name") if isinstance(function, dict) else None
         if name not in names:
-            raise ToolError(f"tool_choice names {name!r}, which is not among the tools")
+            raise ToolError(f"tool_choice names {echo(name)}, which is not among the tools")
         lines.append(f"You must call the function {name}.")
     elif tool_choice not in ("auto", None):
         raise ToolError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
@@ -65,7 +65,7 @@ def render_tool_calls(calls: Sequence[dict]) -> str:
         try:
             parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
         except json.JSONDecodeError:
-            raise ToolError(f"tool call {function['name']!r} has arguments that are not JSON") from None
+            raise ToolError(f"tool call {echo(function['name'])} has arguments that are not JSON") from None
         out.append(f"<tool_call>{json.dumps({'name': function['name'], 'arguments': parsed}, ensure_ascii=False)}</tool_call>")
     return "\n".join(out)
 

@@ -51,8 +51,8 @@ class SamplingParams:
             raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
         if self.temperature < 1e-4:  # dividing logits by less overflows; it is greedy anyway
             self.temperature = 0.0
-        if not 0 < self.top_p <= 1:
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:  # 0 keeps the most likely token only
+            raise SamplingError(f"top_p must be in [0, 1], got {self.top_p}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
@@ -79,6 +79,7 @@ class _Row:
             sorted_probs, order = probs.sort(descending=True)
             # Keep the smallest set whose mass reaches top_p (the top token always stays).
             outside = sorted_probs.cumsum(-1) - sorted_probs >= self.params.top_p
+            outside[0] = False  # a top_p that rounds to 0 in float32 would otherwise mask them all
             sorted_probs[outside] = 0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self.generator))
@@ -147,10 +148,15 @@ def stop_token_ids(model) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def context_length(model) -> int | None:
+    """The most positions (prompt and reply) the model's LM reads; None: no set limit."""
+    config = model.lm.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "max_target_positions", None)
+
+
 def check_prompt(model, example: Example, max_new_tokens: int) -> None:
     """Raise `MessageError` when the prompt and the longest reply do not fit the LM's context."""
-    config = model.lm.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "max_target_positions", None)
+    limit = context_length(model)
     length = len(example.input_ids)
     if limit is not None and length + max_new_tokens > limit:
         raise MessageError(
@@ -205,10 +211,15 @@ def decode_step(model, tokens: Sequence[int], state: Prefill) -> torch.Tensor:
     return state.logits
 
 
+def greedy_tokens(rows: Sequence[_Row], logits: torch.Tensor) -> list[int] | None:
+    """Each row's most likely next token from `logits` [B, V], when any row decodes greedily:
+    one argmax over the batch, not one call per row."""
+    return logits.argmax(-1).tolist() if any(r.params.temperature == 0 for r in rows) else None
+
+
 def pick_tokens(rows: Sequence[_Row], logits: torch.Tensor) -> list[int | None]:
     """The next token of each row from `logits` [B, V] (None for a row that is done)."""
-    # Greedy rows share one argmax over the batch, not one call per row.
-    greedy = logits.argmax(-1).tolist() if any(r.params.temperature == 0 for r in rows) else None
+    greedy = greedy_tokens(rows, logits)
     return [
         None if row.done else greedy[i] if row.params.temperature == 0 else row.pick(logits[i])
         for i, row in enumerate(rows)

@@ -18,7 +18,7 @@ from jinja2 import TemplateError
 
 from voxtune.audio import Audio, AudioError, AudioTooLongError, load
 from voxtune.audio.features import MIN_SAMPLES, SAMPLE_RATE
-from voxtune.errors import InputError
+from voxtune.errors import InputError, echo
 from voxtune.tags import AUDIO_TOKEN
 
 IGNORE_INDEX = -100  # label value the loss skips
@@ -129,7 +129,7 @@ class SpeechProcessor:
             raise MessageError(f"message {index} must be an object with a 'role'")
         role, content = message["role"], message.get("content")
         if role not in ("system", "user", "assistant", "developer", "tool"):
-            raise MessageError(f"message {index} has unknown role {role!r}")
+            raise MessageError(f"message {index} has unknown role {echo(role)}")
         role = "system" if role == "developer" else role
         if isinstance(content, str):
             return {"role": role, "content": self._check_text(content, index)}
@@ -152,7 +152,7 @@ class SpeechProcessor:
                 clips.append(clip)
                 pieces.append(self.audio_text)
             else:
-                raise MessageError(f"message {index} has a content part of unknown type {kind!r}")
+                raise MessageError(f"message {index} has a content part of unknown type {echo(kind)}")
         return {"role": role, "content": "".join(pieces)}
 
     def _check_text(self, text: str, index: int) -> str:

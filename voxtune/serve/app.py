@@ -11,9 +11,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 import voxtune
-from voxtune.errors import InputError
+from voxtune.errors import InputError, echo
 from voxtune.infer.runtime import Runtime
 from voxtune.serve import audio, chat
+from voxtune.serve.bridge import Drain
 from voxtune.serve.config import ServeConfig
 from voxtune.serve.errors import (
     APIError,
@@ -40,7 +41,10 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
     model_id = default_model_id(config)
     created = int(time.time())
     limits = config.limits
-    app = FastAPI(title="voxtune", version=voxtune.__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    # No trailing-slash redirects: a client that adds one gets a 404 in OpenAI's shape.
+    app = FastAPI(title="voxtune", version=voxtune.__version__, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)  # fmt: skip
+    app.state.drain = Drain()
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(InputError, input_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
@@ -48,16 +52,17 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
     gate = GateStats()
     app.add_middleware(
         Gate, api_keys=config.api_keys, max_body=int(limits.max_body_mb * 1e6), max_concurrent=limits.max_concurrent,
-        stats=gate, paths=ROUTES, body_timeout=limits.body_timeout_seconds,
+        stats=gate, paths=ROUTES, body_timeout=limits.body_timeout_seconds, per_client=limits.per_client,
+        write_timeout=limits.write_timeout_seconds,
     )  # fmt: skip
 
     def check_model(name: str) -> None:
         known = name == model_id or any(name == a or name.startswith(a + "-") for a in config.aliases)
         if not known:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_id!r}",
+            raise APIError(404, f"the model {echo(name)} does not exist; this server serves {model_id!r}",
                            param="model", code="model_not_found")  # fmt: skip
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         return {"status": "ok", "model": model_id}
 

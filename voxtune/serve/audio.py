@@ -19,8 +19,8 @@ from voxtune.audio.encode import StreamEncoder, normalize_format
 from voxtune.audio.voices import STYLES
 from voxtune.errors import InputError
 from voxtune.infer.runtime import Runtime, Transcript, TranscriptionPlan
-from voxtune.serve.bridge import ClientGone, Pending, cancel_all
-from voxtune.serve.errors import APIError, from_validation_error, parse_json
+from voxtune.serve.bridge import ClientGone, Drain, Pending, ShuttingDown, cancel_all
+from voxtune.serve.errors import APIError, from_validation_error, read_json
 from voxtune.tags import LANGUAGES
 
 logger = logging.getLogger(__name__)
@@ -65,19 +65,25 @@ async def transcriptions(request: Request, runtime: Runtime, check_model: Callab
     # The format is read from the bytes: a file named .wav that holds mp3 is still mp3.
     audio = await asyncio.to_thread(lambda: runtime.decode(data, where="file", allow_silent=True))
     plan = await asyncio.to_thread(runtime.plan_transcription, audio, language, temperature=temperature)
+    drain = request.app.state.drain
     if stream:
-        return StreamingResponse(_stream_transcript(runtime, plan), media_type="text/event-stream")
+        return StreamingResponse(_stream_transcript(runtime, plan, drain), media_type="text/event-stream")
     replies = []
     try:
-        async for kind, value in _decode_spans(runtime, plan, request):
+        async for kind, value in _decode_spans(runtime, plan, drain, request):
             if kind == "reply":
                 replies.append(value)
     except ClientGone:
         return Response(status_code=499)  # nobody reads it
+    except ShuttingDown:
+        raise APIError(503, "the server is shutting down; retry", type="server_error", code="server_shutting_down",
+                       headers={"Retry-After": "1"}) from None  # fmt: skip
     return _transcript_response(plan.transcript(replies), response_format)
 
 
-async def _decode_spans(runtime: Runtime, plan: TranscriptionPlan, request: Request | None = None) -> AsyncIterator[tuple[str, str]]:
+async def _decode_spans(
+    runtime: Runtime, plan: TranscriptionPlan, drain: Drain, request: Request | None = None
+) -> AsyncIterator[tuple[str, str]]:
     """("piece", text) as each span's text settles, span after span, and ("reply", text) when
     a span is done. At most SPANS_IN_FLIGHT spans decode at once, so one long recording
     shares the engine with other requests instead of filling its queue."""
@@ -86,7 +92,7 @@ async def _decode_spans(runtime: Runtime, plan: TranscriptionPlan, request: Requ
     try:
         while waiting or running:
             while waiting and len(running) < SPANS_IN_FLIGHT:
-                running.append(Pending(runtime.engine, waiting.pop(0), plan.params))
+                running.append(Pending(runtime.engine, waiting.pop(0), plan.params, drain))
             while True:
                 kind, value = await running[0].next(request)
                 if kind == "error":
@@ -100,13 +106,13 @@ async def _decode_spans(runtime: Runtime, plan: TranscriptionPlan, request: Requ
         cancel_all(running)
 
 
-async def _stream_transcript(runtime: Runtime, plan: TranscriptionPlan) -> AsyncIterator[str]:
+async def _stream_transcript(runtime: Runtime, plan: TranscriptionPlan, drain: Drain) -> AsyncIterator[str]:
     """`transcript.text.delta` events (tags left out, spans joined by a space), then `.done`
     whose text is the deltas joined."""
     anything_sent = False
     raw, sent, replies = "", "", []  # the current span's text so far, and how much of it went out
     try:
-        async for kind, value in _decode_spans(runtime, plan):
+        async for kind, value in _decode_spans(runtime, plan, drain):
             text = plan.read(raw + value if kind == "piece" else value)[0]
             if len(text) > len(sent) and text.startswith(sent):
                 space = " " if anything_sent and not sent else ""
@@ -117,6 +123,10 @@ async def _stream_transcript(runtime: Runtime, plan: TranscriptionPlan) -> Async
             else:
                 replies.append(value)
                 raw, sent = "", ""
+    except ShuttingDown:
+        yield _sse({"type": "error", "error": {"message": "the server is shutting down; the transcript was cut short",
+                                               "type": "server_error", "code": "server_shutting_down"}})  # fmt: skip
+        return
     except Exception as error:  # noqa: BLE001 - the 200 is sent: the error goes in the stream
         if not isinstance(error, InputError):
             logger.exception("transcription failed after the response started")
@@ -200,9 +210,10 @@ def _number(value: str | None, name: str, low: float, high: float) -> float:
 
 
 class SpeechRequest(BaseModel):
-    """OpenAI's speech request; `language` is voxtune's addition (default English)."""
+    """OpenAI's speech request; `language` is voxtune's addition (default English). Types are
+    strict, as OpenAI's are: "speed": true or "1.0" is a 400, not a number."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str
     input: str = Field(min_length=1)
     voice: str | dict
@@ -231,7 +242,7 @@ def style_from_instructions(instructions: str | None) -> str:
 async def speech(request: Request, runtime: Runtime, check_model: Callable[[str], None], max_chars: int) -> Response:
     """Speak the input text in the requested voice and format, whole or streamed."""
     try:
-        body = SpeechRequest.model_validate(parse_json(await request.body()))
+        body = SpeechRequest.model_validate(await read_json(request))
     except ValidationError as error:
         raise from_validation_error(error) from None
     check_model(body.model)

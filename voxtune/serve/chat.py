@@ -31,8 +31,8 @@ from voxtune.infer.runtime import PreparedChat, Runtime
 from voxtune.infer.spoken_reply import choose_voice, render_reply
 from voxtune.infer.tools import parse_tool_calls
 from voxtune.model.generation import SamplingParams
-from voxtune.serve.bridge import ClientGone, Pending, cancel_all
-from voxtune.serve.errors import APIError, from_validation_error, parse_json
+from voxtune.serve.bridge import ClientGone, Pending, ShuttingDown, cancel_all
+from voxtune.serve.errors import APIError, from_validation_error, read_json
 from voxtune.tags import strip_tags
 
 logger = logging.getLogger(__name__)
@@ -42,21 +42,22 @@ CLAUSE_CHARS = 80  # a sentence this long is spoken clause by clause as it strea
 
 
 class AudioRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     voice: str | dict
     format: Literal["wav", "aac", "mp3", "flac", "opus", "pcm16"]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
     """The fields voxtune reads; other OpenAI fields (user, metadata, store...) are accepted and
-    ignored, as a client may send them whatever the server."""
+    ignored, as a client may send them whatever the server. Types are strict, as OpenAI's are:
+    "stream": "yes" or "max_tokens": "16" is a 400, not a coercion."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str
     messages: list[Any] = Field(min_length=1)
     modalities: list[Literal["text", "audio"]] | None = None
@@ -64,7 +65,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
@@ -105,7 +106,8 @@ def sampling(request: ChatRequest, max_tokens: int) -> SamplingParams:
         raise APIError(400, f"{field} is {asked}; this server allows at most {max_tokens}", param=field)
     # Greedy unless asked: the small models voxtune serves answer best that way.
     return SamplingParams(
-        max_new_tokens=asked or max_tokens, temperature=request.temperature or 0.0, top_p=request.top_p or 1.0,
+        max_new_tokens=asked or max_tokens, temperature=request.temperature or 0.0,
+        top_p=1.0 if request.top_p is None else request.top_p,
         stop=stops, seed=request.seed, ignore_eos=request.ignore_eos,
     )  # fmt: skip
 
@@ -115,7 +117,7 @@ async def chat_completions(
 ) -> Response:
     """Answer one chat completion request (the route body)."""
     try:
-        body = ChatRequest.model_validate(parse_json(await request.body()))
+        body = ChatRequest.model_validate(await read_json(request))
     except ValidationError as error:
         raise from_validation_error(error) from None
     check_model(body.model)
@@ -130,16 +132,20 @@ async def chat_completions(
     voice = voice_name(body.audio.voice) if speak else None
     params = sampling(body, max_tokens)
     owner = request.scope["state"]["owner"]
+    asked = body.max_completion_tokens or body.max_tokens
     prepared: PreparedChat = await asyncio.to_thread(
-        runtime.prepare_chat, body.messages, owner, tools=body.tools, tool_choice=body.tool_choice
-    )
-    example = runtime.engine.encode(prepared.messages)
-    if not (body.max_completion_tokens or body.max_tokens):  # as long as the context allows, up to the limit
+        runtime.prepare_chat, body.messages, owner, tools=body.tools, tool_choice=body.tool_choice,
+        reply_tokens=params.max_new_tokens if asked else 1,
+    )  # fmt: skip
+    example = prepared.example
+    if not asked:  # as long as the context allows, up to the limit
         room = runtime.reply_room(example)
         if room is not None and 0 < room < params.max_new_tokens:
             params.max_new_tokens = room
-    main = Pending(runtime.engine, example, params)
-    asks = [Pending(runtime.engine, q, SamplingParams(max_new_tokens=4)) for q in (runtime.voice_prompts(prepared) if speak else [])]
+    drain = request.app.state.drain
+    main = Pending(runtime.engine, example, params, drain)
+    asks = [Pending(runtime.engine, q, SamplingParams(max_new_tokens=4), drain)
+            for q in (runtime.voice_prompts(prepared) if speak else [])]  # fmt: skip
     reply = _Reply(runtime, body, model_id, owner, prepared, voice)
     if body.stream:
         return StreamingResponse(reply.stream(main, asks), media_type="text/event-stream")
@@ -149,6 +155,10 @@ async def chat_completions(
     except ClientGone:
         cancel_all(asks)
         return Response(status_code=499)  # nobody reads it
+    except ShuttingDown:
+        cancel_all(asks)
+        raise APIError(503, "the server is shutting down; retry", type="server_error", code="server_shutting_down",
+                       headers={"Retry-After": "1"}) from None  # fmt: skip
     return JSONResponse(await reply.whole(completion, heard))
 
 
@@ -220,15 +230,21 @@ class _Reply:
 
     async def stream(self, main: Pending, asks: list[Pending]) -> AsyncIterator[str]:
         """The streamed response, as Server-Sent Events. An error after the first event goes
-        into the stream (the status is sent by then), as OpenAI does."""
+        into the stream (the status is sent by then), as OpenAI does, and the stream ends
+        with [DONE] as a finished one does (a server that stops cuts it so too)."""
         try:
             async for event in self._events(main, asks):
                 yield event
+        except ShuttingDown:
+            yield self._event({"error": {"message": "the server is shutting down; the reply was cut short",
+                                         "type": "server_error", "param": None, "code": "server_shutting_down"}})
+            yield "data: [DONE]\n\n"
         except Exception as error:  # noqa: BLE001 - reported to the client in the stream
             if not isinstance(error, InputError):
                 logger.exception("streamed chat completion failed")
             kind = "invalid_request_error" if isinstance(error, InputError) else "server_error"
             yield self._event({"error": {"message": str(error) or type(error).__name__, "type": kind, "param": None, "code": None}})
+            yield "data: [DONE]\n\n"
         finally:  # the client went away, or the stream ended: nothing goes on generating
             main.cancel()
             cancel_all(asks)

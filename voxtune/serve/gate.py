@@ -1,5 +1,6 @@
-"""The gate every API request passes: authentication, the body-size limit and the concurrency
-limit, as one ASGI middleware (so the limits hold for streamed responses to their end).
+"""The gate every API request passes: authentication, the body-size limit, the concurrency
+limits (the server's and each caller's) and the write timeout, as one ASGI middleware (so the
+limits hold for streamed responses to their end).
 """
 
 from __future__ import annotations
@@ -31,20 +32,30 @@ class GateStats:
     responses: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, status) -> count
 
 
+class WriteTimeout(Exception):
+    """The client stopped reading its response."""
+
+
 class Gate:
     """ASGI middleware: checks the bearer key, buffers the body up to `max_body` bytes (413
-    beyond) and admits at most `max_concurrent` requests at once (429 beyond)."""
+    beyond), admits at most `max_concurrent` requests at once and `per_client` from one caller
+    (an API key, or an address without keys; 429 beyond), and abandons a response the client
+    has not read for `write_timeout` seconds."""
 
     def __init__(
         self, app: ASGIApp, *, api_keys: Sequence[str], max_body: int, max_concurrent: int, stats: GateStats,
-        paths: Sequence[str] = (), body_timeout: float = 30.0,
-    ) -> None:
+        paths: Sequence[str] = (), body_timeout: float = 30.0, per_client: int | None = None,
+        write_timeout: float = 30.0,
+    ) -> None:  # fmt: skip
         self.app = app
         self.body_timeout = body_timeout  # a stalled upload must not hold a slot for ever
+        self.write_timeout = write_timeout  # nor a client that never reads its stream
         self.paths = frozenset(paths)  # counted by name in /metrics
         self.api_keys = [key.encode() for key in api_keys]
         self.max_body = max_body
         self.max_concurrent = max_concurrent
+        self.per_client = per_client or max_concurrent
+        self.by_client: dict[str, int] = {}  # requests in flight per caller
         self.stats = stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -73,15 +84,20 @@ class Gate:
         except APIError as error:
             await error.response()(scope, receive, send)
             return
+        client = owner_of(key) if key else "address:" + (scope.get("client") or ("", 0))[0]
+        busy = None
         if self.stats.in_flight >= self.max_concurrent:
+            busy = f"the server is handling {self.max_concurrent} requests, its limit; retry shortly"
+        elif self.by_client.get(client, 0) >= self.per_client:
+            busy = f"you have {self.per_client} requests in flight, the limit for one caller; retry shortly"
+        if busy is not None:
             self.stats.rejected += 1
-            await APIError(
-                429, f"the server is handling {self.max_concurrent} requests, its limit; retry shortly",
-                type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"},
-            ).response()(scope, receive, send)  # fmt: skip
+            await APIError(429, busy, type="requests", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"}).response()(scope, receive, send)  # fmt: skip
             return
         # The slot is taken before the body is read: uploads count against the limit too.
         self.stats.in_flight += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
         try:
             try:
                 async with asyncio.timeout(self.body_timeout):
@@ -105,9 +121,25 @@ class Gate:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
-            await self.app(scope, replay, send)
+            async def timed(message: Message) -> None:  # a client that stops reading is let go
+                try:
+                    async with asyncio.timeout(self.write_timeout):
+                        await send(message)
+                except TimeoutError:
+                    raise WriteTimeout from None
+
+            try:
+                await self.app(scope, replay, timed)
+            except Exception as error:
+                if not _only(error, WriteTimeout):
+                    raise
+                # Returning with the response unfinished makes the server close the connection;
+                # the routes' cleanup has stopped the generation already.
         finally:
             self.stats.in_flight -= 1
+            self.by_client[client] -= 1
+            if not self.by_client[client]:
+                del self.by_client[client]
 
     def _authenticate(self, scope: Scope) -> str | None:
         if not self.api_keys:
@@ -115,11 +147,13 @@ class Gate:
         headers = dict(scope["headers"])
         value = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, key = value.partition(" ")
+        challenge = {"WWW-Authenticate": 'Bearer realm="voxtune"'}
         if scheme.lower() != "bearer" or not key.strip():
-            raise APIError(401, "no API key given: send 'Authorization: Bearer <key>'", code="missing_api_key")
+            raise APIError(401, "no API key given: send 'Authorization: Bearer <key>'", code="missing_api_key",
+                           headers=challenge)  # fmt: skip
         key = key.strip()
         if not any(hmac.compare_digest(key.encode(), known) for known in self.api_keys):
-            raise APIError(401, "incorrect API key", code="invalid_api_key")
+            raise APIError(401, "incorrect API key", code="invalid_api_key", headers=challenge)
         return key
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
@@ -143,3 +177,10 @@ class Gate:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def _only(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `error` is a `kind`, or a group of nothing else (task groups wrap what they raise)."""
+    if isinstance(error, BaseExceptionGroup):
+        return all(_only(inner, kind) for inner in error.exceptions)
+    return isinstance(error, kind)

@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import json
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
+from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import voxtune
 from voxtune.infer.runtime import Runtime
 from voxtune.serve.app import create_app, default_model_id
+from voxtune.serve.bridge import Drain
 from voxtune.serve.config import ServeConfig
 
 
@@ -27,10 +33,11 @@ def build_runtime(config: ServeConfig, model=None) -> Runtime:
     )
 
 
-def examples(base_url: str, model_id: str, api_key: str | None) -> str:
-    """A working curl example and a Python one for a server at `base_url`."""
-    auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
-    key = api_key or "unused"
+def examples(base_url: str, model_id: str, with_key: bool) -> str:
+    """A working curl example and a Python one for a server at `base_url`; with keys, they read
+    the key from $VOXTUNE_API_KEY (a banner must not print secrets into logs)."""
+    auth = ' -H "Authorization: Bearer $VOXTUNE_API_KEY"' if with_key else ""
+    key = 'os.environ["VOXTUNE_API_KEY"]' if with_key else '"unused"'
     return f"""\
 Try it (make a question with `voxtune speak "What is seven plus five?" --out question.wav`):
 
@@ -43,9 +50,9 @@ Try it (make a question with `voxtune speak "What is seven plus five?" --out que
 
 Python (pip install openai):
 
-  import base64
+  import base64, os
   from openai import OpenAI
-  client = OpenAI(base_url="{base_url}/v1", api_key="{key}")
+  client = OpenAI(base_url="{base_url}/v1", api_key={key})
   clip = base64.b64encode(open("question.wav", "rb").read()).decode()
   reply = client.chat.completions.create(
       model="{model_id}", modalities=["text", "audio"], audio={{"voice": "alloy", "format": "wav"}},
@@ -57,16 +64,19 @@ Python (pip install openai):
 
 
 def serve(config: ServeConfig, *, log=lambda text: print(text, flush=True)) -> None:
-    """Load the model and serve it until interrupted."""
+    """Load the model and serve it until interrupted (SIGINT or SIGTERM: requests in flight
+    get `limits.shutdown_timeout_seconds` to finish)."""
     sock = _bind(config.host, config.port)  # a port in use fails before the model loads
     runtime = build_runtime(config)
     app = create_app(runtime, config)
     host, port = sock.getsockname()[:2]
     base_url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     log(f"voxtune serves {default_model_id(config)} at {base_url}/v1 (Ctrl-C stops it)")
-    log(examples(base_url, default_model_id(config), config.api_keys[0] if config.api_keys else None))
+    if not config.api_keys and not ipaddress.ip_address(host).is_loopback:
+        log(f"warning: listening on {host} without an API key: anyone who reaches it may use it (--api-key KEY)")
+    log(examples(base_url, default_model_id(config), bool(config.api_keys)))
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
+        _Server(app, config).run(sockets=[sock])
     finally:
         runtime.close()
 
@@ -74,10 +84,11 @@ def serve(config: ServeConfig, *, log=lambda text: print(text, flush=True)) -> N
 @contextmanager
 def running_server(runtime: Runtime, config: ServeConfig | None = None) -> Iterator[str]:
     """Serve `runtime` on 127.0.0.1 (a free port) in a background thread; yields the base URL
-    (e.g. "http://127.0.0.1:41234"). The runtime stays open afterwards."""
+    (e.g. "http://127.0.0.1:41234"). Leaving the block stops the server as SIGTERM does; the
+    runtime stays open afterwards."""
     config = config or ServeConfig()
     sock = _bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(runtime, config), log_level="warning", timeout_graceful_shutdown=2))
+    server = _Server(create_app(runtime, config), config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -88,8 +99,79 @@ def running_server(runtime: Runtime, config: ServeConfig | None = None) -> Itera
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=config.limits.shutdown_timeout_seconds + 10)
         sock.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with voxtune's limits: a bound on open connections, a deadline for
+    request headers, and a drain on shutdown that ends cut streams properly."""
+
+    def __init__(self, app: FastAPI, config: ServeConfig) -> None:
+        limits = config.limits
+        super().__init__(uvicorn.Config(
+            app, http=_protocol(limits.header_timeout_seconds, limits.max_connections),
+            timeout_graceful_shutdown=limits.shutdown_timeout_seconds, log_level="info" if config.access_log else "warning",
+            access_log=config.access_log,
+        ))  # fmt: skip
+        self.drain: Drain = app.state.drain
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.drain.begin(self.config.timeout_graceful_shutdown or 0.0)
+        await super().shutdown(sockets)
+
+
+def _protocol(header_timeout: float, max_connections: int) -> type[H11Protocol]:
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's line and headers (uvicorn
+    waits for them for ever, so idle and half-sent connections would pile up), and a bound on
+    open connections: one past it is answered 503 in OpenAI's shape and closed."""
+
+    class Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(_TOO_MANY_CONNECTIONS)
+                transport.close()
+                return
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()  # the next request on this connection gets the same deadline
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(header_timeout, self._late)
+
+        def _late(self) -> None:
+            waiting = self.cycle is None or self.cycle.response_complete  # no request read since
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
+def _http_response(status: str, error: dict, headers: dict[str, str]) -> bytes:
+    """A whole HTTP/1.1 response with an OpenAI-shaped error body, for the protocol to write."""
+    body = json.dumps({"error": {"param": None, **error}}).encode()
+    fields = {"content-type": "application/json", "content-length": str(len(body)), "connection": "close", **headers}
+    return f"HTTP/1.1 {status}\r\n".encode() + b"".join(f"{k}: {v}\r\n".encode() for k, v in fields.items()) + b"\r\n" + body
+
+
+_TOO_MANY_CONNECTIONS = _http_response(
+    "503 Service Unavailable",
+    {"message": "the server has as many connections open as it takes; retry shortly", "type": "server_error",
+     "code": "too_many_connections"},
+    {"retry-after": "1"},
+)  # fmt: skip
 
 
 def _bind(host: str, port: int) -> socket.socket:

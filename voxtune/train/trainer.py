@@ -43,7 +43,7 @@ from voxtune.data.dataset import LengthBucketSampler, SpeechDataset, collator
 from voxtune.data.example import SpeechExample
 from voxtune.data.manifest import ReadResult
 from voxtune.data.sources import read_source
-from voxtune.files import atomic_directory, write_atomic
+from voxtune.files import WriteError, atomic_directory, reported_writes, write_atomic
 from voxtune.model import SpeechLM
 from voxtune.model.packed_attention import use_packed_attention
 from voxtune.model.processor import Example
@@ -555,10 +555,13 @@ class Trainer:
             extra = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rngs[0]}
             if self.procs.world > 1:
                 extra["rng_per_process"] = rngs
-            with atomic_directory(target) as staging:
-                save_file({k: v.contiguous() for k, v in weights.items()}, staging / "trainable.safetensors")
-                torch.save(extra, staging / "optimizer.pt")
-                (staging / "state.json").write_text(json.dumps(asdict(self.state)))
+            try:
+                with reported_writes(f"the checkpoint {target}"), atomic_directory(target) as staging:
+                    save_file({k: v.contiguous() for k, v in weights.items()}, staging / "trainable.safetensors")
+                    torch.save(extra, staging / "optimizer.pt")
+                    (staging / "state.json").write_text(json.dumps(asdict(self.state)))
+            except WriteError as error:
+                raise TrainError(f"{error} (the checkpoints written before are whole: make room, then --resume)") from None
             for old in sorted((self.out / CHECKPOINTS).glob("step-*"))[: -self.recipe.output.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.procs.barrier()
@@ -639,12 +642,17 @@ class Trainer:
             if trained - set(weights):
                 raise TrainError("the last checkpoint lacks trained weights of this recipe's model")
             model.load_state_dict(weights, strict=False)
-        if model.has_adapters:
-            model.save_adapters(self.out / "adapter")
-            model.merge_adapters()
-        model.eval()
         provenance = json.dumps(self._provenance(), indent=2, ensure_ascii=False) + "\n"
-        model.save_pretrained(target, extra_files={TRAINING_RECORD: provenance})
+        try:
+            if model.has_adapters:
+                with reported_writes(f"the adapters to {self.out / 'adapter'}"):
+                    model.save_adapters(self.out / "adapter")
+                model.merge_adapters()
+            model.eval()
+            with reported_writes(f"the trained model to {target}"):
+                model.save_pretrained(target, extra_files={TRAINING_RECORD: provenance})
+        except WriteError as error:
+            raise TrainError(f"{error} (the last checkpoint is whole: make room, then --resume exports again)") from None
         return target
 
     def _provenance(self) -> dict[str, Any]:
