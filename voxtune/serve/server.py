@@ -128,14 +128,23 @@ def _protocol(header_timeout: float, max_connections: int) -> type[H11Protocol]:
 
     class Protocol(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
+        _refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > max_connections:
+                # Answer, stop writing and let the client close: closing at once with its
+                # request unread would reset the connection and lose the answer.
+                self._refused = True
                 transport.write(_TOO_MANY_CONNECTIONS)
-                transport.close()
+                transport.write_eof()
+                self._deadline = self.loop.call_later(min(header_timeout, 1.0), transport.close)
                 return
             self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if not self._refused:  # a refused connection's request is read and dropped
+                super().data_received(data)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
