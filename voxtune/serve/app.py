@@ -16,6 +16,7 @@ from voxtune.infer.runtime import Runtime
 from voxtune.serve import audio, chat
 from voxtune.serve.bridge import Drain
 from voxtune.serve.config import ServeConfig
+from voxtune.serve.openapi import install_openapi
 from voxtune.serve.errors import (
     APIError,
     api_error_handler,
@@ -26,7 +27,7 @@ from voxtune.serve.errors import (
 from voxtune.serve.gate import Gate, GateStats
 
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/speech")
+ROUTES = ("/health", "/metrics", "/openapi.json", "/v1/models", "/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/speech")
 
 
 def default_model_id(config: ServeConfig) -> str:
@@ -42,8 +43,9 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
     created = int(time.time())
     limits = config.limits
     # No trailing-slash redirects: a client that adds one gets a 404 in OpenAI's shape.
-    app = FastAPI(title="voxtune", version=voxtune.__version__, docs_url=None, redoc_url=None, openapi_url=None,
-                  redirect_slashes=False)  # fmt: skip
+    app = FastAPI(title="voxtune", version=voxtune.__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", redirect_slashes=False)  # fmt: skip
+    install_openapi(app, with_keys=bool(config.api_keys))
     app.state.drain = Drain()
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(InputError, input_error_handler)
@@ -62,9 +64,13 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
             raise APIError(404, f"the model {echo(name)} does not exist; this server serves {model_id!r}",
                            param="model", code="model_not_found")  # fmt: skip
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_id}
+
+    @app.head("/health", include_in_schema=False)
+    async def health_head() -> Response:
+        return Response()
 
     @app.get("/v1/models")
     async def models() -> dict:

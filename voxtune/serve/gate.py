@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from voxtune.serve.errors import APIError
 
-OPEN_PATHS = ("/health", "/metrics")  # answered without a key
+OPEN_PATHS = ("/health", "/metrics", "/openapi.json")  # answered without a key
 
 
 def owner_of(key: str | None) -> str:
