@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default: 8000; 0 picks a free one)")
     serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
                        help="require this bearer key (repeatable; also VOXTUNE_API_KEY, comma-separated)")
+    serve.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
+                       help="on SIGTERM / Ctrl-C, how long requests in flight may take to finish (default: 30)")
     serve.add_argument("--config", type=Path, metavar="YAML", help="a serve config file (limits, aliases...)")
     serve.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="config overrides, e.g. limits.max_concurrent=8")
     serve.add_argument("--print-config", action="store_true", help="print the resolved config and stop")
@@ -309,6 +311,8 @@ def _serve(args: argparse.Namespace) -> int:
     for name in ("model", "host", "port"):
         if getattr(args, name) is not None:
             overrides.append(f"{name}={json.dumps(getattr(args, name))}")
+    if args.shutdown_timeout is not None:
+        overrides.append(f"limits.shutdown_timeout_seconds={args.shutdown_timeout}")
     keys = args.api_key + [k.strip() for k in os.environ.get("VOXTUNE_API_KEY", "").split(",") if k.strip()]
     if keys:
         overrides.append(f"api_keys={json.dumps(keys)}")

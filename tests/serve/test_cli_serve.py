@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import httpx2
 import yaml
 
 from tests.serve.conftest import KEYS
@@ -15,10 +19,12 @@ from voxtune.serve.server import examples
 
 def test_flags_environment_and_overrides_make_the_config(capsys, monkeypatch):
     monkeypatch.setenv("VOXTUNE_API_KEY", "env-one, env-two")
-    code = main(["serve", "--port", "9001", "--api-key", "flag-key", "limits.max_concurrent=3", "--print-config"])
+    code = main(["serve", "--port", "9001", "--api-key", "flag-key", "limits.max_concurrent=3", "--shutdown-timeout", "12",
+                 "--print-config"])  # fmt: skip
     config = yaml.safe_load(capsys.readouterr().out)
     assert code == 0
     assert config["port"] == 9001 and config["limits"]["max_concurrent"] == 3
+    assert config["limits"]["shutdown_timeout_seconds"] == 12
     assert config["api_keys"] == ["flag-key", "env-one", "env-two"]
 
 
@@ -48,3 +54,40 @@ def test_the_printed_python_example_works_and_prints_no_key(server, question, tm
     monkeypatch.setenv("VOXTUNE_API_KEY", KEYS[0])
     exec(compile(code, "example", "exec"), {"print": lambda *a: None})
     assert (tmp_path / "reply.wav").read_bytes()[:4] == b"RIFF"
+
+
+def test_sigterm_drains_and_an_open_server_is_warned_about(tmp_path):
+    """The real process: listening beyond loopback without a key is warned about; SIGTERM ends
+    a running stream with an error event and [DONE], and the process then exits."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "voxtune.cli", "serve", "--host", "0.0.0.0", "--port", str(port),
+                               "--shutdown-timeout", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        banner = server.stdout.readline() + server.stdout.readline()
+        assert "warning: listening on 0.0.0.0 without an API key" in banner
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx2.get(url + "/health", timeout=5).raise_for_status()
+                break
+            except httpx2.HTTPError:
+                assert time.monotonic() < deadline and server.poll() is None, server.stderr.read()
+                time.sleep(0.2)
+        body = {"model": "voxtune-tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                "max_tokens": 1000, "ignore_eos": True}  # fmt: skip
+        events = []
+        with httpx2.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                    if len(events) == 3:
+                        server.send_signal(signal.SIGTERM)
+        # uvicorn raises the signal again once it has shut down, so the status says SIGTERM.
+        assert server.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        server.kill()
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "server_shutting_down"
