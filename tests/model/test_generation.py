@@ -65,7 +65,7 @@ def test_max_new_tokens_bounds_the_reply(tiny_models):
     assert len(model.tokenizer(one, add_special_tokens=False)["input_ids"]) <= 1
 
 
-@pytest.mark.parametrize("kwargs", [{"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}])
+@pytest.mark.parametrize("kwargs", [{"max_new_tokens": 0}, {"temperature": -1}, {"top_p": -0.1}, {"top_p": 1.5}])
 def test_bad_sampling_parameters(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
