@@ -29,7 +29,9 @@ configuration in a fresh process of its own:
   computes it); and one the other way: batches prepared by a background thread
   (`train.prefetch=2`, off by default on the CPU), and QLoRA (`train.method=qlora`: the same
   adapters on an LM whose linear layers hold 4-bit NF4 weights; its saving is in the model's
-  resident weights, so compare peak MiB, not +MiB).
+  resident weights, so compare peak MiB, not +MiB), and activation checkpointing
+  (`train.grad_checkpointing=true`: the LM's activations recomputed in backward, memory for
+  time).
 
 Each configuration trains `--epochs` epochs; an epoch is every training example once. What the
 table shows:
@@ -101,6 +103,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "no_bucket": ("voxtune, length buckets off", {"bucket": False}),
     "prefetch": ("voxtune, prefetch thread on", {"prefetch": 2}),
     "qlora": ("voxtune, QLoRA (4-bit LM)", {"method": "qlora"}),
+    "checkpointing": ("voxtune, act. checkpointing", {"grad_checkpointing": True}),
 }
 LANGUAGES = ["en", "de", "fr", "es", "ru", "zh"]
 MIXTURE = {"transcribe": 2.0, "language": 1.0, "describe": 1.0, "answer": 1.0}
