@@ -32,6 +32,22 @@ def test_round_trip_gives_identical_outputs(tmp_path, make_clip, family, encoder
     assert loaded.config == model.config
 
 
+def test_the_projector_norm_sits_mid_for_whisper_models_and_older_checkpoints_keep_theirs(tmp_path, make_clip):
+    whisper, streaming = tiny("llama", "whisper", seed=1), tiny("llama", "streaming", seed=1)
+    assert whisper.config.projector_norm_mid and whisper.projector.norm_out is None
+    assert not streaming.config.projector_norm_mid and streaming.projector.norm_mid is None
+    # A checkpoint saved before the choice existed has no such key: its norm is after the MLP.
+    old = tiny("llama", "whisper", seed=1, projector_norm_mid=False)
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "voxtune.json").read_text())
+    del config["projector_norm_mid"]
+    (tmp_path / "voxtune.json").write_text(json.dumps(config))
+    loaded = voxtune.load(tmp_path)
+    assert loaded.projector.norm_out is not None and loaded.projector.norm_mid is None
+    clip = make_clip(0.9)
+    assert torch.equal(_logits(old, clip), _logits(loaded, clip))
+
+
 def test_the_lm_part_is_a_plain_transformers_checkpoint(tmp_path):
     model = tiny("qwen2", "streaming")
     model.save_pretrained(tmp_path)

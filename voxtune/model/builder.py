@@ -42,11 +42,14 @@ def build_speech_lm(
     encoder_config: dict[str, Any] | Any,
     projector_stack: int | None = None,
     projector_hidden: int | None = None,
+    projector_norm_mid: bool | None = None,
 ) -> SpeechLM:
     """A `SpeechLM` around `lm` with a new (randomly initialised) encoder and projector.
 
     The tokenizer is prepared (see `prepare_tokenizer`) and the LM's embeddings grow to its
-    vocabulary, new rows starting at the mean of the old ones.
+    vocabulary, new rows starting at the mean of the old ones. The projector's second norm sits
+    between its layers by default for a Whisper encoder (the Ultravox v0.5 layout, which exports
+    exactly to vLLM and llama.cpp), after them for the streaming encoder (no export target).
     """
     tokenizer = prepare_tokenizer(tokenizer, lm.config.model_type)
     if lm.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -55,13 +58,15 @@ def build_speech_lm(
     encoder = build_encoder(encoder_kind, encoder_config)
     stack = projector_stack or DEFAULT_STACK[encoder_kind]
     hidden = projector_hidden or 2 * lm.config.hidden_size
-    projector = Projector(encoder.dim, lm.config.hidden_size, stack=stack, hidden=hidden)
+    norm_mid = encoder_kind == "whisper" if projector_norm_mid is None else projector_norm_mid
+    projector = Projector(encoder.dim, lm.config.hidden_size, stack=stack, hidden=hidden, norm_mid=norm_mid)
     config = SpeechLMConfig(
         encoder_kind=encoder_kind,
         encoder=encoder_config,
         projector_stack=stack,
         projector_hidden=hidden,
         n_mels=int(encoder_config.get("n_mels", encoder_config.get("num_mel_bins", 80))),
+        projector_norm_mid=norm_mid,
     )
     return SpeechLM(encoder, projector, lm, tokenizer, config)
 
@@ -72,6 +77,7 @@ def compose(
     *,
     projector_stack: int | None = None,
     projector_hidden: int | None = None,
+    projector_norm_mid: bool | None = None,
     dtype: Any = None,
 ) -> SpeechLM:
     """A new `SpeechLM` from pretrained parts, ready to fine-tune.
@@ -81,6 +87,8 @@ def compose(
         encoder: a Whisper checkpoint directory or repo id (its encoder weights are loaded), or
             a `StreamingEncoderConfig`-style dict for a new streaming encoder.
         projector_stack, projector_hidden: projector shape (defaults: ~12.5 tokens/s, 2x LM width).
+        projector_norm_mid: the projector's second norm between its layers (default: with a
+            Whisper encoder), else after them.
         dtype: the LM's dtype (default float32).
 
     Hub ids are resolved through the Hugging Face cache, downloading only what is named here.
@@ -93,7 +101,7 @@ def compose(
     if isinstance(encoder, dict):
         return build_speech_lm(
             language_model, tokenizer, encoder_kind="streaming", encoder_config=encoder,
-            projector_stack=projector_stack, projector_hidden=projector_hidden,
+            projector_stack=projector_stack, projector_hidden=projector_hidden, projector_norm_mid=projector_norm_mid,
         )  # fmt: skip
     from transformers import WhisperConfig
 
@@ -103,7 +111,7 @@ def compose(
     whisper_dir = resolve(encoder)
     model = build_speech_lm(
         language_model, tokenizer, encoder_kind="whisper", encoder_config=WhisperConfig.from_pretrained(whisper_dir),
-        projector_stack=projector_stack, projector_hidden=projector_hidden,
+        projector_stack=projector_stack, projector_hidden=projector_hidden, projector_norm_mid=projector_norm_mid,
     )  # fmt: skip
     model.encoder.load_state_dict(load_whisper_encoder(whisper_dir).state_dict())
     return model

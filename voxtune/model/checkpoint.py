@@ -144,7 +144,8 @@ def _load(path: Path, config_path: Path, device: Any, dtype: torch.dtype | None)
     if len(tokenizer) > rows:
         raise ModelLoadError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the LM only {rows} embeddings")
     encoder = build_encoder(config.encoder_kind, config.encoder)
-    projector = Projector(encoder.dim, lm.config.hidden_size, stack=config.projector_stack, hidden=config.projector_hidden)
+    projector = Projector(encoder.dim, lm.config.hidden_size, stack=config.projector_stack, hidden=config.projector_hidden,
+                          norm_mid=config.projector_norm_mid)  # fmt: skip
     model = SpeechLM(encoder, projector, lm, tokenizer, config)
     weights_path = path / AUDIO_WEIGHTS
     if not weights_path.is_file():

@@ -8,19 +8,25 @@ from torch import nn
 
 
 class Projector(nn.Module):
-    """Stack `stack` consecutive encoder frames, then RMSNorm -> SwiGLU MLP -> RMSNorm.
+    """Stack `stack` consecutive encoder frames, then RMSNorm -> SwiGLU MLP, with one more
+    RMSNorm: after the MLP (`norm_mid=False`), or between its two layers (`norm_mid=True`).
 
-    Stacking sets the audio token rate (25 encoder frames/s stacked by 2 is 12.5 tokens/s);
-    the output norm keeps audio embeddings at the scale the LM's own embeddings have.
+    Stacking sets the audio token rate (25 encoder frames/s stacked by 2 is 12.5 tokens/s); the
+    second norm keeps audio embeddings at a scale the LM can read. The two layouts are
+    Ultravox's: v0.4 (norm after) and v0.5+ (norm in the middle), the one vLLM and llama.cpp
+    both run, so a model with it exports exactly to either.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, stack: int, hidden: int, eps: float = 1e-6) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, *, stack: int, hidden: int, norm_mid: bool = False, eps: float = 1e-6
+    ) -> None:
         super().__init__()
         self.stack = stack
         self.norm_in = nn.RMSNorm(in_dim * stack, eps=eps)
         self.gate_up = nn.Linear(in_dim * stack, 2 * hidden, bias=False)
+        self.norm_mid = nn.RMSNorm(hidden, eps=eps) if norm_mid else None
         self.down = nn.Linear(hidden, out_dim, bias=False)
-        self.norm_out = nn.RMSNorm(out_dim, eps=eps)
+        self.norm_out = None if norm_mid else nn.RMSNorm(out_dim, eps=eps)
 
     def output_lengths(self, frames: torch.Tensor) -> torch.Tensor:
         """Audio tokens for each clip's encoder frame count: ceil(frames / stack)."""
@@ -34,4 +40,8 @@ class Projector(nn.Module):
             frames = F.pad(frames, (0, 0, 0, pad))
         stacked = frames.reshape(batch, (length + pad) // self.stack, self.stack * dim)  # [B, T/k, k*D]
         gate, up = self.gate_up(self.norm_in(stacked)).chunk(2, dim=-1)
-        return self.norm_out(self.down(F.silu(gate) * up))
+        hidden = F.silu(gate) * up
+        if self.norm_mid is not None:
+            hidden = self.norm_mid(hidden)
+        out = self.down(hidden)
+        return out if self.norm_out is None else self.norm_out(out)

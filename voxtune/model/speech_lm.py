@@ -38,6 +38,9 @@ class SpeechLMConfig:
     projector_hidden: int
     n_mels: int
     version: int = CONFIG_VERSION
+    # The projector's second RMSNorm between its layers (Ultravox v0.5+, what vLLM and llama.cpp
+    # run) rather than after them (v0.4); checkpoints from before the choice have it after.
+    projector_norm_mid: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

@@ -100,13 +100,16 @@ def tiny(
     encoder_heads: int = 2,
     encoder_left_chunks: int = 2,
     projector_stack: int | None = None,
+    projector_norm_mid: bool | None = None,
     vocab_size: int = 400,
     corpus: str = _CORPUS,
 ) -> SpeechLM:
     """A small random `SpeechLM`: an LM of family `lm` (`hidden` wide, `layers` deep, a
     byte-level BPE of `vocab_size` tokens trained on `corpus`) and an encoder of kind `encoder`
     (`encoder_dim` wide, `encoder_layers` deep), `projector_stack` of its frames per audio token
-    (default: the encoder kind's, about 12.5 tokens/s). The defaults make a model for tests; bigger
+    (default: the encoder kind's, about 12.5 tokens/s), the projector's second norm between its
+    layers or after them (`projector_norm_mid`; default: between with a Whisper encoder, see
+    `build_speech_lm`). The defaults make a model for tests; bigger
     settings make one worth training from scratch (recipes/voxtune-tiny)."""
     tokenizer = prepare_tokenizer(train_tokenizer(lm, vocab_size, corpus), lm)  # full vocabulary before the LM is sized
     lm_config = tiny_lm_config(lm, tokenizer, hidden=hidden, layers=layers, heads=heads, mlp_ratio=mlp_ratio)
@@ -117,6 +120,7 @@ def tiny(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(lm_config)
         speech_lm = build_speech_lm(
-            model, tokenizer, encoder_kind=encoder, encoder_config=encoder_config, projector_stack=projector_stack
+            model, tokenizer, encoder_kind=encoder, encoder_config=encoder_config, projector_stack=projector_stack,
+            projector_norm_mid=projector_norm_mid,
         )
     return speech_lm.eval()

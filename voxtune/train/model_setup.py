@@ -35,10 +35,10 @@ def build_model(section: ModelSection, corpus: str | None = None) -> SpeechLM:
             t.lm, t.encoder, hidden=t.hidden, layers=t.layers, heads=t.heads, mlp_ratio=t.mlp_ratio,
             encoder_dim=t.encoder_dim, encoder_layers=t.encoder_layers, encoder_heads=t.encoder_heads,
             encoder_left_chunks=t.encoder_left_chunks, projector_stack=t.projector_stack, vocab_size=t.vocab_size,
-            **options,
+            projector_norm_mid=section.projector_norm_mid, **options,
         )  # fmt: skip
     else:
-        model = compose(section.lm, section.encoder)
+        model = compose(section.lm, section.encoder, projector_norm_mid=section.projector_norm_mid)
     if section.init_encoder is not None:
         load_encoder_weights(model, section.init_encoder)
     return model

@@ -56,6 +56,9 @@ class ModelSection(Config):
     # With tiny or lm: start the encoder from this saved voxtune model's (same encoder config),
     # e.g. a new LM learning to read an encoder trained before.
     init_encoder: str | None = None
+    # With tiny or lm: the new projector's second norm between its layers (the Ultravox v0.5
+    # layout vLLM and llama.cpp run) or after them. Default: between, with a Whisper encoder.
+    projector_norm_mid: bool | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
@@ -64,6 +67,8 @@ class ModelSection(Config):
             raise ValueError("set exactly one of model.load, model.tiny, or model.lm (with model.encoder)")
         if self.load is not None and self.init_encoder is not None:
             raise ValueError("model.init_encoder goes with model.tiny or model.lm: model.load brings its own encoder")
+        if self.load is not None and self.projector_norm_mid is not None:
+            raise ValueError("model.projector_norm_mid goes with model.tiny or model.lm: model.load brings its own projector")
         if (self.lm is None) != (self.encoder is None):
             raise ValueError("model.lm and model.encoder go together")
         return self
