@@ -143,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "unless given dtype=torch.float32)")
     convert.set_defaults(run=_convert)
 
+    export = commands.add_parser("export", help="write a model or a training run for vLLM, llama.cpp, peft or the Hub")
+    export.add_argument("model", metavar="MODEL", help="a model folder, or a training run's output folder")
+    export.add_argument("--to", required=True, choices=["merged", "adapters", "ultravox", "gguf"],
+                        help="merged: plain checkpoint; adapters: peft LoRA alone; ultravox: for vLLM; gguf: for llama.cpp")
+    export.add_argument("--out", required=True, type=Path, help="the folder to write")
+    export.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0"], help="with --to gguf: the LM's weights (default f16)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hugging Face repo")
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
+    export.set_defaults(run=_export)
+
     demo = commands.add_parser("demo", help="speak a sample sentence in several languages")
     demo.add_argument("--out-dir", type=Path, default=Path("out/demo"), help="where to write (default: out/demo)")
     demo.set_defaults(run=_demo)
@@ -336,6 +347,21 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"use it: voxtune transcribe --model {done.path} FILE, voxtune serve --model {done.path}, "
           f"WhisperForConditionalGeneration.from_pretrained({str(done.path)!r}), or as a speech LM's "
           f"encoder: voxtune.model.compose(LM, {str(done.path)!r})")  # fmt: skip
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.private and not args.push_to_hub:
+        raise UsageError("--private goes with --push-to-hub")
+    _quiet_libraries()
+    from voxtune.export import export
+
+    done = export(args.model, args.to, args.out, quant=args.quant, overwrite=args.overwrite)
+    print(f"wrote the {args.to} export to {done} (README.md says how to run it)")
+    if args.push_to_hub:
+        from voxtune.export.hub import push
+
+        print(f"uploaded it to {push(done, args.push_to_hub, private=args.private)}")
     return 0
 
 

@@ -138,14 +138,24 @@ class SpeechLM(nn.Module):
 
     def audio_tokens(self, samples: int) -> int:
         """LM positions a clip of `samples` 16 kHz samples takes."""
+        if self._pads_to_hop:
+            samples += -samples % HOP_LENGTH
         frames = torch.tensor([samples // HOP_LENGTH])
         return int(self.projector.output_lengths(self.encoder.output_lengths(frames))[0])
 
     # ---- audio ------------------------------------------------------------------------------
 
+    @property
+    def _pads_to_hop(self) -> bool:
+        # A Whisper encoder reads its clips as Whisper's feature extractor gives them in Ultravox
+        # and vLLM (zero-padded to a whole hop), so an exported model reads the same frames there.
+        return self.config.encoder_kind == "whisper"
+
     def featurize(self, clips: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """16 kHz clips -> the encoder's input features [N, M, T] and valid frames [N]: log-mel
-        with Whisper's numerics."""
+        with Whisper's numerics (for a Whisper encoder, of each clip zero-padded to a whole hop)."""
+        if self._pads_to_hop:
+            clips = [np.pad(np.asarray(c), (0, -len(c) % HOP_LENGTH)) for c in clips]
         return log_mel_batch(list(clips), self.config.n_mels)
 
     def embed_audio(self, features: torch.Tensor, frames: torch.Tensor) -> list[torch.Tensor]:
