@@ -1,0 +1,116 @@
+"""GGUF exports: the LM runs in llama.cpp (llama-cpp-python) with transformers' greedy text, q8_0
+keeps its perplexity, and the mmproj holds every encoder and projector tensor llama.cpp's
+Ultravox graph reads, with their values."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from voxtune.export import ExportError, export
+from voxtune.export.ultravox import ultravox_state
+from voxtune.model import tiny
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python runs the GGUF files")
+
+PROMPT = "the number is four hundred and four"
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def exported(request, tmp_path_factory):
+    """A tiny Whisper-encoder model of each LM family, exported at every precision: (model, {quant: folder})."""
+    root = tmp_path_factory.mktemp(f"gguf-{request.param}")
+    model = tiny(request.param, "whisper", seed=5, hidden=64)
+    model.save_pretrained(root / "model")
+    return model, {q: export(root / "model", "gguf", root / q, quant=q) for q in ("f32", "f16", "q8_0")}
+
+
+def _llama(folder):
+    return llama_cpp.Llama(model_path=str(folder / "model.gguf"), n_ctx=256, logits_all=True, verbose=False)
+
+
+def _greedy_and_logits(folder, ids: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's greedy continuation of `ids` and its logits over the prompt [len(ids), V]."""
+    llm = _llama(folder)
+    try:
+        llm.eval(ids)
+        logits = np.array(llm.scores[: len(ids)])
+        out = []
+        for _ in range(steps):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([out[-1]])
+        return out, logits
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_tokenises_and_generates_as_transformers(exported):
+    model, folders = exported
+    ids = model.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        expected = model.lm.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
+        reference = model.lm(input_ids=torch.tensor([ids])).logits[0].numpy()
+    for quant in ("f32", "f16"):
+        llm = _llama(folders[quant])
+        try:
+            assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == ids
+        finally:
+            llm.close()
+        greedy, logits = _greedy_and_logits(folders[quant], ids, 12)
+        assert greedy == expected, quant
+        assert np.abs(logits - reference).max() < (1e-3 if quant == "f32" else 5e-2), quant
+
+
+def test_q8_0_keeps_the_perplexity_of_f16(exported):
+    model, folders = exported
+    text = "seven plus five is twelve and the number is four hundred and four. " * 3
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def perplexity(quant: str) -> float:
+        _, logits = _greedy_and_logits(folders[quant], ids, 0)
+        log_probs = torch.log_softmax(torch.from_numpy(logits[:-1]), dim=-1)
+        return float(torch.exp(-log_probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean()))
+
+    assert abs(perplexity("q8_0") / perplexity("f16") - 1) <= 0.02
+    reader = gguf.GGUFReader(str(folders["q8_0"] / "model.gguf"))
+    kinds = {t.name: t.tensor_type for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert kinds["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+
+
+def test_the_mmproj_holds_the_encoder_and_projector_llama_cpp_reads(exported):
+    model, folders = exported
+    reader = gguf.GGUFReader(str(folders["f16"] / "mmproj.gguf"))
+    fields = {name: field for name, field in reader.fields.items()}
+
+    def value(key: str):
+        field = fields[key]
+        part = field.parts[field.data[0]]
+        return bytes(part).decode() if field.types[0] == gguf.GGUFValueType.STRING else part[0]
+
+    assert value("general.architecture") == "clip" and value("clip.projector_type") == "ultravox"
+    assert value("clip.has_audio_encoder") and value("clip.audio.projector.stack_factor") == model.config.projector_stack
+    assert value("clip.audio.projection_dim") == model.lm.config.hidden_size
+    assert value("clip.audio.block_count") == model.config.encoder["encoder_layers"]
+    tensors = {t.name: t for t in reader.tensors}
+    state = {k: v for k, v in ultravox_state(model).items() if not k.startswith("language_model.")}
+    assert len(tensors) == len(state)  # every encoder and projector tensor, nothing else
+    assert {"mm.a.norm_pre.weight", "mm.a.mlp.1.weight", "mm.a.norm_mid.weight", "mm.a.mlp.2.weight",
+            "a.conv1d.1.weight", "a.position_embd.weight", "a.blk.0.attn_q.weight", "a.post_ln.weight"} <= set(tensors)  # fmt: skip
+    pairs = {"mm.a.mlp.1.weight": "multi_modal_projector.linear_1.weight", "a.blk.1.ffn_down.weight": "audio_tower.layers.1.fc2.weight",
+             "a.conv1d.2.bias": "audio_tower.conv2.bias", "mm.a.norm_mid.weight": "multi_modal_projector.ln_mid.weight"}  # fmt: skip
+    for name, key in pairs.items():
+        stored = np.asarray(gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type), dtype=np.float32)
+        assert np.allclose(stored.reshape(-1), state[key].numpy().reshape(-1), atol=2e-3), name  # f16 rounding
+
+
+def test_gguf_needs_the_mid_norm_projector_and_a_family_llama_cpp_runs(tmp_path):
+    tiny("llama", "whisper", projector_norm_mid=False).save_pretrained(tmp_path / "v04")
+    with pytest.raises(ExportError, match="llama.cpp's graph lacks; it exports to --to ultravox"):
+        export(tmp_path / "v04", "gguf", tmp_path / "a")
+    tiny("gemma3_text", "whisper").save_pretrained(tmp_path / "gemma")
+    with pytest.raises(ExportError, match="GGUF for llama, qwen2 LMs, not gemma3_text"):
+        export(tmp_path / "gemma", "gguf", tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
