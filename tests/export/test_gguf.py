@@ -114,3 +114,60 @@ def test_gguf_needs_the_mid_norm_projector_and_a_family_llama_cpp_runs(tmp_path)
     with pytest.raises(ExportError, match="GGUF for llama, qwen2 LMs, not gemma3_text"):
         export(tmp_path / "gemma", "gguf", tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _mtmd_greedy(folder, prompt: str, audio: np.ndarray, steps: int) -> tuple[list[int], list[int]]:
+    """llama.cpp's multimodal path (mtmd, through llama-cpp-python's low-level bindings): the
+    prompt with `audio` at the media marker, read through the mmproj; returns the audio chunks'
+    token counts and the greedy continuation."""
+    import ctypes
+
+    mtmd = pytest.importorskip("llama_cpp.mtmd_cpp", reason="this llama-cpp-python has no mtmd bindings")
+    llm = llama_cpp.Llama(model_path=str(folder / "model.gguf"), n_ctx=1024, n_batch=512, verbose=False)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.print_timings, params.n_threads, params.warmup = False, False, 2, False
+    context = mtmd.mtmd_init_from_file(str(folder / "mmproj.gguf").encode(), llm._model.model, params)
+    samples = (ctypes.c_float * len(audio)).from_buffer_copy(audio.astype(np.float32).tobytes())
+    bitmap = mtmd.mtmd_bitmap_init_from_audio(len(audio), samples)
+    chunks = mtmd.mtmd_input_chunks_init()
+    try:
+        assert context and mtmd.mtmd_support_audio(context)
+        text = mtmd.mtmd_input_text()
+        encoded = prompt.replace("<|audio|>", mtmd.mtmd_default_marker().decode()).encode()
+        text.text, text.text_len, text.add_special, text.parse_special = encoded, len(encoded), False, True
+        assert mtmd.mtmd_tokenize(context, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        counts = []
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_AUDIO:
+                counts.append(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+        n_past = llama_cpp.llama_pos(0)
+        assert mtmd.mtmd_helper_eval_chunks(context, llm._ctx.ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
+        tokens = []
+        for _ in range(steps):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+            tokens.append(int(np.argmax(logits)))
+            llama_cpp.llama_decode(llm._ctx.ctx, llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(tokens[-1]), 1))
+        return counts, tokens
+    finally:
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+        mtmd.mtmd_free(context)
+        llm.close()
+
+
+def test_llama_cpp_hears_a_clip_through_the_mmproj_as_voxtune_does(exported):
+    """llama.cpp pads every clip into whole 30 s windows and reads them unmasked; voxtune given
+    the same clip padded to 30 s reads the same window, and both continue with the same text."""
+    from voxtune.audio import Audio, voices
+
+    model, folders = exported
+    speech = voices.synthesize("The number is four hundred and four.", "en").samples
+    padded = np.zeros(30 * 16000, np.float32)
+    padded[: len(speech)] = speech
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": Audio(padded, 16000)}, {"type": "text", "text": "what?"}]}]
+    prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "<|audio|>what?"}], tokenize=False,
+                                                 add_generation_prompt=True)  # fmt: skip
+    counts, tokens = _mtmd_greedy(folders["f32"], prompt, speech, 16)
+    assert counts == [model.audio_tokens(len(padded))]  # one 30 s window, as many tokens as voxtune's
+    assert model.tokenizer.decode(tokens) == model.generate(messages, max_new_tokens=16)
