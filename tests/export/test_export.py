@@ -47,10 +47,12 @@ def whisper_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(corpus, tmp_path_factory):
-    """A 3-step LoRA run of a tiny Whisper-encoder model: the run's output folder."""
+    """A 3-step LoRA run from a saved tiny Whisper-encoder model (its `base/` beside the run's
+    folder): the run's output folder."""
     out = tmp_path_factory.mktemp("run")
+    tiny("llama", "whisper", seed=6, hidden=32).save_pretrained(out.parent / f"{out.name}-base")
     recipe = load_config(TrainRecipe, {
-        "model": {"tiny": {"lm": "llama", "encoder": "whisper", "hidden": 32}},
+        "model": {"load": str(out.parent / f"{out.name}-base")},
         "data": {"train": [str(corpus / "train.jsonl")]},
         "train": {"max_steps": 3, "max_tokens": 1500, "log_every": 1},
         "optim": {"lr": 1e-2, "warmup_steps": 1}, "eval": {"every": 100}, "output": {"dir": str(out), "save_every": 100},
@@ -123,8 +125,13 @@ def test_a_run_exports_merged_and_adapters_with_the_runs_numbers(run, tmp_path):
     assert (tmp_path / "merged" / "training.json").is_file()
     adapters = export(run, "adapters", tmp_path / "adapters")
     assert (adapters / "adapter_config.json").is_file()
-    base = AutoModelForCausalLM.from_pretrained(run / "model")  # any LM of that shape: the adapters must load on it
-    assert isinstance(PeftModel.from_pretrained(base, adapters), PeftModel)
+    # transformers + peft alone: the base LM with the adapters computes what the merged LM does.
+    base = AutoModelForCausalLM.from_pretrained(run.parent / f"{run.name}-base")
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(base, adapters)(input_ids=ids).logits
+        expected = merged.lm(input_ids=ids).logits
+    assert (adapted - expected).abs().max() <= 1e-5
 
 
 def test_the_card_says_what_how_and_how_to_run(run, tmp_path):
@@ -180,3 +187,17 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(whisper_model, tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith("voxtune: error: cannot write the export to") and done.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_other_architectures_export_merged_and_ultravox_checkpoints_stay_ultravox(tmp_path):
+    from voxtune.model.architectures.tiny import tiny_checkpoint
+
+    ultravox = tiny_checkpoint("ultravox", tmp_path / "ultravox")
+    again = voxtune.load(export(ultravox, "ultravox", tmp_path / "u"))
+    original = voxtune.load(ultravox)
+    assert again.architecture == "ultravox"
+    assert torch.equal(_logits(original, _clip(16000)), _logits(again, _clip(16000)))
+    qwen = tiny_checkpoint("qwen2_audio", tmp_path / "qwen", seconds=2)
+    with pytest.raises(ExportError, match="this is a qwen2_audio checkpoint"):
+        export(qwen, "gguf", tmp_path / "g")
+    assert voxtune.load(export(qwen, "merged", tmp_path / "m")).architecture == "qwen2_audio"

@@ -80,6 +80,27 @@ def test_q8_0_keeps_the_perplexity_of_f16(exported):
     assert kinds["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
 
 
+def test_every_lm_tensor_is_in_the_gguf_with_its_values(exported):
+    from voxtune.export.gguf import _interleave_heads
+
+    model, folders = exported
+    config = model.lm.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if config.model_type == "llama" else gguf.MODEL_ARCH.QWEN2,
+                                     config.num_hidden_layers)  # fmt: skip
+    state = {k: v for k, v in model.lm.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    for quant, tolerance in (("f32", 0.0), ("q8_0", 0.02)):
+        tensors = {t.name: t for t in gguf.GGUFReader(str(folders[quant] / "model.gguf")).tensors}
+        assert len(tensors) == len(state)
+        for key, value in state.items():
+            stored = tensors[names.get_name(key, try_suffixes=(".weight", ".bias"))]
+            data = np.asarray(gguf.quants.dequantize(stored.data, stored.tensor_type), dtype=np.float32).reshape(value.shape)
+            expected = value.numpy()
+            if config.model_type == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config.num_attention_heads if "q_proj" in key else config.num_key_value_heads
+                expected = _interleave_heads(expected, heads)
+            assert np.abs(data - expected).max() <= tolerance * max(1.0, float(np.abs(expected).max())), (quant, key)
+
+
 def test_the_mmproj_holds_the_encoder_and_projector_llama_cpp_reads(exported):
     model, folders = exported
     reader = gguf.GGUFReader(str(folders["f16"] / "mmproj.gguf"))

@@ -98,6 +98,8 @@ def _write(found: Source, to: str, staging: Path, quant: str | None) -> None:
         for name in ("training.json", "eval.json"):  # how it was made, when the source says
             if (found.model / name).is_file() and not (staging / name).exists():
                 shutil.copy2(found.model / name, staging / name)
+    elif to == "ultravox" and getattr(model, "architecture", None) == "ultravox":
+        model.save_pretrained(staging)  # an Ultravox checkpoint saves in its own layout, every part inline
     elif to == "ultravox":
         from voxtune.export.ultravox import write_ultravox
 

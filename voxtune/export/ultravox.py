@@ -32,7 +32,8 @@ def check_exportable(model: SpeechLM, target: str) -> None:
     kind = getattr(model.config, "encoder_kind", None)
     if getattr(model, "architecture", None) is not None:
         raise ExportError(f"this is a {model.architecture} checkpoint: --to {target} exports voxtune's own models "
-                         "(a Whisper encoder, voxtune's projector, any causal LM); use --to merged")  # fmt: skip
+                          "(a Whisper encoder, voxtune's projector, any causal LM) and Ultravox checkpoints to "
+                          "--to ultravox; use --to merged")  # fmt: skip
     if kind != "whisper":
         raise ExportError(f"--to {target}: this model's {kind} encoder has no counterpart in vLLM or llama.cpp "
                          "(both run a Whisper encoder); export it with --to merged or --to adapters")  # fmt: skip
