@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
+from starlette.websockets import WebSocket
 
 import voxtune
 from voxtune.errors import InputError, echo
@@ -17,6 +18,7 @@ from voxtune.serve import audio, chat
 from voxtune.serve.bridge import Drain
 from voxtune.serve.config import ServeConfig
 from voxtune.serve.openapi import install_openapi
+from voxtune.serve.realtime import Sessions, serve_realtime
 from voxtune.serve.errors import (
     APIError,
     api_error_handler,
@@ -93,6 +95,14 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
     async def speech(request: Request) -> Response:
         return await audio.speech(request, runtime, check_model, limits.max_speech_chars)
 
+    sessions = Sessions(limits.max_realtime_sessions)
+
+    @app.websocket("/v1/realtime")
+    async def realtime(socket: WebSocket) -> None:
+        await serve_realtime(socket, runtime=runtime, model_id=model_id, api_keys=[k.encode() for k in config.api_keys],
+                             check_model=check_model, drain=app.state.drain, max_tokens=limits.max_tokens,
+                             sessions=sessions)  # fmt: skip
+
     @app.get("/metrics")
     async def metrics() -> Response:
         stats, engine = runtime.store.stats, runtime.engine
@@ -119,6 +129,9 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
             f"voxtune_engine_peak_batch {engine.peak_batch}",
             "# TYPE voxtune_engine_steps_total counter",
             f"voxtune_engine_steps_total {engine.steps}",
+            "# HELP voxtune_realtime_sessions Realtime WebSocket sessions open now.",
+            "# TYPE voxtune_realtime_sessions gauge",
+            f"voxtune_realtime_sessions {sessions.active}",
             "# TYPE voxtune_requests_in_flight gauge",
             f"voxtune_requests_in_flight {gate.in_flight}",
             "# HELP voxtune_requests_rejected_total Requests turned away at the concurrency limit (429).",

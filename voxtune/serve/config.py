@@ -18,6 +18,7 @@ class Limits(Config):
     # take every slot. None: half of max_concurrent.
     max_concurrent_per_client: int | None = Field(None, ge=1)
     max_connections: int = Field(512, ge=1)  # open connections, idle ones included; beyond it, 503
+    max_realtime_sessions: int = Field(32, ge=1)  # /v1/realtime WebSockets open at once
     max_batch: int = Field(32, ge=1)  # conversations decoded together
     max_speech_chars: int = Field(4096, ge=1)  # /v1/audio/speech input, as OpenAI
     body_timeout_seconds: float = Field(30.0, gt=0)  # a body that takes longer to arrive: 408

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from voxtune.serve.errors import APIError
 
 OPEN_PATHS = ("/health", "/metrics", "/openapi.json")  # answered without a key
+INSECURE_KEY = "openai-insecure-api-key."  # the WebSocket subprotocol that carries a browser's key
 
 
 def owner_of(key: str | None) -> str:
@@ -142,19 +143,7 @@ class Gate:
                 del self.by_client[client]
 
     def _authenticate(self, scope: Scope) -> str | None:
-        if not self.api_keys:
-            return None
-        headers = dict(scope["headers"])
-        value = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, key = value.partition(" ")
-        challenge = {"WWW-Authenticate": 'Bearer realm="voxtune"'}
-        if scheme.lower() != "bearer" or not key.strip():
-            raise APIError(401, "no API key given: send 'Authorization: Bearer <key>'", code="missing_api_key",
-                           headers=challenge)  # fmt: skip
-        key = key.strip()
-        if not any(hmac.compare_digest(key.encode(), known) for known in self.api_keys):
-            raise APIError(401, "incorrect API key", code="invalid_api_key", headers=challenge)
-        return key
+        return authenticate(scope, self.api_keys)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body (None if the client left); 413 past the limit."""
@@ -184,3 +173,25 @@ def _only(error: BaseException, kind: type[BaseException]) -> bool:
     if isinstance(error, BaseExceptionGroup):
         return all(_only(inner, kind) for inner in error.exceptions)
     return isinstance(error, kind)
+
+
+def authenticate(scope: Scope, api_keys: Sequence[bytes]) -> str | None:
+    """The caller's key (None without keys): a bearer header, or for a WebSocket the
+    `openai-insecure-api-key.<key>` subprotocol browsers send; a 401 `APIError` otherwise."""
+    if not api_keys:
+        return None
+    headers = dict(scope["headers"])
+    scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer":
+        key = ""
+    if not key.strip() and scope["type"] == "websocket":
+        offered = headers.get(b"sec-websocket-protocol", b"").decode("latin-1").split(",")
+        key = next((p.strip()[len(INSECURE_KEY):] for p in offered if p.strip().startswith(INSECURE_KEY)), "")
+    challenge = {"WWW-Authenticate": 'Bearer realm="voxtune"'}
+    if not key.strip():
+        raise APIError(401, "no API key given: send 'Authorization: Bearer <key>'", code="missing_api_key",
+                       headers=challenge)  # fmt: skip
+    key = key.strip()
+    if not any(hmac.compare_digest(key.encode(), known) for known in api_keys):
+        raise APIError(401, "incorrect API key", code="invalid_api_key", headers=challenge)
+    return key

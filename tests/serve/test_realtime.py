@@ -1,0 +1,224 @@
+"""`/v1/realtime` through the official `openai` client (`client.realtime.connect()`) against a
+real server: push-to-talk and server-VAD turns, spoken and text replies, transcription-only
+sessions, cancelling and barge-in, keys, limits, and error events for bad input. Every event
+the server sends is checked against the SDK's own event models."""
+
+from __future__ import annotations
+
+import base64
+import json
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from openai import OpenAI
+from openai.types.realtime import RealtimeServerEvent
+from pydantic import TypeAdapter
+
+from tests.serve.conftest import KEYS
+from voxtune.audio import Audio, encode, voices
+from voxtune.model import tiny
+from voxtune.serve.config import ServeConfig
+from voxtune.serve.realtime import formats
+from voxtune.serve.server import build_runtime, running_server
+
+pytest.importorskip("websockets", reason="the openai client's realtime connection needs websockets")
+
+EVENTS = TypeAdapter(RealtimeServerEvent)
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    """A tiny random model: its replies run to the token limit, long enough to interrupt."""
+    return tiny("llama", "streaming", seed=0)
+
+
+@contextmanager
+def serving(model, **settings):
+    """(url, runtime) of a server on `model` with `settings`."""
+    config = ServeConfig(**settings)
+    runtime = build_runtime(config, model)
+    try:
+        with running_server(runtime, config) as url:
+            yield url, runtime
+    finally:
+        runtime.close()
+
+
+@contextmanager
+def connect(url: str, key: str = "unused", **query):
+    client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+    with client.realtime.connect(model=query.pop("model", "voxtune-tiny"), extra_query=query, max_retries=0) as connection:
+        yield connection
+
+
+def receive(connection, until: str, limit: int = 2000) -> list[dict]:
+    """Raw server events up to and including the first of type `until`, each checked against
+    the SDK's event models."""
+    events = []
+    for _ in range(limit):
+        event = json.loads(connection.recv_bytes())
+        EVENTS.validate_python(event)  # the SDK's own models take it
+        events.append(event)
+        if event["type"] == until:
+            return events
+    raise AssertionError(f"no {until} in {limit} events: {[e['type'] for e in events][-20:]}")
+
+
+def pcm(audio: Audio) -> bytes:
+    return encode(audio.resample(formats.PCM_RATE), "pcm16")
+
+
+def append(connection, data: bytes, piece: int = 9600) -> None:
+    for start in range(0, len(data), piece):
+        connection.input_audio_buffer.append(audio=base64.b64encode(data[start : start + piece]).decode())
+
+
+@pytest.fixture(scope="module")
+def question():
+    return voices.synthesize("What is seven plus five?", "en")
+
+
+def with_silence(audio: Audio, before: float = 0.5, after: float = 1.0) -> Audio:
+    rate = audio.sample_rate
+    return Audio(np.concatenate([np.zeros(int(before * rate), np.float32), audio.samples, np.zeros(int(after * rate), np.float32)]), rate)
+
+
+def test_a_push_to_talk_turn_gets_the_spoken_reply_http_chat_gives(builtin_model, question):
+    with serving(builtin_model) as (url, _), connect(url) as connection:
+        assert receive(connection, "session.created")[0]["session"]["audio"]["output"]["format"]["rate"] == 24000
+        connection.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+        assert receive(connection, "session.updated")[-1]["session"]["audio"]["input"]["turn_detection"] is None
+        data = pcm(question)
+        append(connection, data)
+        connection.input_audio_buffer.commit()
+        committed = receive(connection, "conversation.item.done")
+        assert committed[0]["type"] == "input_audio_buffer.committed"
+        connection.response.create()
+        events = receive(connection, "response.done")
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        heard = formats.to_model_rate(formats.decode_wire(base64.b64encode(data).decode(), "audio/pcm"), "audio/pcm")
+        part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(encode(heard, "wav")).decode(), "format": "wav"}}
+        expected = client.chat.completions.create(model="voxtune-tiny", messages=[{"role": "user", "content": [part]}]).choices[0].message.content
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.done"
+    assert kinds.index("response.output_item.added") < kinds.index("response.content_part.added") < kinds.index("response.output_audio.delta")
+    transcript = next(e for e in events if e["type"] == "response.output_audio_transcript.done")["transcript"]
+    assert transcript == "".join(e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta")
+    from voxtune.tags import strip_tags
+
+    assert transcript == strip_tags(expected)  # the same model, the same audio, the same reply
+    spoken = b"".join(base64.b64decode(e["delta"]) for e in events if e["type"] == "response.output_audio.delta")
+    assert len(spoken) > 2 * 24000 * 0.3  # at least 0.3 s of 24 kHz pcm16
+    done = events[-1]["response"]
+    assert done["status"] == "completed" and done["usage"]["input_token_details"]["audio_tokens"] > 0
+
+
+def test_server_vad_finds_the_turn_and_answers_it(builtin_model, question):
+    with serving(builtin_model) as (url, _), connect(url) as connection:
+        receive(connection, "session.created")
+        append(connection, pcm(with_silence(question)))
+        events = receive(connection, "response.done")
+    kinds = [e["type"] for e in events]
+    started = events[kinds.index("input_audio_buffer.speech_started")]
+    stopped = events[kinds.index("input_audio_buffer.speech_stopped")]
+    assert 100 <= started["audio_start_ms"] <= 500  # speech from 500 ms, 300 ms of prefix padding
+    assert stopped["audio_end_ms"] >= 500 + 1000 * question.duration
+    assert started["item_id"] == stopped["item_id"] == events[kinds.index("input_audio_buffer.committed")]["item_id"]
+    assert kinds.index("input_audio_buffer.committed") < kinds.index("response.created")
+    assert events[-1]["response"]["status"] == "completed"
+
+
+def test_text_replies_and_g711_input(builtin_model, question):
+    with serving(builtin_model) as (url, _), connect(url) as connection:
+        receive(connection, "session.created")
+        connection.session.update(session={"type": "realtime", "output_modalities": ["text"], "audio": {"input": {
+            "format": {"type": "audio/pcmu"}, "turn_detection": None}}})  # fmt: skip
+        receive(connection, "session.updated")
+        mulaw = formats.encode_wire(question, "audio/pcmu")
+        append(connection, mulaw, piece=1600)
+        connection.input_audio_buffer.commit()
+        connection.response.create()
+        events = receive(connection, "response.done")
+    text = next(e for e in events if e["type"] == "response.output_text.done")["text"]
+    assert text and text == "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert not any(e["type"] == "response.output_audio.delta" for e in events)
+
+
+def test_a_transcription_session_transcribes_each_turn(builtin_model, question):
+    with serving(builtin_model) as (url, runtime):
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with client.realtime.connect(extra_query={"intent": "transcription"}, max_retries=0) as connection:
+            assert receive(connection, "session.created")[0]["session"]["type"] == "transcription"
+            data = pcm(with_silence(question))
+            append(connection, data)
+            events = receive(connection, "conversation.item.input_audio_transcription.completed")
+    committed = next(e for e in events if e["type"] == "input_audio_buffer.committed")
+    assert events[-1]["item_id"] == committed["item_id"] and events[-1]["transcript"]
+    assert not any(e["type"].startswith("response.") for e in events)
+
+
+def test_cancel_and_barge_in_end_the_response_with_the_reason(random_model, question):
+    with serving(random_model, limits={"max_tokens": 400}) as (url, _), connect(url) as connection:
+        receive(connection, "session.created")
+        connection.conversation.item.create(item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]})
+        receive(connection, "conversation.item.done")
+        connection.response.create(response={"output_modalities": ["text"]})
+        first = receive(connection, "response.done")[-1]["response"]
+        assert first["status"] == "completed"  # (greedy: after it, this random model's replies run to the limit)
+        connection.response.create(response={"output_modalities": ["text"]})
+        receive(connection, "response.output_text.delta")
+        connection.response.cancel()
+        done = receive(connection, "response.done")[-1]["response"]
+        assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
+        # Barge-in: the user speaks while a reply runs (server VAD on, the default).
+        connection.response.create(response={"output_modalities": ["text"]})
+        receive(connection, "response.output_text.delta")
+        append(connection, pcm(with_silence(question, after=0.2)))
+        events = receive(connection, "response.done")
+        kinds = [e["type"] for e in events]
+        assert "input_audio_buffer.speech_started" in kinds
+        assert events[-1]["response"]["status"] == "cancelled" and events[-1]["response"]["status_details"]["reason"] == "turn_detected"
+
+
+@pytest.mark.parametrize("event, code", [
+    ("{not json", "invalid_json"),
+    (json.dumps({"type": "nonsense.event"}), "invalid_event"),
+    (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty"),
+    (json.dumps({"type": "conversation.item.truncate", "item_id": "nope", "content_index": 0, "audio_end_ms": 10}), "item_not_found"),
+    (json.dumps({"type": "input_audio_buffer.append", "audio": "%%%"}), "invalid_value"),
+    (json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}}), "invalid_value"),
+    (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
+])  # fmt: skip
+def test_bad_events_get_an_error_event_and_the_session_goes_on(random_model, event, code):
+    import websockets.sync.client as ws
+
+    with serving(random_model) as (url, _), ws.connect(url.replace("http://", "ws://") + "/v1/realtime?model=voxtune-tiny") as raw:
+        assert json.loads(raw.recv())["type"] == "session.created"
+        raw.send(event)
+        error = json.loads(raw.recv())
+        EVENTS.validate_python(error)
+        assert error["type"] == "error" and error["error"]["code"] == code and error["error"]["message"]
+        raw.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "instructions": "still here"}}))
+        assert json.loads(raw.recv())["session"]["instructions"] == "still here"
+
+
+def test_keys_and_the_session_limit_close_with_a_reason(random_model):
+    import websockets.sync.client as ws
+
+    with serving(random_model, api_keys=list(KEYS), limits={"max_realtime_sessions": 1}) as (url, _):
+        address = url.replace("http://", "ws://") + "/v1/realtime?model=voxtune-tiny"
+        with ws.connect(address) as refused:
+            assert json.loads(refused.recv())["error"]["code"] == "missing_api_key"
+            with pytest.raises(Exception):
+                refused.recv()
+            assert refused.close_code == 1008
+        # A browser's key, in the subprotocol list.
+        with ws.connect(address, subprotocols=["realtime", f"openai-insecure-api-key.{KEYS[0]}"]) as browser:
+            assert browser.subprotocol == "realtime"
+            assert json.loads(browser.recv())["type"] == "session.created"
+            with ws.connect(address, additional_headers={"Authorization": f"Bearer {KEYS[1]}"}) as second:
+                assert json.loads(second.recv())["error"]["code"] == "session_limit"
+                with pytest.raises(Exception):
+                    second.recv()
+                assert second.close_code == 1013
