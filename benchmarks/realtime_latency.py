@@ -68,6 +68,7 @@ def realtime_session(url: str, turns: list[tuple[bytes, int]], results: list[tup
         json.loads(connection.recv())  # session.created
         for data, speech_end in turns:
             stopped = first_audio = None
+            done = False
             ended = time.perf_counter()
             start = time.perf_counter()
             for index, offset in enumerate(range(0, len(data), piece)):
@@ -81,14 +82,14 @@ def realtime_session(url: str, turns: list[tuple[bytes, int]], results: list[tup
                     except TimeoutError:
                         break
                     stopped, first_audio = _note(event, stopped, first_audio)
+                    done = done or event["type"] == "response.done"
                 delay = start + (index + 1) * PIECE_S - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-            while True:
+            while not done:
                 event = json.loads(connection.recv(timeout=120))
                 stopped, first_audio = _note(event, stopped, first_audio)
-                if event["type"] == "response.done":
-                    break
+                done = event["type"] == "response.done"
             if stopped is not None and first_audio is not None:
                 results.append((stopped - ended, first_audio - stopped))
 

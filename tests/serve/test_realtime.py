@@ -222,3 +222,14 @@ def test_keys_and_the_session_limit_close_with_a_reason(random_model):
                 with pytest.raises(Exception):
                     second.recv()
                 assert second.close_code == 1013
+
+
+def test_a_session_outlives_the_header_deadline(random_model):
+    """The HTTP header deadline closed WebSockets too, once it ran out after the upgrade."""
+    import time
+
+    with serving(random_model, limits={"header_timeout_seconds": 0.3}) as (url, _), connect(url) as connection:
+        receive(connection, "session.created")
+        time.sleep(0.8)
+        connection.session.update(session={"type": "realtime", "instructions": "still open"})
+        assert receive(connection, "session.updated")[-1]["session"]["instructions"] == "still open"

@@ -10,6 +10,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -149,6 +150,11 @@ def _protocol(header_timeout: float, max_connections: int) -> type[H11Protocol]:
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._arm()  # the next request on this connection gets the same deadline
+
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            if self._deadline is not None:  # the WebSocket protocol owns the connection from here
+                self._deadline.cancel()
+            super().handle_websocket_upgrade(event)
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._deadline is not None:
