@@ -233,3 +233,71 @@ def test_a_session_outlives_the_header_deadline(random_model):
         time.sleep(0.8)
         connection.session.update(session={"type": "realtime", "instructions": "still open"})
         assert receive(connection, "session.updated")[-1]["session"]["instructions"] == "still open"
+
+
+def test_an_idle_timeout_commits_the_silence_and_answers(random_model):
+    with serving(random_model, limits={"max_tokens": 8}) as (url, _), connect(url) as connection:
+        receive(connection, "session.created")
+        connection.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                           "audio": {"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 1000}}}})  # fmt: skip
+        receive(connection, "session.updated")
+        append(connection, pcm(Audio(np.zeros(24000 * 2, np.float32), 24000)))  # 2 s of silence
+        events = receive(connection, "response.done")
+    kinds = [e["type"] for e in events]
+    triggered = events[kinds.index("input_audio_buffer.timeout_triggered")]
+    assert triggered["audio_end_ms"] - triggered["audio_start_ms"] >= 1000
+    assert "input_audio_buffer.speech_started" not in kinds
+    assert kinds.index("input_audio_buffer.committed") < kinds.index("response.created")
+
+
+def test_a_hundred_sessions_at_once_are_served_or_refused_and_leave_nothing_behind(random_model):
+    """32 are served (the limit), the rest are told why and closed; once all close the sessions
+    gauge is 0, and a second hundred costs no more memory than the first (nothing kept)."""
+    import gc
+    import re
+    import threading
+
+    import httpx2
+    import websockets.sync.client as ws
+
+    def resident_mib() -> float:
+        gc.collect()
+        return int(re.search(r"^VmRSS:\s+(\d+)", open("/proc/self/status").read(), re.M).group(1)) / 1024
+
+    def sessions(url: str) -> int:
+        return int(re.search(r"^voxtune_realtime_sessions (\d+)$", httpx2.get(url + "/metrics").text, re.M).group(1))
+
+    def a_hundred(address: str, url: str) -> list[str]:
+        first: list[str] = []
+        sockets: list = []
+        lock = threading.Lock()
+
+        def open_one() -> None:
+            connection = ws.connect(address, open_timeout=60)
+            event = json.loads(connection.recv(timeout=60))
+            with lock:
+                sockets.append(connection)
+                first.append(event["type"] if event["type"] != "error" else event["error"]["code"])
+
+        threads = [threading.Thread(target=open_one) for _ in range(100)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sessions(url) == 32
+        for connection in sockets:
+            connection.close()
+        for _ in range(400):
+            if sessions(url) == 0:
+                break
+            threading.Event().wait(0.05)
+        assert sessions(url) == 0
+        return first
+
+    with serving(random_model) as (url, _):
+        address = url.replace("http://", "ws://") + "/v1/realtime?model=voxtune-tiny"
+        first = a_hundred(address, url)
+        assert sorted(set(first)) == ["session.created", "session_limit"] and first.count("session.created") == 32
+        after_first = resident_mib()
+        a_hundred(address, url)
+        assert resident_mib() - after_first < 30  # the first hundred left nothing that grows

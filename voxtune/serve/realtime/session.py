@@ -84,6 +84,7 @@ class Session:
         self.turns: TurnDetector | None = None
         self.turn_item: str | None = None  # the item id a detected turn will commit to
         self.turn_start_ms: int | None = None
+        self.idle_from_ms: int | None = None  # since when (session audio ms) nothing has happened
         self.response: asyncio.Task | None = None
         self.response_cancelled: str | None = None  # why the running response is being stopped
         self.sending = asyncio.Lock()
@@ -194,8 +195,29 @@ class Session:
                 item_id = self.turn_item or _id("item")
                 await self.send("input_audio_buffer.speech_stopped", audio_end_ms=turn.ms, item_id=item_id)
                 await self._commit(item_id, end_ms=turn.ms, start_ms=self.turn_start_ms)
+                self.idle_from_ms = turn.ms
                 if self.config["audio"]["input"]["turn_detection"].get("create_response", True) and self.config["type"] == "realtime":
                     await self._start_response({})
+        await self._check_idle()
+
+    async def _check_idle(self) -> None:
+        """With `idle_timeout_ms`: the user has been silent that long since the last turn or
+        reply ended, so the silence is committed and answered (a nudge), as OpenAI does."""
+        detection = self.config["audio"]["input"].get("turn_detection") or {}
+        idle = detection.get("idle_timeout_ms")
+        busy = self.turns is None or self.turns.speaking or (self.response is not None and not self.response.done())
+        if not idle or busy or self.config["type"] != "realtime":
+            return
+        if self.idle_from_ms is None:
+            self.idle_from_ms = self.turns.heard_ms
+        if self.turns.heard_ms - self.idle_from_ms < idle:
+            return
+        item_id, start, end = _id("item"), self.idle_from_ms, self.turns.heard_ms
+        await self.send("input_audio_buffer.timeout_triggered", audio_start_ms=start, audio_end_ms=end, item_id=item_id)
+        await self._commit(item_id, end_ms=end, start_ms=start)
+        self.idle_from_ms = end
+        if detection.get("create_response", True):
+            await self._start_response({})
 
     async def commit(self, event: dict) -> None:
         if not len(self.buffer):
@@ -370,6 +392,8 @@ class Response:
         self.id = _id("resp")
         self.item_id = _id("item")
         self.audio_ms = 0
+        self.asks: list[Pending] = []
+        self.heard: list[str] | None = []
 
     def _response(self, status: str, output: list, usage: dict | None = None, details: dict | None = None) -> dict:
         return {"id": self.id, "object": "realtime.response", "status": status, "status_details": details,
@@ -406,14 +430,21 @@ class Response:
             limit = session.max_tokens if self.limit in (None, "inf") else min(int(self.limit), session.max_tokens)
             params = SamplingParams(max_new_tokens=max(1, min(limit, room)))
             pending = Pending(session.runtime.engine, prepared.example, params, session.drain)
+            # The questions that choose the spoken reply's language and style, decoded alongside.
+            asks = [Pending(session.runtime.engine, q, SamplingParams(max_new_tokens=4), session.drain)
+                    for q in (session.runtime.voice_prompts(prepared) if audio else [])]  # fmt: skip
+            self.heard: list[str] | None = None if asks else []
+            self.asks = asks
             said, spoken = "", 0
             while True:
                 if session.response_cancelled:
                     pending.cancel()
+                    cancel_all(asks)
                     status, reason = "cancelled", session.response_cancelled
                     break
                 kind, value = await pending.next(poll=0.05)
                 if kind == "error":
+                    cancel_all(asks)
                     raise value
                 if kind == "done":
                     completion = value
@@ -455,6 +486,8 @@ class Response:
         except InputError as error:
             status = "failed"
             await session.error(str(error))
+        finally:
+            cancel_all(self.asks)  # done already when the reply was spoken; else no longer wanted
         content = {"type": "output_audio", "transcript": strip_tags(text)} if audio else {"type": "output_text", "text": strip_tags(text)}
         item["content"] = [content]
         item["status"] = "completed" if status == "completed" else "incomplete"
@@ -470,11 +503,16 @@ class Response:
         await send("conversation.item.done", item=public, previous_item_id=previous)
         usage = _usage(completion) if completion is not None else None
         details = {"type": status, "reason": reason} if reason else None
+        if session.turns is not None:  # the idle timeout counts from the end of the reply
+            session.idle_from_ms = session.turns.heard_ms
         await send("response.done", response=self._response(status, [public], usage, details))
 
     async def _speak(self, sentence: str, reply: str, item: dict, ids: dict) -> None:
-        """One finished piece of the reply, spoken and sent as audio deltas."""
-        language, style = choose_voice(reply)
+        """One finished piece of the reply, spoken and sent as audio deltas, in the language and
+        style the voice questions chose (asked once, before the first sentence)."""
+        if self.heard is None:
+            self.heard = [(await ask.result()).text for ask in self.asks]
+        language, style = choose_voice(reply, *self.heard)
         audio, _ = await asyncio.to_thread(render_reply, sentence, language, self.voice, style)
         data = await asyncio.to_thread(formats.encode_wire, audio, self.output_format)
         step = PCM_PIECE_BYTES if self.output_format == "audio/pcm" else formats.G711_RATE // 2
@@ -545,6 +583,10 @@ def _check_session(config: dict) -> None:
         threshold = detection.get("threshold", 0.5)
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold < 1:
             raise EventError("turn_detection.threshold must be between 0 and 1", param="session.audio.input.turn_detection.threshold")
+        idle = detection.get("idle_timeout_ms")
+        if idle is not None and (not isinstance(idle, int) or isinstance(idle, bool) or idle < 0):
+            raise EventError("turn_detection.idle_timeout_ms must be a whole number of ms (or null)",
+                             param="session.audio.input.turn_detection.idle_timeout_ms")  # fmt: skip
         if detection.get("eagerness", "auto") not in EAGERNESS_SILENCE_MS:
             raise EventError("turn_detection.eagerness must be low, medium, high or auto",
                              param="session.audio.input.turn_detection.eagerness")  # fmt: skip
