@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import time
 from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.websockets import WebSocket
 
 import voxtune
@@ -29,7 +30,7 @@ from voxtune.serve.errors import (
 from voxtune.serve.gate import Gate, GateStats
 
 
-ROUTES = ("/health", "/metrics", "/openapi.json", "/v1/models", "/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/speech")
+ROUTES = ("/", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/speech")
 
 
 def default_model_id(config: ServeConfig) -> str:
@@ -65,6 +66,13 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
         if not known:
             raise APIError(404, f"the model {echo(name)} does not exist; this server serves {model_id!r}",
                            param="model", code="model_not_found")  # fmt: skip
+
+    playground = (Path(__file__).parent / "playground" / "index.html").read_text()
+    playground = playground.replace("__MODEL_ID__", html.escape(model_id, quote=True))
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:  # the playground: microphone -> /v1/realtime -> speaker
+        return HTMLResponse(playground)
 
     @app.get("/health")
     async def health() -> dict:

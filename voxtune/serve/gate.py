@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from voxtune.serve.errors import APIError
 
-OPEN_PATHS = ("/health", "/metrics", "/openapi.json")  # answered without a key
+OPEN_PATHS = ("/", "/health", "/metrics", "/openapi.json")  # answered without a key (/ is the playground page)
 INSECURE_KEY = "openai-insecure-api-key."  # the WebSocket subprotocol that carries a browser's key
 
 

@@ -258,8 +258,13 @@ class Session:
     async def _transcribe(self, item: dict) -> None:
         """The user's words of an audio item (input transcription, after the commit)."""
         clip = self.audio[item["id"]]
+        language = None
         try:
-            transcript = (await asyncio.to_thread(self.runtime.transcribe, clip)).text if len(clip) >= SAMPLE_RATE // 10 else ""
+            if len(clip) >= SAMPLE_RATE // 10:
+                words = await asyncio.to_thread(self.runtime.transcribe, clip)
+                transcript, language = words.text, words.language
+            else:
+                transcript = ""
         except InputError as error:
             await self.send("conversation.item.input_audio_transcription.failed", item_id=item["id"], content_index=0,
                             error={"type": "invalid_request_error", "code": None, "message": str(error), "param": None})  # fmt: skip
@@ -267,8 +272,10 @@ class Session:
         item["content"][0]["transcript"] = transcript
         if transcript:
             await self.send("conversation.item.input_audio_transcription.delta", item_id=item["id"], content_index=0, delta=transcript)
+        # `language` is voxtune's addition: the language the model heard.
         await self.send("conversation.item.input_audio_transcription.completed", item_id=item["id"], content_index=0,
-                        transcript=transcript, usage={"type": "duration", "seconds": round(clip.duration, 3)})  # fmt: skip
+                        transcript=transcript, usage={"type": "duration", "seconds": round(clip.duration, 3)},
+                        language=language)  # fmt: skip
 
     # ---- the conversation --------------------------------------------------------------------------
 
@@ -394,6 +401,7 @@ class Response:
         self.audio_ms = 0
         self.asks: list[Pending] = []
         self.heard: list[str] | None = []
+        self.voice_choice: tuple[str, str] | None = None
 
     def _response(self, status: str, output: list, usage: dict | None = None, details: dict | None = None) -> dict:
         return {"id": self.id, "object": "realtime.response", "status": status, "status_details": details,
@@ -505,7 +513,10 @@ class Response:
         details = {"type": status, "reason": reason} if reason else None
         if session.turns is not None:  # the idle timeout counts from the end of the reply
             session.idle_from_ms = session.turns.heard_ms
-        await send("response.done", response=self._response(status, [public], usage, details))
+        done = self._response(status, [public], usage, details)
+        if self.voice_choice is not None:  # voxtune's addition: the language and style it answered in
+            done["voxtune"] = {"language": self.voice_choice[0], "style": self.voice_choice[1]}
+        await send("response.done", response=done)
 
     async def _speak(self, sentence: str, reply: str, item: dict, ids: dict) -> None:
         """One finished piece of the reply, spoken and sent as audio deltas, in the language and
@@ -513,6 +524,7 @@ class Response:
         if self.heard is None:
             self.heard = [(await ask.result()).text for ask in self.asks]
         language, style = choose_voice(reply, *self.heard)
+        self.voice_choice = (language, style)
         audio, _ = await asyncio.to_thread(render_reply, sentence, language, self.voice, style)
         data = await asyncio.to_thread(formats.encode_wire, audio, self.output_format)
         step = PCM_PIECE_BYTES if self.output_format == "audio/pcm" else formats.G711_RATE // 2
