@@ -301,3 +301,46 @@ def test_a_hundred_sessions_at_once_are_served_or_refused_and_leave_nothing_behi
         after_first = resident_mib()
         a_hundred(address, url)
         assert resident_mib() - after_first < 30  # the first hundred left nothing that grows
+
+
+def test_truncating_keeps_what_the_user_heard_in_the_context(builtin_model, question):
+    with serving(builtin_model) as (url, _), connect(url) as connection:
+        receive(connection, "session.created")
+        connection.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+        receive(connection, "session.updated")
+        append(connection, pcm(question))
+        connection.input_audio_buffer.commit()
+        connection.response.create()
+        events = receive(connection, "response.done")
+        item = events[-1]["response"]["output"][0]
+        spoken_ms = 1000 * sum(len(base64.b64decode(e["delta"])) for e in events if e["type"] == "response.output_audio.delta") / 48000
+        connection.conversation.item.truncate(item_id=item["id"], content_index=0, audio_end_ms=int(spoken_ms) + 500)
+        assert receive(connection, "error")[-1]["error"]["param"] == "audio_end_ms"  # past the audio: refused
+        connection.conversation.item.truncate(item_id=item["id"], content_index=0, audio_end_ms=10)
+        assert receive(connection, "conversation.item.truncated")[-1]["audio_end_ms"] == 10
+        connection.conversation.item.retrieve(item_id=item["id"])
+        retrieved = receive(connection, "conversation.item.retrieved")[-1]["item"]
+    assert item["content"][0]["transcript"]  # it said something...
+    assert retrieved["content"][0]["transcript"] == ""  # ...but the user heard none of it
+
+
+def test_tools_and_tool_results_reach_the_prompt(random_model):
+    tool = {"type": "function", "name": "add", "description": "Add two numbers",
+            "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}  # fmt: skip
+    with serving(random_model, limits={"max_tokens": 4}) as (url, _), connect(url) as connection:
+        receive(connection, "session.created")
+        user = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "add 7 and 5"}]}
+        connection.conversation.item.create(item=user)
+        receive(connection, "conversation.item.done")
+        connection.response.create(response={"output_modalities": ["text"], "conversation": "none"})
+        plain = receive(connection, "response.done")[-1]["response"]["usage"]["input_tokens"]
+        connection.session.update(session={"type": "realtime", "tools": [tool]})
+        receive(connection, "session.updated")
+        connection.conversation.item.create(item={"type": "function_call", "call_id": "call_1", "name": "add", "arguments": '{"a": 7, "b": 5}'})
+        connection.conversation.item.create(item={"type": "function_call_output", "call_id": "call_1", "output": "12"})
+        receive(connection, "conversation.item.done")
+        receive(connection, "conversation.item.done")
+        connection.response.create(response={"output_modalities": ["text"]})
+        done = receive(connection, "response.done")[-1]["response"]
+    assert done["status"] in ("completed", "incomplete")
+    assert done["usage"]["input_tokens"] > plain + 30  # the tool, the call and its result are in the prompt
