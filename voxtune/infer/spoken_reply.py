@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from voxtune.audio import Audio, voices
+from voxtune.audio.voices import split_sentences
 from voxtune.audio.voices.base import DEFAULT_LANGUAGE
 from voxtune.model import prompts
 from voxtune.tags import strip_tags, tag_values
@@ -20,6 +21,7 @@ from voxtune.tags import strip_tags, tag_values
 if TYPE_CHECKING:
     from voxtune.model import SpeechLM
 
+CLAUSE_CHARS = 80  # a sentence this long is spoken clause by clause as it streams
 # The user's style (as the model hears it) -> the style of the spoken reply.
 REPLY_STYLE = {
     "neutral": "neutral", "happy": "happy", "excited": "happy", "calm": "calm", "sad": "calm", "angry": "calm",
@@ -94,3 +96,14 @@ def render_reply(text: str, language: str, voice: str = voices.DEFAULT_VOICE, st
         return voices.synthesize(text, language, voice, style), language
     except voices.UnknownLanguageError:
         return voices.synthesize(text, DEFAULT_LANGUAGE, voice, style), DEFAULT_LANGUAGE
+
+
+def ready_to_speak(text: str) -> int:
+    """How much of `text` (speech not yet rendered) can be spoken now: its finished sentences
+    (the last sentence may still grow), or in a long sentence its clauses up to the last
+    comma, so that the first audio does not wait for the sentence's end. 0: nothing yet."""
+    sentences = split_sentences(text)
+    if len(sentences) > 1:
+        return text.rfind(sentences[-1])  # everything before the unfinished last sentence
+    comma = text.rfind(", ")
+    return comma + 1 if len(text) >= CLAUSE_CHARS and comma > 0 else 0

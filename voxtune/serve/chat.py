@@ -23,12 +23,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from voxtune.audio import encode, voices
 from voxtune.audio.encode import PCM16_RATE
-from voxtune.audio.voices import split_sentences
 from voxtune.errors import InputError
 from voxtune.infer.audio_store import new_audio_id
 from voxtune.infer.engine import Completion
 from voxtune.infer.runtime import PreparedChat, Runtime
-from voxtune.infer.spoken_reply import choose_voice, render_reply
+from voxtune.infer.spoken_reply import choose_voice, ready_to_speak, render_reply
 from voxtune.infer.tools import parse_tool_calls
 from voxtune.model.generation import SamplingParams
 from voxtune.serve.bridge import ClientGone, Pending, ShuttingDown, cancel_all
@@ -38,7 +37,6 @@ from voxtune.tags import strip_tags
 logger = logging.getLogger(__name__)
 
 PCM_PIECE_SECONDS = 0.5  # streamed audio goes out in pieces of about this length
-CLAUSE_CHARS = 80  # a sentence this long is spoken clause by clause as it streams
 
 
 class AudioRequest(BaseModel):
@@ -275,7 +273,7 @@ class _Reply:
                 if clean.startswith(said) and len(clean) > len(said):
                     yield self._chunk({"audio": {"id": audio_id, "transcript": clean[len(said):]}})
                     said = clean
-                ready = _ready_to_speak(said[spoken:])
+                ready = ready_to_speak(said[spoken:])
                 if ready:
                     if heard is None:
                         heard = await _heard(asks)
@@ -321,14 +319,3 @@ class _Reply:
 async def _heard(asks: list[Pending], request: Request | None = None) -> list[str]:
     """The answers to the questions that choose a spoken reply's voice (`Runtime.voice_prompts`)."""
     return [(await ask.result(request)).text for ask in asks]
-
-
-def _ready_to_speak(text: str) -> int:
-    """How much of `text` (speech not yet rendered) can be spoken now: its finished sentences
-    (the last sentence may still grow), or in a long sentence its clauses up to the last
-    comma, so that the first audio does not wait for the sentence's end. 0: nothing yet."""
-    sentences = split_sentences(text)
-    if len(sentences) > 1:
-        return text.rfind(sentences[-1])  # everything before the unfinished last sentence
-    comma = text.rfind(", ")
-    return comma + 1 if len(text) >= CLAUSE_CHARS and comma > 0 else 0

@@ -15,7 +15,6 @@ import base64
 import copy
 import json
 import logging
-import uuid
 from typing import Any
 
 import numpy as np
@@ -25,48 +24,15 @@ from voxtune.audio import Audio, encode
 from voxtune.audio.features import SAMPLE_RATE
 from voxtune.errors import InputError, echo
 from voxtune.infer.runtime import Runtime
-from voxtune.infer.spoken_reply import choose_voice, render_reply
-from voxtune.infer.tools import parse_tool_calls
-from voxtune.model.generation import SamplingParams
-from voxtune.serve.bridge import Drain, Pending, ShuttingDown, cancel_all
+from voxtune.serve.bridge import Drain
 from voxtune.serve.realtime import formats
+from voxtune.serve.realtime.protocol import EventError, check_session, conversation_item, default_session, merge, new_id
+from voxtune.serve.realtime.response import Response
 from voxtune.serve.realtime.vad import EAGERNESS_SILENCE_MS, TurnDetector
-from voxtune.tags import strip_tags
 
 logger = logging.getLogger(__name__)
 
 MAX_APPEND_CHARS = 15 * (1 << 20)  # base64 in one input_audio_buffer.append, as OpenAI's limit
-PCM_PIECE_BYTES = formats.PCM_RATE * 2 // 2  # 0.5 s of 24 kHz pcm16 per output_audio.delta
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:20]}"
-
-
-def default_session(model_id: str, kind: str = "realtime") -> dict[str, Any]:
-    """A new session's configuration, as `session.created` shows it."""
-    turn_detection = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
-                      "create_response": True, "interrupt_response": True, "idle_timeout_ms": None}  # fmt: skip
-    audio_input = {"format": {"type": "audio/pcm", "rate": formats.PCM_RATE}, "transcription": None,
-                   "noise_reduction": None, "turn_detection": turn_detection}  # fmt: skip
-    if kind == "transcription":
-        return {"type": "transcription", "object": "realtime.transcription_session", "id": _id("sess"),
-                "audio": {"input": {**audio_input, "transcription": {"model": model_id}}}, "include": []}  # fmt: skip
-    return {
-        "type": "realtime", "object": "realtime.session", "id": _id("sess"), "model": model_id,
-        "output_modalities": ["audio"], "instructions": "", "tools": [], "tool_choice": "auto",
-        "max_output_tokens": "inf",
-        "audio": {"input": audio_input,
-                  "output": {"format": {"type": "audio/pcm", "rate": formats.PCM_RATE}, "voice": "alloy", "speed": 1.0}},
-    }  # fmt: skip
-
-
-class EventError(InputError):
-    """A client event that cannot be done; it becomes an `error` event."""
-
-    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None) -> None:
-        super().__init__(message)
-        self.code, self.param = code, param
 
 
 class Session:
@@ -93,7 +59,7 @@ class Session:
     # ---- sending ---------------------------------------------------------------------------------
 
     async def send(self, kind: str, **fields: Any) -> None:
-        event = {"type": kind, "event_id": _id("event"), **fields}
+        event = {"type": kind, "event_id": new_id("event"), **fields}
         async with self.sending:
             await self.socket.send_text(json.dumps(event, ensure_ascii=False))
 
@@ -147,8 +113,8 @@ class Session:
         if kind not in ("realtime", "transcription"):
             raise EventError("session.type must be 'realtime' or 'transcription'", param="session.type")
         config = default_session(self.model_id, kind) if kind != self.config["type"] else copy.deepcopy(self.config)
-        _merge(config, {k: v for k, v in update.items() if k not in ("type", "object", "id")})
-        _check_session(config)
+        merge(config, {k: v for k, v in update.items() if k not in ("type", "object", "id")})
+        check_session(config)
         self.config = config
         self._configure_turns()
         await self.send("session.updated", session=self.config)
@@ -186,13 +152,13 @@ class Session:
             return
         for turn in await asyncio.to_thread(self.turns.feed, formats.to_model_rate(samples, self.input_format).samples):
             if turn.kind == "started":
-                self.turn_item, self.turn_start_ms = _id("item"), turn.ms
+                self.turn_item, self.turn_start_ms = new_id("item"), turn.ms
                 await self.send("input_audio_buffer.speech_started", audio_start_ms=turn.ms, item_id=self.turn_item)
                 detection = self.config["audio"]["input"]["turn_detection"]
                 if self.response is not None and not self.response.done() and detection.get("interrupt_response", True):
                     await self._stop_response("turn_detected")
             else:
-                item_id = self.turn_item or _id("item")
+                item_id = self.turn_item or new_id("item")
                 await self.send("input_audio_buffer.speech_stopped", audio_end_ms=turn.ms, item_id=item_id)
                 await self._commit(item_id, end_ms=turn.ms, start_ms=self.turn_start_ms)
                 self.idle_from_ms = turn.ms
@@ -212,7 +178,7 @@ class Session:
             self.idle_from_ms = self.turns.heard_ms
         if self.turns.heard_ms - self.idle_from_ms < idle:
             return
-        item_id, start, end = _id("item"), self.idle_from_ms, self.turns.heard_ms
+        item_id, start, end = new_id("item"), self.idle_from_ms, self.turns.heard_ms
         await self.send("input_audio_buffer.timeout_triggered", audio_start_ms=start, audio_end_ms=end, item_id=item_id)
         await self._commit(item_id, end_ms=end, start_ms=start)
         self.idle_from_ms = end
@@ -222,7 +188,7 @@ class Session:
     async def commit(self, event: dict) -> None:
         if not len(self.buffer):
             raise EventError("the input audio buffer is empty: append audio before committing", code="input_audio_buffer_commit_empty")
-        await self._commit(self.turn_item or _id("item"), end_ms=None)
+        await self._commit(self.turn_item or new_id("item"), end_ms=None)
 
     async def clear(self, event: dict) -> None:
         self.buffer_start_ms += round(1000 * len(self.buffer) / formats.rate_of(self.input_format))
@@ -289,7 +255,7 @@ class Session:
         item = event.get("item")
         if not isinstance(item, dict):
             raise EventError("conversation.item.create needs an 'item' object", param="item")
-        item = _conversation_item(item, self)
+        item = conversation_item(item, self)
         previous = event.get("previous_item_id")
         at = len(self.items) if previous in (None, "") else (0 if previous == "root" else self._find(previous) + 1)
         self.items.insert(at, item)
@@ -378,275 +344,6 @@ class Session:
                 text = "".join(p.get("text") or p.get("transcript") or "" for p in item["content"])
                 messages.append({"role": item["role"], "content": text})
         return messages
-
-
-class Response:
-    """One response: the model's reply to the conversation, streamed as events."""
-
-    def __init__(self, session: Session, overrides: dict) -> None:
-        self.session = session
-        config = session.config
-        self.modalities = overrides.get("output_modalities") or config["output_modalities"]
-        output = {**config["audio"]["output"], **((overrides.get("audio") or {}).get("output") or {})}
-        self.voice = output["voice"] if isinstance(output["voice"], str) else output["voice"].get("id", "alloy")
-        self.output_format = output["format"]["type"]
-        self.instructions = overrides.get("instructions", config["instructions"])
-        self.tools = overrides.get("tools", config["tools"])
-        self.tool_choice = overrides.get("tool_choice", config["tool_choice"])
-        self.limit = overrides.get("max_output_tokens", config["max_output_tokens"])
-        self.out_of_band = overrides.get("conversation") == "none"
-        self.metadata = overrides.get("metadata")
-        self.id = _id("resp")
-        self.item_id = _id("item")
-        self.audio_ms = 0
-        self.asks: list[Pending] = []
-        self.heard: list[str] | None = []
-        self.voice_choice: tuple[str, str] | None = None
-
-    def _response(self, status: str, output: list, usage: dict | None = None, details: dict | None = None) -> dict:
-        return {"id": self.id, "object": "realtime.response", "status": status, "status_details": details,
-                "output": output, "usage": usage, "metadata": self.metadata, "output_modalities": self.modalities,
-                "conversation_id": None if self.out_of_band else "conv_default",
-                "max_output_tokens": self.limit}  # fmt: skip
-
-    async def run(self) -> None:
-        session = self.session
-        send = session.send
-        await send("response.created", response=self._response("in_progress", []))
-        audio = "audio" in self.modalities
-        item = {"id": self.item_id, "type": "message", "object": "realtime.item", "status": "in_progress",
-                "role": "assistant", "content": []}  # fmt: skip
-        ids = {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
-        previous = session.items[-1]["id"] if session.items else None
-        history = list(session.items)
-        if not self.out_of_band:
-            session.items.append(item)
-        await send("response.output_item.added", response_id=self.id, output_index=0, item=item)
-        await send("conversation.item.added", item=item, previous_item_id=previous)
-        part = {"type": "audio", "transcript": ""} if audio else {"type": "text", "text": ""}
-        await send("response.content_part.added", part=part, **ids)
-        text, completion, status, reason = "", None, "completed", None
-        try:
-            tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
-                     for t in self.tools or [] if t.get("type") == "function"]  # fmt: skip
-            messages = session.chat_messages(self.instructions, history)
-            if not messages:
-                raise InputError("the conversation is empty: add an item before asking for a response")
-            prepared = await asyncio.to_thread(session.runtime.prepare_chat, messages, session.owner,
-                                               tools=tools or None, tool_choice=self.tool_choice if tools else None)  # fmt: skip
-            room = session.runtime.reply_room(prepared.example) or session.max_tokens
-            limit = session.max_tokens if self.limit in (None, "inf") else min(int(self.limit), session.max_tokens)
-            params = SamplingParams(max_new_tokens=max(1, min(limit, room)))
-            pending = Pending(session.runtime.engine, prepared.example, params, session.drain)
-            # The questions that choose the spoken reply's language and style, decoded alongside.
-            asks = [Pending(session.runtime.engine, q, SamplingParams(max_new_tokens=4), session.drain)
-                    for q in (session.runtime.voice_prompts(prepared) if audio else [])]  # fmt: skip
-            self.heard: list[str] | None = None if asks else []
-            self.asks = asks
-            said, spoken = "", 0
-            while True:
-                if session.response_cancelled:
-                    pending.cancel()
-                    cancel_all(asks)
-                    status, reason = "cancelled", session.response_cancelled
-                    break
-                kind, value = await pending.next(poll=0.05)
-                if kind == "error":
-                    cancel_all(asks)
-                    raise value
-                if kind == "done":
-                    completion = value
-                    break
-                text += value
-                if tools:
-                    continue  # a tool call is only known whole
-                clean = strip_tags(text)
-                if len(clean) > len(said) and clean.startswith(said):
-                    delta = clean[len(said) :]
-                    said = clean
-                    if audio:
-                        await send("response.output_audio_transcript.delta", delta=delta, **ids)
-                    else:
-                        await send("response.output_text.delta", delta=delta, **ids)
-                if audio:
-                    from voxtune.serve.chat import _ready_to_speak
-
-                    ready = _ready_to_speak(said[spoken:])
-                    if ready:
-                        await self._speak(said[spoken : spoken + ready].strip(), text, item, ids)
-                        spoken += ready
-            if completion is not None:
-                final, calls = parse_tool_calls(completion.text) if tools else (completion.text, [])
-                clean = strip_tags(final)
-                if calls:
-                    await self._calls(calls, session, item, previous)
-                    return
-                if len(clean) > len(said) and clean.startswith(said):
-                    delta = clean[len(said) :]
-                    await send("response.output_audio_transcript.delta" if audio else "response.output_text.delta", delta=delta, **ids)
-                    said = clean
-                if audio and said[spoken:].strip():
-                    await self._speak(said[spoken:].strip(), final, item, ids)
-                if completion.finish_reason == "length":
-                    status, reason = "incomplete", "max_output_tokens"
-        except ShuttingDown:
-            status, reason = "cancelled", "server_shutting_down"
-        except InputError as error:
-            status = "failed"
-            await session.error(str(error))
-        finally:
-            cancel_all(self.asks)  # done already when the reply was spoken; else no longer wanted
-        content = {"type": "output_audio", "transcript": strip_tags(text)} if audio else {"type": "output_text", "text": strip_tags(text)}
-        item["content"] = [content]
-        item["status"] = "completed" if status == "completed" else "incomplete"
-        if audio:
-            await send("response.output_audio.done", **ids)
-            await send("response.output_audio_transcript.done", transcript=content["transcript"], **ids)
-        else:
-            await send("response.output_text.done", text=content["text"], **ids)
-        await send("response.content_part.done", part={"type": "audio", "transcript": content["transcript"]} if audio
-                   else {"type": "text", "text": content["text"]}, **ids)  # fmt: skip
-        public = {k: v for k, v in item.items() if not k.startswith("_")}
-        await send("response.output_item.done", response_id=self.id, output_index=0, item=public)
-        await send("conversation.item.done", item=public, previous_item_id=previous)
-        usage = _usage(completion) if completion is not None else None
-        details = {"type": status, "reason": reason} if reason else None
-        if session.turns is not None:  # the idle timeout counts from the end of the reply
-            session.idle_from_ms = session.turns.heard_ms
-        done = self._response(status, [public], usage, details)
-        if self.voice_choice is not None:  # voxtune's addition: the language and style it answered in
-            done["voxtune"] = {"language": self.voice_choice[0], "style": self.voice_choice[1]}
-        await send("response.done", response=done)
-
-    async def _speak(self, sentence: str, reply: str, item: dict, ids: dict) -> None:
-        """One finished piece of the reply, spoken and sent as audio deltas, in the language and
-        style the voice questions chose (asked once, before the first sentence)."""
-        if self.heard is None:
-            self.heard = [(await ask.result()).text for ask in self.asks]
-        language, style = choose_voice(reply, *self.heard)
-        self.voice_choice = (language, style)
-        audio, _ = await asyncio.to_thread(render_reply, sentence, language, self.voice, style)
-        data = await asyncio.to_thread(formats.encode_wire, audio, self.output_format)
-        step = PCM_PIECE_BYTES if self.output_format == "audio/pcm" else formats.G711_RATE // 2
-        for start in range(0, len(data), step):
-            await self.session.send("response.output_audio.delta", delta=base64.b64encode(data[start : start + step]).decode(), **ids)
-        self.audio_ms += round(1000 * audio.duration)
-        item.setdefault("_spoken", []).append((self.audio_ms, sentence))
-
-    async def _calls(self, calls: list[dict], session: Session, item: dict, previous: str | None) -> None:
-        """A reply that calls tools: function_call items instead of the message."""
-        send = session.send
-        if not self.out_of_band:
-            session.items.remove(item)
-        output = []
-        for index, call in enumerate(calls):
-            function = call["function"]
-            call_item = {"id": _id("item"), "type": "function_call", "object": "realtime.item", "status": "completed",
-                         "call_id": call["id"], "name": function["name"], "arguments": function["arguments"]}  # fmt: skip
-            if not self.out_of_band:
-                session.items.append(call_item)
-            common = {"response_id": self.id, "item_id": call_item["id"], "output_index": index, "call_id": call["id"]}
-            await send("response.output_item.added", response_id=self.id, output_index=index, item=call_item)
-            await send("response.function_call_arguments.delta", delta=function["arguments"], **common)
-            await send("response.function_call_arguments.done", arguments=function["arguments"], name=function["name"], **common)
-            await send("response.output_item.done", response_id=self.id, output_index=index, item=call_item)
-            await send("conversation.item.done", item=call_item, previous_item_id=previous)
-            output.append(call_item)
-        await send("response.done", response=self._response("completed", output))
-
-
-def _usage(completion: Any) -> dict:
-    audio = completion.prompt_audio_tokens
-    return {"total_tokens": completion.prompt_tokens + completion.completion_tokens, "input_tokens": completion.prompt_tokens,
-            "output_tokens": completion.completion_tokens,
-            "input_token_details": {"text_tokens": completion.prompt_tokens - audio, "audio_tokens": audio,
-                                    "image_tokens": 0, "cached_tokens": 0},
-            "output_token_details": {"text_tokens": completion.completion_tokens, "audio_tokens": 0}}  # fmt: skip
-
-
-def _merge(config: dict, update: dict) -> None:
-    """`update` into `config`, nested objects merged key by key (omitted keys keep their values)."""
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            _merge(config[key], value)
-        else:
-            config[key] = value
-
-
-def _check_session(config: dict) -> None:
-    """Raise `EventError` for a session configuration voxtune cannot serve."""
-    audio = config.get("audio")
-    if not isinstance(audio, dict) or not isinstance(audio.get("input"), dict):
-        raise EventError("session.audio.input must be an object", param="session.audio")
-    for side in ("input", "output"):
-        fmt = (audio.get(side) or {}).get("format")
-        if fmt is None and side == "output" and config["type"] == "transcription":
-            continue
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
-        if kind not in formats.FORMATS:
-            raise EventError(f"audio.{side}.format.type must be one of {', '.join(formats.FORMATS)}", param=f"session.audio.{side}.format")
-        if kind == "audio/pcm" and fmt.get("rate", formats.PCM_RATE) != formats.PCM_RATE:
-            raise EventError("audio/pcm is 24000 Hz only, as OpenAI's", param=f"session.audio.{side}.format.rate")
-    detection = audio["input"].get("turn_detection")
-    if detection is not None:
-        if not isinstance(detection, dict) or detection.get("type") not in ("server_vad", "semantic_vad"):
-            raise EventError("turn_detection.type must be server_vad or semantic_vad (or turn_detection null)",
-                             param="session.audio.input.turn_detection")  # fmt: skip
-        threshold = detection.get("threshold", 0.5)
-        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold < 1:
-            raise EventError("turn_detection.threshold must be between 0 and 1", param="session.audio.input.turn_detection.threshold")
-        idle = detection.get("idle_timeout_ms")
-        if idle is not None and (not isinstance(idle, int) or isinstance(idle, bool) or idle < 0):
-            raise EventError("turn_detection.idle_timeout_ms must be a whole number of ms (or null)",
-                             param="session.audio.input.turn_detection.idle_timeout_ms")  # fmt: skip
-        if detection.get("eagerness", "auto") not in EAGERNESS_SILENCE_MS:
-            raise EventError("turn_detection.eagerness must be low, medium, high or auto",
-                             param="session.audio.input.turn_detection.eagerness")  # fmt: skip
-    if config["type"] == "realtime":
-        modalities = config.get("output_modalities")
-        if modalities not in (["audio"], ["text"]):
-            raise EventError("output_modalities must be ['audio'] or ['text']", param="session.output_modalities")
-        voice = audio.get("output", {}).get("voice")
-        name = voice.get("id") if isinstance(voice, dict) else voice
-        from voxtune.audio import voices
-
-        try:
-            voices.default_backend().resolve_voice(name)
-        except voices.VoiceError as error:
-            raise EventError(str(error), param="session.audio.output.voice") from None
-
-
-def _conversation_item(item: dict, session: Session) -> dict:
-    """A client's item, checked and completed with ids (user audio decoded into the session)."""
-    kind = item.get("type", "message")
-    out = {"id": item.get("id") or _id("item"), "type": kind, "object": "realtime.item", "status": "completed"}
-    if kind == "function_call_output":
-        if not isinstance(item.get("call_id"), str) or not isinstance(item.get("output"), str):
-            raise EventError("a function_call_output item needs 'call_id' and 'output' strings", param="item")
-        return {**out, "call_id": item["call_id"], "output": item["output"]}
-    if kind == "function_call":
-        if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
-            raise EventError("a function_call item needs 'call_id', 'name' and 'arguments' strings", param="item")
-        return {**out, "call_id": item["call_id"], "name": item["name"], "arguments": item["arguments"]}
-    if kind != "message" or item.get("role") not in ("user", "assistant", "system"):
-        raise EventError("item.type must be message (role user, assistant or system), function_call or function_call_output",
-                         param="item")  # fmt: skip
-    content = []
-    for index, part in enumerate(item.get("content") or []):
-        ptype = part.get("type") if isinstance(part, dict) else None
-        if ptype in ("input_text", "text", "output_text") and isinstance(part.get("text"), str):
-            content.append({"type": "input_text" if item["role"] != "assistant" else "output_text", "text": part["text"]})
-        elif ptype == "input_audio" and item["role"] == "user" and isinstance(part.get("audio"), str):
-            samples = formats.decode_wire(part["audio"], session.input_format)
-            session.audio[out["id"]] = formats.to_model_rate(samples, session.input_format)
-            content.append({"type": "input_audio", "transcript": part.get("transcript")})
-        elif ptype in ("audio", "output_audio") and item["role"] == "assistant":
-            content.append({"type": "output_audio", "transcript": part.get("transcript") or ""})
-        else:
-            raise EventError(f"item.content[{index}] is not a part this role can hold", param=f"item.content[{index}]")
-    if not content:
-        raise EventError("a message item needs content", param="item.content")
-    return {**out, "role": item["role"], "content": content}
 
 
 HANDLERS = {

@@ -1,0 +1,204 @@
+"""One response of a Realtime session: the model's reply to the conversation, streamed as
+events (`response.created` first, `response.done` last, whatever happens between)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import TYPE_CHECKING, Any
+
+from voxtune.errors import InputError
+from voxtune.infer.spoken_reply import choose_voice, ready_to_speak, render_reply
+from voxtune.infer.tools import parse_tool_calls
+from voxtune.model.generation import SamplingParams
+from voxtune.serve.bridge import Pending, ShuttingDown, cancel_all
+from voxtune.serve.realtime import formats
+from voxtune.serve.realtime.protocol import new_id
+from voxtune.tags import strip_tags
+
+if TYPE_CHECKING:
+    from voxtune.serve.realtime.session import Session
+
+PCM_PIECE_BYTES = formats.PCM_RATE * 2 // 2  # 0.5 s of 24 kHz pcm16 per output_audio.delta
+
+
+class Response:
+    """One response: the model's reply to the conversation, streamed as events."""
+
+    def __init__(self, session: Session, overrides: dict) -> None:
+        self.session = session
+        config = session.config
+        self.modalities = overrides.get("output_modalities") or config["output_modalities"]
+        output = {**config["audio"]["output"], **((overrides.get("audio") or {}).get("output") or {})}
+        self.voice = output["voice"] if isinstance(output["voice"], str) else output["voice"].get("id", "alloy")
+        self.output_format = output["format"]["type"]
+        self.instructions = overrides.get("instructions", config["instructions"])
+        self.tools = overrides.get("tools", config["tools"])
+        self.tool_choice = overrides.get("tool_choice", config["tool_choice"])
+        self.limit = overrides.get("max_output_tokens", config["max_output_tokens"])
+        self.out_of_band = overrides.get("conversation") == "none"
+        self.metadata = overrides.get("metadata")
+        self.id = new_id("resp")
+        self.item_id = new_id("item")
+        self.audio_ms = 0
+        self.asks: list[Pending] = []
+        self.heard: list[str] | None = []
+        self.voice_choice: tuple[str, str] | None = None
+
+    def _response(self, status: str, output: list, usage: dict | None = None, details: dict | None = None) -> dict:
+        return {"id": self.id, "object": "realtime.response", "status": status, "status_details": details,
+                "output": output, "usage": usage, "metadata": self.metadata, "output_modalities": self.modalities,
+                "conversation_id": None if self.out_of_band else "conv_default",
+                "max_output_tokens": self.limit}  # fmt: skip
+
+    async def run(self) -> None:
+        session = self.session
+        send = session.send
+        await send("response.created", response=self._response("in_progress", []))
+        audio = "audio" in self.modalities
+        item = {"id": self.item_id, "type": "message", "object": "realtime.item", "status": "in_progress",
+                "role": "assistant", "content": []}  # fmt: skip
+        ids = {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
+        previous = session.items[-1]["id"] if session.items else None
+        history = list(session.items)
+        if not self.out_of_band:
+            session.items.append(item)
+        await send("response.output_item.added", response_id=self.id, output_index=0, item=item)
+        await send("conversation.item.added", item=item, previous_item_id=previous)
+        part = {"type": "audio", "transcript": ""} if audio else {"type": "text", "text": ""}
+        await send("response.content_part.added", part=part, **ids)
+        text, completion, status, reason = "", None, "completed", None
+        try:
+            tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
+                     for t in self.tools or [] if t.get("type") == "function"]  # fmt: skip
+            messages = session.chat_messages(self.instructions, history)
+            if not messages:
+                raise InputError("the conversation is empty: add an item before asking for a response")
+            prepared = await asyncio.to_thread(session.runtime.prepare_chat, messages, session.owner,
+                                               tools=tools or None, tool_choice=self.tool_choice if tools else None)  # fmt: skip
+            room = session.runtime.reply_room(prepared.example) or session.max_tokens
+            limit = session.max_tokens if self.limit in (None, "inf") else min(int(self.limit), session.max_tokens)
+            params = SamplingParams(max_new_tokens=max(1, min(limit, room)))
+            pending = Pending(session.runtime.engine, prepared.example, params, session.drain)
+            # The questions that choose the spoken reply's language and style, decoded alongside.
+            asks = [Pending(session.runtime.engine, q, SamplingParams(max_new_tokens=4), session.drain)
+                    for q in (session.runtime.voice_prompts(prepared) if audio else [])]  # fmt: skip
+            self.heard: list[str] | None = None if asks else []
+            self.asks = asks
+            said, spoken = "", 0
+            while True:
+                if session.response_cancelled:
+                    pending.cancel()
+                    cancel_all(asks)
+                    status, reason = "cancelled", session.response_cancelled
+                    break
+                kind, value = await pending.next(poll=0.05)
+                if kind == "error":
+                    cancel_all(asks)
+                    raise value
+                if kind == "done":
+                    completion = value
+                    break
+                text += value
+                if tools:
+                    continue  # a tool call is only known whole
+                clean = strip_tags(text)
+                if len(clean) > len(said) and clean.startswith(said):
+                    delta = clean[len(said) :]
+                    said = clean
+                    if audio:
+                        await send("response.output_audio_transcript.delta", delta=delta, **ids)
+                    else:
+                        await send("response.output_text.delta", delta=delta, **ids)
+                if audio:
+                    ready = ready_to_speak(said[spoken:])
+                    if ready:
+                        await self._speak(said[spoken : spoken + ready].strip(), text, item, ids)
+                        spoken += ready
+            if completion is not None:
+                final, calls = parse_tool_calls(completion.text) if tools else (completion.text, [])
+                clean = strip_tags(final)
+                if calls:
+                    await self._calls(calls, session, item, previous)
+                    return
+                if len(clean) > len(said) and clean.startswith(said):
+                    delta = clean[len(said) :]
+                    await send("response.output_audio_transcript.delta" if audio else "response.output_text.delta", delta=delta, **ids)
+                    said = clean
+                if audio and said[spoken:].strip():
+                    await self._speak(said[spoken:].strip(), final, item, ids)
+                if completion.finish_reason == "length":
+                    status, reason = "incomplete", "max_output_tokens"
+        except ShuttingDown:
+            status, reason = "cancelled", "server_shutting_down"
+        except InputError as error:
+            status = "failed"
+            await session.error(str(error))
+        finally:
+            cancel_all(self.asks)  # done already when the reply was spoken; else no longer wanted
+        content = {"type": "output_audio", "transcript": strip_tags(text)} if audio else {"type": "output_text", "text": strip_tags(text)}
+        item["content"] = [content]
+        item["status"] = "completed" if status == "completed" else "incomplete"
+        if audio:
+            await send("response.output_audio.done", **ids)
+            await send("response.output_audio_transcript.done", transcript=content["transcript"], **ids)
+        else:
+            await send("response.output_text.done", text=content["text"], **ids)
+        await send("response.content_part.done", part={"type": "audio", "transcript": content["transcript"]} if audio
+                   else {"type": "text", "text": content["text"]}, **ids)  # fmt: skip
+        public = {k: v for k, v in item.items() if not k.startswith("_")}
+        await send("response.output_item.done", response_id=self.id, output_index=0, item=public)
+        await send("conversation.item.done", item=public, previous_item_id=previous)
+        usage = _usage(completion) if completion is not None else None
+        details = {"type": status, "reason": reason} if reason else None
+        if session.turns is not None:  # the idle timeout counts from the end of the reply
+            session.idle_from_ms = session.turns.heard_ms
+        done = self._response(status, [public], usage, details)
+        if self.voice_choice is not None:  # voxtune's addition: the language and style it answered in
+            done["voxtune"] = {"language": self.voice_choice[0], "style": self.voice_choice[1]}
+        await send("response.done", response=done)
+
+    async def _speak(self, sentence: str, reply: str, item: dict, ids: dict) -> None:
+        """One finished piece of the reply, spoken and sent as audio deltas, in the language and
+        style the voice questions chose (asked once, before the first sentence)."""
+        if self.heard is None:
+            self.heard = [(await ask.result()).text for ask in self.asks]
+        language, style = choose_voice(reply, *self.heard)
+        self.voice_choice = (language, style)
+        audio, _ = await asyncio.to_thread(render_reply, sentence, language, self.voice, style)
+        data = await asyncio.to_thread(formats.encode_wire, audio, self.output_format)
+        step = PCM_PIECE_BYTES if self.output_format == "audio/pcm" else formats.G711_RATE // 2
+        for start in range(0, len(data), step):
+            await self.session.send("response.output_audio.delta", delta=base64.b64encode(data[start : start + step]).decode(), **ids)
+        self.audio_ms += round(1000 * audio.duration)
+        item.setdefault("_spoken", []).append((self.audio_ms, sentence))
+
+    async def _calls(self, calls: list[dict], session: Session, item: dict, previous: str | None) -> None:
+        """A reply that calls tools: function_call items instead of the message."""
+        send = session.send
+        if not self.out_of_band:
+            session.items.remove(item)
+        output = []
+        for index, call in enumerate(calls):
+            function = call["function"]
+            call_item = {"id": new_id("item"), "type": "function_call", "object": "realtime.item", "status": "completed",
+                         "call_id": call["id"], "name": function["name"], "arguments": function["arguments"]}  # fmt: skip
+            if not self.out_of_band:
+                session.items.append(call_item)
+            common = {"response_id": self.id, "item_id": call_item["id"], "output_index": index, "call_id": call["id"]}
+            await send("response.output_item.added", response_id=self.id, output_index=index, item=call_item)
+            await send("response.function_call_arguments.delta", delta=function["arguments"], **common)
+            await send("response.function_call_arguments.done", arguments=function["arguments"], name=function["name"], **common)
+            await send("response.output_item.done", response_id=self.id, output_index=index, item=call_item)
+            await send("conversation.item.done", item=call_item, previous_item_id=previous)
+            output.append(call_item)
+        await send("response.done", response=self._response("completed", output))
+
+
+def _usage(completion: Any) -> dict:
+    audio = completion.prompt_audio_tokens
+    return {"total_tokens": completion.prompt_tokens + completion.completion_tokens, "input_tokens": completion.prompt_tokens,
+            "output_tokens": completion.completion_tokens,
+            "input_token_details": {"text_tokens": completion.prompt_tokens - audio, "audio_tokens": audio,
+                                    "image_tokens": 0, "cached_tokens": 0},
+            "output_token_details": {"text_tokens": completion.completion_tokens, "audio_tokens": 0}}  # fmt: skip
