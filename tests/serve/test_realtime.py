@@ -344,3 +344,36 @@ def test_tools_and_tool_results_reach_the_prompt(random_model):
         done = receive(connection, "response.done")[-1]["response"]
     assert done["status"] in ("completed", "incomplete")
     assert done["usage"]["input_tokens"] > plain + 30  # the tool, the call and its result are in the prompt
+
+
+def test_a_client_that_stops_reading_is_let_go(random_model):
+    """A socket whose sends never complete (its client reads nothing, its buffers are full):
+    after the write timeout the session hangs up instead of waiting for ever. (Filling real
+    loopback buffers takes megabytes of audio; the HTTP write timeout is tested that way.)"""
+    import asyncio
+
+    from voxtune.serve.bridge import Drain
+    from voxtune.serve.realtime.session import Session
+
+    class Unread:
+        """A WebSocket whose peer reads nothing: every send waits; close records its reason."""
+
+        closed: tuple | None = None
+
+        async def send_text(self, text: str) -> None:
+            await asyncio.Event().wait()
+
+        async def receive_text(self) -> str:
+            await asyncio.Event().wait()
+
+        async def close(self, code: int, reason: str) -> None:
+            self.closed = (code, reason)
+
+    runtime = build_runtime(ServeConfig(), random_model)
+    try:
+        socket = Unread()
+        session = Session(socket, runtime, "voxtune-tiny", "", Drain(), 8, write_timeout=0.2)
+        asyncio.run(asyncio.wait_for(session.run(), timeout=30))
+    finally:
+        runtime.close()
+    assert socket.closed == (1008, "the client stopped reading")

@@ -109,7 +109,7 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
     async def realtime(socket: WebSocket) -> None:
         await serve_realtime(socket, runtime=runtime, model_id=model_id, api_keys=[k.encode() for k in config.api_keys],
                              check_model=check_model, drain=app.state.drain, max_tokens=limits.max_tokens,
-                             sessions=sessions)  # fmt: skip
+                             sessions=sessions, write_timeout=limits.write_timeout_seconds)  # fmt: skip
 
     @app.get("/metrics")
     async def metrics() -> Response:

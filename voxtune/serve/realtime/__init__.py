@@ -30,7 +30,7 @@ class Sessions:
 
 
 async def serve_realtime(socket: WebSocket, *, runtime: Any, model_id: str, api_keys: list[bytes], check_model: Any,
-                         drain: Any, max_tokens: int, sessions: Sessions) -> None:  # fmt: skip
+                         drain: Any, max_tokens: int, sessions: Sessions, write_timeout: float = 30.0) -> None:  # fmt: skip
     """Authenticate, open and run one session until the client leaves."""
     offered = [p.strip() for p in socket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
     await socket.accept(subprotocol="realtime" if "realtime" in offered else None)
@@ -56,7 +56,7 @@ async def serve_realtime(socket: WebSocket, *, runtime: Any, model_id: str, api_
     sessions.active += 1
     try:
         session = Session(socket, runtime, model_id, owner_of(key), drain, max_tokens,
-                          "transcription" if transcription else "realtime")  # fmt: skip
+                          "transcription" if transcription else "realtime", write_timeout)  # fmt: skip
         await session.run()
     finally:
         sessions.active -= 1

@@ -35,13 +35,18 @@ logger = logging.getLogger(__name__)
 MAX_APPEND_CHARS = 15 * (1 << 20)  # base64 in one input_audio_buffer.append, as OpenAI's limit
 
 
+class ClientStalled(Exception):
+    """The client has stopped reading the session's events."""
+
+
 class Session:
     """The state of one connection and the handling of its events."""
 
     def __init__(self, socket: WebSocket, runtime: Runtime, model_id: str, owner: str, drain: Drain,
-                 max_tokens: int, kind: str = "realtime") -> None:  # fmt: skip
+                 max_tokens: int, kind: str = "realtime", write_timeout: float = 30.0) -> None:  # fmt: skip
         self.socket, self.runtime, self.model_id, self.owner, self.drain = socket, runtime, model_id, owner, drain
         self.max_tokens = max_tokens
+        self.write_timeout = write_timeout  # a client that stops reading is let go
         self.config = default_session(model_id, kind)
         self.items: list[dict[str, Any]] = []
         self.audio: dict[str, Audio] = {}  # user audio items' clips (16 kHz)
@@ -59,9 +64,23 @@ class Session:
     # ---- sending ---------------------------------------------------------------------------------
 
     async def send(self, kind: str, **fields: Any) -> None:
+        """Send one server event; raises `ClientStalled` when the client has not read for
+        `write_timeout` seconds."""
         event = {"type": kind, "event_id": new_id("event"), **fields}
         async with self.sending:
-            await self.socket.send_text(json.dumps(event, ensure_ascii=False))
+            try:
+                async with asyncio.timeout(self.write_timeout):
+                    await self.socket.send_text(json.dumps(event, ensure_ascii=False))
+            except TimeoutError:
+                raise ClientStalled from None
+
+    async def hang_up(self, reason: str) -> None:
+        """Close the connection (1008, `reason`), without waiting on a client that does not read."""
+        try:
+            async with asyncio.timeout(1.0):
+                await self.socket.close(code=1008, reason=reason)
+        except (TimeoutError, RuntimeError):
+            pass
 
     async def error(self, message: str, *, code: str | None = None, param: str | None = None,
                     event_id: str | None = None) -> None:  # fmt: skip
@@ -72,13 +91,15 @@ class Session:
 
     async def run(self) -> None:
         """Serve the connection until the client leaves."""
-        await self.send("session.created", session=self.config)
         try:
+            await self.send("session.created", session=self.config)
             while True:
                 text = await self.socket.receive_text()
                 await self.handle(text)
         except WebSocketDisconnect:
             pass
+        except ClientStalled:
+            await self.hang_up("the client stopped reading")
         finally:
             if self.response is not None:
                 self.response.cancel()
@@ -310,7 +331,13 @@ class Session:
 
     async def _start_response(self, overrides: dict) -> None:
         self.response_cancelled = None
-        self.response = asyncio.create_task(Response(self, overrides).run())
+        self.response = asyncio.create_task(self._respond(Response(self, overrides)))
+
+    async def _respond(self, response: Response) -> None:
+        try:
+            await response.run()
+        except ClientStalled:  # its events pile up unread: the session ends
+            await self.hang_up("the client stopped reading")
 
     async def _stop_response(self, reason: str) -> None:
         self.response_cancelled = reason
