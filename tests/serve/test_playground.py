@@ -4,9 +4,7 @@ sees the user's transcript and the reply appear, and the reply's audio played.""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -20,13 +18,10 @@ playwright = pytest.importorskip("playwright.sync_api", reason="the browser test
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    """Debian's Chromium, installed here when the tests run as root (as CI does)."""
+    """Debian's Chromium (`make test` installs it when run as root, as CI does)."""
     path = shutil.which("chromium")
-    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=False, capture_output=True, timeout=900)
-        path = shutil.which("chromium")
     if path is None:
-        pytest.skip("needs Debian's chromium (apt-get install chromium; installed by the tests when run as root)")
+        pytest.skip("needs Debian's chromium (apt-get install chromium; make test installs it when run as root)")
     return path
 
 
