@@ -31,9 +31,6 @@ import datetime
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -41,16 +38,11 @@ import httpx2
 import numpy as np
 import websockets.sync.client as ws
 
+from served import voxtune_serve
 from voxtune.audio import Audio, encode, voices
 
 QUESTIONS = ("What is seven plus five?", "What is three plus four?", "What is nine minus two?")
 PIECE_S = 0.02
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def turn_audio(text: str) -> tuple[bytes, int]:
@@ -126,21 +118,8 @@ def main() -> None:
     parser.add_argument("--sessions", default="1,4,16", help="concurrent sessions to measure, comma-separated")
     parser.add_argument("--turns", type=int, default=3, help="spoken turns per session")
     args = parser.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "voxtune.cli", "serve", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     rows = []
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                httpx2.get(url + "/health", timeout=2).raise_for_status()
-                break
-            except httpx2.HTTPError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not start: {server.stderr.read()[-2000:]}") from None
-                time.sleep(0.5)
+    with voxtune_serve() as (url, _):
         turns = [turn_audio(q) for q in QUESTIONS]
         realtime_session(url, turns[:1], [])  # warm-up: lazy initialisation on both paths
         http_turn(url, *turns[0], [])
@@ -162,9 +141,6 @@ def main() -> None:
             vad, model = [r[0] for r in realtime], [r[1] for r in realtime]
             total = [a + b for a, b in realtime]
             rows.append((count, vad, model, total, http))
-    finally:
-        server.terminate()
-        server.wait(60)
     print(f"realtime latency, {datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPUs, built-in model, "
           f"{args.turns} turns per session (ms: p50 / p95)")  # fmt: skip
     print(f"\n{'sessions':>8} {'turns':>6} {'VAD wait':>14} {'model time':>14} {'total':>14} {'HTTP first audio':>18} {'HTTP/model':>11}")

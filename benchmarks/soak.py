@@ -37,7 +37,6 @@ import platform
 import random
 import re
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -47,6 +46,7 @@ from dataclasses import dataclass, field
 import httpx2
 import numpy as np
 
+from served import voxtune_serve
 from voxtune.audio import Audio, encode, voices
 
 QUESTIONS = ("What is seven plus five?", "What is three plus four?", "Name a colour of the sky.", "How are you today?")
@@ -65,12 +65,6 @@ class Record:
     health: list[float] = field(default_factory=list)
     memory: list[tuple[float, float, float]] = field(default_factory=list)  # (t, rss MiB, store MiB)
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -200,22 +194,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "voxtune.cli", "serve", "--port", str(port), f"audio_store_mb={args.store_mb}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                httpx2.get(url + "/health", timeout=2).raise_for_status()
-                break
-            except httpx2.HTTPError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not start: {server.stderr.read()[-2000:]}") from None
-                time.sleep(0.5)
+    with voxtune_serve([f"audio_store_mb={args.store_mb}"]) as (url, server):
         clips = Clips(args.seed)
         with httpx2.Client(base_url=url, timeout=TIMEOUT) as warm:  # lazy initialisation, before measuring
             for kind, _ in MIX:
@@ -234,9 +213,6 @@ def main() -> None:
             thread.join()
         elapsed = time.monotonic() - started
         final_rss, final_store = rss_mib(server.pid), store_mib(url)
-    finally:
-        server.terminate()
-        server.wait(60)
 
     print(f"voxtune serve soak, {datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPUs: "
           f"{args.clients} clients, {args.minutes:g} min, audio store {args.store_mb:g} MB, "

@@ -5,6 +5,7 @@ need other settings start their own with `running_server`."""
 from __future__ import annotations
 
 import base64
+from contextlib import contextmanager
 
 import pytest
 from openai import OpenAI
@@ -54,3 +55,15 @@ def question():
 def audio_part(data: bytes, fmt: str = "wav") -> dict:
     """An OpenAI input_audio content part."""
     return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
+
+
+@contextmanager
+def serving(model, **settings):
+    """A server of its own on `model` with `settings` (ServeConfig fields): yields (url, runtime)."""
+    config = ServeConfig(**settings)
+    runtime = build_runtime(config, model)
+    try:
+        with running_server(runtime, config) as url:
+            yield url, runtime
+    finally:
+        runtime.close()

@@ -15,12 +15,12 @@ from openai import OpenAI
 from openai.types.realtime import RealtimeServerEvent
 from pydantic import TypeAdapter
 
-from tests.serve.conftest import KEYS
+from tests.serve.conftest import KEYS, serving
 from voxtune.audio import Audio, encode, voices
 from voxtune.model import tiny
 from voxtune.serve.config import ServeConfig
 from voxtune.serve.realtime import formats
-from voxtune.serve.server import build_runtime, running_server
+from voxtune.serve.server import build_runtime
 
 pytest.importorskip("websockets", reason="the openai client's realtime connection needs websockets")
 
@@ -31,18 +31,6 @@ EVENTS = TypeAdapter(RealtimeServerEvent)
 def random_model():
     """A tiny random model: its replies run to the token limit, long enough to interrupt."""
     return tiny("llama", "streaming", seed=0)
-
-
-@contextmanager
-def serving(model, **settings):
-    """(url, runtime) of a server on `model` with `settings`."""
-    config = ServeConfig(**settings)
-    runtime = build_runtime(config, model)
-    try:
-        with running_server(runtime, config) as url:
-            yield url, runtime
-    finally:
-        runtime.close()
 
 
 @contextmanager

@@ -8,32 +8,18 @@ import json
 import socket
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx2
 import numpy as np
 import pytest
 
-from tests.serve.conftest import KEYS
+from tests.serve.conftest import KEYS, serving
 from tests.serve.test_chat import MODEL, ask, error_of, metric, post
 from voxtune.audio import Audio, encode, voices
 from voxtune.config import ConfigError
 from voxtune.serve.config import ServeConfig
-from voxtune.serve.server import build_runtime, running_server
 
 HANG = 60  # seconds: a guard against hanging, not a measured bound
-
-
-@contextmanager
-def own_server(model, **settings):
-    """A server on `model` with `settings` (ServeConfig fields); yields (url, runtime)."""
-    config = ServeConfig(**settings)
-    runtime = build_runtime(config, model)
-    try:
-        with running_server(runtime, config) as url:
-            yield url, runtime
-    finally:
-        runtime.close()
 
 
 def raw(url: str, data: bytes = b"", receive_buffer: int | None = None) -> socket.socket:
@@ -150,7 +136,7 @@ def test_echoed_input_is_bounded(server):
 
 def test_one_caller_cannot_take_every_slot(builtin_model):
     """64 slow uploads from one client took every slot: everyone else got 429 for 30 s."""
-    with own_server(builtin_model, api_keys=list(KEYS), limits={"max_concurrent": 4, "max_concurrent_per_client": 2}) as (url, _):
+    with serving(builtin_model, api_keys=list(KEYS), limits={"max_concurrent": 4, "max_concurrent_per_client": 2}) as (url, _):
         start = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n"
                  "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode()  # fmt: skip
         slow = [raw(url, start) for _ in range(2)]
@@ -167,7 +153,7 @@ def test_one_caller_cannot_take_every_slot(builtin_model):
 
 def test_idle_and_half_sent_connections_are_closed(builtin_model):
     """Connections that never finished their headers stayed open for ever."""
-    with own_server(builtin_model, limits={"header_timeout_seconds": 0.3}) as (url, _):
+    with serving(builtin_model, limits={"header_timeout_seconds": 0.3}) as (url, _):
         idle, half = raw(url), raw(url, b"GET /health HTTP/1.1\r\nHo")
         assert closed_by_server(idle) and closed_by_server(half)
         kept = httpx2.Client()
@@ -176,7 +162,7 @@ def test_idle_and_half_sent_connections_are_closed(builtin_model):
 
 
 def test_connections_past_the_bound_get_an_openai_503(builtin_model):
-    with own_server(builtin_model, limits={"max_connections": 2}) as (url, _):
+    with serving(builtin_model, limits={"max_connections": 2}) as (url, _):
         held = [raw(url), raw(url)]
         try:
             extra = raw(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -195,7 +181,7 @@ def test_connections_past_the_bound_get_an_openai_503(builtin_model):
 
 def test_a_client_that_never_reads_its_stream_is_let_go(builtin_model):
     """It held its slot (and its generation) for as long as it kept the connection open."""
-    with own_server(builtin_model, limits={"write_timeout_seconds": 0.5}) as (url, runtime):
+    with serving(builtin_model, limits={"write_timeout_seconds": 0.5}) as (url, runtime):
         body = json.dumps({"model": "tts-1", "voice": "alloy", "input": "One more sentence. " * 200, "response_format": "pcm"})
         request = (f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(body)}\r\n\r\n{body}").encode()  # fmt: skip
@@ -213,7 +199,7 @@ def test_a_client_that_never_reads_its_stream_is_let_go(builtin_model):
 def test_health_and_normal_requests_are_served_while_abusive_ones_run(builtin_model):
     """Huge text, long audio, a slow body and a stream never read, all at once: the event loop
     stays free, so /health and an ordinary chat are answered while they are in flight."""
-    with own_server(builtin_model, limits={"write_timeout_seconds": 120, "body_timeout_seconds": 120}) as (url, _):
+    with serving(builtin_model, limits={"write_timeout_seconds": 120, "body_timeout_seconds": 120}) as (url, _):
         answers: dict = {}
         huge = {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 3_400_000}]}
         long = {"model": MODEL, "messages": ask(speech_clip(590))}
@@ -246,7 +232,7 @@ def test_shutdown_lets_requests_finish_and_ends_cut_streams_properly(builtin_mod
     """SIGTERM waited a hard-coded 5 s, then cut every response: no reply, no [DONE]."""
     events: list[str] = []
     whole: dict = {}
-    with own_server(builtin_model, limits={"shutdown_timeout_seconds": 3.0, "max_tokens": 1800}) as (url, _):
+    with serving(builtin_model, limits={"shutdown_timeout_seconds": 3.0, "max_tokens": 1800}) as (url, _):
         streamed = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
                     "max_tokens": 1800, "ignore_eos": True}  # fmt: skip
 
