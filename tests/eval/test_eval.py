@@ -15,11 +15,11 @@ from voxtune.config import load_config
 from voxtune.data.synth import SynthRecipe
 from voxtune.eval import evaluate_suite, format_table, load_suite, prepare
 from voxtune.eval.report import SUMMARY_KEYS, judge
-from voxtune.eval.run import error_rates
+from voxtune.metrics import error_rates
 from voxtune.eval.suite import SuiteError, fingerprint
 from voxtune.model import tiny
 from voxtune.tags import tag
-from voxtune.train.evaluation import speech_text
+from voxtune.metrics import speech_text
 
 ROOT = Path(__file__).parents[2]
 VOXTUNE = str(Path(sys.executable).with_name("voxtune"))

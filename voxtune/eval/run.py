@@ -24,24 +24,13 @@ from voxtune.data.manifest import read_manifest
 from voxtune.eval.suite import Suite, rendered_fingerprint
 from voxtune.model import prompts
 from voxtune.tags import tag_values
-from voxtune.train.evaluation import Question, answer, normalise, questions, segment_boundary_error, speech_text
+from voxtune.metrics import error_rates, normalise
+from voxtune.train.evaluation import Question, answer, questions, segment_boundary_error
 
 if TYPE_CHECKING:
     from voxtune.model import SpeechLM
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
-    """Corpus CER and WER (edits over reference length, summed over clips) of normalised text."""
-    import jiwer
-
-    pairs = [(speech_text(r), speech_text(h)) for r, h in zip(references, hypotheses, strict=True)]
-    pairs = [(r, h) for r, h in pairs if r]
-    if not pairs:
-        return {}
-    refs, hyps = [r for r, _ in pairs], [h for _, h in pairs]
-    return {"cer": float(jiwer.cer(refs, hyps)), "wer": float(jiwer.wer(refs, hyps)), "n": len(pairs)}
 
 
 def evaluate_suite(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxtune.model.processor import Example
-from voxtune.train.evaluation import speech_text
+from voxtune.metrics import speech_text
 
 if TYPE_CHECKING:
     from voxtune.model import SpeechLM

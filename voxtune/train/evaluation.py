@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -22,7 +21,8 @@ from voxtune.audio import load
 from voxtune.audio.features import SAMPLE_RATE
 from voxtune.data.example import SpeechExample
 from voxtune.data.tasks import TASKS, TaskError, make_conversation, parse_segments, possible_tasks
-from voxtune.tags import strip_tags, tag_values
+from voxtune.metrics import error_rates, normalise
+from voxtune.tags import tag_values
 
 if TYPE_CHECKING:
     from voxtune.model import SpeechLM
@@ -42,24 +42,6 @@ class Question:
     def text(self) -> str | None:
         """The clip's transcript."""
         return self.example.text
-
-
-def normalise(text: str) -> str:
-    """`text` compared loosely: tags dropped, casefolded, whitespace collapsed, no trailing
-    punctuation ("  Twelve. " -> "twelve")."""
-    text = " ".join(strip_tags(text).casefold().split())
-    end = len(text)
-    while end and (text[end - 1].isspace() or unicodedata.category(text[end - 1]).startswith("P")):
-        end -= 1
-    return text[:end]
-
-
-def speech_text(text: str) -> str:
-    """`text` as heard, for CER/WER: tags dropped, casefolded, punctuation removed (apostrophes
-    and hyphens inside words become spaces too), whitespace collapsed."""
-    text = strip_tags(text).casefold()
-    kept = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
-    return " ".join(kept.split())
 
 
 def score_reply(task: str, reference: str, hypothesis: str) -> bool:
@@ -167,22 +149,20 @@ def answer(
 
 def _figures(replies: Iterable[tuple[Question, str]], tasks: Sequence[str]) -> dict[str, float]:
     """Score the replies into the flat figures `evaluate_tasks` returns."""
-    import jiwer
-
     scored, right = Counter(), Counter()
     references, hypotheses, boundary_errors = [], [], []
     for item, reply in replies:
         scored[item.task] += 1
         right[item.task] += score_reply(item.task, item.reference, reply)
-        if item.task == "transcribe" and item.text and item.text.strip():  # jiwer needs words to compare
+        if item.task == "transcribe" and item.text:
             references.append(item.text)
-            hypotheses.append(strip_tags(reply))  # empty is fine: every word missed
+            hypotheses.append(reply)  # empty is fine: every word missed
         if item.task == "segments" and (error := segment_boundary_error(item.reference, reply)) is not None:
             boundary_errors.append(error)
     result: dict[str, float] = {}
-    if references:
-        result["wer"] = float(jiwer.wer(references, hypotheses))
-        result["cer"] = float(jiwer.cer(references, hypotheses))
+    rates = error_rates(references, hypotheses)
+    if rates:
+        result["wer"], result["cer"] = rates["wer"], rates["cer"]
     for task in tasks:
         if scored[task]:
             result[f"acc_{task}"] = right[task] / scored[task]
