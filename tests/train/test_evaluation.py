@@ -211,14 +211,20 @@ def test_a_model_that_answers_wrong_scores_zero(base, examples, expected):
 
 
 def test_transcripts_are_scored_without_their_tags_against_the_text(base, examples, expected):
-    """WER/CER compare the tagless reply with the example's text; the reply's case counts."""
-    def shouted(task: str, reply: str) -> str:  # "<|lang:en|>Hello there." -> "<|lang:en|>HELLO THERE."
+    """WER/CER compare the tagless reply with the example's text as `voxtune eval` does: case
+    and punctuation do not count, words do."""
+    def shouted(task: str, reply: str) -> str:  # "<|lang:en|>Hello there." -> "<|lang:en|>HELLO THERE"
         tag, end, text = reply.partition("|>")
-        return tag + end + text.upper() if task == "transcribe" else reply
+        return tag + end + text.upper().rstrip(".") if task == "transcribe" else reply
+
+    def misheard(task: str, reply: str) -> str:  # one more word in every transcript
+        return reply + " indeed" if task == "transcribe" else reply
 
     script = {key: shouted(task, reply) for key, (task, reply) in expected.items()}
     figures = evaluate_tasks(Probe(base, script), examples, ["transcribe"])
-    assert figures["acc_transcribe"] == 1.0  # the task's score is case-free
+    assert figures["acc_transcribe"] == 1.0 and figures["cer"] == 0.0 and figures["wer"] == 0.0
+    script = {key: misheard(task, reply) for key, (task, reply) in expected.items()}
+    figures = evaluate_tasks(Probe(base, script), examples, ["transcribe"])
     assert 0.0 < figures["cer"] <= 1.0 and figures["wer"] > 0.0
 
 
