@@ -72,7 +72,7 @@ def serve(config: ServeConfig, *, log=lambda text: print(text, flush=True)) -> N
     app = create_app(runtime, config)
     host, port = sock.getsockname()[:2]
     base_url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-    log(f"voxtune serves {default_model_id(config)} at {base_url}/v1 (Ctrl-C stops it)")
+    log(f"voxtune serves {default_model_id(config)} at {base_url}/v1 (Ctrl-C stops it); talk to it at {base_url}/")
     if not config.api_keys and not ipaddress.ip_address(host).is_loopback:
         log(f"warning: listening on {host} without an API key: anyone who reaches it may use it (--api-key KEY)")
     log(examples(base_url, default_model_id(config), bool(config.api_keys)))
