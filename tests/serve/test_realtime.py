@@ -365,3 +365,42 @@ def test_a_client_that_stops_reading_is_let_go(random_model):
     finally:
         runtime.close()
     assert socket.closed == (1008, "the client stopped reading")
+
+
+def test_a_server_that_stops_closes_sessions_with_a_reason_and_stops_their_replies(random_model):
+    """On SIGTERM uvicorn closes WebSockets at once with 1012 (service restart): a clean close
+    with a reason; the reply that was running is stopped, nothing left decoding."""
+    import threading
+
+    from websockets.exceptions import ConnectionClosed
+
+    closed: list[ConnectionClosed] = []
+    with serving(random_model, limits={"max_tokens": 1500, "shutdown_timeout_seconds": 1.0}) as (url, runtime):
+        running = threading.Event()
+
+        def talk() -> None:
+            with connect(url) as connection:
+                receive(connection, "session.created")
+                connection.conversation.item.create(item={"type": "message", "role": "user",
+                                                          "content": [{"type": "input_text", "text": "hi"}]})  # fmt: skip
+                receive(connection, "conversation.item.done")
+                connection.response.create(response={"output_modalities": ["text"]})
+                receive(connection, "response.done")  # the first reply ends by itself (see above)
+                connection.response.create(response={"output_modalities": ["text"]})
+                receive(connection, "response.output_text.delta")
+                running.set()
+                try:
+                    receive(connection, "response.done")
+                except ConnectionClosed as error:
+                    closed.append(error)
+
+        talker = threading.Thread(target=talk)
+        talker.start()
+        assert running.wait(60)
+    talker.join(60)  # leaving the block stopped the server as SIGTERM does
+    assert closed and closed[0].rcvd is not None and closed[0].rcvd.code == 1012
+    for _ in range(100):  # the engine drops a cancelled row at its next step
+        if runtime.engine.active == 0:
+            break
+        threading.Event().wait(0.02)
+    assert runtime.engine.active == 0

@@ -41,6 +41,7 @@ class Response:
         self.id = new_id("resp")
         self.item_id = new_id("item")
         self.audio_ms = 0
+        self.pending: Pending | None = None
         self.asks: list[Pending] = []
         self.heard: list[str] | None = []
         self.voice_choice: tuple[str, str] | None = None
@@ -68,6 +69,7 @@ class Response:
         part = {"type": "audio", "transcript": ""} if audio else {"type": "text", "text": ""}
         await send("response.content_part.added", part=part, **ids)
         text, completion, status, reason = "", None, "completed", None
+        failure: dict | None = None
         try:
             tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
                      for t in self.tools or [] if t.get("type") == "function"]  # fmt: skip
@@ -79,7 +81,7 @@ class Response:
             room = session.runtime.reply_room(prepared.example) or session.max_tokens
             limit = session.max_tokens if self.limit in (None, "inf") else min(int(self.limit), session.max_tokens)
             params = SamplingParams(max_new_tokens=max(1, min(limit, room)))
-            pending = Pending(session.runtime.engine, prepared.example, params, session.drain)
+            pending = self.pending = Pending(session.runtime.engine, prepared.example, params, session.drain)
             # The questions that choose the spoken reply's language and style, decoded alongside.
             asks = [Pending(session.runtime.engine, q, SamplingParams(max_new_tokens=4), session.drain)
                     for q in (session.runtime.voice_prompts(prepared) if audio else [])]  # fmt: skip
@@ -130,11 +132,14 @@ class Response:
                 if completion.finish_reason == "length":
                     status, reason = "incomplete", "max_output_tokens"
         except ShuttingDown:
-            status, reason = "cancelled", "server_shutting_down"
+            status = "failed"
+            failure = {"type": "server_error", "code": "server_shutting_down", "message": "the server is shutting down"}
         except InputError as error:
             status = "failed"
+            failure = {"type": "invalid_request_error", "code": None, "message": str(error)}
             await session.error(str(error))
-        finally:
+        finally:  # a reply ended early (cancelled, failed, its session gone) stops decoding at once
+            cancel_all([self.pending] if self.pending is not None else [])
             cancel_all(self.asks)  # done already when the reply was spoken; else no longer wanted
         content = {"type": "output_audio", "transcript": strip_tags(text)} if audio else {"type": "output_text", "text": strip_tags(text)}
         item["content"] = [content]
@@ -151,6 +156,8 @@ class Response:
         await send("conversation.item.done", item=public, previous_item_id=previous)
         usage = _usage(completion) if completion is not None else None
         details = {"type": status, "reason": reason} if reason else None
+        if failure is not None:
+            details = {"type": "failed", "error": failure}
         if session.turns is not None:  # the idle timeout counts from the end of the reply
             session.idle_from_ms = session.turns.heard_ms
         done = self._response(status, [public], usage, details)
