@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 import numpy as np
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from voxtune.audio import Audio, encode
 from voxtune.audio.features import SAMPLE_RATE
@@ -338,6 +338,12 @@ class Session:
             await response.run()
         except ClientStalled:  # its events pile up unread: the session ends
             await self.hang_up("the client stopped reading")
+        except WebSocketDisconnect:
+            pass  # the client left mid-reply: nobody to tell; run() ends the session
+        except RuntimeError:
+            # Starlette's answer to a send after the close; anything else is a bug to see.
+            if WebSocketState.DISCONNECTED not in (self.socket.client_state, self.socket.application_state):
+                raise
 
     async def _stop_response(self, reason: str) -> None:
         self.response_cancelled = reason
