@@ -9,8 +9,9 @@ the same for all of them.
   `assert_batched_and_encoded_replies`, `assert_audio_tokens`;
 - LoRA: `assert_lora_targets`, `assert_lora_b_gradients`, `assert_encoder_lora`;
 - training: `train` (a `voxtune train` recipe, run in-process), `assert_loss_fell`,
-  `assert_exports_match` (the merged export and the adapters in transformers + peft);
-- serving: `serving` (a real server and an openai client on it), `ask_server`;
+  `assert_trained_on_cached_features`, `assert_exports_match` (the merged export and the
+  adapters in transformers + peft);
+- serving: `serving` (a real server and an openai client on it), `ask_server`, `assert_served`;
 - files: `copy_files` (e.g. `WEIGHTS_ONLY`, a checkpoint without its processor files).
 
 A test file keeps what is its architecture's own: how its reference inputs are made, its
@@ -225,6 +226,12 @@ def assert_loss_fell(run: Path, *, window: int = 4, factor: float = 0.9) -> None
     assert sum(logged[-window:]) / window < factor * sum(logged[:window]) / window
 
 
+def assert_trained_on_cached_features(run: Path) -> None:
+    """A LoRA run on a frozen tower: the loss fell, and the tower's outputs were cached."""
+    assert_loss_fell(run)
+    assert (run / "encoder_cache").is_dir()
+
+
 def assert_exports_match(
     merged: Any, batch: dict[str, Any], model_class: Any, checkpoint: Path, run: Path, inputs: dict
 ) -> None:
@@ -283,6 +290,18 @@ def ask_server(
             transcript = client.audio.transcriptions.create(model=path.name, file=("clip.wav", wav)).text
             expected = runtime.transcribe(load_audio(wav, 16000)).text
     return Served(completion.choices[0].message.content, completion.usage.prompt_tokens_details.audio_tokens, transcript, expected)
+
+
+def assert_served(model: Any, path: Path, *, transcribe: bool = True) -> None:
+    """The openai client, through a real server on `model`, gets the model's own greedy reply to
+    a 1.2 s clip, its audio-token count, and (with `transcribe`) the runtime's transcript."""
+    from voxtune.audio import encode
+
+    audio = clip(1.2)
+    served = ask_server(model, path, encode(audio, "wav"), transcribe=transcribe)
+    assert served.reply == model.generate(messages(audio, "Hi"), max_new_tokens=6)
+    assert served.audio_tokens == model.audio_tokens(len(audio))
+    assert served.transcript == served.expected_transcript
 
 
 # ---- files ---------------------------------------------------------------------------------
