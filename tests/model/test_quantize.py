@@ -8,9 +8,14 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from voxtune.model.quantize import dequantized_weight, is_quantized, merge_to_full_precision, quantize_linears
+from voxtune.model.quantize import dequantized_weight, merge_to_full_precision, quantize_linears
 
 pytest.importorskip("bitsandbytes", reason="QLoRA's 4-bit layers need bitsandbytes")
+
+
+def is_quantized(root: torch.nn.Module) -> bool:
+    """Whether any layer under `root` holds 4-bit weights."""
+    return any(hasattr(getattr(m, "weight", None), "quant_state") for m in root.modules())
 
 
 class _Block(torch.nn.Module):

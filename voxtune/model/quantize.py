@@ -62,12 +62,6 @@ def quantize_linears(
     return swapped
 
 
-def is_quantized(root: torch.nn.Module) -> bool:
-    """Whether any layer under `root` holds 4-bit weights."""
-    return any(isinstance(getattr(m, "weight", None), torch.Tensor) and hasattr(m.weight, "quant_state")
-               for m in root.modules())  # fmt: skip
-
-
 def dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
     """A 4-bit layer's weight [out, in] as the forward pass uses it, in its compute dtype."""
     weight = layer.weight

@@ -19,7 +19,7 @@ from voxtune.tags import strip_tags
 if TYPE_CHECKING:
     from voxtune.serve.realtime.session import Session
 
-PCM_PIECE_BYTES = formats.PCM_RATE * 2 // 2  # 0.5 s of 24 kHz pcm16 per output_audio.delta
+PCM_PIECE_BYTES = formats.PCM_RATE  # per output_audio.delta: 0.5 s of 24 kHz pcm16 (2 bytes a sample)
 
 
 class Response:

@@ -50,6 +50,7 @@ class Session:
         self.config = default_session(model_id, kind)
         self.items: list[dict[str, Any]] = []
         self.audio: dict[str, Audio] = {}  # user audio items' clips (16 kHz)
+        self.wav: dict[str, str] = {}  # the same as base64 WAV, made once: every response reads them
         self.buffer = np.zeros(0, np.float32)  # wire samples since the last commit
         self.buffer_start_ms = 0  # where the buffer begins in the session's audio
         self.turns: TurnDetector | None = None
@@ -294,6 +295,7 @@ class Session:
     async def item_delete(self, event: dict) -> None:
         item = self.items.pop(self._find(event.get("item_id")))
         self.audio.pop(item["id"], None)
+        self.wav.pop(item["id"], None)
         await self.send("conversation.item.deleted", item_id=item["id"])
 
     async def item_truncate(self, event: dict) -> None:
@@ -369,8 +371,9 @@ class Session:
                     if part["type"] == "input_text":
                         parts.append({"type": "text", "text": part["text"]})
                     elif item["id"] in self.audio:
-                        data = base64.b64encode(encode(self.audio[item["id"]], "wav")).decode()
-                        parts.append({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}})
+                        if item["id"] not in self.wav:
+                            self.wav[item["id"]] = base64.b64encode(encode(self.audio[item["id"]], "wav")).decode()
+                        parts.append({"type": "input_audio", "input_audio": {"data": self.wav[item["id"]], "format": "wav"}})
                 if parts:
                     messages.append({"role": "user", "content": parts})
             else:
