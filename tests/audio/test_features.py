@@ -11,7 +11,7 @@ from transformers import WhisperFeatureExtractor
 from transformers.audio_utils import mel_filter_bank
 
 from voxtune.audio.audio import Audio, resample
-from voxtune.audio.features import MIN_SAMPLES, log_mel, log_mel_batch, mel_filters
+from voxtune.audio.features import CAUSAL_FLOOR, MIN_SAMPLES, log_mel, log_mel_batch, mel_filters
 
 SR = 16000
 TOL = 1e-4
@@ -233,3 +233,32 @@ def test_cuda_matches_cpu():
     single = log_mel(torch.from_numpy(clips[0]).cuda())  # device follows the tensor
     assert single.device.type == "cuda"
     torch.testing.assert_close(single.cpu(), cpu[0, :, : cpu_frames[0]], rtol=0, atol=TOL)
+
+
+def test_a_fixed_floor_makes_features_causal():
+    """With the causal floor, a stream's features are its beginning's: louder audio later
+    changes nothing already computed (but the frames whose window reaches the cut). Whisper's
+    own per-clip floor does change them."""
+    rng = np.random.default_rng(5)
+    quiet = (0.01 * rng.standard_normal(16000)).astype(np.float32)
+    quiet[4000:6000] = 0.0  # digital silence: what the floor decides
+    loud = (0.5 * rng.standard_normal(16000)).astype(np.float32)
+    whole = np.concatenate([quiet, loud])
+    settled = (len(quiet) - 200) // 160  # frames whose window ends inside the quiet part
+    causal = log_mel(quiet, floor=CAUSAL_FLOOR)[:, :settled]
+    assert torch.equal(causal, log_mel(whole, floor=CAUSAL_FLOOR)[:, :settled])
+    assert float(causal.min()) == pytest.approx((CAUSAL_FLOOR + 4) / 4)
+    assert not torch.equal(log_mel(quiet)[:, :settled], log_mel(whole)[:, :settled])
+    # Batches and padding follow the same floor.
+    batch, frames = log_mel_batch([quiet, whole], floor=CAUSAL_FLOOR)
+    assert torch.equal(batch[0, :, : frames[0]], log_mel(quiet, floor=CAUSAL_FLOOR))
+    assert float(batch[0, :, frames[0] :].max()) == pytest.approx((CAUSAL_FLOOR + 4) / 4)
+
+
+def test_the_causal_floor_leaves_ordinary_speech_as_whisper_sees_it():
+    """A clip peaking at 1 (log10) is floored at -7 either way: the two are the same features."""
+    rng = np.random.default_rng(6)
+    samples = (0.05 * rng.standard_normal(16000)).astype(np.float32)
+    peak = float(log_mel(samples).max()) * 4 - 4  # back to log10
+    scaled = samples * np.float32(10 ** ((1.0 - peak) / 2))  # power scales with the square
+    assert torch.allclose(log_mel(scaled), log_mel(scaled, floor=CAUSAL_FLOOR), atol=1e-3)

@@ -21,9 +21,9 @@ from voxtune.cli import main
 from voxtune.model import ModelLoadError, compose
 from voxtune.model.ctranslate2 import CT2Model, convert_whisper, read_model_bin, whisper_tiny_en_dir
 
-# Sentences tiny.en hears clearly in eSpeak NG's voice, with the words a transcript must hold.
-# eSpeak NG renders a little differently each time (pitch flutter), so each clip is synthesised
-# once and the same samples go to both models.
+# Sentences tiny.en hears clearly in the natural English voice (seeded, so the clips repeat),
+# with the words a transcript must hold. Each clip is synthesised once and the same samples go
+# to both models.
 CLIPS = {
     "report": ("Please send the report to my office by Friday.", "alloy", ("send", "report", "office", "friday")),
     "greeting": ("Good morning, how are you today?", "echo", ("good morning", "how are you today")),
@@ -102,7 +102,8 @@ def faster(ct2_dir) -> WhisperModel:
 
 @pytest.fixture(scope="session")
 def clips() -> dict[str, np.ndarray]:
-    rendered = {name: voices.synthesize(text, "en", voice) for name, (text, voice, _) in CLIPS.items()}
+    speaker = voices.PiperBackend(seed=0)
+    rendered = {name: voices.synthesize(text, "en", voice, backend=speaker) for name, (text, voice, _) in CLIPS.items()}
     return {name: audio.resample(16000).samples.astype(np.float32) for name, audio in rendered.items()}
 
 

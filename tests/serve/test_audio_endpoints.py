@@ -32,10 +32,15 @@ CONTENT_TYPES = {
 # ---- shared clips -----------------------------------------------------------------------------
 
 
+# The voice the built-in model was trained on (eSpeak NG): these tests are about the endpoints,
+# not about how well the model hears other voices (the evaluation measures that).
+SPEAKER = voices.EspeakBackend()
+
+
 @pytest.fixture(scope="module")
 def clip() -> Audio:
     """A spoken question at 16 kHz."""
-    return voices.synthesize("What is seven plus five?", "en").resample(16000)
+    return voices.synthesize("What is seven plus five?", "en", backend=SPEAKER).resample(16000)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,7 @@ def wav(clip) -> bytes:
 def two_utterances() -> tuple[bytes, float, float]:
     """Two utterances with 1 s of digital silence between them: (wav, silence start, silence end)."""
     texts = ("What is seven plus five?", "Hello there.")
-    first, second = (voices.synthesize(text, "en").resample(16000) for text in texts)
+    first, second = (voices.synthesize(text, "en", backend=SPEAKER).resample(16000) for text in texts)
     silence = np.zeros(16000, np.float32)
     audio = Audio(np.concatenate([first.samples, silence, second.samples]), 16000)
     return encode(audio, "wav"), first.duration, first.duration + 1.0
@@ -282,7 +287,7 @@ def test_each_speech_format_has_its_content_type_and_decodes(client, spoken, fmt
     audio = load(data, 16000, format="pcm16", rate=24000) if fmt == "pcm" else load(data, 16000, format=fmt)
     reference = load(spoken["wav"], 16000, format="wav").duration
     assert audio.duration > 1.0
-    assert audio.duration == pytest.approx(reference, abs=0.1)
+    assert audio.duration == pytest.approx(reference, rel=0.08)  # the voice's timing varies a little
     assert np.abs(audio.samples).max() > 0.05  # speech, not silence
 
 
@@ -306,7 +311,8 @@ def test_cheerful_instructions_raise_the_pitch(client, spoken):
 def test_a_voice_may_be_given_as_an_object_with_an_id(client, spoken):
     data = client.audio.speech.create(**{**SPEECH, "voice": {"id": "alloy"}}, response_format="wav").content
     reference = load(spoken["wav"], 16000, format="wav").duration
-    assert load(data, 16000, format="wav").duration == pytest.approx(reference, abs=0.01)
+    # The natural voice samples its timing afresh each time (as a person would): a few percent.
+    assert load(data, 16000, format="wav").duration == pytest.approx(reference, rel=0.08)
 
 
 def test_pcm_streams_in_chunks_that_add_up_to_the_whole(client, spoken):
@@ -316,7 +322,7 @@ def test_pcm_streams_in_chunks_that_add_up_to_the_whole(client, spoken):
     assert len(chunks) >= 2  # one sentence at a time, not one body at the end
     streamed = b"".join(chunks)
     assert len(streamed) % 2 == 0
-    assert len(streamed) == pytest.approx(len(spoken["pcm"]), rel=0.01)
+    assert len(streamed) == pytest.approx(len(spoken["pcm"]), rel=0.08)  # the voice's timing varies a little
     assert load(streamed, 16000, format="pcm16", rate=24000).duration > 1.0
 
 

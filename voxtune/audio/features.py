@@ -6,6 +6,14 @@ a 400-sample periodic Hann window, hop 160, centre reflect padding, power spectr
 STFT frame dropped, slaney mel filters over 0-8000 Hz, `log10(max(mel, 1e-10))`, values floored
 at 8 below the clip's maximum, then `(x + 4) / 4`. A clip of S samples gives S // 160 frames.
 
+Whisper's floor depends on the clip's loudest frame, so a frame's value can change when louder
+audio comes later: the features of a stream are not those of its beginning. `floor=CAUSAL_FLOOR`
+(or any number) floors at a fixed log10 value instead, so each frame depends only on the samples
+under its window, and features computed as audio arrives equal the whole clip's (what streaming
+encoders need). -7 is Whisper's floor for a clip peaking at 1, the median peak of voxtune's
+speech (synthesised, at its usual levels, 0.2-2.0): anything within 70 dB of such a peak is
+unchanged, only the quietest bins differ.
+
 Shape letters in comments: B batch, S samples, T frames, F frequency bins, M mels.
 """
 
@@ -26,6 +34,7 @@ __all__ = [
     "N_FFT",
     "HOP_LENGTH",
     "MIN_SAMPLES",
+    "CAUSAL_FLOOR",
     "mel_filters",
     "log_mel",
     "log_mel_batch",
@@ -43,6 +52,7 @@ _MAX_FREQUENCY = 8000.0
 # log10 floor and dynamic range of Whisper's features.
 _MEL_FLOOR = 1e-10
 _DYNAMIC_RANGE = 8.0
+CAUSAL_FLOOR = -7.0  # a fixed log10 floor (see the module docstring)
 
 AudioLike = Union[Audio, np.ndarray, torch.Tensor]
 
@@ -202,9 +212,11 @@ def _log_mel_rows(
     lengths: Sequence[int],
     n_mels: int,
     device: torch.device,
+    fixed_floor: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features `[B, M, T]` (T from the longest clip; floor-filled past each clip's end) and
-    each row's floor value `[B]`, from one batched STFT."""
+    each row's floor value `[B]`, from one batched STFT. The floor is Whisper's per-clip one, or
+    `fixed_floor` (log10) when given."""
     batch, s_max, pad = len(clips), max(lengths), N_FFT // 2
 
     # Each row holds its clip reflect-padded by `pad` at both ends, then zeros up to a common
@@ -251,8 +263,11 @@ def _log_mel_rows(
     frames = n // HOP_LENGTH  # [B, 1]
     valid = torch.arange(log_spec.shape[-1], device=device)[None, :] < frames  # [B, T]
     valid = valid[:, None, :]  # [B, 1, T]
-    peak = log_spec.masked_fill(~valid, -math.inf).amax(dim=(1, 2), keepdim=True)  # [B, 1, 1]
-    floor = peak - _DYNAMIC_RANGE
+    if fixed_floor is None:
+        peak = log_spec.masked_fill(~valid, -math.inf).amax(dim=(1, 2), keepdim=True)  # [B, 1, 1]
+        floor = peak - _DYNAMIC_RANGE
+    else:
+        floor = torch.full((batch, 1, 1), fixed_floor, dtype=log_spec.dtype, device=device)
     log_spec = torch.where(valid, torch.maximum(log_spec, floor), floor)
     return (log_spec + 4.0) / 4.0, ((floor + 4.0) / 4.0).view(batch)
 
@@ -262,6 +277,7 @@ def log_mel_batch(
     n_mels: int = 80,
     *,
     device: torch.device | str | None = None,
+    floor: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whisper log-mel features of several clips, in batched STFTs.
 
@@ -271,7 +287,8 @@ def log_mel_batch(
     are filled with that clip's floor value, `(max - 8 + 4) / 4`, which is what silence looks
     like to a Whisper encoder. Numpy arrays and tensors are taken to be 16 kHz; `Audio` at
     another rate is resampled. Clips are grouped by length into as few STFTs as the device's
-    chunk budget allows (on CUDA usually one).
+    chunk budget allows (on CUDA usually one). `floor` (log10, e.g. `CAUSAL_FLOOR`) replaces
+    the per-clip floor with a fixed one (see the module docstring).
     """
     if isinstance(audios, (np.ndarray, torch.Tensor, Audio)):
         raise ValueError("log_mel_batch takes a sequence of clips; use log_mel for a single clip")
@@ -285,19 +302,19 @@ def log_mel_batch(
     budget = _CUDA_CHUNK_SAMPLES if device.type == "cuda" else _CPU_CHUNK_SAMPLES
     groups = _chunks(lengths, budget)
     if len(groups) == 1:  # all in one STFT, already in the caller's order
-        features, _ = _log_mel_rows(clips, lengths, n_mels, device)
+        features, _ = _log_mel_rows(clips, lengths, n_mels, device, floor)
         return features, frames
 
     features = torch.empty(
         len(clips), n_mels, max(lengths) // HOP_LENGTH, dtype=torch.float32, device=device
     )
     for group in groups:
-        part, floor = _log_mel_rows(
-            [clips[i] for i in group], [lengths[i] for i in group], n_mels, device
+        part, filler = _log_mel_rows(
+            [clips[i] for i in group], [lengths[i] for i in group], n_mels, device, floor
         )  # [b, M, T_group], [b]
         rows = torch.tensor(group, device=device)
         features[rows, :, : part.shape[-1]] = part
-        features[rows, :, part.shape[-1] :] = floor[:, None, None]
+        features[rows, :, part.shape[-1] :] = filler[:, None, None]
     return features, frames
 
 
@@ -306,14 +323,15 @@ def log_mel(
     n_mels: int = 80,
     *,
     device: torch.device | str | None = None,
+    floor: float | None = None,
 ) -> torch.Tensor:
     """Whisper log-mel features of one clip, shape `[n_mels, samples // 160]` float32.
 
     `audio` is an `Audio` (resampled to 16 kHz if needed) or 1-D float samples at 16 kHz as a
     numpy array or torch tensor, with at least 201 samples. Computed on `device` (default: the
-    tensor's device, else CPU).
+    tensor's device, else CPU). `floor`: a fixed log10 floor instead of Whisper's per-clip one.
     """
     if isinstance(audio, (list, tuple)):
         raise ValueError("log_mel takes one clip; use log_mel_batch for several")
-    features, _ = log_mel_batch([audio], n_mels, device=device)
+    features, _ = log_mel_batch([audio], n_mels, device=device, floor=floor)
     return features[0]

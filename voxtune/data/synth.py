@@ -23,9 +23,10 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from voxtune.audio import Audio, encode
-from voxtune.audio.voices import STYLES, Style, default_backend
+from voxtune.audio.voices import STYLES, EspeakBackend, Style
 from voxtune.config import Config, dump_config
 from voxtune.data.example import Segment, SpeechExample
+from voxtune.data.perturb import PerturbConfig, clip_rng, draw, perturb
 from voxtune.data.phrasebook import FACT_ANSWERS, PHRASEBOOK, number_words, one_word, word_run
 from voxtune.files import write_atomic
 
@@ -39,6 +40,7 @@ INTENT_OF = {"statement": "statement", "question": "question", "command": "comma
 # Kinds only some languages have templates for (see voxtune.data.phrasebook).
 _NEEDS = {"count": "count", "spell": "spell", "fact": "facts"}
 PAUSE_SECONDS = 0.15  # silence between the languages of a code-switched clip
+_ESPEAK = EspeakBackend()  # the corpus is eSpeak NG speech: the natural English voice stays out of training
 
 
 class SynthRecipe(Config):
@@ -63,6 +65,8 @@ class SynthRecipe(Config):
     sample_rate: int = 16000
     workers: int = Field(2, ge=1)
     chunk_size: int = Field(16, ge=1)
+    # Per-clip voice perturbation (another speaker and recording chain; see data/perturb.py).
+    perturb: PerturbConfig = Field(default_factory=PerturbConfig)
 
     @field_validator("languages", "holdout_languages", "identify_only")
     @classmethod
@@ -284,7 +288,7 @@ def _style(plan: ClipPlan) -> Style:
 
 def render_clip(plan: ClipPlan, sample_rate: int) -> tuple[Audio, list[Segment]]:
     """The clip's audio at `sample_rate` and the segment of each of its languages."""
-    backend, style = default_backend(), _style(plan)
+    backend, style = _ESPEAK, _style(plan)
     pieces, segments, cursor = [], [], 0
     for i, (lang, text) in enumerate(plan.parts):
         chunks = list(backend.render(text, lang, plan.voice, style, 1.0))
@@ -298,17 +302,29 @@ def render_clip(plan: ClipPlan, sample_rate: int) -> tuple[Audio, list[Segment]]
     return Audio(np.concatenate(pieces), sample_rate), segments
 
 
-def _render_chunk(args: tuple[int, int, list[dict], int, str]) -> list[dict]:
+def _rescaled(segments: list[Segment], tempo: float) -> list[Segment]:
+    """Segment times after the clip was sped up by `tempo`."""
+    return [Segment(round(s.start / tempo, 3), round(s.end / tempo, 3), s.language, s.text) for s in segments]
+
+
+def _render_chunk(args: tuple[int, int, list[dict], int, str, dict]) -> list[dict]:
     """Worker: render one chunk of clips in this (fresh) process; returns their records."""
-    seed, chunk_index, plans, sample_rate, out_dir = args
-    default_backend().reseed(seed * 1_000_003 + chunk_index)
+    seed, chunk_index, plans, sample_rate, out_dir, perturb_config = args
+    _ESPEAK.reseed(seed * 1_000_003 + chunk_index)
+    perturbing = PerturbConfig(**perturb_config)
     records = []
     for data in plans:
         clip_plan = ClipPlan(**data)
         audio, segments = render_clip(clip_plan, sample_rate)
+        perturbation = draw(perturbing, clip_plan.split, clip_rng(seed, clip_plan.id))
+        if perturbation is not None:
+            audio = perturb(audio, perturbation)
+            segments = _rescaled(segments, perturbation["tempo"])
         relative = f"audio/{clip_plan.split}/{clip_plan.id}.wav"
         write_atomic(Path(out_dir) / relative, encode(audio, "wav"))
         meta = {"kind": clip_plan.kind, "duration": round(audio.duration, 3), "id": clip_plan.id}
+        if perturbation is not None:
+            meta["perturb"] = perturbation
         if clip_plan.identify_only:  # what was said stays on record, out of the labels
             example = SpeechExample(
                 relative, language=clip_plan.language, style=clip_plan.style, speaker=clip_plan.voice,
@@ -343,7 +359,8 @@ def synthesize_corpus(
         raise ValueError(f"no split {sorted(set(splits) - set(recipe.splits))[0]!r} in the recipe")
     plans = [p for p in plan(recipe, voices) if p.split in wanted]
     chunks = [plans[i : i + recipe.chunk_size] for i in range(0, len(plans), recipe.chunk_size)]
-    jobs = [(recipe.seed, i, [asdict(p) for p in chunk], recipe.sample_rate, str(out)) for i, chunk in enumerate(chunks)]
+    jobs = [(recipe.seed, i, [asdict(p) for p in chunk], recipe.sample_rate, str(out), recipe.perturb.model_dump())
+            for i, chunk in enumerate(chunks)]  # fmt: skip
     started = time.perf_counter()
     records: list[tuple[str, dict]] = []
     # A fresh process per chunk (maxtasksperchild=1): each chunk renders from a clean engine.
@@ -367,6 +384,6 @@ def synthesize_corpus(
 
 def all_voices() -> list[str]:
     """Every engine voice variant but the whisper ones (whispering is a style)."""
-    return [v.name for v in default_backend().list_voices()
+    return [v.name for v in _ESPEAK.list_voices()
             if v.name == v.backend_voice and v.name.lower() not in ("whisper", "whisperf")]  # fmt: skip
 

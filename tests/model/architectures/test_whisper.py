@@ -132,7 +132,7 @@ def test_the_real_whisper_tiny_en_transcribes_through_voxtune(whisper_tiny_en):
     from voxtune.audio import voices
 
     model = voxtune.load(str(whisper_tiny_en))
-    speech = voices.synthesize("Hello world.", "en", "onyx").resample(16000)
+    speech = voices.synthesize("Hello world.", "en", "onyx", backend=voices.PiperBackend(seed=0)).resample(16000)
     hf = WhisperForConditionalGeneration.from_pretrained(whisper_tiny_en).eval()
     processor = AutoProcessor.from_pretrained(whisper_tiny_en)
     new = hf.generate(_features(processor, speech), max_new_tokens=40)[0]

@@ -1,6 +1,7 @@
 """Voices: text to speech, rendered sentence by sentence so that a server can stream it.
 
-The built-in backend is eSpeak NG (`EspeakBackend`); others plug in through `VoiceBackend`.
+The default backend speaks English in Piper's natural voice (`PiperBackend`) and every other
+language in eSpeak NG (`EspeakBackend`); others plug in through `VoiceBackend`.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from voxtune.audio.voices.base import (
     VoiceInfo,
     split_sentences,
 )
+from voxtune.audio.voices.default import DefaultBackend
 from voxtune.audio.voices.espeak import EspeakBackend
+from voxtune.audio.voices.piper import PiperBackend
 
-_DEFAULT_BACKEND = EspeakBackend()  # a view of the engine; the engine itself opens on first use
+_DEFAULT_BACKEND = DefaultBackend()  # views of the engines; each engine opens on first use
 
 
-def default_backend() -> EspeakBackend:
-    """The built-in backend."""
+def default_backend() -> DefaultBackend:
+    """The built-in backend: Piper for English, eSpeak NG for the rest."""
     return _DEFAULT_BACKEND
 
 
@@ -78,8 +81,10 @@ __all__ = [
     "MAX_TEXT_CHARS",
     "OPENAI_VOICES",
     "STYLES",
+    "DefaultBackend",
     "EspeakBackend",
     "LanguageInfo",
+    "PiperBackend",
     "Style",
     "UnknownLanguageError",
     "UnknownStyleError",

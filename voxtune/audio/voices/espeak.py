@@ -44,10 +44,10 @@ _POS_CHARACTER = 1
 _MIN_RATE, _MAX_RATE = 80, 450  # words per minute the engine accepts
 _VARIANT_LANGUAGE = b"variant"
 
-# Each OpenAI voice name is a distinct eSpeak NG voice variant (female ones for the names
-# OpenAI gives female voices).
+# Each OpenAI voice name is a distinct eSpeak NG voice variant, of the gender its timbre of the
+# English voice has (voices/piper.py), so that a name keeps its gender across languages.
 OPENAI_VARIANTS = {
-    "alloy": "f5", "ash": "m2", "ballad": "m6", "coral": "f2", "echo": "m1",
+    "alloy": "m8", "ash": "m2", "ballad": "m6", "coral": "f2", "echo": "m1",
     "fable": "m4", "marin": "Annie", "cedar": "m3", "nova": "f4", "onyx": "m7",
     "sage": "f3", "shimmer": "f1", "verse": "m5",
 }  # fmt: skip
