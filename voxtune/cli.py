@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import voxtune
 from voxtune.audio import AudioError, describe, encode
@@ -20,6 +21,9 @@ from voxtune.audio import voices
 from voxtune.audio.encode import OUTPUT_FORMATS, normalize_format
 from voxtune.errors import InputError
 from voxtune.files import write_atomic
+
+if TYPE_CHECKING:
+    from voxtune.eval.natural import NaturalSuite
 
 # File suffixes that imply an output format when --format is not given.
 _SUFFIX_FORMATS = {".wav": "wav", ".mp3": "mp3", ".flac": "flac", ".opus": "opus", ".ogg": "opus",
@@ -287,12 +291,14 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from voxtune.eval import evaluate_suite, format_table, load_suite, prepare
+    from voxtune.eval import Suite, evaluate_suite, format_table, load_suite, prepare
 
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be at least 1")
     suite = load_suite(args.suite)
     model = _load_model(args)
+    if not isinstance(suite, Suite):  # a natural-voice suite: its own clips, its own table
+        return _eval_natural(args, model, suite)
     folder = prepare(suite, log=lambda line: print(line, file=sys.stderr))
     bar = tqdm(total=0, unit="reply", leave=False, disable=None, file=sys.stderr)  # a bar on a terminal only
     stages: list[str] = []
@@ -308,6 +314,19 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate_suite(model, suite, folder, name=name, limit=args.limit, progress=progress)
     bar.close()
     print(format_table(report, suite))
+    if args.json:
+        write_atomic(args.json, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _eval_natural(args: argparse.Namespace, model: Any, suite: NaturalSuite) -> int:
+    from voxtune.eval.natural import evaluate_natural, format_natural, prepare_natural
+
+    folder = prepare_natural(suite, log=lambda line: print(line, file=sys.stderr))
+    name = args.model or "voxtune-tiny (built in)"
+    report = evaluate_natural(model, suite, folder, name=name, limit=args.limit)
+    print(format_natural(report, suite))
     if args.json:
         write_atomic(args.json, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
         print(f"wrote {args.json}")

@@ -6,6 +6,7 @@ evaluations and `voxtune eval` alike), and the loose comparison of short replies
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 
@@ -30,11 +31,28 @@ def speech_text(text: str) -> str:
     return " ".join(kept.split())
 
 
-def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
+_NUMBER = re.compile(r"\d+(?:,\d{3})*")
+
+
+def spelled_numbers(text: str, lang: str = "en") -> str:
+    """Numbers in digits written out as words in `lang` ("at 404 Main" -> "at four hundred and
+    four Main"): a recogniser may write either, and which one is not a mistake of hearing."""
+    from num2words import num2words
+
+    return _NUMBER.sub(lambda m: f" {num2words(int(m.group().replace(',', '')), lang=lang)} ", text)
+
+
+def error_rates(
+    references: Sequence[str], hypotheses: Sequence[str], *, numbers_as_words: str | None = None
+) -> dict[str, float]:
     """Corpus CER and WER (edits over reference length, summed over clips) of `speech_text`;
-    clips whose reference has no words are left out. {} when none is left."""
+    clips whose reference has no words are left out. {} when none is left. With
+    `numbers_as_words` (a language code), digits on either side are spelled out first."""
     import jiwer
 
+    if numbers_as_words is not None:
+        references = [spelled_numbers(r, numbers_as_words) for r in references]
+        hypotheses = [spelled_numbers(h, numbers_as_words) for h in hypotheses]
     pairs = [(speech_text(r), speech_text(h)) for r, h in zip(references, hypotheses, strict=True)]
     pairs = [(r, h) for r, h in pairs if r]
     if not pairs:

@@ -195,3 +195,26 @@ def _voices():
     from voxtune.data.synth import all_voices
 
     return all_voices()
+
+
+def test_no_speech_clips_come_after_the_speech_and_are_transcribed_as_nothing(tmp_path):
+    from voxtune.data.tasks import make_conversation, possible_tasks
+
+    speech = SynthRecipe(clips=10, languages=["en"], kinds={"statement": 1}, seed=8, workers=1)
+    quiet = speech.model_copy(update={"no_speech_clips": 40})
+    voices = _voices()
+    assert plan(quiet, voices)[:10] == plan(speech, voices)  # the speech's plan is left as it was
+    summary = synthesize_corpus(quiet, tmp_path)
+    assert summary.clips == 50
+    examples = [e for split in ("train", "valid") for e in read_manifest(tmp_path / f"{split}.jsonl")]
+    silent = [e for e in examples if e.meta.get("no_speech")]
+    assert len(silent) == 40 and sum(1 for e in silent if "/valid/" in str(e.audio)) == 2
+    assert not any(e.meta.get("no_speech") for e in read_manifest(tmp_path / "test.jsonl"))
+    for example in silent:
+        audio = load(example.audio)
+        assert 0.5 <= audio.duration <= 6.0 and example.text is None
+        assert float(np.sqrt(np.mean(audio.samples**2))) < 10 ** (-11 / 20)  # at most -12 dBFS, by design
+        assert possible_tasks(example) == ["transcribe"]
+        assert make_conversation(example, "transcribe")[-1] == {"role": "assistant", "content": ""}
+    levels = {round(float(np.abs(load(e.audio).samples).max()), 3) for e in silent}
+    assert 0.0 in levels and len(levels) > 20  # digital silence, and many different levels

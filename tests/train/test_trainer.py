@@ -368,3 +368,37 @@ def test_a_full_disk_ends_training_in_one_line_and_resume_goes_on(tiny_recipe, t
     resumed = subprocess.run([*train, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and (tmp_path / "run" / "model" / "voxtune.json").is_file()
+
+
+def test_a_tiny_lm_learns_to_read_a_pretrained_whisper_encoder_frozen(corpus, tmp_path, _recipe, whisper_tiny_en):
+    """voxtune-tiny v3's shape: model.tiny with model.encoder, a Whisper checkpoint whose
+    encoder (its weights exactly) stays frozen under a new LM and the Ultravox projector."""
+    from voxtune.model.whisper_encoder import load_whisper_encoder
+
+    overrides = ("model.tiny.encoder=whisper", f"model.encoder={whisper_tiny_en}", "train.method=full")
+    trainer = Trainer(_recipe(corpus, tmp_path, *overrides), log=lambda _: None)
+    pretrained = load_whisper_encoder(whisper_tiny_en).state_dict()
+    assert trainer.model.config.projector_norm_mid and trainer.model.encoder.dim == 384
+    lm_before = {k: v.clone() for k, v in trainer.model.lm.state_dict().items()}
+    for key, value in pretrained.items():
+        assert torch.equal(trainer.model.encoder.state_dict()[key], value)
+    trainer.fit()
+    for key, value in pretrained.items():
+        assert torch.equal(trainer.model.encoder.state_dict()[key], value)  # frozen
+    assert any(not torch.equal(trainer.model.lm.state_dict()[k], v) for k, v in lm_before.items())  # trained
+    reloaded = voxtune.load(trainer.export())
+    for key, value in pretrained.items():
+        assert torch.equal(reloaded.encoder.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (("model.encoder=somewhere",), "model.tiny.encoder is whisper"),
+    (("model.tiny.encoder=whisper", "model.encoder={dim: 8}"), "model.encoder is a Whisper checkpoint"),
+    (("model.tiny.encoder=whisper", "model.encoder=a", "model.init_encoder=b"), "set one"),
+    (("model.tiny=null", "model.load=x", "model.encoder=y"), "model.load brings its own encoder"),
+])  # fmt: skip
+def test_a_pretrained_encoder_under_a_tiny_lm_is_checked_before_anything_loads(tiny_recipe, tmp_path, overrides, words):
+    from voxtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        tiny_recipe(tmp_path, *overrides)

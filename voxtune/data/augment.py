@@ -161,6 +161,24 @@ def _excerpt(samples: np.ndarray, length: int, rng: np.random.Generator) -> np.n
     return samples[(start + np.arange(length)) % len(samples)]
 
 
+def no_speech(seconds: float, sample_rate: int, rng: np.random.Generator) -> Audio:
+    """A clip in which nobody speaks: digital silence, or white, pink or brown noise, or mains
+    hum, at -60 to -12 dBFS (what a microphone hears between words, or when nobody is there)."""
+    samples = max(int(seconds * sample_rate), 1)
+    kind = ("silence", "white", "pink", "brown", "hum")[int(rng.integers(5))]
+    if kind == "silence":
+        return Audio(np.zeros(samples, np.float32), sample_rate)
+    if kind == "hum":
+        t = np.arange(samples) / sample_rate
+        mains = float(rng.choice([50.0, 60.0]))
+        wave = sum(np.sin(2 * np.pi * mains * h * t + rng.uniform(0, 2 * np.pi)) / h for h in range(1, 6))
+        wave = wave / np.sqrt(np.mean(wave**2)) + 0.1 * colored_noise("white", samples, rng)
+    else:
+        wave = colored_noise(kind, samples, rng)
+    level = 10 ** (rng.uniform(-60, -12) / 20)
+    return Audio((level * wave / np.sqrt(np.mean(wave**2))).astype(np.float32), sample_rate)
+
+
 # ---- telephone channel -------------------------------------------------------------------------
 
 

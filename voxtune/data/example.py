@@ -40,7 +40,8 @@ class SpeechExample:
             words in `text`.
         answer: the expected reply (to the instruction, or to the spoken request).
         speaker: who speaks (a voice or speaker id), for splits disjoint by speaker.
-        meta: anything else the source gave (kept, not interpreted).
+        meta: anything else the source gave (kept, not interpreted; but `no_speech: true`
+            marks a clip in which nobody speaks: its transcript is nothing at all, and it has no text).
     """
 
     audio: str | Path | bytes | Audio = field(repr=False)  # bytes would bury everything else

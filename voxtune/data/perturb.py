@@ -14,6 +14,7 @@ clips, and a record carries what was done to it.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -100,7 +101,10 @@ def _speaker(audio: Audio, formant: float, pitch: float, tempo: float) -> Audio:
     sound = parselmouth.Sound(audio.samples.astype(np.float64), audio.sample_rate)
     median = call(call(sound, "To Pitch", 0.0, _PITCH_FLOOR, _PITCH_CEILING), "Get quantile", 0, 0, 0.5, "Hertz")
     new_median = median * pitch if np.isfinite(median) else 0.0  # 0: Praat keeps the pitch
-    changed = call(sound, "Change gender", _PITCH_FLOOR, _PITCH_CEILING, formant, new_median, 1.0, 1.0 / tempo)
+    with warnings.catch_warnings():
+        # A whispered clip has no voiced frame; Praat says so, and still shifts its formants.
+        warnings.simplefilter("ignore", parselmouth.PraatWarning)
+        changed = call(sound, "Change gender", _PITCH_FLOOR, _PITCH_CEILING, formant, new_median, 1.0, 1.0 / tempo)
     samples = np.asarray(changed.values[0], dtype=np.float32)
     peak, original = float(np.abs(samples).max(initial=0.0)), float(np.abs(audio.samples).max(initial=0.0))
     if peak > 0:  # the speaker changes, the recording level does not

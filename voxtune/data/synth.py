@@ -25,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from voxtune.audio import Audio, encode
 from voxtune.audio.voices import STYLES, EspeakBackend, Style
 from voxtune.config import Config, dump_config
+from voxtune.data.augment import no_speech
 from voxtune.data.example import Segment, SpeechExample
 from voxtune.data.perturb import PerturbConfig, clip_rng, draw, perturb
 from voxtune.data.phrasebook import FACT_ANSWERS, PHRASEBOOK, number_words, one_word, word_run
@@ -40,6 +41,7 @@ INTENT_OF = {"statement": "statement", "question": "question", "command": "comma
 # Kinds only some languages have templates for (see voxtune.data.phrasebook).
 _NEEDS = {"count": "count", "spell": "spell", "fact": "facts"}
 PAUSE_SECONDS = 0.15  # silence between the languages of a code-switched clip
+NO_SPEECH = "no_speech"  # the kind of the clips in which nobody speaks
 _ESPEAK = EspeakBackend()  # the corpus is eSpeak NG speech: the natural English voice stays out of training
 
 
@@ -67,6 +69,10 @@ class SynthRecipe(Config):
     chunk_size: int = Field(16, ge=1)
     # Per-clip voice perturbation (another speaker and recording chain; see data/perturb.py).
     perturb: PerturbConfig = Field(default_factory=PerturbConfig)
+    # Clips in which nobody speaks (silence, noise, hum; 0.5-6 s), transcribed as nothing, so a
+    # model learns to write nothing for them. Planned after the speech (whose plan they leave as
+    # it is), in the training split, every twentieth in the validation split; never in test.
+    no_speech_clips: int = Field(0, ge=0)
 
     @field_validator("languages", "holdout_languages", "identify_only")
     @classmethod
@@ -161,6 +167,10 @@ def plan(recipe: SynthRecipe, voices: list[str]) -> list[ClipPlan]:
             language=parts[0][0], answer=answer, instruction=instruction, intent=INTENT_OF.get(kind),
             identify_only=parts[0][0] in recipe.identify_only,
         ))  # fmt: skip
+    for index in range(recipe.no_speech_clips):
+        split = "valid" if index % 20 == 19 and "valid" in recipe.splits else "train"
+        plans.append(ClipPlan(id=f"n{index:05d}", split=split, kind=NO_SPEECH, voice="", style="", style_jitter={},
+                              parts=[], text="", language=""))  # fmt: skip
     return plans
 
 
@@ -286,8 +296,12 @@ def _style(plan: ClipPlan) -> Style:
     )
 
 
-def render_clip(plan: ClipPlan, sample_rate: int) -> tuple[Audio, list[Segment]]:
-    """The clip's audio at `sample_rate` and the segment of each of its languages."""
+def render_clip(plan: ClipPlan, sample_rate: int, seed: int = 0) -> tuple[Audio, list[Segment]]:
+    """The clip's audio at `sample_rate` and the segment of each of its languages (a clip with
+    no speech is drawn from `seed` and its id)."""
+    if plan.kind == NO_SPEECH:
+        rng = clip_rng(seed, plan.id)
+        return no_speech(float(rng.uniform(0.5, 6.0)), sample_rate, rng), []
     backend, style = _ESPEAK, _style(plan)
     pieces, segments, cursor = [], [], 0
     for i, (lang, text) in enumerate(plan.parts):
@@ -315,7 +329,13 @@ def _render_chunk(args: tuple[int, int, list[dict], int, str, dict]) -> list[dic
     records = []
     for data in plans:
         clip_plan = ClipPlan(**data)
-        audio, segments = render_clip(clip_plan, sample_rate)
+        audio, segments = render_clip(clip_plan, sample_rate, seed)
+        if clip_plan.kind == NO_SPEECH:
+            relative = f"audio/{clip_plan.split}/{clip_plan.id}.wav"
+            write_atomic(Path(out_dir) / relative, encode(audio, "wav"))
+            meta = {"kind": NO_SPEECH, "duration": round(audio.duration, 3), "id": clip_plan.id, "no_speech": True}
+            records.append((clip_plan.split, SpeechExample(relative, meta=meta).to_record(relative)))
+            continue
         perturbation = draw(perturbing, clip_plan.split, clip_rng(seed, clip_plan.id))
         if perturbation is not None:
             audio = perturb(audio, perturbation)

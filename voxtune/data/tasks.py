@@ -44,6 +44,8 @@ def _language_tag(example: SpeechExample) -> str:
 
 
 def _transcribe(example: SpeechExample) -> list[dict]:
+    if example.meta.get("no_speech"):  # nobody speaks: the transcript is nothing at all
+        return prompts.transcribe_messages(example.audio) + _reply("")
     _require(example, "text", "transcribe")
     return prompts.transcribe_messages(example.audio) + _reply(_language_tag(example) + example.text)
 

@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+import yaml
 
 from pydantic import Field, model_validator
 
@@ -21,6 +23,9 @@ from voxtune.config import Config, ConfigError, load_config
 from voxtune.data.synth import SynthRecipe, synthesize_corpus
 from voxtune.errors import InputError
 from voxtune.files import write_atomic
+
+if TYPE_CHECKING:
+    from voxtune.eval.natural import NaturalSuite
 
 SUITES = Path(__file__).parent / "suites"
 READY = "ready.json"  # written last: a set without it is incomplete and is rendered again
@@ -92,8 +97,9 @@ class Suite(Config):
         return self
 
 
-def load_suite(name: str) -> Suite:
-    """The suite `name` (one of voxtune/eval/suites) or the suite file at path `name`."""
+def load_suite(name: str) -> Suite | NaturalSuite:
+    """The suite `name` (one of voxtune/eval/suites) or the suite file at path `name`: a corpus
+    suite (`Suite`), or a natural-voice one (`kind: natural`, voxtune/eval/natural.py)."""
     path = SUITES / f"{name}.yaml"
     if not path.is_file():
         path = Path(name)
@@ -101,7 +107,16 @@ def load_suite(name: str) -> Suite:
         known = ", ".join(sorted(p.stem for p in SUITES.glob("*.yaml")))
         raise SuiteError(f"no evaluation suite {name!r} (built in: {known}; or give a suite file)")
     try:
-        return load_config(Suite, path)
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise SuiteError(f"suite {path}: {error}") from None
+    schema: type[Suite] | type[NaturalSuite] = Suite
+    if isinstance(raw, dict) and raw.get("kind") == "natural":
+        from voxtune.eval.natural import NaturalSuite
+
+        schema = NaturalSuite
+    try:
+        return load_config(schema, path)
     except ConfigError as error:
         raise SuiteError(f"suite {path}: {error}") from None
 

@@ -103,6 +103,7 @@ def tiny(
     projector_norm_mid: bool | None = None,
     vocab_size: int = 400,
     corpus: str = _CORPUS,
+    encoder_config: dict[str, Any] | None = None,
 ) -> SpeechLM:
     """A small random `SpeechLM`: an LM of family `lm` (`hidden` wide, `layers` deep, a
     byte-level BPE of `vocab_size` tokens trained on `corpus`) and an encoder of kind `encoder`
@@ -110,12 +111,15 @@ def tiny(
     (default: the encoder kind's, about 12.5 tokens/s), the projector's second norm between its
     layers or after them (`projector_norm_mid`; default: between with a Whisper encoder, see
     `build_speech_lm`). The defaults make a model for tests; bigger
-    settings make one worth training from scratch (recipes/voxtune-tiny)."""
+    settings make one worth training from scratch (recipes/voxtune-tiny). `encoder_config`
+    replaces the encoder's settings whole (e.g. a pretrained Whisper's, whose weights the
+    caller then loads)."""
     tokenizer = prepare_tokenizer(train_tokenizer(lm, vocab_size, corpus), lm)  # full vocabulary before the LM is sized
     lm_config = tiny_lm_config(lm, tokenizer, hidden=hidden, layers=layers, heads=heads, mlp_ratio=mlp_ratio)
-    encoder_config = tiny_encoder_config(
-        encoder, dim=encoder_dim, layers=encoder_layers, heads=encoder_heads, left_chunks=encoder_left_chunks
-    )
+    if encoder_config is None:
+        encoder_config = tiny_encoder_config(
+            encoder, dim=encoder_dim, layers=encoder_layers, heads=encoder_heads, left_chunks=encoder_left_chunks
+        )
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(lm_config)

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -30,13 +32,23 @@ def build_model(section: ModelSection, corpus: str | None = None) -> SpeechLM:
         return load(section.load)
     if section.tiny is not None:
         t = section.tiny
-        options = {"corpus": corpus} if t.tokenizer_corpus == "data" else {}
+        options: dict[str, Any] = {"corpus": corpus} if t.tokenizer_corpus == "data" else {}
+        pretrained = None
+        if isinstance(section.encoder, str):  # a pretrained Whisper encoder under the new LM
+            from voxtune.model.checkpoint import resolve
+            from voxtune.model.whisper_encoder import load_whisper_encoder
+
+            whisper_dir = resolve(section.encoder)
+            pretrained = load_whisper_encoder(whisper_dir)
+            options["encoder_config"] = json.loads((whisper_dir / "config.json").read_text())
         model = tiny(
             t.lm, t.encoder, hidden=t.hidden, layers=t.layers, heads=t.heads, mlp_ratio=t.mlp_ratio,
             encoder_dim=t.encoder_dim, encoder_layers=t.encoder_layers, encoder_heads=t.encoder_heads,
             encoder_left_chunks=t.encoder_left_chunks, projector_stack=t.projector_stack, vocab_size=t.vocab_size,
             projector_norm_mid=section.projector_norm_mid, **options,
         )  # fmt: skip
+        if pretrained is not None:
+            model.encoder.load_state_dict(pretrained.state_dict())
     else:
         model = compose(section.lm, section.encoder, projector_norm_mid=section.projector_norm_mid)
     if section.init_encoder is not None:

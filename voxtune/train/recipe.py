@@ -52,7 +52,9 @@ class ModelSection(Config):
     load: str | None = None  # a saved voxtune model directory or Hugging Face repo id
     tiny: TinyModel | None = None
     lm: str | None = None  # a causal-LM checkpoint (directory or repo id) ...
-    encoder: str | dict[str, Any] | None = None  # ... with a Whisper checkpoint or a streaming-encoder config
+    # ... with a Whisper checkpoint or a streaming-encoder config; or, with tiny (encoder:
+    # whisper), a Whisper checkpoint whose pretrained encoder the new tiny LM learns to read.
+    encoder: str | dict[str, Any] | None = None
     # With tiny or lm: start the encoder from this saved voxtune model's (same encoder config),
     # e.g. a new LM learning to read an encoder trained before.
     init_encoder: str | None = None
@@ -69,8 +71,15 @@ class ModelSection(Config):
             raise ValueError("model.init_encoder goes with model.tiny or model.lm: model.load brings its own encoder")
         if self.load is not None and self.projector_norm_mid is not None:
             raise ValueError("model.projector_norm_mid goes with model.tiny or model.lm: model.load brings its own projector")
-        if (self.lm is None) != (self.encoder is None):
+        if self.lm is not None and self.encoder is None:
             raise ValueError("model.lm and model.encoder go together")
+        if self.tiny is not None and self.encoder is not None:
+            if not isinstance(self.encoder, str) or self.tiny.encoder != "whisper":
+                raise ValueError("with model.tiny, model.encoder is a Whisper checkpoint, and model.tiny.encoder is whisper")
+            if self.init_encoder is not None:
+                raise ValueError("model.encoder and model.init_encoder both give the encoder: set one")
+        if self.load is not None and self.encoder is not None:
+            raise ValueError("model.encoder goes with model.tiny or model.lm: model.load brings its own encoder")
         return self
 
 
