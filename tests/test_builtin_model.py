@@ -85,4 +85,5 @@ def test_the_commands_use_it_when_no_model_is_named(tmp_path, model):
     expected = speak_reply(model, prompts.answer_messages(tmp_path / "q.wav"), max_new_tokens=256, temperature=0)
     assert spoken.stdout == model.generate(prompts.answer_messages(tmp_path / "q.wav"), max_new_tokens=256) + "\n"
     assert f"spoke the reply ({expected.language}, {expected.style})" in spoken.stderr
-    assert load(tmp_path / "reply.mp3").duration == pytest.approx(expected.audio.duration, abs=0.1)
+    # The natural English voice samples its timing afresh each time: within a few percent.
+    assert load(tmp_path / "reply.mp3").duration == pytest.approx(expected.audio.duration, rel=0.1, abs=0.1)

@@ -257,7 +257,7 @@ def _synth(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(recipe), end="")
         return 0
-    with tqdm(total=recipe.clips, unit="clip", desc="synthesising") as bar:
+    with tqdm(total=recipe.clips + recipe.no_speech_clips, unit="clip", desc="synthesising") as bar:
         summary = synthesize_corpus(recipe, args.out, progress=lambda done, total: bar.update(done - bar.n))
     splits = ", ".join(f"{name} {count}" for name, count in summary.per_split.items())
     print(

@@ -153,3 +153,24 @@ def test_damaged_checkpoints_give_one_clear_error(saved, damage):
     message = str(raised.value)
     assert "\n" not in message
     assert str(saved) in message or "weights do not match" in message
+
+
+def test_half_precision_weights_ship_at_half_the_size_and_load_back_exactly(tmp_path):
+    """An encoder whose weights came in float16 (Whisper's) is stored in float16; weights that
+    float16 cannot hold exactly (a trained projector) stay float32. Loading gives the same model."""
+    from safetensors import safe_open
+
+    model = tiny(encoder="whisper")
+    with torch.no_grad():
+        for parameter in model.encoder.parameters():
+            parameter.copy_(parameter.half().float())
+    model.save_pretrained(tmp_path / "m")
+    with safe_open(tmp_path / "m" / "audio.safetensors", "pt") as weights:
+        dtypes = {key: weights.get_tensor(key).dtype for key in weights.keys()}
+    assert dtypes["encoder.conv1.weight"] == torch.float16
+    assert dtypes["projector.gate_up.weight"] == torch.float32
+    loaded = voxtune.load(tmp_path / "m")
+    for name in ("encoder", "projector"):
+        for key, value in getattr(model, name).state_dict().items():
+            restored = getattr(loaded, name).state_dict()[key]
+            assert restored.dtype == value.dtype and torch.equal(restored, value), key

@@ -49,7 +49,7 @@ def save(model: SpeechLM, directory: str | os.PathLike, *, extra_files: dict[str
         model.lm.save_pretrained(staging)
         model.tokenizer.save_pretrained(staging)
         audio_state = {
-            f"{name}.{key}": tensor.detach().contiguous().cpu()
+            f"{name}.{key}": _compact(tensor.detach().contiguous().cpu())
             for name in ("encoder", "projector")
             for key, tensor in getattr(model, name).state_dict().items()
         }
@@ -58,6 +58,15 @@ def save(model: SpeechLM, directory: str | os.PathLike, *, extra_files: dict[str
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
     return target
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float16 when that holds every value exactly, else as it is. A pretrained
+    encoder released in half precision (Whisper's) then ships at half the size, losslessly;
+    loading widens it back to the module's dtype."""
+    if tensor.dtype == torch.float32 and torch.equal(tensor.half().float(), tensor):
+        return tensor.half()
+    return tensor
 
 
 def check_replaceable(directory: str | os.PathLike) -> Path:
