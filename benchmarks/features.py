@@ -79,18 +79,14 @@ def main() -> None:
     def hf_per_clip():
         # truncation=False: with padding=False it would still cut clips to 30 s.
         return [
-            fe(c, sampling_rate=SR, padding=False, truncation=False, return_tensors="np")[
-                "input_features"
-            ][0]
+            fe(c, sampling_rate=SR, padding=False, truncation=False, return_tensors="np")["input_features"][0]
             for c in clips
         ]
 
     def hf_batched():
         # padding=False cannot batch clips of different lengths; "longest" zero-pads them, which
         # changes each clip's last couple of frames (zeros instead of reflect padding).
-        return fe(clips, sampling_rate=SR, padding="longest", truncation=False, return_tensors="np")[
-            "input_features"
-        ]
+        return fe(clips, sampling_rate=SR, padding="longest", truncation=False, return_tensors="np")["input_features"]
 
     def ours_per_clip(device=None):
         return [log_mel(c, n_mels, device=device) for c in clips]
@@ -111,7 +107,7 @@ def main() -> None:
     per_clip = ours_per_clip()
     batch, frames = ours_batch()
     hf_b = hf_batched()
-    err_single = max(np.abs(o.numpy() - r).max() for o, r in zip(per_clip, ref))
+    err_single = max(np.abs(o.numpy() - r).max() for o, r in zip(per_clip, ref, strict=True))
     err_batch = max(np.abs(batch[i, :, : frames[i]].numpy() - r).max() for i, r in enumerate(ref))
     # The batched baseline: all but its last 3 frames per clip, where its zero padding differs.
     err_hf_batch = max(np.abs(hf_b[i, :, : r.shape[1] - 3] - r[:, :-3]).max() for i, r in enumerate(ref))
@@ -148,8 +144,7 @@ def main() -> None:
         median, best = timeit(fn, args.repeats, sync)
         baseline = baseline or median
         print(
-            f"{name:<54} {device:<6} {median:>9.4f} {best:>8.4f} {audio_s / median:>11.0f} "
-            f"{baseline / median:>8.2f}x"
+            f"{name:<54} {device:<6} {median:>9.4f} {best:>8.4f} {audio_s / median:>11.0f} {baseline / median:>8.2f}x"
         )
 
 

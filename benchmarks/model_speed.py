@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM
 from voxtune.audio import Audio
 from voxtune.audio.features import log_mel
 from voxtune.model import SpeechLM, build_speech_lm, tiny
-from voxtune.model.tiny import tiny_lm_config, train_tokenizer
 from voxtune.model.builder import prepare_tokenizer
+from voxtune.model.tiny import tiny_lm_config, train_tokenizer
 
 NEW_TOKENS = 64
 
@@ -76,18 +76,27 @@ def encoder_rtf(model: SpeechLM, device: str) -> None:
     whole()
     streamed()
     t_whole, t_stream = best_of(3, whole), best_of(3, streamed)
-    print(f"  encoder, 30 s of audio: one pass {t_whole:.3f} s (RTF {t_whole / 30:.4f}), "
-          f"160 ms pieces {t_stream:.3f} s (RTF {t_stream / 30:.4f}); streaming/one-pass time {t_stream / t_whole:.2f}x")
+    print(
+        f"  encoder, 30 s of audio: one pass {t_whole:.3f} s (RTF {t_whole / 30:.4f}), "
+        f"160 ms pieces {t_stream:.3f} s (RTF {t_stream / 30:.4f}); streaming/one-pass time {t_stream / t_whole:.2f}x"
+    )
 
 
 @torch.no_grad()
 def generation(model: SpeechLM, batch_size: int) -> None:
     rng = np.random.default_rng(1)
     conversations = [
-        [{"role": "user", "content": [{"type": "audio", "audio": Audio((0.1 * rng.standard_normal(3 * 16000)).astype(np.float32), 16000)},
-                                      {"type": "text", "text": f"Question {i}?"}]}]
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "audio", "audio": Audio((0.1 * rng.standard_normal(3 * 16000)).astype(np.float32), 16000)},
+                    {"type": "text", "text": f"Question {i}?"},
+                ],
+            }
+        ]
         for i in range(batch_size)
-    ]  # fmt: skip
+    ]
     examples = [model.processor.encode_messages(c, add_generation_prompt=True) for c in conversations]
     batch = model.processor.collate(examples, pad_left=True)
     embeds, mask = model.embed(batch), batch["attention_mask"].to(model.device)
@@ -97,16 +106,24 @@ def generation(model: SpeechLM, batch_size: int) -> None:
         results["ours"] = model.generate(conversations, max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
     def baseline():
-        ids = model.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=NEW_TOKENS,
-                                min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
-        results["baseline"] = model.tokenizer.batch_decode(ids, skip_special_tokens=True)  # fmt: skip
+        ids = model.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=model.tokenizer.pad_token_id,
+        )
+        results["baseline"] = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     ours(), baseline()
     same = results["ours"] == results["baseline"]
     t_ours, t_base = best_of(3, ours), best_of(3, baseline)
     tokens = batch_size * NEW_TOKENS
-    print(f"  generate {NEW_TOKENS} tokens, batch {batch_size}: voxtune {tokens / t_ours:.1f} tok/s, "
-          f"transformers.generate {tokens / t_base:.1f} tok/s; ratio {t_base / t_ours:.2f}x; same text: {same}")
+    print(
+        f"  generate {NEW_TOKENS} tokens, batch {batch_size}: voxtune {tokens / t_ours:.1f} tok/s, "
+        f"transformers.generate {tokens / t_base:.1f} tok/s; ratio {t_base / t_ours:.2f}x; same text: {same}"
+    )
 
 
 def main() -> None:
@@ -118,7 +135,10 @@ def main() -> None:
     for size in args.sizes.split(","):
         model = model_of_size(size).to(args.device)
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"{size}: {params:.1f}M parameters (encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.1f}M)")
+        print(
+            f"{size}: {params:.1f}M parameters "
+            f"(encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.1f}M)"
+        )
         encoder_rtf(model, args.device)
         for batch_size in (1, 8):
             generation(model, batch_size)

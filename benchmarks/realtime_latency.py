@@ -37,8 +37,8 @@ import time
 import httpx2
 import numpy as np
 import websockets.sync.client as ws
-
 from served import voxtune_serve
+
 from voxtune.audio import Audio, encode, voices
 
 QUESTIONS = ("What is seven plus five?", "What is three plus four?", "What is nine minus two?")
@@ -64,8 +64,14 @@ def realtime_session(url: str, turns: list[tuple[bytes, int]], results: list[tup
             ended = time.perf_counter()
             start = time.perf_counter()
             for index, offset in enumerate(range(0, len(data), piece)):
-                connection.send(json.dumps({"type": "input_audio_buffer.append",
-                                            "audio": base64.b64encode(data[offset : offset + piece]).decode()}))  # fmt: skip
+                connection.send(
+                    json.dumps(
+                        {
+                            "type": "input_audio_buffer.append",
+                            "audio": base64.b64encode(data[offset : offset + piece]).decode(),
+                        }
+                    )
+                )
                 if offset <= speech_end < offset + piece:
                     ended = time.perf_counter()
                 while True:  # events that arrived meanwhile
@@ -98,9 +104,23 @@ def _note(event: dict, stopped: float | None, first_audio: float | None) -> tupl
 def http_turn(url: str, data: bytes, speech_end: int, results: list[float]) -> None:
     """The same turn as one streamed HTTP request sent at the end of speech: time to first audio."""
     clip = Audio(np.frombuffer(data[:speech_end], "<i2").astype(np.float32) / 32768.0, 24000)
-    body = {"model": "voxtune-tiny", "stream": True, "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "pcm16"},
-            "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
-                "data": base64.b64encode(encode(clip, "wav")).decode(), "format": "wav"}}]}]}  # fmt: skip
+    body = {
+        "model": "voxtune-tiny",
+        "stream": True,
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "pcm16"},
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "input_audio",
+                        "input_audio": {"data": base64.b64encode(encode(clip, "wav")).decode(), "format": "wav"},
+                    }
+                ],
+            }
+        ],
+    }
     started = time.perf_counter()
     with httpx2.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
         for line in response.iter_lines():
@@ -125,15 +145,23 @@ def main() -> None:
         http_turn(url, *turns[0], [])
         for count in (int(n) for n in args.sessions.split(",")):
             realtime: list[tuple[float, float]] = []
-            threads = [threading.Thread(target=realtime_session, args=(url, [turns[(i + t) % len(turns)] for t in range(args.turns)], realtime))
-                       for i in range(count)]  # fmt: skip
+            threads = [
+                threading.Thread(
+                    target=realtime_session,
+                    args=(url, [turns[(i + t) % len(turns)] for t in range(args.turns)], realtime),
+                )
+                for i in range(count)
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
             http: list[float] = []
             for turn in range(args.turns):
-                threads = [threading.Thread(target=http_turn, args=(url, *turns[(i + turn) % len(turns)], http)) for i in range(count)]
+                threads = [
+                    threading.Thread(target=http_turn, args=(url, *turns[(i + turn) % len(turns)], http))
+                    for i in range(count)
+                ]
                 for thread in threads:
                     thread.start()
                 for thread in threads:
@@ -141,16 +169,26 @@ def main() -> None:
             vad, model = [r[0] for r in realtime], [r[1] for r in realtime]
             total = [a + b for a, b in realtime]
             rows.append((count, vad, model, total, http))
-    print(f"realtime latency, {datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPUs, built-in model, "
-          f"{args.turns} turns per session (ms: p50 / p95)")  # fmt: skip
-    print(f"\n{'sessions':>8} {'turns':>6} {'VAD wait':>14} {'model time':>14} {'total':>14} {'HTTP first audio':>18} {'HTTP/model':>11}")
+    print(
+        f"realtime latency, {datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPUs, built-in model, "
+        f"{args.turns} turns per session (ms: p50 / p95)"
+    )
+    print(
+        f"\n{'sessions':>8} {'turns':>6} {'VAD wait':>14} {'model time':>14} {'total':>14} "
+        f"{'HTTP first audio':>18} {'HTTP/model':>11}"
+    )
     for count, vad, model, total, http in rows:
-        print(f"{count:>8} {len(total):>6} {pct(vad, 50):>6.0f} / {pct(vad, 95):<5.0f} {pct(model, 50):>6.0f} / {pct(model, 95):<5.0f} "
-              f"{pct(total, 50):>6.0f} / {pct(total, 95):<5.0f} {pct(http, 50):>8.0f} / {pct(http, 95):<7.0f} "
-              f"{pct(http, 50) / pct(model, 50):>10.2f}x")  # fmt: skip
+        print(
+            f"{count:>8} {len(total):>6} {pct(vad, 50):>6.0f} / {pct(vad, 95):<5.0f} "
+            f"{pct(model, 50):>6.0f} / {pct(model, 95):<5.0f} "
+            f"{pct(total, 50):>6.0f} / {pct(total, 95):<5.0f} {pct(http, 50):>8.0f} / {pct(http, 95):<7.0f} "
+            f"{pct(http, 50) / pct(model, 50):>10.2f}x"
+        )
     count, vad, model, total, http = rows[0]
-    print(f"realtime_model_p50_ms={pct(model, 50):.0f} realtime_total_p50_ms={pct(total, 50):.0f} "
-          f"http_p50_ms={pct(http, 50):.0f} ratio={pct(http, 50) / pct(model, 50):.2f}")
+    print(
+        f"realtime_model_p50_ms={pct(model, 50):.0f} realtime_total_p50_ms={pct(total, 50):.0f} "
+        f"http_p50_ms={pct(http, 50):.0f} ratio={pct(http, 50) / pct(model, 50):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -14,15 +14,15 @@ clips would skip the audio encoder; the padding makes every clip new, and the sc
 /metrics (`voxtune_audio_clips_reused_total` should not move) to show the encoder ran every time.
 
 Measured, after a few warm-up requests:
-- throughput: --throughput-requests non-streamed chat completions (max_completion_tokens
-  --max-tokens, greedy, `ignore_eos` so every reply is that long) sent one at a time with a plain loop (the sequential baseline), then by
-  1, 4 and 16 concurrent clients (threads, each with its own `OpenAI` client). Requests/s,
-  completion tokens/s, per-request latency, and the ratio to the sequential req/s: what
-  continuous batching buys. After each run /metrics gives the engine's peak batch (a high-water
-  mark over the server's life) and the mean rows per decode step of that run: the tokens picked
-  by decode steps (from each reply's usage and finish_reason: the first token comes from the
-  prefill, the uncounted end-of-turn token from a step) over the steps /metrics counted. With
-  --url, other traffic on the server skews these two.
+- throughput: --throughput-requests non-streamed chat completions (max_completion_tokens --max-
+  tokens, greedy, `ignore_eos` so every reply is that long) sent one at a time with a plain loop
+  (the sequential baseline), then by 1, 4 and 16 concurrent clients (threads, each with its own
+  `OpenAI` client). Requests/s, completion tokens/s, per-request latency, and the ratio to the
+  sequential req/s: what continuous batching buys. After each run /metrics gives the engine's
+  peak batch (a high-water mark over the server's life) and the mean rows per decode step of
+  that run: the tokens picked by decode steps (from each reply's usage and finish_reason: the
+  first token comes from the prefill, the uncounted end-of-turn token from a step) over the
+  steps /metrics counted. With --url, other traffic on the server skews these two.
 - latency, on an otherwise idle server, --requests streamed requests each, one at a time:
   time from sending to the first chunk with non-empty `delta.content` (modalities ["text"]);
   and with modalities ["text", "audio"], audio pcm16, the time to the first `delta.audio`
@@ -56,10 +56,14 @@ import numpy as np
 import openai
 from openai import OpenAI
 
-from voxtune.audio import Audio, encode
-from voxtune.audio import voices
+from voxtune.audio import Audio, encode, voices
 
-QUESTIONS = ("What is seven plus five?", "What is three plus four?", "What is nine minus two?", "What is six times two?")
+QUESTIONS = (
+    "What is seven plus five?",
+    "What is three plus four?",
+    "What is nine minus two?",
+    "What is six times two?",
+)
 TIMEOUT_S = 300.0  # per request: 16 clients on a slow CPU can queue for a while; a hang still ends
 WARMUP = 2  # requests of each kind before measuring (the first ones pay for lazy initialisation)
 
@@ -144,7 +148,9 @@ def first_text(client: OpenAI, model: str, clip: str, max_tokens: int) -> float:
     (the stream is read to its end, so the next request finds the server idle)."""
     start = time.perf_counter()
     seen: float | None = None
-    stream = client.chat.completions.create(model=model, messages=messages(clip), max_completion_tokens=max_tokens, stream=True)
+    stream = client.chat.completions.create(
+        model=model, messages=messages(clip), max_completion_tokens=max_tokens, stream=True
+    )
     with stream:
         for chunk in stream:
             if seen is None and chunk.choices and chunk.choices[0].delta.content:
@@ -161,9 +167,13 @@ def first_audio(client: OpenAI, model: str, clip: str, max_tokens: int) -> tuple
     transcript: float | None = None
     data: float | None = None
     stream = client.chat.completions.create(
-        model=model, messages=messages(clip), max_completion_tokens=max_tokens, stream=True,
-        modalities=["text", "audio"], audio={"voice": "alloy", "format": "pcm16"},
-    )  # fmt: skip
+        model=model,
+        messages=messages(clip),
+        max_completion_tokens=max_tokens,
+        stream=True,
+        modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": "pcm16"},
+    )
     with stream:
         for chunk in stream:
             audio = chunk.choices[0].delta.audio if chunk.choices else None
@@ -283,7 +293,9 @@ def metrics(url: str) -> dict[str, float]:
     return values
 
 
-def throughput(url: str, api_key: str | None, model: str, clips: Clips, args: argparse.Namespace, tally: Tally) -> list[Run]:
+def throughput(
+    url: str, api_key: str | None, model: str, clips: Clips, args: argparse.Namespace, tally: Tally
+) -> list[Run]:
     """The sequential baseline, then each concurrency level, on fresh clips each time."""
     runs = []
     for level in [0, *args.concurrency]:
@@ -296,7 +308,9 @@ def throughput(url: str, api_key: str | None, model: str, clips: Clips, args: ar
         else:
             seconds, latencies, tokens, rows = concurrent(url, api_key, model, batch, args.max_tokens, level, tally)
         after = metrics(url)
-        run = Run(label(level), max(level, 1), len(batch), seconds, latencies, tokens, len(tally.failures) - failed_before)
+        run = Run(
+            label(level), max(level, 1), len(batch), seconds, latencies, tokens, len(tally.failures) - failed_before
+        )
         if "voxtune_engine_peak_batch" in after:
             run.peak_batch = after["voxtune_engine_peak_batch"]
             steps = after["voxtune_engine_steps_total"] - before.get("voxtune_engine_steps_total", 0)
@@ -347,16 +361,20 @@ def latency_table(rows: list[tuple[str, list[float], int]]) -> None:
 def throughput_table(runs: list[Run], max_tokens: int) -> None:
     """The throughput runs as a markdown table; req/s counts answered requests only."""
     base = len(runs[0].latencies) / runs[0].seconds if runs and runs[0].seconds > 0 and runs[0].latencies else None
-    print(f"| non-streamed, max_completion_tokens={max_tokens} | req/s | tokens/s | p50 ms | p95 ms "
-          "| peak batch | rows/step | vs sequential | failed |")  # fmt: skip
+    print(
+        f"| non-streamed, max_completion_tokens={max_tokens} | req/s | tokens/s | p50 ms | p95 ms "
+        "| peak batch | rows/step | vs sequential | failed |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for run in runs:
         rate = len(run.latencies) / run.seconds if run.seconds > 0 else float("nan")
         ratio = f"{rate / base:.2f}x" if base else "n/a"
         peak = "n/a" if run.peak_batch is None else f"{run.peak_batch:.0f}"
         rows = "n/a" if run.rows_per_step is None else f"{run.rows_per_step:.1f}"
-        print(f"| {run.label} | {rate:.2f} | {run.tokens / run.seconds:.0f} | {ms(pct(run.latencies, 50))} "
-              f"| {ms(pct(run.latencies, 95))} | {peak} | {rows} | {ratio} | {run.failed} |")  # fmt: skip
+        print(
+            f"| {run.label} | {rate:.2f} | {run.tokens / run.seconds:.0f} | {ms(pct(run.latencies, 50))} "
+            f"| {ms(pct(run.latencies, 95))} | {peak} | {rows} | {ratio} | {run.failed} |"
+        )
 
 
 def machine() -> str:
@@ -364,14 +382,18 @@ def machine() -> str:
     import torch  # already imported by voxtune's model; here only for the thread count
 
     cuda = f", CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-            f"with {torch.get_num_threads()} threads{cuda}; {datetime.datetime.now().isoformat(timespec='seconds')}")  # fmt: skip
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads{cuda}; {datetime.datetime.now().isoformat(timespec='seconds')}"
+    )
 
 
 # ---- main -------------------------------------------------------------------------------------
 
 
-def benchmark(url: str, args: argparse.Namespace, tally: Tally) -> tuple[list[Run], list[tuple[str, list[float], int]], dict]:
+def benchmark(
+    url: str, args: argparse.Namespace, tally: Tally
+) -> tuple[list[Run], list[tuple[str, list[float], int]], dict]:
     """Every measurement against the server at `url`."""
     print("synthesising the questions...")
     clips = Clips(QUESTIONS)
@@ -400,9 +422,13 @@ def benchmark(url: str, args: argparse.Namespace, tally: Tally) -> tuple[list[Ru
             except (openai.APIError, BadReply) as error:
                 tally.fail("warm-up", error)
         failed = len(tally.failures)
-        texts = latency("first text", lambda c: first_text(client, model, c, args.max_tokens), clips, args.requests, tally)
+        texts = latency(
+            "first text", lambda c: first_text(client, model, c, args.max_tokens), clips, args.requests, tally
+        )
         text_failed, failed = len(tally.failures) - failed, len(tally.failures)
-        audios = latency("first audio", lambda c: first_audio(client, model, c, args.max_tokens), clips, args.requests, tally)
+        audios = latency(
+            "first audio", lambda c: first_audio(client, model, c, args.max_tokens), clips, args.requests, tally
+        )
         audio_failed = len(tally.failures) - failed
     rows = [
         ("time to first text (modalities text)", [t[0] for t in texts], text_failed),
@@ -410,8 +436,10 @@ def benchmark(url: str, args: argparse.Namespace, tally: Tally) -> tuple[list[Ru
         ("time to first audio byte (text + audio, pcm16)", [t[1] for t in audios], audio_failed),
     ]
     end_metrics = metrics(url)
-    cache = {k: end_metrics.get(k, 0) - start_metrics.get(k, 0)
-             for k in ("voxtune_audio_clips_encoded_total", "voxtune_audio_clips_reused_total")}  # fmt: skip
+    cache = {
+        k: end_metrics.get(k, 0) - start_metrics.get(k, 0)
+        for k in ("voxtune_audio_clips_encoded_total", "voxtune_audio_clips_reused_total")
+    }
     cache["sent"] = clips.count
     return runs, rows, cache if end_metrics else {}
 
@@ -456,8 +484,10 @@ def main() -> None:
     print()
     latency_table(rows)
     if cache:
-        print(f"\naudio encoder: {cache['voxtune_audio_clips_encoded_total']:.0f} clips encoded, "
-              f"{cache['voxtune_audio_clips_reused_total']:.0f} taken from the cache, {cache['sent']} sent")  # fmt: skip
+        print(
+            f"\naudio encoder: {cache['voxtune_audio_clips_encoded_total']:.0f} clips encoded, "
+            f"{cache['voxtune_audio_clips_reused_total']:.0f} taken from the cache, {cache['sent']} sent"
+        )
     print(f"total {time.perf_counter() - wall:.0f} s")
     if tally.failures:
         print(f"\n{len(tally.failures)} failed requests:")

@@ -21,8 +21,12 @@ def voxtune_serve(settings: Sequence[str] = ()) -> Iterator[tuple[str, subproces
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "voxtune.cli", "serve", "--port", str(port), *settings],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "-m", "voxtune.cli", "serve", "--port", str(port), *settings],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while True:

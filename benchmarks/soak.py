@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 
 import httpx2
 import numpy as np
-
 from served import voxtune_serve
+
 from voxtune.audio import Audio, encode, voices
 
 QUESTIONS = ("What is seven plus five?", "What is three plus four?", "Name a colour of the sky.", "How are you today?")
@@ -88,7 +88,9 @@ class Clips:
     def fresh(self) -> bytes:
         with self.lock:
             clip, gain = self.random.choice(self.speech), self.random.uniform(0.3, 0.9)
-        return encode(Audio(clip.samples * gain / max(1e-6, float(np.abs(clip.samples).max())), clip.sample_rate), "wav")
+        return encode(
+            Audio(clip.samples * gain / max(1e-6, float(np.abs(clip.samples).max())), clip.sample_rate), "wav"
+        )
 
 
 def one_request(client: httpx2.Client, kind: str, clip: bytes) -> None:
@@ -114,7 +116,7 @@ def one_request(client: httpx2.Client, kind: str, clip: bytes) -> None:
 
 def client_loop(url: str, clips: Clips, deadline: float, record: Record, seed: int) -> None:
     chooser = random.Random(seed)
-    kinds, weights = zip(*MIX)
+    kinds, weights = zip(*MIX, strict=True)
     with httpx2.Client(base_url=url, timeout=TIMEOUT) as client:
         while time.monotonic() < deadline:
             kind = chooser.choices(kinds, weights)[0]
@@ -135,19 +137,41 @@ def abuse_loop(url: str, clips: Clips, deadline: float, record: Record) -> None:
     host, port = url.removeprefix("http://").split(":")
     long_audio = clips.speech[0]
     repeats = int(np.ceil(590 / long_audio.duration))
-    long = encode(Audio(np.tile(long_audio.samples, repeats)[: 590 * long_audio.sample_rate], long_audio.sample_rate), "wav")
+    long = encode(
+        Audio(np.tile(long_audio.samples, repeats)[: 590 * long_audio.sample_rate], long_audio.sample_rate), "wav"
+    )
     huge = json.dumps({"model": "voxtune-tiny", "messages": [{"role": "user", "content": "hello " * 3_400_000}]})
-    long_body = json.dumps({"model": "voxtune-tiny", "messages": [{"role": "user", "content": [
-        {"type": "input_audio", "input_audio": {"data": base64.b64encode(long).decode(), "format": "wav"}}]}]})  # fmt: skip
-    speech = json.dumps({"model": "tts-1", "voice": "alloy", "input": "One more sentence. " * 200, "response_format": "pcm"})
+    long_body = json.dumps(
+        {
+            "model": "voxtune-tiny",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "input_audio",
+                            "input_audio": {"data": base64.b64encode(long).decode(), "format": "wav"},
+                        }
+                    ],
+                }
+            ],
+        }
+    )
+    speech = json.dumps(
+        {"model": "tts-1", "voice": "alloy", "input": "One more sentence. " * 200, "response_format": "pcm"}
+    )
     kinds = ("huge text", "long audio", "slow body", "unread stream")
     turn = 0
     while time.monotonic() < deadline:
         kind = kinds[turn % len(kinds)]
         turn += 1
         if kind in ("huge text", "long audio"):
-            response = httpx2.post(url + "/v1/chat/completions", content=huge if kind == "huge text" else long_body,
-                                   headers={"Content-Type": "application/json"}, timeout=TIMEOUT)  # fmt: skip
+            response = httpx2.post(
+                url + "/v1/chat/completions",
+                content=huge if kind == "huge text" else long_body,
+                headers={"Content-Type": "application/json"},
+                timeout=TIMEOUT,
+            )
             with record.lock:
                 record.abuse[kind].append(response.status_code)
             continue
@@ -157,7 +181,9 @@ def abuse_loop(url: str, clips: Clips, deadline: float, record: Record) -> None:
         if kind == "slow body":
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
         else:
-            sock.sendall(f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: {len(speech)}\r\n\r\n{speech}".encode())
+            sock.sendall(
+                f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: {len(speech)}\r\n\r\n{speech}".encode()
+            )
         time.sleep(HELD)
         sock.close()
         with record.lock:
@@ -188,8 +214,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--minutes", type=float, default=3.0)
-    parser.add_argument("--store-mb", type=float, default=16.0,
-                        help="the server's audio store budget (small enough to fill within the run)")
+    parser.add_argument(
+        "--store-mb",
+        type=float,
+        default=16.0,
+        help="the server's audio store budget (small enough to fill within the run)",
+    )
     parser.add_argument("--no-abuse", action="store_true", help="no abusive client")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -202,9 +232,14 @@ def main() -> None:
         record = Record()
         started = time.monotonic()
         end = started + args.minutes * 60
-        threads = [threading.Thread(target=client_loop, args=(url, clips, end, record, args.seed + i)) for i in range(args.clients)]
-        threads += [threading.Thread(target=probe_loop, args=(url, end, record)),
-                    threading.Thread(target=memory_loop, args=(url, server.pid, started, end, record))]  # fmt: skip
+        threads = [
+            threading.Thread(target=client_loop, args=(url, clips, end, record, args.seed + i))
+            for i in range(args.clients)
+        ]
+        threads += [
+            threading.Thread(target=probe_loop, args=(url, end, record)),
+            threading.Thread(target=memory_loop, args=(url, server.pid, started, end, record)),
+        ]
         if not args.no_abuse:
             threads.append(threading.Thread(target=abuse_loop, args=(url, clips, end, record)))
         for thread in threads:
@@ -214,29 +249,40 @@ def main() -> None:
         elapsed = time.monotonic() - started
         final_rss, final_store = rss_mib(server.pid), store_mib(url)
 
-    print(f"voxtune serve soak, {datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPUs: "
-          f"{args.clients} clients, {args.minutes:g} min, audio store {args.store_mb:g} MB, "
-          f"abuse {'off' if args.no_abuse else 'on'}")  # fmt: skip
+    print(
+        f"voxtune serve soak, {datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPUs: "
+        f"{args.clients} clients, {args.minutes:g} min, audio store {args.store_mb:g} MB, "
+        f"abuse {'off' if args.no_abuse else 'on'}"
+    )
     print(f"\n{'kind':<15}{'requests':>9}{'errors':>8}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}")
     total = errors = 0
     for kind, _ in MIX:
         done, failed = record.latencies[kind], record.errors[kind]
         total, errors = total + len(done), errors + len(failed)
-        print(f"{kind:<15}{len(done):>9}{len(failed):>8}{len(done) / elapsed:>8.2f}"
-              f"{pct(done, 50) * 1000:>9.0f}{pct(done, 95) * 1000:>9.0f}")  # fmt: skip
+        print(
+            f"{kind:<15}{len(done):>9}{len(failed):>8}{len(done) / elapsed:>8.2f}"
+            f"{pct(done, 50) * 1000:>9.0f}{pct(done, 95) * 1000:>9.0f}"
+        )
     print(f"{'all':<15}{total:>9}{errors:>8}{total / elapsed:>8.2f}")
     for kind, statuses in record.abuse.items():
         print(f"abusive {kind}: {len(statuses)} sent, statuses {sorted(set(statuses))} (0: held, then dropped)")
     health = record.health
-    print(f"/health: {len(health)} probes, p50 {pct(health, 50) * 1000:.0f} ms, p95 {pct(health, 95) * 1000:.0f} ms, "
-          f"max {max(health) * 1000:.0f} ms")  # fmt: skip
-    print("memory: " + ", ".join(f"{t:.0f}s {rss:.0f}/{store:.0f}" for t, rss, store in record.memory)
-          + f", end {final_rss:.0f}/{final_store:.0f} (RSS MiB / store MiB)")  # fmt: skip
+    print(
+        f"/health: {len(health)} probes, p50 {pct(health, 50) * 1000:.0f} ms, p95 {pct(health, 95) * 1000:.0f} ms, "
+        f"max {max(health) * 1000:.0f} ms"
+    )
+    print(
+        "memory: "
+        + ", ".join(f"{t:.0f}s {rss:.0f}/{store:.0f}" for t, rss, store in record.memory)
+        + f", end {final_rss:.0f}/{final_store:.0f} (RSS MiB / store MiB)"
+    )
     for kind, failed in record.errors.items():
         for message in failed[:3]:
             print(f"error ({kind}): {message}")
-    print(f"requests_per_s={total / elapsed:.2f} errors={errors} health_p95_ms={pct(health, 95) * 1000:.0f} "
-          f"rss_mb={final_rss:.0f} store_mb={final_store:.1f} rss_over_store_mb={final_rss - final_store:.0f}")
+    print(
+        f"requests_per_s={total / elapsed:.2f} errors={errors} health_p95_ms={pct(health, 95) * 1000:.0f} "
+        f"rss_mb={final_rss:.0f} store_mb={final_store:.1f} rss_over_store_mb={final_rss - final_store:.0f}"
+    )
     sys.exit(1 if errors else 0)
 
 

@@ -3,7 +3,8 @@
 Run from the repository root (about 4 minutes on an idle 2-core CPU, plus a minute to
 synthesise the corpus the first time):
 
-    .venv/bin/python benchmarks/train_throughput.py [--data out/bench-data] [--epochs 2] [--batch 8] [--arch qwen2_audio]
+    .venv/bin/python benchmarks/train_throughput.py [--data out/bench-data] [--epochs 2] [--batch 8] \
+        [--arch qwen2_audio]
 
 One model and one synthesised corpus (made once into --data), trained several ways, each
 configuration in a fresh process of its own:
@@ -130,7 +131,10 @@ def make_data(folder: Path, clips: int) -> None:
     started = time.perf_counter()
     summary = synthesize_corpus(load_config(SynthRecipe, recipe), folder)
     stamp.write_text(json.dumps(recipe))
-    print(f"synthesised {summary.clips} clips ({summary.seconds / 60:.1f} min of audio) in {time.perf_counter() - started:.1f} s")
+    print(
+        f"synthesised {summary.clips} clips ({summary.seconds / 60:.1f} min of audio) "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
 
 
 def make_model(folder: Path, vocab: int, arch: str) -> Any:
@@ -146,7 +150,9 @@ def make_model(folder: Path, vocab: int, arch: str) -> Any:
     from voxtune.model.tiny import tiny_lm_config, train_tokenizer
 
     # The synthesiser's planner writes the text without rendering audio: a large corpus for BPE.
-    texts = [p.text for p in plan(load_config(SynthRecipe, {"seed": 1, "clips": 20000, "languages": LANGUAGES}), ["a", "b"])]
+    texts = [
+        p.text for p in plan(load_config(SynthRecipe, {"seed": 1, "clips": 20000, "languages": LANGUAGES}), ["a", "b"])
+    ]
     tokenizer = prepare_tokenizer(train_tokenizer("llama", vocab_size=vocab, corpus="\n".join(texts)), "llama")
     torch.manual_seed(SEED)
     lm = AutoModelForCausalLM.from_config(tiny_lm_config("llama", tokenizer, hidden=256, layers=4))
@@ -169,11 +175,23 @@ def make_qwen2_audio(folder: Path, vocab: int) -> Any:
     from voxtune.model.architectures import qwen2_audio
     from voxtune.model.tiny import train_tokenizer
 
-    texts = [p.text for p in plan(load_config(SynthRecipe, {"seed": 1, "clips": 20000, "languages": LANGUAGES}), ["a", "b"])]
+    texts = [
+        p.text for p in plan(load_config(SynthRecipe, {"seed": 1, "clips": 20000, "languages": LANGUAGES}), ["a", "b"])
+    ]
     tokenizer = train_tokenizer("qwen2", vocab_size=vocab, corpus="\n".join(texts))
     transformers_logging.disable_progress_bar()
-    qwen2_audio.tiny(folder, hidden=768, layers=10, heads=12, encoder_dim=768, encoder_layers=6, encoder_heads=12,
-                     seconds=30, tokenizer=tokenizer, seed=SEED)  # fmt: skip
+    qwen2_audio.tiny(
+        folder,
+        hidden=768,
+        layers=10,
+        heads=12,
+        encoder_dim=768,
+        encoder_layers=6,
+        encoder_heads=12,
+        seconds=30,
+        tokenizer=tokenizer,
+        seed=SEED,
+    )
     return load(folder)
 
 
@@ -281,17 +299,36 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
         return batch
 
     training_args = TrainingArguments(
-        output_dir=str(args.work / "baseline"), per_device_train_batch_size=args.batch, num_train_epochs=args.epochs,
-        learning_rate=LR, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.98, max_grad_norm=1.0,
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=WARMUP,
-        train_sampling_strategy="random", remove_unused_columns=False, dataloader_num_workers=0, save_strategy="no",
-        logging_strategy="steps", logging_steps=1, report_to=[], disable_tqdm=True, seed=SEED, data_seed=SEED,
+        output_dir=str(args.work / "baseline"),
+        per_device_train_batch_size=args.batch,
+        num_train_epochs=args.epochs,
+        learning_rate=LR,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.98,
+        max_grad_norm=1.0,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=WARMUP,
+        train_sampling_strategy="random",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        seed=SEED,
+        data_seed=SEED,
         use_cpu=DEVICE == "cpu",
-    )  # fmt: skip
+    )
     trainer = Trainer(
-        model=trained, args=training_args, train_dataset=dataset,
-        data_collator=collate, callbacks=[clock],
-    )  # fmt: skip
+        model=trained,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collate,
+        callbacks=[clock],
+    )
     memory = Memory(DEVICE)
     memory.start()
     started = time.perf_counter()
@@ -301,10 +338,14 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
     starts = [started, *clock.epoch_starts[1:]]
     last = [loss for epoch, loss in clock.losses if epoch > args.epochs - 1]
     return {
-        **result, "epoch_seconds": [b - a for a, b in zip(starts, [*starts[1:], ended])],
-        "steps": trainer.state.global_step, "loss": sum(last) / max(1, len(last)),
-        "examples": len(dataset), "audio_seconds": sum(dataset.durations()), "positions": positions[0],
-    }  # fmt: skip
+        **result,
+        "epoch_seconds": [b - a for a, b in zip(starts, [*starts[1:], ended], strict=True)],
+        "steps": trainer.state.global_step,
+        "loss": sum(last) / max(1, len(last)),
+        "examples": len(dataset),
+        "audio_seconds": sum(dataset.durations()),
+        "positions": positions[0],
+    }
 
 
 class SpeechLMForTrainer(torch.nn.Module):
@@ -334,8 +375,13 @@ class Qwen2AudioForTrainer(torch.nn.Module):
     def forward(self, **batch: Any) -> dict[str, torch.Tensor]:
         features = batch["audio_features"]  # [N, 128, 3000]
         frames = torch.arange(features.shape[-1])[None] < batch["audio_frames"][:, None]  # [N, 3000]
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], input_features=features,
-                         feature_attention_mask=frames.long(), labels=batch["labels"])  # fmt: skip
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            input_features=features,
+            feature_attention_mask=frames.long(),
+            labels=batch["labels"],
+        )
         return {"loss": out.loss}
 
 
@@ -361,18 +407,36 @@ def run_voxtune(args: argparse.Namespace, name: str, batching: dict[str, Any]) -
     from voxtune.train.trainer import Trainer
 
     train = {
-        "method": "lora", "lora": {"r": LORA_R, "alpha": LORA_ALPHA}, "max_steps": batching["max_steps"],
-        "max_tokens": batching["max_tokens"], "max_batch": args.batch, "pack": True, "cache_encoder": True,
-        "chunk_tokens": 1024, "seed": SEED, "log_every": 10**6, "progress": False, **CONFIGS[name][1],
-    }  # fmt: skip
-    recipe = load_config(TrainRecipe, {
-        "model": {"load": str(args.work / "model")},
-        "data": {"train": [str(args.data / "train.jsonl")], "mixture": MIXTURE},
-        "train": train,
-        "optim": {"lr": LR, "warmup_steps": WARMUP, "betas": [0.9, 0.98], "weight_decay": 0.0, "min_lr_ratio": 0.1,
-                  "grad_clip": 1.0},
-        "output": {"dir": str(args.work / name), "save_every": 10**6},
-    })  # fmt: skip
+        "method": "lora",
+        "lora": {"r": LORA_R, "alpha": LORA_ALPHA},
+        "max_steps": batching["max_steps"],
+        "max_tokens": batching["max_tokens"],
+        "max_batch": args.batch,
+        "pack": True,
+        "cache_encoder": True,
+        "chunk_tokens": 1024,
+        "seed": SEED,
+        "log_every": 10**6,
+        "progress": False,
+        **CONFIGS[name][1],
+    }
+    recipe = load_config(
+        TrainRecipe,
+        {
+            "model": {"load": str(args.work / "model")},
+            "data": {"train": [str(args.data / "train.jsonl")], "mixture": MIXTURE},
+            "train": train,
+            "optim": {
+                "lr": LR,
+                "warmup_steps": WARMUP,
+                "betas": [0.9, 0.98],
+                "weight_decay": 0.0,
+                "min_lr_ratio": 0.1,
+                "grad_clip": 1.0,
+            },
+            "output": {"dir": str(args.work / name), "save_every": 10**6},
+        },
+    )
     trainer = Trainer(recipe, log=lambda line: print(line, file=sys.stderr))
     epoch_starts: dict[int, float] = {}
     positions = [0]
@@ -396,12 +460,15 @@ def run_voxtune(args: argparse.Namespace, name: str, batching: dict[str, Any]) -
     last = [r["loss"] for r in records if r["step"] > batching["max_steps"] - batching["steps_last_epoch"]]
     cache = trainer.cache
     return {
-        **result, "epoch_seconds": [b - a for a, b in zip(starts, [*starts[1:], ended])],
-        "steps": trainer.state.step, "loss": sum(last) / max(1, len(last)),
-        "examples": len(trainer.train_data), "audio_seconds": sum(trainer.train_data.durations()),
+        **result,
+        "epoch_seconds": [b - a for a, b in zip(starts, [*starts[1:], ended], strict=True)],
+        "steps": trainer.state.step,
+        "loss": sum(last) / max(1, len(last)),
+        "examples": len(trainer.train_data),
+        "audio_seconds": sum(trainer.train_data.durations()),
         "positions": positions[0],
         "cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses, "writes": cache.writes},
-    }  # fmt: skip
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -415,8 +482,22 @@ def run_child(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
     """Run configuration `name` in a fresh process; its numbers, plus `others`: the CPU cores
     that other processes on the machine kept busy meanwhile, on average."""
     shutil.rmtree(work / name, ignore_errors=True)  # an empty output folder (and encoder cache)
-    command = [sys.executable, __file__, "--only", name, "--work", str(work), "--data", str(args.data),
-               "--epochs", str(args.epochs), "--batch", str(args.batch), "--arch", args.arch]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--only",
+        name,
+        "--work",
+        str(work),
+        "--data",
+        str(args.data),
+        "--epochs",
+        str(args.epochs),
+        "--batch",
+        str(args.batch),
+        "--arch",
+        args.arch,
+    ]
     busy, ours, started = _busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     wall = time.perf_counter() - started
@@ -455,16 +536,20 @@ def table(results: dict[str, dict[str, Any]], epochs: int) -> tuple[float, float
     base = results["baseline"]
     base_rate = rates(base)[1]
     base_growth = base["peak_bytes"] - base["setup_bytes"]
-    header = (f"{'configuration':<29} {'ep1 ex/s':>8} {'ep2+ ex/s':>9} {'ep2+ audio s/s':>14} {'steps/ep':>8} "
-              f"{'pos/ep':>7} {'peak MiB':>8} {'+MiB':>5} {'loss':>5} {'speed':>6} {'memory':>6}")  # fmt: skip
+    header = (
+        f"{'configuration':<29} {'ep1 ex/s':>8} {'ep2+ ex/s':>9} {'ep2+ audio s/s':>14} {'steps/ep':>8} "
+        f"{'pos/ep':>7} {'peak MiB':>8} {'+MiB':>5} {'loss':>5} {'speed':>6} {'memory':>6}"
+    )
     print(header)
     print("-" * len(header))
     for name, result in results.items():
         first, later, audio = rates(result)
         growth = result["peak_bytes"] - result["setup_bytes"]
-        print(f"{CONFIGS[name][0]:<29} {first:>8.1f} {later:>9.1f} {audio:>14.1f} {result['steps'] / epochs:>8.1f} "
-              f"{result['positions'] / epochs:>7.0f} {result['peak_bytes'] / mib:>8.0f} {growth / mib:>5.0f} "
-              f"{result['loss']:>5.2f} {later / base_rate:>5.2f}x {growth / base_growth:>5.2f}x")  # fmt: skip
+        print(
+            f"{CONFIGS[name][0]:<29} {first:>8.1f} {later:>9.1f} {audio:>14.1f} {result['steps'] / epochs:>8.1f} "
+            f"{result['positions'] / epochs:>7.0f} {result['peak_bytes'] / mib:>8.0f} {growth / mib:>5.0f} "
+            f"{result['loss']:>5.2f} {later / base_rate:>5.2f}x {growth / base_growth:>5.2f}x"
+        )
     ours = results["voxtune"]
     return rates(ours)[1] / base_rate, (ours["peak_bytes"] - ours["setup_bytes"]) / base_growth
 
@@ -476,11 +561,21 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per configuration (at least 2)")
     parser.add_argument("--batch", type=int, default=8, help="examples per batch (voxtune: at most)")
     parser.add_argument("--vocab", type=int, default=8000, help="BPE vocabulary of the LM")
-    parser.add_argument("--arch", choices=["voxtune", "qwen2_audio"], default="voxtune",
-                        help="the model: voxtune's own (default) or a Qwen2-Audio-shaped checkpoint of about 100M parameters")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="which configurations to run (baseline and voxtune always)")
-    parser.add_argument("--retries", type=int, default=1, help="runs of a configuration again while other processes use the CPU")
-    parser.add_argument("--work", type=Path, help="keep the model, checkpoints and logs here (default: a temporary folder)")
+    parser.add_argument(
+        "--arch",
+        choices=["voxtune", "qwen2_audio"],
+        default="voxtune",
+        help="the model: voxtune's own (default) or a Qwen2-Audio-shaped checkpoint of about 100M parameters",
+    )
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help="which configurations to run (baseline and voxtune always)"
+    )
+    parser.add_argument(
+        "--retries", type=int, default=1, help="runs of a configuration again while other processes use the CPU"
+    )
+    parser.add_argument(
+        "--work", type=Path, help="keep the model, checkpoints and logs here (default: a temporary folder)"
+    )
     parser.add_argument("--only", choices=list(CONFIGS), help="run one configuration in this process (internal)")
     args = parser.parse_args()
     if args.epochs < 2:
@@ -492,27 +587,35 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, device {DEVICE}")
     args.data.mkdir(parents=True, exist_ok=True)
     make_data(args.data, args.clips)
-    names = ["baseline", "voxtune"] + [n for n in args.configs.split(",") if n in CONFIGS and n not in ("baseline", "voxtune")]
+    names = ["baseline", "voxtune"] + [
+        n for n in args.configs.split(",") if n in CONFIGS and n not in ("baseline", "voxtune")
+    ]
     with tempfile.TemporaryDirectory(prefix="voxtune-bench-") as temporary:
         work = args.work or Path(temporary)
         model = make_model(work / "model", args.vocab, args.arch)
         batching = batch_plan(model, args.data / "train.jsonl", args.batch, args.epochs)
         (work / "plan.json").write_text(json.dumps(batching))
         count = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
-        print(f"model: LM {count(model.lm):.2f}M parameters (vocabulary {len(model.tokenizer)}), "
-              f"encoder {count(model.encoder):.2f}M (frozen), projector {count(model.projector):.2f}M")  # fmt: skip
+        print(
+            f"model: LM {count(model.lm):.2f}M parameters (vocabulary {len(model.tokenizer)}), "
+            f"encoder {count(model.encoder):.2f}M (frozen), projector {count(model.projector):.2f}M"
+        )
         records = [json.loads(line) for line in (args.data / "train.jsonl").read_text().splitlines()]
         examples, seconds = len(records), sum(r["meta"]["duration"] for r in records)
-        print(f"data: {examples} training clips, {seconds / 60:.1f} min of audio, in {args.data}; {args.epochs} epochs; "
-              f"batches of {args.batch} (voxtune: at most {args.batch} and {batching['max_tokens']} tokens)")  # fmt: skip
+        print(
+            f"data: {examples} training clips, {seconds / 60:.1f} min of audio, in {args.data}; {args.epochs} epochs; "
+            f"batches of {args.batch} (voxtune: at most {args.batch} and {batching['max_tokens']} tokens)"
+        )
         del model
         results = {}
         for name in names:
             for attempt in range(args.retries + 1):
                 result = run_child(name, args, work)
                 cache = result.get("cache")
-                print(f"  ran {name} in {result['wall']:.0f} s; other processes kept {result['others']:.2f} cores busy"
-                      + (f"; encoder cache: {cache['misses']} misses, {cache['hits']} hits" if cache else ""))  # fmt: skip
+                print(
+                    f"  ran {name} in {result['wall']:.0f} s; other processes kept {result['others']:.2f} cores busy"
+                    + (f"; encoder cache: {cache['misses']} misses, {cache['hits']} hits" if cache else "")
+                )
                 if name not in results or result["others"] < results[name]["others"]:
                     results[name] = result
                 if result["others"] <= BUSY:

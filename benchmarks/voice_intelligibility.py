@@ -26,8 +26,12 @@ from voxtune.model.ctranslate2 import WHISPER_TINY_EN, convert_whisper
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--voices", choices=["all", "default"], default="all",
-                        help="every OpenAI name, or only the default voice (alloy) and joe")  # fmt: skip
+    parser.add_argument(
+        "--voices",
+        choices=["all", "default"],
+        default="all",
+        help="every OpenAI name, or only the default voice (alloy) and joe",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of Piper's sampling noise")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -47,10 +51,12 @@ def main() -> None:
     piper_mean = statistics.mean(s.cer for s in piper)
     espeak_mean = statistics.mean(s.cer for s in espeak)
     joe = piper[0].cer
-    print(f"mean CER: piper {piper_mean:.1%} (joe {joe:.1%}), espeak {espeak_mean:.1%}; "
-          f"ratio espeak/piper {espeak_mean / max(piper_mean, 1e-9):.1f}x")  # fmt: skip
+    print(
+        f"mean CER: piper {piper_mean:.1%} (joe {joe:.1%}), espeak {espeak_mean:.1%}; "
+        f"ratio espeak/piper {espeak_mean / max(piper_mean, 1e-9):.1f}x"
+    )
     worst = max(piper, key=lambda s: s.cer)
-    for sentence, heard in zip(SENTENCES, worst.heard):
+    for sentence, heard in zip(SENTENCES, worst.heard, strict=True):
         if heard.strip().lower().rstrip(".?!") != sentence.lower().rstrip(".?!"):
             print(f"  {worst.voice}: {sentence!r} -> {heard!r}")
 

@@ -51,17 +51,22 @@ def test_the_folder_records_the_recipes_that_made_it():
     stage1 = load_config(TrainRecipe, recipes / "train.yaml").model_dump(mode="json")
     recorded = load_config(TrainRecipe, base["training"]["recipe"]).model_dump(mode="json")
     stage1["output"].pop("model"), recorded["output"].pop("model")
-    assert recorded == stage1 and load_config(SynthRecipe, base["training"]["data_recipe"]).model_dump(mode="json") == data
+    assert (
+        recorded == stage1 and load_config(SynthRecipe, base["training"]["data_recipe"]).model_dump(mode="json") == data
+    )
     assert base["training"]["steps"] == recorded["train"]["max_steps"] and base["training"]["training_seconds"] > 0
     figures = json.loads((BUILTIN / "eval.json").read_text())
     assert all(figures[key] is not None for key in SUMMARY_KEYS) and figures["suite"] == "default"
 
 
-@pytest.mark.parametrize("lang, text", [
-    ("en", "The number is seventy-three."),
-    ("de", "Die Zahl ist achtundvierzig."),
-    ("ru", "Число шестьдесят два."),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "lang, text",
+    [
+        ("en", "The number is seventy-three."),
+        ("de", "Die Zahl ist achtundvierzig."),
+        ("ru", "Число шестьдесят два."),
+    ],
+)
 def test_it_knows_the_language_of_a_voice_it_never_heard(model, lang, text):
     speech = voices.synthesize(text, lang, "m7")  # a held-out voice
     reply = model.generate(prompts.language_messages(speech), max_new_tokens=4, temperature=0)
@@ -71,13 +76,17 @@ def test_it_knows_the_language_of_a_voice_it_never_heard(model, lang, text):
 def test_the_commands_use_it_when_no_model_is_named(tmp_path, model):
     speech = voices.synthesize("What is seven plus five?", "en", "m7")
     (tmp_path / "q.wav").write_bytes(voxtune.audio.encode(speech, "wav"))
-    result = subprocess.run([VOXTUNE, "transcribe", str(tmp_path / "q.wav")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [VOXTUNE, "transcribe", str(tmp_path / "q.wav")], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == model.transcribe(load(tmp_path / "q.wav"), max_new_tokens=256) + "\n"
     spoken = subprocess.run(
         [VOXTUNE, "chat", "--audio", str(tmp_path / "q.wav"), "--speak", str(tmp_path / "reply.mp3")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert spoken.returncode == 0, spoken.stderr
     # The same reply, language and style as the Python API gives for a clip sent alone.
     from voxtune.infer import speak_reply

@@ -49,13 +49,27 @@ def test_speak_writes_each_format_that_info_reads_back(tmp_path, capsys, fmt):
 
 def test_speak_takes_its_format_from_the_suffix_and_text_from_stdin(tmp_path):
     out = tmp_path / "from-stdin.mp3"
-    result = run("speak", "-", "--lang", "de", "--style", "happy", "--speed", "1.5", "--out", str(out), stdin="Guten Morgen!".encode())
+    result = run(
+        "speak",
+        "-",
+        "--lang",
+        "de",
+        "--style",
+        "happy",
+        "--speed",
+        "1.5",
+        "--out",
+        str(out),
+        stdin=b"Guten Morgen!",
+    )
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:3] == b"ID3" or out.read_bytes()[0] == 0xFF
 
 
 def test_speak_to_standard_output():
-    result = subprocess.run(VOXTUNE + ["speak", "Hello.", "--format", "flac", "--out", "-"], capture_output=True, timeout=60)
+    result = subprocess.run(
+        VOXTUNE + ["speak", "Hello.", "--format", "flac", "--out", "-"], capture_output=True, timeout=60
+    )
     assert result.returncode == 0
     assert result.stdout[:4] == b"fLaC"
     assert b"standard output" in result.stderr
@@ -86,23 +100,26 @@ def test_demo_speaks_every_language(tmp_path, capsys):
     assert str(tmp_path / "hello-en.wav") in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, words", [
-    (["info", "/no/such/file.wav"], "no such file"),
-    (["info", "{garbage}"], "unrecognised audio data"),
-    (["speak", "Hi.", "--voice", "nobody", "--out", "{out}"], "unknown voice 'nobody'"),
-    (["speak", "Hi.", "--lang", "xx-yy", "--out", "{out}"], "unknown language 'xx-yy'"),
-    (["speak", "Hi.", "--style", "sarcastic", "--out", "{out}"], "invalid choice: 'sarcastic'"),
-    (["speak", "Hi.", "--speed", "fast", "--out", "{out}"], "invalid float value: 'fast'"),
-    (["speak", "Hi.", "--speed", "10", "--out", "{out}"], "speed must be between"),
-    (["speak", "   ", "--out", "{out}"], "nothing to speak"),
-    (["speak", "Hi.", "--format", "ogg", "--out", "{out}"], "invalid choice: 'ogg'"),
-    (["speak", "Hi.", "--out", "{out}.m4a"], "--format"),
-    (["speak", "Hi."], "required: --out"),
-    (["speak", "Hi.", "--out", "/proc/voxtune-cannot-write/x.wav"], "/proc/voxtune-cannot-write"),
-    (["speak", "Hi.", "--out", "{garbage_dir}"], "is a directory"),
-    (["info"], "required: FILE"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["info", "/no/such/file.wav"], "no such file"),
+        (["info", "{garbage}"], "unrecognised audio data"),
+        (["speak", "Hi.", "--voice", "nobody", "--out", "{out}"], "unknown voice 'nobody'"),
+        (["speak", "Hi.", "--lang", "xx-yy", "--out", "{out}"], "unknown language 'xx-yy'"),
+        (["speak", "Hi.", "--style", "sarcastic", "--out", "{out}"], "invalid choice: 'sarcastic'"),
+        (["speak", "Hi.", "--speed", "fast", "--out", "{out}"], "invalid float value: 'fast'"),
+        (["speak", "Hi.", "--speed", "10", "--out", "{out}"], "speed must be between"),
+        (["speak", "   ", "--out", "{out}"], "nothing to speak"),
+        (["speak", "Hi.", "--format", "ogg", "--out", "{out}"], "invalid choice: 'ogg'"),
+        (["speak", "Hi.", "--out", "{out}.m4a"], "--format"),
+        (["speak", "Hi."], "required: --out"),
+        (["speak", "Hi.", "--out", "/proc/voxtune-cannot-write/x.wav"], "/proc/voxtune-cannot-write"),
+        (["speak", "Hi.", "--out", "{garbage_dir}"], "is a directory"),
+        (["info"], "required: FILE"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
 def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, args, words):
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"not audio, just some words" * 3)
@@ -134,7 +151,9 @@ def test_text_that_cannot_be_read_is_one_line(tmp_path, case):
 
 def test_data_synth_makes_a_corpus_and_reports_its_rate(tmp_path):
     recipe = Path(__file__).parents[1] / "recipes" / "data" / "smoke.yaml"
-    result = run("data", "synth", str(recipe), "--out", str(tmp_path / "corpus"), "clips=8", "--holdout-voices", "m1,f2")
+    result = run(
+        "data", "synth", str(recipe), "--out", str(tmp_path / "corpus"), "clips=8", "--holdout-voices", "m1,f2"
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote 8 clips" in result.stdout and "audio hours per minute" in result.stdout
     lines = sum(len((tmp_path / "corpus" / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "valid", "test"))
@@ -142,14 +161,21 @@ def test_data_synth_makes_a_corpus_and_reports_its_rate(tmp_path):
     assert "holdout_voices:\n- m1\n- f2" in (tmp_path / "corpus" / "recipe.yaml").read_text()
 
 
-@pytest.mark.parametrize("args, words", [
-    (["data", "synth", "{recipe}", "--out", "{out}", "clipz=3"], "unknown key clipz (did you mean clips?)"),
-    (["data", "synth", "{recipe}", "--out", "{out}", "languages=[xx]"], "no phrasebook"),
-    (["data", "synth", "{missing}", "--out", "{out}"], "no such recipe"),
-    (["data", "synth", "{recipe}", "--out", "{out}", "--frobnicate"], "unrecognized arguments"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["data", "synth", "{recipe}", "--out", "{out}", "clipz=3"], "unknown key clipz (did you mean clips?)"),
+        (["data", "synth", "{recipe}", "--out", "{out}", "languages=[xx]"], "no phrasebook"),
+        (["data", "synth", "{missing}", "--out", "{out}"], "no such recipe"),
+        (["data", "synth", "{recipe}", "--out", "{out}", "--frobnicate"], "unrecognized arguments"),
+    ],
+)
 def test_data_synth_bad_input_is_one_line(tmp_path, args, words):
-    fill = {"recipe": Path(__file__).parents[1] / "recipes" / "data" / "smoke.yaml", "out": tmp_path / "o", "missing": tmp_path / "none.yaml"}
+    fill = {
+        "recipe": Path(__file__).parents[1] / "recipes" / "data" / "smoke.yaml",
+        "out": tmp_path / "o",
+        "missing": tmp_path / "none.yaml",
+    }
     result = run(*(a.format(**fill) for a in args))
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()

@@ -32,14 +32,17 @@ def test_yaml_then_overrides_with_types(tmp_path):
     assert load_config(Recipe, yaml.safe_load(dump_config(config))) == config  # the dump reads back
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["optim.lrr=1"], "unknown key optim.lrr (did you mean optim.lr?)"),
-    (["stepz=3"], "unknown key stepz (did you mean steps?)"),
-    (["steps=many"], "steps: Input should be a valid integer"),
-    (["mode=qlora"], "mode: Input should be 'lora' or 'full'"),
-    (["steps"], "not of the form key.sub=value"),
-    (["name.first=a"], "name: Input should be a valid string"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["optim.lrr=1"], "unknown key optim.lrr (did you mean optim.lr?)"),
+        (["stepz=3"], "unknown key stepz (did you mean steps?)"),
+        (["steps=many"], "steps: Input should be a valid integer"),
+        (["mode=qlora"], "mode: Input should be 'lora' or 'full'"),
+        (["steps"], "not of the form key.sub=value"),
+        (["name.first=a"], "name: Input should be a valid string"),
+    ],
+)
 def test_bad_overrides_are_one_line_and_helpful(overrides, words):
     with pytest.raises(ConfigError) as raised:
         load_config(Recipe, None, overrides)

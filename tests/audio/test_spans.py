@@ -25,6 +25,8 @@ def test_silence_and_near_silence_have_no_speech():
 
 
 def test_long_speech_is_cut_into_spans_no_longer_than_asked():
-    one = voices.synthesize("This sentence keeps going and going without a real pause in it at all.", "en").resample(16000)
+    one = voices.synthesize("This sentence keeps going and going without a real pause in it at all.", "en").resample(
+        16000
+    )
     spans = speech_spans(one, max_span=1.5)
     assert len(spans) >= 2 and all(end - start <= 1.5 + 0.25 for start, end in spans)

@@ -111,11 +111,21 @@ def test_over_a_hundred_languages_and_each_one_speaks():
     assert voices.synthesize("Hallo", "DE").duration > 0.2  # codes are case-insensitive
 
 
-@pytest.mark.parametrize("lang, text", [
-    ("en", "Hello world."), ("de", "Guten Tag."), ("fr", "Bonjour à tous."), ("es", "Buenos días."),
-    ("ru", "Доброе утро."), ("zh", "早上好。"), ("ja", "おはようございます。"), ("hi", "सुप्रभात।"),
-    ("ar", "صباح الخير."), ("pt-br", "Bom dia."),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "lang, text",
+    [
+        ("en", "Hello world."),
+        ("de", "Guten Tag."),
+        ("fr", "Bonjour à tous."),
+        ("es", "Buenos días."),
+        ("ru", "Доброе утро."),
+        ("zh", "早上好。"),
+        ("ja", "おはようございます。"),
+        ("hi", "सुप्रभात।"),
+        ("ar", "صباح الخير."),
+        ("pt-br", "Bom dia."),
+    ],
+)
 def test_languages_render_audible_speech(lang, text):
     audio = voices.synthesize(text, lang)
     assert audio.sample_rate == 22050
@@ -200,16 +210,19 @@ def test_pauses_between_words_lengthen_speech():
     assert paused.duration > plain.duration + 0.8  # five gaps of 200 ms
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    ({"voice": "alloyy"}, UnknownVoiceError, "alloy"),
-    ({"lang": "klingon"}, UnknownLanguageError, "klingon"),
-    ({"style": "sarcastic"}, UnknownStyleError, "happy"),
-    ({"speed": 9.0}, VoiceError, "speed"),
-    ({"text": "   "}, VoiceError, "empty"),
-    ({"text": "hi \udcff there"}, VoiceError, "not valid Unicode"),
-    ({"text": "word " * (MAX_TEXT_CHARS // 5 + 1)}, VoiceError, "limit"),
-    ({"speed": float("nan")}, VoiceError, "speed"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"voice": "alloyy"}, UnknownVoiceError, "alloy"),
+        ({"lang": "klingon"}, UnknownLanguageError, "klingon"),
+        ({"style": "sarcastic"}, UnknownStyleError, "happy"),
+        ({"speed": 9.0}, VoiceError, "speed"),
+        ({"text": "   "}, VoiceError, "empty"),
+        ({"text": "hi \udcff there"}, VoiceError, "not valid Unicode"),
+        ({"text": "word " * (MAX_TEXT_CHARS // 5 + 1)}, VoiceError, "limit"),
+        ({"speed": float("nan")}, VoiceError, "speed"),
+    ],
+)
 def test_bad_requests_fail_at_the_call_with_a_helpful_message(kwargs, error, words):
     args = {"text": TEXT} | kwargs
     text = args.pop("text")

@@ -151,6 +151,7 @@ def test_babble_is_unit_rms_and_uses_several_talkers():
     assert out.shape == (3 * RATE,)
     assert np.sqrt(np.mean(out.astype(np.float64) ** 2)) == pytest.approx(1.0, rel=1e-4)
     one = babble(sources, 3 * RATE, RATE, np.random.default_rng(0), talkers=1)
+
     # Summed talkers fill each other's pauses: the envelope of babble is flatter than one voice's.
     def envelope_spread(x):
         frames = x[: len(x) // 400 * 400].reshape(-1, 400).astype(np.float64)
@@ -334,9 +335,7 @@ def test_record_says_what_was_applied(babble_sources):
 @pytest.mark.parametrize("snr_db", [5.0, 15.0])
 def test_augmenter_recorded_noise_at_the_recorded_snr(noise_file, snr_db):
     only_noise = dict(NOTHING, noise_prob=1.0)
-    config = AugmentConfig(
-        **only_noise, noise_kinds=("recorded",), snr_db=(snr_db, snr_db), noise_files=[noise_file]
-    )
+    config = AugmentConfig(**only_noise, noise_kinds=("recorded",), snr_db=(snr_db, snr_db), noise_files=[noise_file])
     clip = speech(2.0, seed=4, level=0.3)  # quiet, so the mix is not scaled down: noise = out - clip
     out, record = Augmenter(config)(clip, 0)
     expected = {"noise": "recorded", "noise_file": str(noise_file), "snr_db": snr_db, "channel": "clean"}

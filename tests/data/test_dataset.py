@@ -26,21 +26,32 @@ def _examples(make_signal, count: int = 12) -> list[SpeechExample]:
     for i in range(count):
         seconds = float(rng.uniform(0.4, 3.0))
         audio = Audio(make_signal(seconds, 16000, seed=i), 16000)
-        examples.append(SpeechExample(
-            audio, text=f"clip number {i}", language="en", style="happy" if i % 2 else "sad", intent="statement",
-            segments=[Segment(0.0, seconds / 2, "en"), Segment(seconds / 2, seconds, "de")],
-        ))  # fmt: skip
+        examples.append(
+            SpeechExample(
+                audio,
+                text=f"clip number {i}",
+                language="en",
+                style="happy" if i % 2 else "sad",
+                intent="statement",
+                segments=[Segment(0.0, seconds / 2, "en"), Segment(seconds / 2, seconds, "de")],
+            )
+        )
     return examples
 
 
 def test_items_are_reproducible_per_seed_epoch_and_index(model, make_signal):
     augmenter = Augmenter(AugmentConfig(noise_prob=1.0, noise_kinds=("white", "pink"), speed_prob=0.5))
-    dataset = SpeechDataset(_examples(make_signal), model.processor, {"transcribe": 1, "describe": 1, "segments": 1},
-                            augmenter=augmenter, seed=4)  # fmt: skip
+    dataset = SpeechDataset(
+        _examples(make_signal),
+        model.processor,
+        {"transcribe": 1, "describe": 1, "segments": 1},
+        augmenter=augmenter,
+        seed=4,
+    )
     first = [dataset[i] for i in range(len(dataset))]
     again = [dataset[i] for i in range(len(dataset))]
     assert [e.input_ids for e in first] == [e.input_ids for e in again]
-    assert all(np.array_equal(a.clips[0].samples, b.clips[0].samples) for a, b in zip(first, again))
+    assert all(np.array_equal(a.clips[0].samples, b.clips[0].samples) for a, b in zip(first, again, strict=True))
     dataset.set_epoch(1)
     later = [dataset[i] for i in range(len(dataset))]
     assert [e.info["augmentation"] for e in later] != [e.info["augmentation"] for e in first]
@@ -50,11 +61,15 @@ def test_items_are_reproducible_per_seed_epoch_and_index(model, make_signal):
 
 
 def test_speed_changes_scale_the_segments(model, make_signal):
-    augmenter = Augmenter(AugmentConfig(noise_prob=0, telephone_prob=0, reverb_prob=0, gain_prob=0, speed_prob=1.0, speeds=(1.2, 1.2)))
+    augmenter = Augmenter(
+        AugmentConfig(noise_prob=0, telephone_prob=0, reverb_prob=0, gain_prob=0, speed_prob=1.0, speeds=(1.2, 1.2))
+    )
     examples = _examples(make_signal, 1)
     dataset = SpeechDataset(examples, model.processor, {"segments": 1}, augmenter=augmenter)
     item = dataset[0]
-    reply = model.tokenizer.decode([i for i, label in zip(item.input_ids, item.labels) if label != IGNORE_INDEX])
+    reply = model.tokenizer.decode(
+        [i for i, label in zip(item.input_ids, item.labels, strict=True) if label != IGNORE_INDEX]
+    )
     end = examples[0].segments[-1].end / 1.2
     assert f"-{end:.2f}<|lang:de|>" in reply
     assert item.clips[0].duration == pytest.approx(examples[0].audio.duration / 1.2, abs=1e-3)

@@ -61,25 +61,44 @@ def test_the_equaliser_boosts_and_cuts_where_asked():
     rng = np.random.default_rng(0)
     noise = Audio(rng.normal(0, 0.05, 32000).astype(np.float32), 16000)
     shaped = equalise(noise, [[1000.0, 8.0, 0.3], [4000.0, -8.0, 0.3]])
-    spectrum = lambda a: np.abs(np.fft.rfft(a.samples)) ** 2  # noqa: E731
     freqs = np.fft.rfftfreq(32000, 1 / 16000)
-    gain = lambda f: 10 * np.log10(spectrum(shaped)[np.abs(freqs - f) < 50].mean() / spectrum(noise)[np.abs(freqs - f) < 50].mean())  # noqa: E731
+
+    def gain(hz: float) -> float:
+        """dB of the shaped noise over the noise, within 50 Hz of `hz`."""
+        near = np.abs(freqs - hz) < 50
+        power = [np.abs(np.fft.rfft(a.samples))[near] ** 2 for a in (shaped, noise)]
+        return float(10 * np.log10(power[0].mean() / power[1].mean()))
+
     assert gain(1000) == pytest.approx(8.0, abs=0.5)
     assert gain(4000) == pytest.approx(-8.0, abs=0.5)
     assert abs(gain(250)) < 0.5
 
 
 def test_a_corpus_perturbs_only_its_training_clips_and_records_how(tmp_path):
-    base = SynthRecipe(clips=10, languages=["en"], kinds={"statement": 1}, splits={"train": 0.6, "test": 0.4}, seed=4,
-                       workers=1, chunk_size=10)  # fmt: skip
+    base = SynthRecipe(
+        clips=10,
+        languages=["en"],
+        kinds={"statement": 1},
+        splits={"train": 0.6, "test": 0.4},
+        seed=4,
+        workers=1,
+        chunk_size=10,
+    )
     synthesize_corpus(base, tmp_path / "plain")
     synthesize_corpus(base.model_copy(update={"perturb": PerturbConfig(prob=1.0)}), tmp_path / "perturbed")
-    records = lambda name, split: [json.loads(line) for line in (tmp_path / name / f"{split}.jsonl").read_text().splitlines()]  # noqa: E731
+
+    def records(name: str, split: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / name / f"{split}.jsonl").read_text().splitlines()]
+
     train = records("perturbed", "train")
     assert train and all("perturb" in r["meta"] for r in train)
-    for plain, changed in zip(records("plain", "train"), train):
-        assert (tmp_path / "plain" / plain["audio"]).read_bytes() != (tmp_path / "perturbed" / changed["audio"]).read_bytes()
+    for plain, changed in zip(records("plain", "train"), train, strict=True):
+        assert (tmp_path / "plain" / plain["audio"]).read_bytes() != (
+            tmp_path / "perturbed" / changed["audio"]
+        ).read_bytes()
     # The test split is untouched: the same records and the same bytes as without perturbation.
     assert records("perturbed", "test") == records("plain", "test")
     for record in records("plain", "test"):
-        assert (tmp_path / "plain" / record["audio"]).read_bytes() == (tmp_path / "perturbed" / record["audio"]).read_bytes()
+        assert (tmp_path / "plain" / record["audio"]).read_bytes() == (
+            tmp_path / "perturbed" / record["audio"]
+        ).read_bytes()

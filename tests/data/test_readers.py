@@ -415,5 +415,5 @@ def test_every_reader_gives_the_manifests_examples(corpus: Path, tmp_path: Path,
         other = read_hf_dataset(hf_dataset(corpus, as_bytes=reader == "hf bytes"), columns={"language": "lang"})
 
     assert [labels(x) for x in other] == [labels(x) for x in from_manifest]
-    for mine, theirs in zip(other, from_manifest):
+    for mine, theirs in zip(other, from_manifest, strict=True):
         np.testing.assert_array_equal(load(mine.audio).samples, load(theirs.audio).samples)

@@ -22,7 +22,10 @@ def corpus(tmp_path_factory):
     recipe = load_config(SynthRecipe, SMOKE)
     out = tmp_path_factory.mktemp("smoke")
     summary = synthesize_corpus(recipe, out)
-    records = {split: [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()] for split in recipe.splits}
+    records = {
+        split: [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
+        for split in recipe.splits
+    }
     return recipe, out, summary, records
 
 
@@ -42,7 +45,7 @@ def test_manifests_read_back_and_durations_match_the_files(corpus):
     for split in recipe.splits:
         examples = read_manifest(out / f"{split}.jsonl")
         assert len(examples) == len(records[split])
-        for example, record in zip(examples, records[split]):
+        for example, record in zip(examples, records[split], strict=True):
             audio = load(example.audio)
             assert audio.duration == pytest.approx(record["meta"]["duration"], abs=1e-3)
             assert example.text and example.speaker
@@ -58,7 +61,7 @@ def test_code_switched_segments_line_up_with_the_audio(corpus):
         assert 2 <= len(segments) <= 3 and len({s["language"] for s in segments}) == len(segments)
         assert segments[0]["start"] == 0 and segments[-1]["end"] == pytest.approx(audio.duration, abs=1e-3)
         assert record["text"] == " ".join(s["text"] for s in segments)
-        for before, after in zip(segments, segments[1:]):
+        for before, after in zip(segments[:-1], segments[1:], strict=True):
             gap = audio.samples[int(before["end"] * 16000) + 80 : int(after["start"] * 16000) - 80]
             assert after["start"] - before["end"] == pytest.approx(0.15, abs=2e-3)
             assert np.abs(gap).max() < 1e-3  # the pause between languages is silence
@@ -124,8 +127,16 @@ def test_runs_are_reproducible_whatever_the_workers(tmp_path):
 
 
 def test_styles_change_pitch_and_rate_measurably():
-    base = dict(id="x", split="train", kind="statement", voice="m3", style_jitter={"pitch": 0, "pitch_range": 0, "rate": 0, "volume": 0},
-                parts=[("en", "The number is three hundred and twelve. Is that right?")], text="", language="en")  # fmt: skip
+    base = dict(
+        id="x",
+        split="train",
+        kind="statement",
+        voice="m3",
+        style_jitter={"pitch": 0, "pitch_range": 0, "rate": 0, "volume": 0},
+        parts=[("en", "The number is three hundred and twelve. Is that right?")],
+        text="",
+        language="en",
+    )
     happy, _ = render_clip(ClipPlan(style="happy", **base), 16000)
     sad, _ = render_clip(ClipPlan(style="sad", **base), 16000)
     assert np.nanmean(pitch(happy)) > 1.25 * np.nanmean(pitch(sad))
@@ -139,12 +150,15 @@ def test_holdout_languages_only_in_test():
     assert any(lang == "fr" for p in plans for lang, _ in p.parts)
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["languages=[en, tlh]"], "no phrasebook"),
-    (["kinds.sing=1"], "kinds.sing"),
-    (["styles=[grumpy]"], "unknown styles"),
-    (["splits={train: 1}", "holdout_voices=[m1]"], "need a 'test' split"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["languages=[en, tlh]"], "no phrasebook"),
+        (["kinds.sing=1"], "kinds.sing"),
+        (["styles=[grumpy]"], "unknown styles"),
+        (["splits={train: 1}", "holdout_voices=[m1]"], "need a 'test' split"),
+    ],
+)
 def test_bad_recipes_are_refused(overrides, words):
     with pytest.raises(ConfigError, match=words):
         load_config(SynthRecipe, SMOKE, overrides)
@@ -161,11 +175,18 @@ def test_word_runs_are_real_words_and_reproducible():
 
 def test_identify_only_languages_are_drawn_by_their_weight_and_never_code_switched():
     def planned(weight):
-        recipe = SynthRecipe(clips=300, languages=["en", "de"], identify_only=["fr", "es"], identify_only_weight=weight,
-                             kinds={"statement": 1, "codeswitch": 1}, seed=4)  # fmt: skip
+        recipe = SynthRecipe(
+            clips=300,
+            languages=["en", "de"],
+            identify_only=["fr", "es"],
+            identify_only_weight=weight,
+            kinds={"statement": 1, "codeswitch": 1},
+            seed=4,
+        )
         return plan(recipe, ["m1", "m2", "f1", "f2", "m3"])
 
     even, rare = planned(1.0), planned(0.2)
+
     def share(plans):  # among the single-language clips (code-switched ones never identify only)
         single = [p for p in plans if p.kind == "statement"]
         return sum(p.identify_only for p in single) / len(single)

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from voxtune.data.example import Segment, SpeechExample
-from voxtune.data.tasks import TASKS, TaskError, choose_task, format_segments, make_conversation, parse_segments, possible_tasks
+from voxtune.data.tasks import (
+    TASKS,
+    TaskError,
+    choose_task,
+    format_segments,
+    make_conversation,
+    parse_segments,
+    possible_tasks,
+)
 from voxtune.model import tiny
 from voxtune.model.processor import IGNORE_INDEX
 
@@ -21,9 +29,14 @@ def example(make_signal):
     from voxtune.audio import Audio
 
     return SpeechExample(
-        Audio(make_signal(2.5, 16000), 16000), text="guten morgen und hello", language="de", style="happy",
-        intent="statement", segments=[Segment(0.0, 1.24, "de"), Segment(1.24, 2.5, "en")], answer="12",
-    )  # fmt: skip
+        Audio(make_signal(2.5, 16000), 16000),
+        text="guten morgen und hello",
+        language="de",
+        style="happy",
+        intent="statement",
+        segments=[Segment(0.0, 1.24, "de"), Segment(1.24, 2.5, "en")],
+        answer="12",
+    )
 
 
 EXPECTED_REPLIES = {
@@ -41,7 +54,7 @@ def test_each_task_trains_on_exactly_its_reply(model, example, task):
     assert [m["role"] for m in conversation] == ["user", "assistant"]
     assert conversation[1]["content"] == EXPECTED_REPLIES[task]
     encoded = model.processor.encode_messages(conversation, with_labels=True)
-    kept = [i for i, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    kept = [i for i, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE_INDEX]
     assert model.tokenizer.decode(kept) == EXPECTED_REPLIES[task] + "<|im_end|>"
     assert len(encoded.clips) == 1
 
@@ -70,13 +83,22 @@ def test_the_mixture_draws_only_possible_tasks(example):
     assert {choose_task(transcript_only, mixture, rng) for _ in range(20)} == {"transcribe"}
 
 
-@pytest.mark.parametrize("call, words", [
-    (lambda e: make_conversation(e, "summarise"), "unknown task 'summarise'"),
-    (lambda e: make_conversation(SpeechExample(e.audio), "transcribe"), "needs the example's text"),
-    (lambda e: make_conversation(SpeechExample(e.audio, language="tlh"), "language"), "language voxtune has a tag for"),
-    (lambda e: choose_task(SpeechExample(e.audio), {"transcribe": 1}, np.random.default_rng(0)), "none of the tasks"),
-    (lambda e: choose_task(e, {"transcribe": 1, "dance": 1}, np.random.default_rng(0)), "unknown task 'dance'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda e: make_conversation(e, "summarise"), "unknown task 'summarise'"),
+        (lambda e: make_conversation(SpeechExample(e.audio), "transcribe"), "needs the example's text"),
+        (
+            lambda e: make_conversation(SpeechExample(e.audio, language="tlh"), "language"),
+            "language voxtune has a tag for",
+        ),
+        (
+            lambda e: choose_task(SpeechExample(e.audio), {"transcribe": 1}, np.random.default_rng(0)),
+            "none of the tasks",
+        ),
+        (lambda e: choose_task(e, {"transcribe": 1, "dance": 1}, np.random.default_rng(0)), "unknown task 'dance'"),
+    ],
+)
 def test_errors_name_the_problem(example, call, words):
     with pytest.raises(TaskError, match=words):
         call(example)

@@ -15,11 +15,10 @@ from voxtune.config import load_config
 from voxtune.data.synth import SynthRecipe
 from voxtune.eval import evaluate_suite, format_table, load_suite, prepare
 from voxtune.eval.report import SUMMARY_KEYS, judge
-from voxtune.metrics import error_rates
 from voxtune.eval.suite import SuiteError, fingerprint
+from voxtune.metrics import error_rates, speech_text
 from voxtune.model import tiny
 from voxtune.tags import tag
-from voxtune.metrics import speech_text
 
 ROOT = Path(__file__).parents[2]
 VOXTUNE = str(Path(sys.executable).with_name("voxtune"))
@@ -28,16 +27,21 @@ SMALL = {
     "name": "small",
     "version": 1,
     "corpus": {
-        "seed": 3, "clips": 70, "languages": ["en", "de"], "identify_only": ["fr"],
+        "seed": 3,
+        "clips": 70,
+        "languages": ["en", "de"],
+        "identify_only": ["fr"],
         "kinds": {"statement": 1, "add": 1, "count": 1, "codeswitch": 1},
-        "splits": {"train": 0.5, "test": 0.5}, "holdout_voices": ["m7"], "chunk_size": 8,
+        "splits": {"train": 0.5, "test": 0.5},
+        "holdout_voices": ["m7"],
+        "chunk_size": 8,
     },
     "lid_min_seconds": 0.5,
     "noise": {"snr_db": [10], "clips": 4},
     "rtf_clips": 2,
     "max_new_tokens": 8,
     "targets": {"cer_heldout_voices": {"max": 0.1}, "rtf": {"max": 10.0}},
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +170,16 @@ def test_a_real_model_fills_the_table(rendered):
     suite, folder = rendered
     report = evaluate_suite(tiny("llama", "streaming"), suite, folder, limit=3)
     table = format_table(report | {"model": "tiny"}, suite)
-    for words in ("transcription, held-out voices", "language ID", "style", "intent", "instructions", "snr10", "real-time factor", "targets"):
+    for words in (
+        "transcription, held-out voices",
+        "language ID",
+        "style",
+        "intent",
+        "instructions",
+        "snr10",
+        "real-time factor",
+        "targets",
+    ):
         assert words in table
     assert 0 <= report["lid_accuracy"] <= 1 and report["cer_heldout_voices"] is not None
 
@@ -197,8 +210,11 @@ def test_the_command_prints_the_table_and_writes_json(rendered, suite_file, tmp_
     (tmp_path / "cache" / "eval").symlink_to(folder.parent)  # the set rendered above
     result = subprocess.run(
         [VOXTUNE, "eval", "--model", str(model), "--suite", str(suite_file), "--json", str(out), "--limit", "2"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert "language ID" in result.stdout and "targets" in result.stdout
     figures = json.loads(out.read_text())
@@ -206,11 +222,14 @@ def test_the_command_prints_the_table_and_writes_json(rendered, suite_file, tmp_
     assert figures["suite_sha256"] == fingerprint(folder, "test")
 
 
-@pytest.mark.parametrize("args, code, words", [
-    (["eval", "--suite", "nope", "--model", "{model}"], 1, "no evaluation suite"),
-    (["eval", "--limit", "0", "--model", "{model}"], 2, "--limit"),
-    (["eval", "--model", "{missing}"], 1, "no model directory"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, code, words",
+    [
+        (["eval", "--suite", "nope", "--model", "{model}"], 1, "no evaluation suite"),
+        (["eval", "--limit", "0", "--model", "{model}"], 2, "--limit"),
+        (["eval", "--model", "{missing}"], 1, "no model directory"),
+    ],
+)
 def test_bad_arguments_get_one_line(tmp_path, args, code, words):
     model = tmp_path / "model"
     tiny("llama", "streaming").save_pretrained(model)
@@ -219,12 +238,15 @@ def test_bad_arguments_get_one_line(tmp_path, args, code, words):
     assert result.returncode == code and words in result.stderr and len(result.stderr.splitlines()) == 1
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"split": "dev"}, "split 'dev' is not one of the corpus's splits"),
-    ({"targets": {"rtf": {}}}, "exactly one of min and max"),
-    ({"targets": {"speed": {"max": 1}}}, "'speed' is not a summary figure"),
-    ({"noise": {"kinds": ["purple"]}}, "noise.kinds"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"split": "dev"}, "split 'dev' is not one of the corpus's splits"),
+        ({"targets": {"rtf": {}}}, "exactly one of min and max"),
+        ({"targets": {"speed": {"max": 1}}}, "'speed' is not a summary figure"),
+        ({"noise": {"kinds": ["purple"]}}, "noise.kinds"),
+    ],
+)
 def test_bad_suite_files_are_named(tmp_path, change, words):
     import yaml
 
@@ -243,4 +265,7 @@ def test_the_default_suite_plans_the_published_clips():
     plans = [p for p in plan(suite.corpus, all_voices()) if p.split == suite.split]
     listing = "\n".join(f"{p.id}|{p.voice}|{p.style}|{p.language}|{p.kind}|{p.text}" for p in plans)
     assert len(plans) == 954
-    assert hashlib.sha256(listing.encode()).hexdigest() == "6ed179ce3001a5328c8ada873d06a20230d2127d2e0b7f8359a3c3a33e426977"
+    assert (
+        hashlib.sha256(listing.encode()).hexdigest()
+        == "6ed179ce3001a5328c8ada873d06a20230d2127d2e0b7f8359a3c3a33e426977"
+    )

@@ -11,7 +11,14 @@ from voxtune.eval.natural import NATURAL_KEYS, NaturalSuite, evaluate_natural, f
 from voxtune.eval.suite import load_suite, rendered_fingerprint
 from voxtune.model import tiny
 
-SMALL = {"name": "natural-small", "version": 1, "kind": "natural", "heldout_clips": 3, "free": False, "no_speech_clips": 2}
+SMALL = {
+    "name": "natural-small",
+    "version": 1,
+    "kind": "natural",
+    "heldout_clips": 3,
+    "free": False,
+    "no_speech_clips": 2,
+}
 
 
 def test_the_built_in_suite_loads_with_targets_it_can_judge():

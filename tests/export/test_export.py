@@ -51,12 +51,17 @@ def run(corpus, tmp_path_factory):
     folder): the run's output folder."""
     out = tmp_path_factory.mktemp("run")
     tiny("llama", "whisper", seed=6, hidden=32).save_pretrained(out.parent / f"{out.name}-base")
-    recipe = load_config(TrainRecipe, {
-        "model": {"load": str(out.parent / f"{out.name}-base")},
-        "data": {"train": [str(corpus / "train.jsonl")]},
-        "train": {"max_steps": 3, "max_tokens": 1500, "log_every": 1},
-        "optim": {"lr": 1e-2, "warmup_steps": 1}, "eval": {"every": 100}, "output": {"dir": str(out), "save_every": 100},
-    })  # fmt: skip
+    recipe = load_config(
+        TrainRecipe,
+        {
+            "model": {"load": str(out.parent / f"{out.name}-base")},
+            "data": {"train": [str(corpus / "train.jsonl")]},
+            "train": {"max_steps": 3, "max_tokens": 1500, "log_every": 1},
+            "optim": {"lr": 1e-2, "warmup_steps": 1},
+            "eval": {"every": 100},
+            "output": {"dir": str(out), "save_every": 100},
+        },
+    )
     trainer = Trainer(recipe, log=lambda _: None)
     trainer.fit()
     trainer.export()
@@ -96,10 +101,30 @@ def test_the_ultravox_config_and_names_are_what_vllm_reads(whisper_model, tmp_pa
     projector = {n for n in names if n.startswith("multi_modal_projector.")}
     assert projector == {f"multi_modal_projector.{p}.weight" for p in ("ln_pre", "linear_1", "ln_mid", "linear_2")}
     tower = {n.split(".", 1)[1] for n in names if n.startswith("audio_tower.")}
-    layer = {f"layers.0.{p}.{w}" for p in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2",
-                                            "self_attn_layer_norm", "final_layer_norm") for w in ("weight", "bias")}  # fmt: skip
-    assert layer | {"layers.0.self_attn.k_proj.weight", "conv1.weight", "conv2.bias", "embed_positions.weight",
-                    "layer_norm.weight"} <= tower  # fmt: skip
+    layer = {
+        f"layers.0.{p}.{w}"
+        for p in (
+            "self_attn.q_proj",
+            "self_attn.v_proj",
+            "self_attn.out_proj",
+            "fc1",
+            "fc2",
+            "self_attn_layer_norm",
+            "final_layer_norm",
+        )
+        for w in ("weight", "bias")
+    }
+    assert (
+        layer
+        | {
+            "layers.0.self_attn.k_proj.weight",
+            "conv1.weight",
+            "conv2.bias",
+            "embed_positions.weight",
+            "layer_norm.weight",
+        }
+        <= tower
+    )
     lm = {n.split(".", 1)[1] for n in names if n.startswith("language_model.")}
     assert lm == set(model.lm.state_dict())
     processor = json.loads((out / "processor_config.json").read_text())
@@ -156,22 +181,29 @@ def test_an_existing_folder_is_replaced_only_when_asked(whisper_model, tmp_path)
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "voxtune.json").is_file()
 
 
-@pytest.mark.parametrize("args, words", [
-    (["{model}", "--to", "onnx", "--out", "{out}"], "invalid choice: 'onnx'"),
-    (["{empty}", "--to", "merged", "--out", "{out}"], "holds no model"),
-    (["{model}", "--to", "adapters", "--out", "{out}"], "has no LoRA adapters"),
-    (["{model}", "--to", "merged", "--quant", "q8_0", "--out", "{out}"], "--quant goes with --to gguf"),
-    (["{model}", "--to", "merged", "--out", "{out}", "--private"], "--private goes with --push-to-hub"),
-    (["{broken}", "--to", "ultravox", "--out", "{out}"], "model.safetensors"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["{model}", "--to", "onnx", "--out", "{out}"], "invalid choice: 'onnx'"),
+        (["{empty}", "--to", "merged", "--out", "{out}"], "holds no model"),
+        (["{model}", "--to", "adapters", "--out", "{out}"], "has no LoRA adapters"),
+        (["{model}", "--to", "merged", "--quant", "q8_0", "--out", "{out}"], "--quant goes with --to gguf"),
+        (["{model}", "--to", "merged", "--out", "{out}", "--private"], "--private goes with --push-to-hub"),
+        (["{broken}", "--to", "ultravox", "--out", "{out}"], "model.safetensors"),
+    ],
+)
 def test_bad_exports_are_one_line(whisper_model, tmp_path, args, words):
     (tmp_path / "empty").mkdir()
     broken = tmp_path / "broken"
     tiny("llama", "whisper").save_pretrained(broken)
     (broken / "model.safetensors").unlink()
     fill = {"model": whisper_model, "out": tmp_path / "out", "empty": tmp_path / "empty", "broken": broken}
-    done = subprocess.run([sys.executable, "-m", "voxtune.cli", "export", *(a.format(**fill) for a in args)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "voxtune.cli", "export", *(a.format(**fill) for a in args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1 and words in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
@@ -182,8 +214,23 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(whisper_model, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # the weights are larger
 
-    done = subprocess.run([sys.executable, "-m", "voxtune.cli", "export", str(whisper_model), "--to", "ultravox",
-                           "--out", str(tmp_path / "out")], preexec_fn=limited, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "voxtune.cli",
+            "export",
+            str(whisper_model),
+            "--to",
+            "ultravox",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        preexec_fn=limited,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1
     assert done.stderr.startswith("voxtune: error: cannot write the export to") and done.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

@@ -85,15 +85,20 @@ def test_every_lm_tensor_is_in_the_gguf_with_its_values(exported):
 
     model, folders = exported
     config = model.lm.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if config.model_type == "llama" else gguf.MODEL_ARCH.QWEN2,
-                                     config.num_hidden_layers)  # fmt: skip
-    state = {k: v for k, v in model.lm.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if config.model_type == "llama" else gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers
+    )
+    state = {
+        k: v for k, v in model.lm.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")
+    }
     for quant, tolerance in (("f32", 0.0), ("q8_0", 0.02)):
         tensors = {t.name: t for t in gguf.GGUFReader(str(folders[quant] / "model.gguf")).tensors}
         assert len(tensors) == len(state)
         for key, value in state.items():
             stored = tensors[names.get_name(key, try_suffixes=(".weight", ".bias"))]
-            data = np.asarray(gguf.quants.dequantize(stored.data, stored.tensor_type), dtype=np.float32).reshape(value.shape)
+            data = np.asarray(gguf.quants.dequantize(stored.data, stored.tensor_type), dtype=np.float32).reshape(
+                value.shape
+            )
             expected = value.numpy()
             if config.model_type == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = config.num_attention_heads if "q_proj" in key else config.num_key_value_heads
@@ -112,16 +117,30 @@ def test_the_mmproj_holds_the_encoder_and_projector_llama_cpp_reads(exported):
         return bytes(part).decode() if field.types[0] == gguf.GGUFValueType.STRING else part[0]
 
     assert value("general.architecture") == "clip" and value("clip.projector_type") == "ultravox"
-    assert value("clip.has_audio_encoder") and value("clip.audio.projector.stack_factor") == model.config.projector_stack
+    assert (
+        value("clip.has_audio_encoder") and value("clip.audio.projector.stack_factor") == model.config.projector_stack
+    )
     assert value("clip.audio.projection_dim") == model.lm.config.hidden_size
     assert value("clip.audio.block_count") == model.config.encoder["encoder_layers"]
     tensors = {t.name: t for t in reader.tensors}
     state = {k: v for k, v in ultravox_state(model).items() if not k.startswith("language_model.")}
     assert len(tensors) == len(state)  # every encoder and projector tensor, nothing else
-    assert {"mm.a.norm_pre.weight", "mm.a.mlp.1.weight", "mm.a.norm_mid.weight", "mm.a.mlp.2.weight",
-            "a.conv1d.1.weight", "a.position_embd.weight", "a.blk.0.attn_q.weight", "a.post_ln.weight"} <= set(tensors)  # fmt: skip
-    pairs = {"mm.a.mlp.1.weight": "multi_modal_projector.linear_1.weight", "a.blk.1.ffn_down.weight": "audio_tower.layers.1.fc2.weight",
-             "a.conv1d.2.bias": "audio_tower.conv2.bias", "mm.a.norm_mid.weight": "multi_modal_projector.ln_mid.weight"}  # fmt: skip
+    assert {
+        "mm.a.norm_pre.weight",
+        "mm.a.mlp.1.weight",
+        "mm.a.norm_mid.weight",
+        "mm.a.mlp.2.weight",
+        "a.conv1d.1.weight",
+        "a.position_embd.weight",
+        "a.blk.0.attn_q.weight",
+        "a.post_ln.weight",
+    } <= set(tensors)
+    pairs = {
+        "mm.a.mlp.1.weight": "multi_modal_projector.linear_1.weight",
+        "a.blk.1.ffn_down.weight": "audio_tower.layers.1.fc2.weight",
+        "a.conv1d.2.bias": "audio_tower.conv2.bias",
+        "mm.a.norm_mid.weight": "multi_modal_projector.ln_mid.weight",
+    }
     for name, key in pairs.items():
         stored = np.asarray(gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type), dtype=np.float32)
         assert np.allclose(stored.reshape(-1), state[key].numpy().reshape(-1), atol=2e-3), name  # f16 rounding
@@ -168,7 +187,9 @@ def _mtmd_greedy(folder, prompt: str, audio: np.ndarray, steps: int) -> tuple[li
         for _ in range(steps):
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
             tokens.append(int(np.argmax(logits)))
-            llama_cpp.llama_decode(llm._ctx.ctx, llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(tokens[-1]), 1))
+            llama_cpp.llama_decode(
+                llm._ctx.ctx, llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(tokens[-1]), 1)
+            )
         return counts, tokens
     finally:
         mtmd.mtmd_input_chunks_free(chunks)
@@ -186,9 +207,15 @@ def test_llama_cpp_hears_a_clip_through_the_mmproj_as_voxtune_does(exported):
     speech = voices.synthesize("The number is four hundred and four.", "en").samples
     padded = np.zeros(30 * 16000, np.float32)
     padded[: len(speech)] = speech
-    messages = [{"role": "user", "content": [{"type": "audio", "audio": Audio(padded, 16000)}, {"type": "text", "text": "what?"}]}]
-    prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "<|audio|>what?"}], tokenize=False,
-                                                 add_generation_prompt=True)  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "audio", "audio": Audio(padded, 16000)}, {"type": "text", "text": "what?"}],
+        }
+    ]
+    prompt = model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<|audio|>what?"}], tokenize=False, add_generation_prompt=True
+    )
     counts, tokens = _mtmd_greedy(folders["f32"], prompt, speech, 16)
     assert counts == [model.audio_tokens(len(padded))]  # one 30 s window, as many tokens as voxtune's
     assert model.tokenizer.decode(tokens) == model.generate(messages, max_new_tokens=16)

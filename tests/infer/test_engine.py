@@ -25,8 +25,15 @@ def engine(model):
 
 
 def conversation(i: int, make_clip) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "audio", "audio": make_clip(0.5 + 0.3 * i, seed=i)},
-                                         {"type": "text", "text": f"question {i}" * (i + 1)}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": make_clip(0.5 + 0.3 * i, seed=i)},
+                {"type": "text", "text": f"question {i}" * (i + 1)},
+            ],
+        }
+    ]
 
 
 def test_replies_match_the_model_alone_whenever_they_join(model, engine, make_clip):
@@ -77,8 +84,11 @@ def test_pieces_add_up_and_counts_are_reported(engine, make_clip):
 
 def test_a_cancelled_generation_stops(engine):
     events: queue.Queue = queue.Queue()
-    generation = engine.submit([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=1500, ignore_eos=True),
-                               lambda kind, value: events.put((kind, value)))  # fmt: skip
+    generation = engine.submit(
+        [{"role": "user", "content": "hi"}],
+        SamplingParams(max_new_tokens=1500, ignore_eos=True),
+        lambda kind, value: events.put((kind, value)),
+    )
     while events.get(timeout=30)[0] != "piece":
         pass
     generation.cancel()
@@ -109,8 +119,11 @@ def test_a_failing_callback_cancels_only_its_own_generation(engine):
 def test_closing_cancels_what_is_running_and_refuses_more(model):
     engine = Engine(model)
     events: queue.Queue = queue.Queue()
-    engine.submit([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=1500, ignore_eos=True),
-                  lambda kind, value: events.put((kind, value)))  # fmt: skip
+    engine.submit(
+        [{"role": "user", "content": "hi"}],
+        SamplingParams(max_new_tokens=1500, ignore_eos=True),
+        lambda kind, value: events.put((kind, value)),
+    )
     events.get(timeout=30)
     engine.close()
     while (event := events.get(timeout=30))[0] != "done":

@@ -19,8 +19,10 @@ class Scripted:
 
     def __init__(self, heard_language: str, heard_style: str, reply: str) -> None:
         self.inner = tiny("llama", "streaming")
-        self.answers = {tag("task", "language"): tag("lang", heard_language),
-                        tag("task", "describe"): tag("style", heard_style) + tag("intent", "question")}  # fmt: skip
+        self.answers = {
+            tag("task", "language"): tag("lang", heard_language),
+            tag("task", "describe"): tag("style", heard_style) + tag("intent", "question"),
+        }
         self.reply = reply
         self.asked: list[str] = []
 
@@ -81,7 +83,10 @@ def test_other_architectures_get_no_task_tags(tmp_path):
 
     model = voxtune.load(str(tiny_checkpoint("qwen2_audio", tmp_path / "model", seconds=2)))
     clip = Audio((0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32), 16000)
-    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(encode(clip, "wav")).decode(), "format": "wav"}}
+    part = {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(encode(clip, "wav")).decode(), "format": "wav"},
+    }
     runtime = Runtime(model)
     try:
         prepared = runtime.prepare_chat([{"role": "user", "content": [part]}], "owner")

@@ -12,10 +12,14 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 
 def test_a_call_round_trips():
-    text = render_tool_calls([{"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}])
+    text = render_tool_calls(
+        [{"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+    )
     rest, calls = parse_tool_calls("Let me check. " + text)
     assert rest == "Let me check."
-    assert calls[0]["function"]["name"] == "get_weather" and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    assert calls[0]["function"]["name"] == "get_weather" and json.loads(calls[0]["function"]["arguments"]) == {
+        "city": "Oslo"
+    }
     assert calls[0]["id"].startswith("call_") and calls[0]["type"] == "function"
 
 

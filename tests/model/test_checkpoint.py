@@ -127,7 +127,9 @@ def test_saving_never_deletes_what_is_not_a_checkpoint(tmp_path):
     assert (tmp_path / "fresh").stat().st_mode & 0o077  # not private to its owner, as mkdtemp would make it
 
 
-@pytest.mark.parametrize("damage", ["truncated-audio", "truncated-lm", "encoder-width", "vocab-size", "no-tokenizer", "wrong-kind"])
+@pytest.mark.parametrize(
+    "damage", ["truncated-audio", "truncated-lm", "encoder-width", "vocab-size", "no-tokenizer", "wrong-kind"]
+)
 def test_damaged_checkpoints_give_one_clear_error(saved, damage):
     if damage == "truncated-audio":
         data = (saved / "audio.safetensors").read_bytes()

@@ -92,7 +92,9 @@ def converted(whisper_tiny_en) -> Path:
 
 @pytest.fixture(scope="session")
 def hf(converted) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
-    return WhisperForConditionalGeneration.from_pretrained(converted).eval(), WhisperProcessor.from_pretrained(converted)
+    return WhisperForConditionalGeneration.from_pretrained(converted).eval(), WhisperProcessor.from_pretrained(
+        converted
+    )
 
 
 @pytest.fixture(scope="session")
@@ -170,8 +172,11 @@ def test_the_checkpoint_loads_with_transformers_alone(hf, converted):
     assert torch.equal(model.proj_out.weight, model.model.decoder.embed_tokens.weight)
     assert processor.feature_extractor.feature_size == 80 and len(processor.tokenizer) == 51864
     assert processor.tokenizer.convert_ids_to_tokens([50257, 50362, 50363, 51863]) == [
-        "<|startoftranscript|>", "<|notimestamps|>", "<|0.00|>", "<|30.00|>",
-    ]  # fmt: skip
+        "<|startoftranscript|>",
+        "<|notimestamps|>",
+        "<|0.00|>",
+        "<|30.00|>",
+    ]
     # The timestamps follow the last special token, where transformers' decoder looks for them.
     assert processor.tokenizer.decode([50363, 15496, 51863], decode_with_timestamps=True) == "<|0.00|>Hello<|30.00|>"
     assert processor.tokenizer.decode([50257, 50362, 50363, 15496, 51863, 50256], skip_special_tokens=True) == "Hello"
@@ -230,7 +235,9 @@ def test_on_the_same_features_encoder_and_tokens_match_ctranslate2(hf, faster, c
         diff, most = float(diffs.max()), float(np.quantile(diffs, 0.999))
         print(f"{name}: encoder max abs diff {diff:.2e}, 99.9% within {most:.2e}")
         assert diff <= ENCODER_TOL and most <= ENCODER_TOL_MOST, f"{name}: max abs diff {diff:.2e}, 99.9% {most:.2e}"
-        their_ids = faster.model.generate(storage, [prompt], beam_size=1, max_length=64 + len(prompt))[0].sequences_ids[0]
+        their_ids = faster.model.generate(storage, [prompt], beam_size=1, max_length=64 + len(prompt))[0].sequences_ids[
+            0
+        ]
         assert our_ids == their_ids, name
 
 
@@ -271,7 +278,9 @@ def test_convert_command_float16_keeps_the_bits(tmp_path, capsys, ct2_model):
     state = load_file(out / "model.safetensors")
     embeddings = ct2_model.variables["decoder/embeddings/weight"]
     assert state["model.decoder.embed_tokens.weight"].dtype == torch.float16
-    assert np.array_equal(state["model.decoder.embed_tokens.weight"].numpy().view(np.uint16), embeddings.view(np.uint16))
+    assert np.array_equal(
+        state["model.decoder.embed_tokens.weight"].numpy().view(np.uint16), embeddings.view(np.uint16)
+    )
     conv = ct2_model.variables["encoder/conv1/weight"]
     assert np.array_equal(state["model.encoder.conv1.weight"].numpy().view(np.uint16), conv.view(np.uint16))
 
@@ -299,10 +308,15 @@ def _bad_source(case: str, tmp_path: Path, ct2_dir: Path, model: CT2Model) -> Pa
         other = CT2Model("TransformerDecoderModelSpec", 8, variables, {})
         return ct2_copy(where, ct2_dir, model_bin=model_bin_bytes(other))
     if case == "other variable names":
-        variables = {"encoder/conv/kernel": np.zeros((4, 80, 3), np.float16), "decoder/embed": np.zeros((8, 4), np.float16)}
+        variables = {
+            "encoder/conv/kernel": np.zeros((4, 80, 3), np.float16),
+            "decoder/embed": np.zeros((8, 4), np.float16),
+        }
         return ct2_copy(where, ct2_dir, model_bin=model_bin_bytes(_replace(model, variables=variables, aliases={})))
     if case == "an extra variable":
-        variables = model.variables | {"decoder/layer_0/self_attention/relative_position_keys": np.zeros((4, 64), np.float16)}
+        variables = model.variables | {
+            "decoder/layer_0/self_attention/relative_position_keys": np.zeros((4, 64), np.float16)
+        }
         return ct2_copy(where, ct2_dir, model_bin=model_bin_bytes(_replace(model, variables=variables)))
     if case == "quantised":
         name = "encoder/layer_0/ffn/linear_0/weight"

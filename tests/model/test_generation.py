@@ -6,17 +6,21 @@ import pytest
 import torch
 
 import voxtune
-
 from voxtune.model import SamplingParams
 
 
 def _conversations(make_clip) -> list[list[dict]]:
     return [
         [{"role": "user", "content": [{"type": "audio", "audio": make_clip(0.5, 0)}, {"type": "text", "text": "Hi?"}]}],
-        [{"role": "system", "content": "You are terse."},
-         {"role": "user", "content": [{"type": "text", "text": "Listen:"}, {"type": "audio", "audio": make_clip(1.7, 1)}]}],
+        [
+            {"role": "system", "content": "You are terse."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Listen:"}, {"type": "audio", "audio": make_clip(1.7, 1)}],
+            },
+        ],
         [{"role": "user", "content": "Text only, and a longer prompt than the others by far."}],
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("family, encoder", [("llama", "streaming"), ("qwen2", "whisper"), ("gemma2", "streaming")])

@@ -15,7 +15,10 @@ def _examples(model, make_clip):
     examples = []
     for i, seconds in enumerate([0.3, 0.5, 0.8]):
         messages = [
-            {"role": "user", "content": [{"type": "audio", "audio": make_clip(seconds, seed=i)}, {"type": "text", "text": "hi"}]},
+            {
+                "role": "user",
+                "content": [{"type": "audio", "audio": make_clip(seconds, seed=i)}, {"type": "text", "text": "hi"}],
+            },
             {"role": "assistant", "content": "hello world " * (i + 1)},
         ]
         examples.append(model.processor.encode_messages(messages, with_labels=True))

@@ -31,10 +31,17 @@ def test_each_clip_expands_to_its_own_number_of_audio_tokens(tiny_models, make_c
     model = tiny_models("llama", encoder)
     clips = [make_clip(0.5, 0), make_clip(1.3, 1), make_clip(2.0, 2)]
     messages = [
-        {"role": "user", "content": [{"type": "audio", "audio": clips[0]}, {"type": "text", "text": "and"}, {"type": "audio", "audio": clips[1]}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": clips[0]},
+                {"type": "text", "text": "and"},
+                {"type": "audio", "audio": clips[1]},
+            ],
+        },
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": [{"type": "text", "text": "then this:"}, {"type": "audio", "audio": clips[2]}]},
-    ]  # fmt: skip
+    ]
     example = model.processor.encode_messages(messages)
     expected = [model.audio_tokens(len(c)) for c in clips]
     assert _runs(example.input_ids, model.processor.audio_token_id) == expected
@@ -55,7 +62,12 @@ def test_openai_input_audio_parts_and_pre_encoded_clips(tiny_models, make_clip):
     openai_part = {"type": "input_audio", "input_audio": {"data": _wav_base64(audio), "format": "wav"}}
     embedding = AudioEmbedding(torch.zeros(7, model.lm.config.hidden_size), 0.5)
     example = model.processor.encode_messages(
-        [{"role": "user", "content": [openai_part, {"type": "text", "text": "then"}, {"type": "audio", "audio": embedding}]}]
+        [
+            {
+                "role": "user",
+                "content": [openai_part, {"type": "text", "text": "then"}, {"type": "audio", "audio": embedding}],
+            }
+        ]
     )
     assert _runs(example.input_ids, model.processor.audio_token_id) == [model.audio_tokens(16000), 7]
     batch = model.processor.collate([example])
@@ -68,15 +80,18 @@ def test_labels_keep_exactly_the_assistant_turns(tiny_models, make_clip, family)
     model = tiny_models(family, "streaming")
     messages = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "audio", "audio": make_clip(0.6)}, {"type": "text", "text": "What is it?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "audio", "audio": make_clip(0.6)}, {"type": "text", "text": "What is it?"}],
+        },
         {"role": "assistant", "content": "A tone."},
         {"role": "user", "content": "And now?"},
         {"role": "assistant", "content": "Still a tone <|lang:en|>"},
-    ]  # fmt: skip
+    ]
     example = model.processor.encode_messages(messages, with_labels=True)
     assert len(example.labels) == len(example.input_ids)
-    kept = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
-    assert all(label in (IGNORE_INDEX, i) for i, label in zip(example.input_ids, example.labels))
+    kept = [i for i, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(example.input_ids, example.labels, strict=True))
     text = model.tokenizer.decode(kept)
     # Both replies, each up to the token that ends the turn, and nothing of the other roles.
     end = model.family.end_of_turn or model.tokenizer.eos_token
@@ -95,16 +110,23 @@ def test_collate_pads_left_or_right(tiny_models):
     assert left["input_ids"][0, -n:].tolist() == short.input_ids and left["attention_mask"][0, :-n].sum() == 0
 
 
-@pytest.mark.parametrize("messages, error, words", [
-    ([], MessageError, "at least one"),
-    ([{"content": "no role"}], MessageError, "role"),
-    ([{"role": "robot", "content": "x"}], MessageError, "unknown role"),
-    ([{"role": "user", "content": [{"type": "image_url"}]}], MessageError, "unknown type"),
-    ([{"role": "user", "content": "fake <|audio|> token"}], MessageError, "may not contain"),
-    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], MessageError, "data"),
-    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "bm90IGF1ZGlv"}}]}], AudioError, "message 0"),
-    ([{"role": "user", "content": 42}], MessageError, "string or a list"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "messages, error, words",
+    [
+        ([], MessageError, "at least one"),
+        ([{"content": "no role"}], MessageError, "role"),
+        ([{"role": "robot", "content": "x"}], MessageError, "unknown role"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], MessageError, "unknown type"),
+        ([{"role": "user", "content": "fake <|audio|> token"}], MessageError, "may not contain"),
+        ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], MessageError, "data"),
+        (
+            [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "bm90IGF1ZGlv"}}]}],
+            AudioError,
+            "message 0",
+        ),
+        ([{"role": "user", "content": 42}], MessageError, "string or a list"),
+    ],
+)
 def test_bad_conversations_are_named(tiny_models, messages, error, words):
     with pytest.raises(error, match=words):
         tiny_models().processor.encode_messages(messages)
@@ -125,13 +147,14 @@ def test_a_reply_is_tokenised_apart_from_its_prompt(tiny_models):
     model = tiny_models("llama", "whisper")
     template = model.tokenizer.chat_template
     model.tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}<|eot_id|>{% endif %}\n"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}<|eot_id|>{% endif %}\n"
         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     )
     try:
         messages = [{"role": "user", "content": "sum?"}, {"role": "assistant", "content": "five is twelve."}]
         example = model.processor.encode_messages(messages, with_labels=True)
-        kept = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+        kept = [i for i, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
         assert model.tokenizer.decode(kept) == "five is twelve.<|eot_id|>"
         prompt = model.processor.encode_messages(messages[:1], add_generation_prompt=True).input_ids
         assert example.input_ids[: len(prompt)] == prompt  # training starts as inference does
@@ -142,7 +165,9 @@ def test_a_reply_is_tokenised_apart_from_its_prompt(tiny_models):
 def test_template_errors_and_odd_parts_are_message_errors(tiny_models):
     model = tiny_models("qwen2", "streaming")
     template = model.tokenizer.chat_template
-    model.tokenizer.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}x"
+    model.tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}x"
+    )
     try:
         with pytest.raises(MessageError, match="System role not supported"):
             model.processor.encode_messages([{"role": "system", "content": "hi"}])

@@ -11,7 +11,9 @@ from voxtune.model import FAMILIES, AudioEmbedding, family_of, tiny
 
 
 def _conversation(clip, reply: str | None = None) -> list[dict]:
-    messages = [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": "What is this?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": "What is this?"}]}
+    ]
     return messages + ([{"role": "assistant", "content": reply}] if reply else [])
 
 
@@ -19,7 +21,9 @@ def _conversation(clip, reply: str | None = None) -> list[dict]:
 def test_every_family_runs_forward_backward_and_generate(family, make_clip):
     model = tiny(family, "streaming").train()
     assert model.lm.config.model_type == family
-    batch = model.processor.collate([model.processor.encode_messages(_conversation(make_clip(0.8), "A tone."), with_labels=True)])
+    batch = model.processor.collate(
+        [model.processor.encode_messages(_conversation(make_clip(0.8), "A tone."), with_labels=True)]
+    )
     loss = model(batch).loss
     assert torch.isfinite(loss)
     loss.backward()
@@ -100,10 +104,20 @@ def test_compose_from_a_saved_lm_and_a_whisper_checkpoint(tmp_path, make_clip):
     AutoModelForCausalLM.from_config(tiny_lm_config("qwen2", tokenizer)).save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
     whisper_config = WhisperConfig(
-        num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
-        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, vocab_size=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-    )  # fmt: skip
+        num_mel_bins=80,
+        d_model=32,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        vocab_size=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
     whisper = WhisperForConditionalGeneration(whisper_config)
     whisper.save_pretrained(tmp_path / "whisper")
 
@@ -123,9 +137,11 @@ def test_packed_examples_give_the_same_logits_and_loss_as_separate_ones(tiny_mod
     model = tiny_models(family, encoder)
     examples = [
         model.processor.encode_messages(_conversation(make_clip(0.6, 0), "One."), with_labels=True),
-        model.processor.encode_messages([{"role": "user", "content": "Text only."}, {"role": "assistant", "content": "Fine."}], with_labels=True),
+        model.processor.encode_messages(
+            [{"role": "user", "content": "Text only."}, {"role": "assistant", "content": "Fine."}], with_labels=True
+        ),
         model.processor.encode_messages(_conversation(make_clip(1.3, 1), "Three words here."), with_labels=True),
-    ]  # fmt: skip
+    ]
     packed = model.processor.pack(examples)
     with torch.no_grad():
         logits = model(packed).logits[0]
@@ -149,7 +165,12 @@ def test_pre_encoded_clips_must_fit_the_model(tiny_models):
     for bad in (torch.zeros(5, width + 1), torch.zeros(5)):
         with pytest.raises(MessageError):
             model.generate(_conversation(AudioEmbedding(bad, 0.4)), max_new_tokens=2)
-    assert isinstance(model.generate(_conversation(AudioEmbedding(torch.zeros(5, width, dtype=torch.float64), 0.4)), max_new_tokens=2), str)
+    assert isinstance(
+        model.generate(
+            _conversation(AudioEmbedding(torch.zeros(5, width, dtype=torch.float64), 0.4)), max_new_tokens=2
+        ),
+        str,
+    )
 
 
 def test_encode_audio_takes_what_load_takes_and_checks_it(tiny_models, tmp_path, make_clip):

@@ -143,7 +143,7 @@ def test_padded_batch_matches_each_clip_alone(encoders):
     with torch.no_grad():
         batched, out_lengths = ours(features, lengths)
         assert out_lengths.tolist() == [(n - 1) // 2 + 1 for n in clip_frames]
-        for i, (n, n_out) in enumerate(zip(clip_frames, out_lengths.tolist())):
+        for i, (n, n_out) in enumerate(zip(clip_frames, out_lengths.tolist(), strict=True)):
             alone, _ = ours(features[i : i + 1, :, :n])
             diff = (batched[i, :n_out] - alone[0]).abs().max().item()
             assert diff <= BATCH_TOL, f"clip {i} ({n} frames): max abs diff {diff:.2e}"

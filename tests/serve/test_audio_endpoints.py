@@ -16,17 +16,20 @@ import openai
 import pytest
 from openai import OpenAI
 
+from tests.serve.conftest import KEYS
 from voxtune.audio import Audio, encode, load, voices
 from voxtune.audio.prosody import pitch
-
-from tests.serve.conftest import KEYS
 
 SAY = "Hello there. This is a test."
 SPEECH = {"model": "tts-1", "voice": "alloy", "input": SAY}
 CONTENT_TYPES = {
-    "mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac",
-    "flac": "audio/flac", "wav": "audio/wav", "pcm": "audio/pcm",
-}  # fmt: skip
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "aac": "audio/aac",
+    "flac": "audio/flac",
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
+}
 
 
 # ---- shared clips -----------------------------------------------------------------------------
@@ -138,9 +141,12 @@ def test_vtt_format_starts_with_webvtt_and_uses_dot_millis(client, wav):
 
 def test_verbose_json_gives_language_duration_and_segment_times(client, wav, clip):
     result = client.audio.transcriptions.create(
-        model="whisper-1", file=("q.wav", wav), response_format="verbose_json",
-        timestamp_granularities=["segment"], language="en",
-    )  # fmt: skip
+        model="whisper-1",
+        file=("q.wav", wav),
+        response_format="verbose_json",
+        timestamp_granularities=["segment"],
+        language="en",
+    )
     assert result.language == "english"
     assert result.duration == pytest.approx(clip.duration, abs=0.01)
     assert result.segments
@@ -219,9 +225,11 @@ def test_undecodable_audio_is_a_400_in_openai_shape(client):
 
 def test_a_form_without_a_file_is_a_400_naming_it(server):
     response = httpx2.post(
-        server + "/v1/audio/transcriptions", headers={"Authorization": f"Bearer {KEYS[0]}"},
-        files={"model": (None, "whisper-1")}, timeout=30,
-    )  # fmt: skip
+        server + "/v1/audio/transcriptions",
+        headers={"Authorization": f"Bearer {KEYS[0]}"},
+        files={"model": (None, "whisper-1")},
+        timeout=30,
+    )
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "file"
@@ -303,8 +311,10 @@ def test_cheerful_instructions_raise_the_pitch(client, spoken):
     ).content
     plain = client.audio.speech.create(**{**SPEECH, "model": "gpt-4o-mini-tts"}, response_format="wav").content
     assert cheerful != plain
-    median = {name: float(np.nanmedian(pitch(load(data, 16000, format="wav")))) for name, data in
-              (("cheerful", cheerful), ("plain", plain))}  # fmt: skip
+    median = {
+        name: float(np.nanmedian(pitch(load(data, 16000, format="wav"))))
+        for name, data in (("cheerful", cheerful), ("plain", plain))
+    }
     assert median["cheerful"] > 1.1 * median["plain"]
 
 
@@ -336,7 +346,9 @@ def test_sse_stream_sends_base64_audio_deltas_then_usage(client, spoken, fmt):
     assert len(events) >= (2 if fmt == "flac" else 3)  # sentence by sentence (flac: whole, at the end)
     data = b"".join(base64.b64decode(e["audio"], validate=True) for e in events[:-1])
     audio = load(data, 16000, format="pcm16", rate=24000) if fmt == "pcm" else load(data, 16000, format=fmt)
-    assert audio.duration == pytest.approx(load(spoken["wav"], 16000, format="wav").duration, rel=0.08)  # the voice varies a little
+    assert audio.duration == pytest.approx(
+        load(spoken["wav"], 16000, format="wav").duration, rel=0.08
+    )  # the voice varies a little
     usage = events[-1]["usage"]
     assert usage["input_tokens"] > 0
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
@@ -373,9 +385,11 @@ def test_input_of_exactly_the_limit_is_accepted(client):
 
 def test_a_body_that_is_not_json_is_a_400_without_a_pydantic_dump(server):
     response = httpx2.post(
-        server + "/v1/audio/speech", content=b"{not json", timeout=30,
+        server + "/v1/audio/speech",
+        content=b"{not json",
+        timeout=30,
         headers={"Authorization": f"Bearer {KEYS[0]}", "Content-Type": "application/json"},
-    )  # fmt: skip
+    )
     assert response.status_code == 400
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
@@ -387,9 +401,11 @@ def test_a_body_that_is_not_json_is_a_400_without_a_pydantic_dump(server):
 @pytest.mark.parametrize("body", [b"[]", b'"speak"'], ids=["list", "string"])
 def test_a_json_body_that_is_not_an_object_is_a_400_in_plain_words(server, body):
     response = httpx2.post(
-        server + "/v1/audio/speech", content=body, timeout=30,
+        server + "/v1/audio/speech",
+        content=body,
+        timeout=30,
         headers={"Authorization": f"Bearer {KEYS[0]}", "Content-Type": "application/json"},
-    )  # fmt: skip
+    )
     assert response.status_code == 400
     message = response.json()["error"]["message"]
     assert not message.startswith(":")  # a field name, or none, before the colon
@@ -405,5 +421,7 @@ def test_a_voice_of_the_wrong_type_names_the_voice_field(client):
 
 def test_a_sentence_that_renders_to_nothing_does_not_break_the_stream(client):
     """At speed 4 the voice renders "..." to no samples; the other sentences still arrive."""
-    data = client.audio.speech.create(model="tts-1", voice="alloy", input="Yes. ... No.", speed=4, response_format="mp3").content
+    data = client.audio.speech.create(
+        model="tts-1", voice="alloy", input="Yes. ... No.", speed=4, response_format="mp3"
+    ).content
     assert load(data, 16000, format="mp3").duration > 0.2

@@ -19,8 +19,19 @@ from voxtune.serve.server import examples
 
 def test_flags_environment_and_overrides_make_the_config(capsys, monkeypatch):
     monkeypatch.setenv("VOXTUNE_API_KEY", "env-one, env-two")
-    code = main(["serve", "--port", "9001", "--api-key", "flag-key", "limits.max_concurrent=3", "--shutdown-timeout", "12",
-                 "--print-config"])  # fmt: skip
+    code = main(
+        [
+            "serve",
+            "--port",
+            "9001",
+            "--api-key",
+            "flag-key",
+            "limits.max_concurrent=3",
+            "--shutdown-timeout",
+            "12",
+            "--print-config",
+        ]
+    )
     config = yaml.safe_load(capsys.readouterr().out)
     assert code == 0
     assert config["port"] == 9001 and config["limits"]["max_concurrent"] == 3
@@ -39,8 +50,12 @@ def test_a_port_in_use_is_one_line():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "voxtune.cli", "serve", "--port", str(port)],
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "voxtune.cli", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode != 0
     assert "cannot listen on 127.0.0.1" in done.stderr and "Traceback" not in done.stderr
 
@@ -62,8 +77,23 @@ def test_sigterm_drains_and_an_open_server_is_warned_about(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "voxtune.cli", "serve", "--host", "0.0.0.0", "--port", str(port),
-                               "--shutdown-timeout", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "voxtune.cli",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            "--shutdown-timeout",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         banner = server.stdout.readline() + server.stdout.readline()
         assert "warning: listening on 0.0.0.0 without an API key" in banner
@@ -76,8 +106,13 @@ def test_sigterm_drains_and_an_open_server_is_warned_about(tmp_path):
             except httpx2.HTTPError:
                 assert time.monotonic() < deadline and server.poll() is None, server.stderr.read()
                 time.sleep(0.2)
-        body = {"model": "voxtune-tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-                "max_tokens": 1000, "ignore_eos": True}  # fmt: skip
+        body = {
+            "model": "voxtune-tiny",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "max_tokens": 1000,
+            "ignore_eos": True,
+        }
         events = []
         with httpx2.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
             for line in response.iter_lines():

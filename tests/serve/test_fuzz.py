@@ -30,7 +30,9 @@ def url():
 
 def test_the_openapi_document_names_every_route_and_its_request_model(url):
     document = httpx2.get(url + "/openapi.json").json()
-    assert {"/v1/chat/completions", "/v1/audio/speech", "/v1/audio/transcriptions", "/v1/models"} <= set(document["paths"])
+    assert {"/v1/chat/completions", "/v1/audio/speech", "/v1/audio/transcriptions", "/v1/models"} <= set(
+        document["paths"]
+    )
     chat = document["components"]["schemas"]["ChatRequest"]
     assert {"model", "messages"} <= set(chat["required"]) and chat["properties"]["stream"]["type"] == "boolean"
     form = document["paths"]["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]["multipart/form-data"]
@@ -46,8 +48,13 @@ def test_fuzzed_requests_get_no_5xx_and_openai_shaped_4xx(url, mode):
         if mode is GenerationMode.NEGATIVE and not (len(operation.body) or len(operation.path_parameters)):
             continue  # nothing to send wrong (GET /health, /metrics, /v1/models)
 
-        @settings(max_examples=EXAMPLES[mode], deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=EXAMPLES[mode],
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=operation.as_strategy(generation_mode=mode))
         def check(case) -> None:
             if mode is GenerationMode.POSITIVE and isinstance(case.body, dict) and "model" in case.body:
@@ -68,5 +75,11 @@ def test_fuzzed_requests_get_no_5xx_and_openai_shaped_4xx(url, mode):
         tried += 1
     assert tried >= (6 if mode is GenerationMode.POSITIVE else 3)
     assert httpx2.get(url + "/health").json()["status"] == "ok"
-    assert httpx2.post(url + "/v1/chat/completions", json={"model": "voxtune-tiny", "max_tokens": 2,
-                       "messages": [{"role": "user", "content": "hi"}]}, timeout=60).status_code == 200  # fmt: skip
+    assert (
+        httpx2.post(
+            url + "/v1/chat/completions",
+            json={"model": "voxtune-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+            timeout=60,
+        ).status_code
+        == 200
+    )

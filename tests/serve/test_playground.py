@@ -35,18 +35,26 @@ def test_the_page_hears_the_microphone_and_plays_the_reply(builtin_model, chromi
     runtime = build_runtime(config, builtin_model)
     try:
         with running_server(runtime, config) as url, playwright.sync_playwright() as driver:
-            browser = driver.chromium.launch(executable_path=chromium, headless=True, args=[
-                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={microphone}", "--autoplay-policy=no-user-gesture-required",
-            ])  # fmt: skip
+            browser = driver.chromium.launch(
+                executable_path=chromium,
+                headless=True,
+                args=[
+                    "--use-fake-ui-for-media-stream",
+                    "--use-fake-device-for-media-stream",
+                    f"--use-file-for-fake-audio-capture={microphone}",
+                    "--autoplay-policy=no-user-gesture-required",
+                ],
+            )
             try:
                 page = browser.new_page()
                 page.goto(url + "/")
                 assert page.title() == "voxtune playground"
                 page.select_option("#voice", "nova")
                 page.click("#start")
-                page.wait_for_function("voxtune.userTurns.length > 0 && voxtune.replies.length > 0 && voxtune.playedChunks > 0",
-                                       timeout=90_000)  # fmt: skip
+                page.wait_for_function(
+                    "voxtune.userTurns.length > 0 && voxtune.replies.length > 0 && voxtune.playedChunks > 0",
+                    timeout=90_000,
+                )
                 seen = page.evaluate("voxtune")
                 log = page.inner_text("#log")
             finally:

@@ -57,7 +57,9 @@ def speech_clip(seconds: float) -> bytes:
     """A wav of about `seconds` of speech (one synthesised sentence, repeated)."""
     sentence = voices.synthesize("The number is four hundred and four.", "en")
     repeats = int(np.ceil(seconds / sentence.duration))
-    return encode(Audio(np.tile(sentence.samples, repeats)[: int(seconds * sentence.sample_rate)], sentence.sample_rate), "wav")
+    return encode(
+        Audio(np.tile(sentence.samples, repeats)[: int(seconds * sentence.sample_rate)], sentence.sample_rate), "wav"
+    )
 
 
 # ---- one bad request, and only it, fails ----------------------------------------------------------
@@ -71,8 +73,9 @@ def test_a_poisoned_request_in_a_burst_fails_no_neighbour(client, question):
 
     def one(i: int, **extra) -> None:
         try:
-            results[i] = client.chat.completions.create(model=MODEL, messages=ask(clips[i % len(clips)]),
-                                                        max_completion_tokens=12, **extra)  # fmt: skip
+            results[i] = client.chat.completions.create(
+                model=MODEL, messages=ask(clips[i % len(clips)]), max_completion_tokens=12, **extra
+            )
         except Exception as error:  # noqa: BLE001 - recorded and asserted below
             results[i] = error
 
@@ -87,10 +90,18 @@ def test_a_poisoned_request_in_a_burst_fails_no_neighbour(client, question):
     assert results[99].choices[0].message.content is not None  # the odd one is served as well
 
 
-@pytest.mark.parametrize("field, value", [
-    ("stream", "yes"), ("max_tokens", "16"), ("max_tokens", True), ("temperature", True), ("seed", "1"),
-    ("max_completion_tokens", 8.0), ("n", "1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("stream", "yes"),
+        ("max_tokens", "16"),
+        ("max_tokens", True),
+        ("temperature", True),
+        ("seed", "1"),
+        ("max_completion_tokens", 8.0),
+        ("n", "1"),
+    ],
+)
 def test_loose_types_are_400s_as_openai_answers_them(server, field, value):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], field: value}
     assert error_of(post(server, body), 400)["param"] == field
@@ -136,9 +147,14 @@ def test_echoed_input_is_bounded(server):
 
 def test_one_caller_cannot_take_every_slot(builtin_model):
     """64 slow uploads from one client took every slot: everyone else got 429 for 30 s."""
-    with serving(builtin_model, api_keys=list(KEYS), limits={"max_concurrent": 4, "max_concurrent_per_client": 2}) as (url, _):
-        start = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n"
-                 "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode()  # fmt: skip
+    with serving(builtin_model, api_keys=list(KEYS), limits={"max_concurrent": 4, "max_concurrent_per_client": 2}) as (
+        url,
+        _,
+    ):
+        start = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        ).encode()
         slow = [raw(url, start) for _ in range(2)]
         try:
             wait_until(lambda: metric(url, "voxtune_requests_in_flight") == 2, "the uploads to take their slots")
@@ -182,9 +198,13 @@ def test_connections_past_the_bound_get_an_openai_503(builtin_model):
 def test_a_client_that_never_reads_its_stream_is_let_go(builtin_model):
     """It held its slot (and its generation) for as long as it kept the connection open."""
     with serving(builtin_model, limits={"write_timeout_seconds": 0.5}) as (url, runtime):
-        body = json.dumps({"model": "tts-1", "voice": "alloy", "input": "One more sentence. " * 200, "response_format": "pcm"})
-        request = (f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                   f"Content-Length: {len(body)}\r\n\r\n{body}").encode()  # fmt: skip
+        body = json.dumps(
+            {"model": "tts-1", "voice": "alloy", "input": "One more sentence. " * 200, "response_format": "pcm"}
+        )
+        request = (
+            f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}"
+        ).encode()
         sock = raw(url, request, receive_buffer=4096)
         try:
             wait_until(lambda: metric(url, "voxtune_requests_in_flight") == 1, "the speech request to start")
@@ -203,18 +223,27 @@ def test_health_and_normal_requests_are_served_while_abusive_ones_run(builtin_mo
         answers: dict = {}
         huge = {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 3_400_000}]}
         long = {"model": MODEL, "messages": ask(speech_clip(590))}
-        runs = [threading.Thread(target=lambda k=k, b=b: answers.__setitem__(k, post(url, b, key=None)))
-                for k, b in (("huge", huge), ("long", long))]  # fmt: skip
+        runs = [
+            threading.Thread(target=lambda k=k, b=b: answers.__setitem__(k, post(url, b, key=None)))
+            for k, b in (("huge", huge), ("long", long))
+        ]
         slow = raw(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
-        speech = json.dumps({"model": "tts-1", "voice": "alloy", "input": "One more sentence. " * 200, "response_format": "pcm"})
-        unread = raw(url, (f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: {len(speech)}\r\n\r\n"
-                           f"{speech}").encode(), receive_buffer=4096)  # fmt: skip
+        speech = json.dumps(
+            {"model": "tts-1", "voice": "alloy", "input": "One more sentence. " * 200, "response_format": "pcm"}
+        )
+        unread = raw(
+            url,
+            (f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: {len(speech)}\r\n\r\n{speech}").encode(),
+            receive_buffer=4096,
+        )
         try:
             for run in runs:
                 run.start()
             wait_until(lambda: metric(url, "voxtune_requests_in_flight") >= 2, "the slow body and the unread stream")
             assert httpx2.get(url + "/health", timeout=HANG).json()["status"] == "ok"
-            normal = post(url, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, key=None)
+            normal = post(
+                url, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, key=None
+            )
             assert normal.status_code == 200
             assert metric(url, "voxtune_requests_in_flight") >= 2  # the two abusers are still there
             for run in runs:
@@ -233,8 +262,13 @@ def test_shutdown_lets_requests_finish_and_ends_cut_streams_properly(builtin_mod
     events: list[str] = []
     whole: dict = {}
     with serving(builtin_model, limits={"shutdown_timeout_seconds": 3.0, "max_tokens": 1800}) as (url, _):
-        streamed = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
-                    "max_tokens": 1800, "ignore_eos": True}  # fmt: skip
+        streamed = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "max_tokens": 1800,
+            "ignore_eos": True,
+        }
 
         def stream() -> None:
             with httpx2.stream("POST", url + "/v1/chat/completions", json=streamed, timeout=HANG) as response:
@@ -264,7 +298,9 @@ def test_401s_carry_a_challenge_and_head_and_trailing_slashes_behave(server):
     refused = post(server, {"model": MODEL}, key=None)
     assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
     assert httpx2.head(server + "/health").status_code == 200
-    slashed = post(server, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, path="/v1/chat/completions/")
+    slashed = post(
+        server, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, path="/v1/chat/completions/"
+    )
     error_of(slashed, 404)  # not a redirect with an empty body
 
 
@@ -273,4 +309,3 @@ def test_an_empty_api_key_is_refused():
         from voxtune.config import load_config
 
         load_config(ServeConfig, None, ['api_keys=[""]'])
-

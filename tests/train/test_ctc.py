@@ -29,14 +29,22 @@ def test_only_single_clip_examples_with_a_transcript_are_scored_in_clip_order():
     ]
     targets = head.targets("Hello, World!")
     assert targets == [head.index[c] for c in "hello world"]
-    expected = F.ctc_loss(head(hidden[1:2]).transpose(0, 1), torch.tensor(targets), lengths[1:2],
-                          torch.tensor([len(targets)]), blank=head.blank, reduction="sum") / len(targets)  # fmt: skip
+    expected = F.ctc_loss(
+        head(hidden[1:2]).transpose(0, 1),
+        torch.tensor(targets),
+        lengths[1:2],
+        torch.tensor([len(targets)]),
+        blank=head.blank,
+        reduction="sum",
+    ) / len(targets)
     assert torch.allclose(ctc_loss(model, hidden, lengths, examples), expected)
 
 
 def test_nothing_to_score_is_a_zero_that_still_reaches_the_head():
     model = tiny("llama", "streaming")
     head = attach_ctc_head(model, list("ab"))
-    loss = ctc_loss(model, torch.randn(1, 8, model.encoder.dim), torch.tensor([8]), [Example([], None, clips=[object()])])
+    loss = ctc_loss(
+        model, torch.randn(1, 8, model.encoder.dim), torch.tensor([8]), [Example([], None, clips=[object()])]
+    )
     loss.backward()
     assert loss.item() == 0 and head.proj.weight.grad is not None

@@ -18,7 +18,10 @@ from voxtune.train.trainer import Trainer, prepare_trainable
 
 def _conversation(make_clip, reply="seven plus five is twelve"):
     return [
-        {"role": "user", "content": [{"type": "text", "text": "<|task:answer|>"}, {"type": "audio", "audio": make_clip(0.6)}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "<|task:answer|>"}, {"type": "audio", "audio": make_clip(0.6)}],
+        },
         {"role": "assistant", "content": reply},
     ]
 
@@ -26,7 +29,10 @@ def _conversation(make_clip, reply="seven plus five is twelve"):
 def test_the_text_view_swaps_audio_for_the_transcript(make_clip):
     messages = _conversation(make_clip)
     view = text_conversation(messages, "what is seven plus five")
-    assert view[0]["content"] == [{"type": "text", "text": "<|task:answer|>"}, {"type": "text", "text": "what is seven plus five"}]
+    assert view[0]["content"] == [
+        {"type": "text", "text": "<|task:answer|>"},
+        {"type": "text", "text": "what is seven plus five"},
+    ]
     assert view[1] == messages[1]
     assert messages[0]["content"][1]["type"] == "audio"  # the original is left alone
 
@@ -41,8 +47,10 @@ def test_kl_is_zero_when_student_and_teacher_read_the_same(make_clip):
     model = tiny("llama")
     prepare_trainable(model, TrainSection(method="lora"))
     processor = model.processor
-    texts = [processor.encode_messages(text_conversation(_conversation(make_clip, r), "hello there"), with_labels=True)
-             for r in ["twelve", "the answer is nine"]]  # fmt: skip
+    texts = [
+        processor.encode_messages(text_conversation(_conversation(make_clip, r), "hello there"), with_labels=True)
+        for r in ["twelve", "the answer is nine"]
+    ]
     examples = [Example(t.input_ids, t.labels, [], {"teacher": t}) for t in texts]
     distiller = Distiller(model)
     for batch in (processor.collate(examples), processor.pack(examples)):
@@ -65,7 +73,9 @@ def test_examples_without_a_teacher_view_are_left_out(make_clip):
     distiller = Distiller(model)
     batch = processor.collate([heard])
     assert distiller.loss(_student_hidden(model, batch), batch["labels"], [heard]) is None
-    view = processor.encode_messages(text_conversation(_conversation(make_clip), "what is seven plus five"), with_labels=True)
+    view = processor.encode_messages(
+        text_conversation(_conversation(make_clip), "what is seven plus five"), with_labels=True
+    )
     assert scored_tokens(view) == scored_tokens(heard)  # the same reply tokens on both sides
     heard.info["teacher"] = view
     assert distiller.loss(_student_hidden(model, batch), batch["labels"], [heard]).item() > 0
@@ -77,7 +87,7 @@ def test_a_full_fine_tune_keeps_a_frozen_teacher(make_clip):
     distiller = Distiller(model)
     with distiller.teacher() as teacher:
         assert teacher is not model.lm and not any(p.requires_grad for p in teacher.parameters())
-        assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), model.lm.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), model.lm.parameters(), strict=True))
 
 
 def test_a_run_with_distillation_trains_and_differs(tiny_recipe, tmp_path):

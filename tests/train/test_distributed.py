@@ -41,9 +41,24 @@ def _torchrun(recipe: TrainRecipe, tmp_path, *args: str, env: dict[str, str] | N
     """`voxtune train` in two processes on this machine; returns what they printed."""
     path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
     path.write_text(dump_config(recipe))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               "-m", "voxtune.cli", "train", str(path), *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "voxtune.cli",
+        "train",
+        str(path),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -62,7 +77,9 @@ def _records(run_dir) -> list[dict]:
 
 def _curve(run_dir) -> list[tuple[int, str, float]]:
     """(step, what, value) of every logged loss and gradient norm (before clipping)."""
-    return [(r["step"], key, r[key]) for r in _records(run_dir) for key in ("loss", "grad_norm", "eval_loss") if key in r]
+    return [
+        (r["step"], key, r[key]) for r in _records(run_dir) for key in ("loss", "grad_norm", "eval_loss") if key in r
+    ]
 
 
 def _weights(run_dir, step: int) -> dict[str, torch.Tensor]:
@@ -88,6 +105,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(corpus, tmp_path,
 
     assert len([c for c in _curve(tmp_path / "two") if c[1] == "loss"]) == STEPS
     _assert_same_run(tmp_path / "two", tmp_path / "one")
+
     # Both stopped at the same place in the data, and rank 0 alone exported the model.
     def position(run: str) -> dict:  # the step and the place in the data (not the time it took)
         state = json.loads((tmp_path / run / "checkpoints" / "step-0000002" / "state.json").read_text())
@@ -112,7 +130,12 @@ def test_one_process_checkpoint_goes_on_in_two(corpus, tmp_path, _recipe):
     _torchrun(_recipe(corpus, tmp_path / "one-then-two", "train.grad_accum=1"), tmp_path, "--resume")
     _assert_same_run(tmp_path / "one-then-two", tmp_path / "one", from_step=2)
     assert [c[:2] for c in _curve(tmp_path / "one-then-two") if c[1] != "grad_norm"] == [
-        (1, "loss"), (2, "loss"), (2, "eval_loss"), (3, "loss"), (4, "loss"), (4, "eval_loss")
+        (1, "loss"),
+        (2, "loss"),
+        (2, "eval_loss"),
+        (3, "loss"),
+        (4, "loss"),
+        (4, "eval_loss"),
     ]  # nothing logged twice
 
 
@@ -123,15 +146,18 @@ def test_fsdp_shards_and_trains_as_one_process(corpus, tmp_path, method, reshard
     one = Trainer(_recipe(corpus, tmp_path / "one", f"train.method={method}", "train.grad_accum=2"), log=lambda _: None)
     one.fit()
     printed = _torchrun(
-        _recipe(corpus, tmp_path / "two", f"train.method={method}", "train.grad_accum=1", f"train.fsdp_reshard={reshard}"),
-        tmp_path, env={"ACCELERATE_USE_FSDP": "true"},
-    )  # fmt: skip
+        _recipe(
+            corpus, tmp_path / "two", f"train.method={method}", "train.grad_accum=1", f"train.fsdp_reshard={reshard}"
+        ),
+        tmp_path,
+        env={"ACCELERATE_USE_FSDP": "true"},
+    )
     assert "2 processes: fsdp" in printed
     _assert_same_run(tmp_path / "two", tmp_path / "one")
     exported = voxtune.load(tmp_path / "two" / "model")
     one.export()
     expected = voxtune.load(tmp_path / "one" / "model")
-    for (name, got), (_, want) in zip(exported.named_parameters(), expected.named_parameters()):
+    for (name, got), (_, want) in zip(exported.named_parameters(), expected.named_parameters(), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=name)
 
     later = shutil.ignore_patterns(f"step-{STEPS:07d}", "model", "adapter")

@@ -22,14 +22,32 @@ from voxtune.train.evaluation import evaluate_tasks, score_reply, segment_bounda
 # Five labelled clips; every task is asked of some, none of all. (file, seconds, rate, record)
 CLIPS = [
     ("a.wav", 1.0, 16000, {"text": "Hello there.", "language": "en", "style": "happy", "intent": "statement"}),
-    ("b.wav", 1.6, 16000, {"text": "Guten Morgen and hello.", "language": "de", "intent": "statement",
-                           "segments": [{"start": 0.0, "end": 0.8, "language": "de"},
-                                        {"start": 0.8, "end": 1.6, "language": "en"}]}),
-    ("c.wav", 1.2, 24000, {"text": "Die Zahl ist zwölf.", "language": "de", "style": "calm",
-                           "instruction": "Add 3 to the number you hear.", "answer": "15"}),
+    (
+        "b.wav",
+        1.6,
+        16000,
+        {
+            "text": "Guten Morgen and hello.",
+            "language": "de",
+            "intent": "statement",
+            "segments": [{"start": 0.0, "end": 0.8, "language": "de"}, {"start": 0.8, "end": 1.6, "language": "en"}],
+        },
+    ),
+    (
+        "c.wav",
+        1.2,
+        24000,
+        {
+            "text": "Die Zahl ist zwölf.",
+            "language": "de",
+            "style": "calm",
+            "instruction": "Add 3 to the number you hear.",
+            "answer": "15",
+        },
+    ),
     ("d.wav", 1.4, 16000, {"text": "What is two plus two?", "language": "en", "intent": "question", "answer": "four"}),
     ("e.wav", 0.8, 16000, {"language": "fr"}),
-]  # fmt: skip
+]
 COUNTS = {"transcribe": 4, "language": 5, "segments": 1, "describe": 4, "answer": 2}
 
 
@@ -58,10 +76,15 @@ def base() -> SpeechLM:
 def _key(prompt: list[dict]) -> str:
     """A prompt as text, its audio by content (each run loads the clips anew)."""
     parts = [
-        (message["role"], [hashlib.sha1(p["audio"].samples.tobytes()).hexdigest() if p["type"] == "audio" else p["text"]
-                           for p in message["content"]])
+        (
+            message["role"],
+            [
+                hashlib.sha1(p["audio"].samples.tobytes()).hexdigest() if p["type"] == "audio" else p["text"]
+                for p in message["content"]
+            ],
+        )
         for message in prompt
-    ]  # fmt: skip
+    ]
     return json.dumps(parts)
 
 
@@ -95,7 +118,7 @@ class Probe(SpeechLM):
             for conversation in messages:  # a prompt the model reads, ending with the user's turn
                 self.processor.encode_messages(conversation, add_generation_prompt=True)
             replies = [self.script[_key(conversation)] for conversation in messages]
-        self.batches.append([(_key(c), r) for c, r in zip(messages, replies)])
+        self.batches.append([(_key(c), r) for c, r in zip(messages, replies, strict=True)])
         return replies
 
 
@@ -213,6 +236,7 @@ def test_a_model_that_answers_wrong_scores_zero(base, examples, expected):
 def test_transcripts_are_scored_without_their_tags_against_the_text(base, examples, expected):
     """WER/CER compare the tagless reply with the example's text as `voxtune eval` does: case
     and punctuation do not count, words do."""
+
     def shouted(task: str, reply: str) -> str:  # "<|lang:en|>Hello there." -> "<|lang:en|>HELLO THERE"
         tag, end, text = reply.partition("|>")
         return tag + end + text.upper().rstrip(".") if task == "transcribe" else reply

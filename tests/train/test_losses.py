@@ -66,12 +66,15 @@ def test_chunked_cross_entropy_matches_full_logits(chunk_tokens, bias, softcap):
         lambda: chunked_cross_entropy(
             hidden, weight, labels, chunk_tokens=chunk_tokens, lm_head_bias=lm_bias, logit_softcap=softcap
         ),
-        hidden, weight, lm_bias,
-    )  # fmt: skip
+        hidden,
+        weight,
+        lm_bias,
+    )
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
-    for name, g, w in zip(["hidden", "weight", "bias"], got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=0, atol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+    names = ["hidden", "weight", "bias"][: len(got_grads)]  # no bias, no bias gradient
+    for name, g, w in zip(names, got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5, msg=lambda m, name=name: f"grad of {name}: {m}")
     # Positions that predict nothing get exactly no gradient.
     assert (got_grads[0][labels.roll(-1, dims=1) == IGNORE_INDEX] == 0).all()
 
@@ -83,24 +86,30 @@ def test_chunked_cross_entropy_in_bfloat16(softcap):
         lambda: _full_cross_entropy(hidden, weight, labels, bias=lm_bias, softcap=softcap), hidden, weight, lm_bias
     )
     got, got_grads = _value_and_grads(
-        lambda: chunked_cross_entropy(hidden, weight, labels, chunk_tokens=5, lm_head_bias=lm_bias, logit_softcap=softcap),
-        hidden, weight, lm_bias,
-    )  # fmt: skip
+        lambda: chunked_cross_entropy(
+            hidden, weight, labels, chunk_tokens=5, lm_head_bias=lm_bias, logit_softcap=softcap
+        ),
+        hidden,
+        weight,
+        lm_bias,
+    )
     assert got.dtype == torch.float32  # the softmax ran in float32
     torch.testing.assert_close(got, want, rtol=1e-2, atol=0)
-    for g, w in zip(got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads, strict=True):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.float(), w.float(), rtol=0, atol=2e-3)
 
 
 def test_chunked_cross_entropy_sum_reduction():
     hidden, weight, _, labels = _head_inputs()
-    want, want_grads = _value_and_grads(lambda: _full_cross_entropy(hidden, weight, labels, reduction="sum"), hidden, weight)
+    want, want_grads = _value_and_grads(
+        lambda: _full_cross_entropy(hidden, weight, labels, reduction="sum"), hidden, weight
+    )
     got, got_grads = _value_and_grads(
         lambda: chunked_cross_entropy(hidden, weight, labels, chunk_tokens=4, reduction="sum"), hidden, weight
     )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
-    for g, w in zip(got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
 
 
@@ -120,7 +129,10 @@ def test_a_frozen_head_gets_no_gradient_and_hidden_still_does(bias, softcap):
     pass; scaled losses (accumulation weights) must scale it."""
     hidden, weight, lm_bias, labels = _head_inputs(bias=bias)
     frozen, frozen_bias = weight.detach(), lm_bias.detach() if bias else None
-    (3 * chunked_cross_entropy(hidden, frozen, labels, chunk_tokens=3, lm_head_bias=frozen_bias, logit_softcap=softcap)).backward()
+    (
+        3
+        * chunked_cross_entropy(hidden, frozen, labels, chunk_tokens=3, lm_head_bias=frozen_bias, logit_softcap=softcap)
+    ).backward()
     _, (want,) = _value_and_grads(
         lambda: 3 * _full_cross_entropy(hidden, frozen, labels, bias=frozen_bias, softcap=softcap), hidden
     )
@@ -135,9 +147,15 @@ def test_a_frozen_head_gets_no_gradient_and_hidden_still_does(bias, softcap):
 )
 def test_chunked_cross_entropy_matches_a_hugging_face_models_own_loss(model_type, extra):
     config = transformers.AutoConfig.for_model(
-        model_type, vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, **extra,
-    )  # fmt: skip
+        model_type,
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        **extra,
+    )
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     input_ids = torch.randint(300, (2, 17))
     labels = input_ids.clone()
@@ -151,7 +169,7 @@ def test_chunked_cross_entropy_matches_a_hugging_face_models_own_loss(model_type
     got = chunked_cross_entropy(hidden, model.lm_head.weight, labels, chunk_tokens=4, logit_softcap=softcap)
     got_grads = torch.autograd.grad(got, list(model.parameters()))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
-    for g, w in zip(got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
@@ -252,13 +270,20 @@ def test_chunked_kl_divergence_matches_the_full_logits(chunk_tokens, softcap):
     want, want_grads = _value_and_grads(full, rows, weight, lm_bias)
     got, got_grads = _value_and_grads(
         lambda: chunked_kl_divergence(
-            rows, weight, teacher, chunk_tokens=chunk_tokens, lm_head_bias=lm_bias, logit_softcap=softcap,
+            rows,
+            weight,
+            teacher,
+            chunk_tokens=chunk_tokens,
+            lm_head_bias=lm_bias,
+            logit_softcap=softcap,
             temperature=1.5,
         ),
-        rows, weight, lm_bias,
-    )  # fmt: skip
+        rows,
+        weight,
+        lm_bias,
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    for g, w in zip(got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
     chunked_kl_divergence(rows, weight, teacher, chunk_tokens=chunk_tokens).backward()
     assert teacher.grad is None and rows.grad is not None

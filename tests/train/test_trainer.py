@@ -22,7 +22,11 @@ def _recipe(tiny_recipe):
 
 
 def _losses(run_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["loss"]
+        for line in (run_dir / "log.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 @pytest.mark.parametrize("method", ["lora", "full", "qlora"])
@@ -63,8 +67,10 @@ def test_projector_only_leaves_the_lm_alone(corpus, tmp_path, _recipe):
 
 
 def test_loss_falls_and_evaluation_reports_wer(corpus, tmp_path, _recipe):
-    trainer = Trainer(_recipe(corpus, tmp_path, "train.max_steps=30", "train.method=full", "eval.every=30", "eval.at_start=true"),
-                      log=lambda _: None)  # fmt: skip
+    trainer = Trainer(
+        _recipe(corpus, tmp_path, "train.max_steps=30", "train.method=full", "eval.every=30", "eval.at_start=true"),
+        log=lambda _: None,
+    )
     trainer.fit()
     losses = _losses(tmp_path / "run")
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
@@ -105,24 +111,33 @@ def test_the_encoder_cache_changes_nothing_but_skips_the_encoder(corpus, tmp_pat
 
 
 def test_cache_is_off_when_the_encoder_trains_or_audio_changes(corpus, tmp_path, _recipe):
-    assert Trainer(_recipe(corpus, tmp_path, "train.method=full", "train.train_encoder=true"), log=lambda _: None).cache is None
+    assert (
+        Trainer(_recipe(corpus, tmp_path, "train.method=full", "train.train_encoder=true"), log=lambda _: None).cache
+        is None
+    )
     assert Trainer(_recipe(corpus, tmp_path, "data.augment={noise_prob: 0.5}"), log=lambda _: None).cache is None
 
 
 def test_checkpointing_and_bf16_autocast_train_as_well(corpus, tmp_path, _recipe):
     reference = Trainer(_recipe(corpus, tmp_path / "ref", "train.max_steps=3"), log=lambda _: None)
     reference.fit()
-    recomputed = Trainer(_recipe(corpus, tmp_path / "ckpt", "train.max_steps=3", "train.grad_checkpointing=true"), log=lambda _: None)
+    recomputed = Trainer(
+        _recipe(corpus, tmp_path / "ckpt", "train.max_steps=3", "train.grad_checkpointing=true"), log=lambda _: None
+    )
     recomputed.fit()
     assert _losses(tmp_path / "ckpt" / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=1e-4)
-    half = Trainer(_recipe(corpus, tmp_path / "bf16", "train.max_steps=3", "train.precision=bf16-autocast"), log=lambda _: None)
+    half = Trainer(
+        _recipe(corpus, tmp_path / "bf16", "train.max_steps=3", "train.precision=bf16-autocast"), log=lambda _: None
+    )
     half.fit()
     assert _losses(tmp_path / "bf16" / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=0.05)
 
 
 def test_lora_on_the_encoder_trains_it_and_exports_both_adapters(corpus, tmp_path, _recipe):
-    trainer = Trainer(_recipe(corpus, tmp_path, "train.max_steps=3", "train.lora.encoder=true", "train.lora.lm=false"),
-                      log=lambda _: None)  # fmt: skip
+    trainer = Trainer(
+        _recipe(corpus, tmp_path, "train.max_steps=3", "train.lora.encoder=true", "train.lora.lm=false"),
+        log=lambda _: None,
+    )
     names = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert any(n.startswith("encoder.") and "lora_" in n for n in names)
     assert not any(n.startswith("lm.") for n in names)  # the LM stays frozen
@@ -137,14 +152,17 @@ def test_lora_on_the_encoder_trains_it_and_exports_both_adapters(corpus, tmp_pat
     assert (tmp_path / "run" / "adapter" / "encoder" / "adapter_config.json").is_file()
     loaded = voxtune.load(exported)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.embed(loaded.processor.collate([trainer.valid_data[0]])), features, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            loaded.embed(loaded.processor.collate([trainer.valid_data[0]])), features, rtol=1e-4, atol=1e-5
+        )
     assert loaded.transcribe(clip, max_new_tokens=6) == expected
 
 
 def test_lora_on_the_output_head_gets_gradients(corpus, tmp_path, _recipe):
     """The chunked loss projects with the head's weight itself: adapters on the head must be in it."""
-    trainer = Trainer(_recipe(corpus, tmp_path, "train.max_steps=2", "train.lora.targets=[q_proj,v_proj,lm_head]"),
-                      log=lambda _: None)  # fmt: skip
+    trainer = Trainer(
+        _recipe(corpus, tmp_path, "train.max_steps=2", "train.lora.targets=[q_proj,v_proj,lm_head]"), log=lambda _: None
+    )
     head = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lm_head.lora_B" in n}
     assert head and all(not p.any() for p in head.values())  # LoRA's B starts at zero
     trainer.fit()
@@ -156,14 +174,19 @@ def test_qlora_trains_lora_on_a_4_bit_lm_and_exports_what_it_computes(corpus, tm
     pytest.importorskip("bitsandbytes", reason="QLoRA's 4-bit layers need bitsandbytes")
     trainer = Trainer(_recipe(corpus, tmp_path, "train.method=qlora", "train.max_steps=8"), log=lambda _: None)
     lm = trainer.model.base_lm()
-    kinds = {name: type(getattr(module, "base_layer", module)).__name__  # under a LoRA layer
-             for name, module in lm.named_modules() if name.endswith(("_proj", "lm_head"))}  # fmt: skip
+    kinds = {
+        name: type(getattr(module, "base_layer", module)).__name__  # under a LoRA layer
+        for name, module in lm.named_modules()
+        if name.endswith(("_proj", "lm_head"))
+    }
     assert kinds["lm_head"] == "Linear"  # the head keeps its weights
     assert {kind for name, kind in kinds.items() if name != "lm_head"} == {"Linear4bit"}
     trainer.fit()
     assert _losses(tmp_path / "run")[-1] < _losses(tmp_path / "run")[0]
     processor = trainer.model.processor
-    batch = processor.collate([processor.encode_messages([{"role": "user", "content": "hi"}], add_generation_prompt=True)])
+    batch = processor.collate(
+        [processor.encode_messages([{"role": "user", "content": "hi"}], add_generation_prompt=True)]
+    )
     with torch.no_grad():
         trained = trainer.model.eval()(batch).logits
         exported = voxtune.load(trainer.export())
@@ -243,7 +266,9 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_curve(corpus, tmp_path, 
     assert not list(checkpoints.glob(".step-*"))  # no half-written folders left behind
     # One event file per run: a resumed run's purges what came before and writes the kept
     # log records again, so the newest file alone holds every step once.
-    newest = max((tmp_path / "killed" / "run" / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    newest = max(
+        (tmp_path / "killed" / "run" / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime
+    )
     scalars = _tensorboard_scalars(newest)
     assert scalars["purge"] == [(0, 0.0)]
     assert [step for step, _ in scalars["loss"]] == list(range(1, 11))
@@ -279,7 +304,9 @@ def test_ctc_on_the_encoder_trains_it_resumes_and_stays_out_of_the_export(corpus
     assert not torch.equal(before, head.proj.weight)
     # The same first step without CTC: a smaller logged loss, and another encoder (CTC's
     # gradient reached it).
-    plain = Trainer(_recipe(corpus, tmp_path / "b", "train.method=full", "train.train_encoder=true"), log=lambda _: None)
+    plain = Trainer(
+        _recipe(corpus, tmp_path / "b", "train.method=full", "train.train_encoder=true"), log=lambda _: None
+    )
     plain.fit(stop_after=1)
     first = Trainer(_recipe(corpus, tmp_path / "c", *overrides), log=lambda _: None)
     first.fit(stop_after=1)
@@ -293,7 +320,9 @@ def test_ctc_on_the_encoder_trains_it_resumes_and_stays_out_of_the_export(corpus
     exported = voxtune.load(trainer.export())
     assert not any(name.startswith("ctc_head") for name in exported.state_dict())
     record = json.loads((tmp_path / "a" / "run" / "model" / "training.json").read_text())
-    assert record["recipe"]["train"]["ctc"] == {"weight": 0.5} and record["steps"] == 6 and record["training_seconds"] > 0
+    assert (
+        record["recipe"]["train"]["ctc"] == {"weight": 0.5} and record["steps"] == 6 and record["training_seconds"] > 0
+    )
 
 
 def test_ctc_needs_a_training_encoder(corpus, tmp_path, _recipe):
@@ -306,7 +335,9 @@ def test_a_tiny_model_can_learn_its_tokenizer_from_the_training_text(corpus, tmp
     from voxtune.train.trainer import training_text
 
     built_in = Trainer(_recipe(corpus, tmp_path / "a"), log=lambda _: None).model.tokenizer
-    learned = Trainer(_recipe(corpus, tmp_path / "b", "model.tiny.tokenizer_corpus=data"), log=lambda _: None).model.tokenizer
+    learned = Trainer(
+        _recipe(corpus, tmp_path / "b", "model.tiny.tokenizer_corpus=data"), log=lambda _: None
+    ).model.tokenizer
     text = training_text(read_manifest(corpus / "train.jsonl"))
     assert text.count("\n") >= 10
     count = lambda tokenizer: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -316,11 +347,15 @@ def test_a_tiny_model_can_learn_its_tokenizer_from_the_training_text(corpus, tmp
 def test_a_second_stage_reads_the_first_stages_encoder_frozen_and_records_it(corpus, tmp_path, _recipe):
     from voxtune.model.checkpoint import ModelLoadError
 
-    first = Trainer(_recipe(corpus, tmp_path / "a", "train.method=full", "train.train_encoder=true"), log=lambda _: None)
+    first = Trainer(
+        _recipe(corpus, tmp_path / "a", "train.method=full", "train.train_encoder=true"), log=lambda _: None
+    )
     first.fit()
     stage1 = first.export()
     trained = voxtune.load(stage1)
-    second = Trainer(_recipe(corpus, tmp_path / "b", "train.method=full", f"model.init_encoder={stage1}"), log=lambda _: None)
+    second = Trainer(
+        _recipe(corpus, tmp_path / "b", "train.method=full", f"model.init_encoder={stage1}"), log=lambda _: None
+    )
     fresh = Trainer(_recipe(corpus, tmp_path / "c", "train.method=full"), log=lambda _: None).model
     # The encoder is stage 1's; the LM starts again (as a recipe without init_encoder would).
     for key, value in trained.encoder.state_dict().items():
@@ -335,7 +370,10 @@ def test_a_second_stage_reads_the_first_stages_encoder_frozen_and_records_it(cor
     assert record["base"]["training"]["steps"] == 6 and record["base"]["training"]["recipe"]["train"]["train_encoder"]
     # An encoder of another shape is refused, naming the weights that differ.
     with pytest.raises(ModelLoadError, match="encoder weights do not match.*wrong shape"):
-        Trainer(_recipe(corpus, tmp_path / "d", f"model.init_encoder={stage1}", "model.tiny.encoder_dim=48"), log=lambda _: None)
+        Trainer(
+            _recipe(corpus, tmp_path / "d", f"model.init_encoder={stage1}", "model.tiny.encoder_dim=48"),
+            log=lambda _: None,
+        )
 
 
 def test_init_encoder_is_refused_beside_a_loaded_model(tiny_recipe, tmp_path):
@@ -391,12 +429,15 @@ def test_a_tiny_lm_learns_to_read_a_pretrained_whisper_encoder_frozen(corpus, tm
         assert torch.equal(reloaded.encoder.state_dict()[key], value)
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (("model.encoder=somewhere",), "model.tiny.encoder is whisper"),
-    (("model.tiny.encoder=whisper", "model.encoder={dim: 8}"), "model.encoder is a Whisper checkpoint"),
-    (("model.tiny.encoder=whisper", "model.encoder=a", "model.init_encoder=b"), "set one"),
-    (("model.tiny=null", "model.load=x", "model.encoder=y"), "model.load brings its own encoder"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (("model.encoder=somewhere",), "model.tiny.encoder is whisper"),
+        (("model.tiny.encoder=whisper", "model.encoder={dim: 8}"), "model.encoder is a Whisper checkpoint"),
+        (("model.tiny.encoder=whisper", "model.encoder=a", "model.init_encoder=b"), "set one"),
+        (("model.tiny=null", "model.load=x", "model.encoder=y"), "model.load brings its own encoder"),
+    ],
+)
 def test_a_pretrained_encoder_under_a_tiny_lm_is_checked_before_anything_loads(tiny_recipe, tmp_path, overrides, words):
     from voxtune.config import ConfigError
 

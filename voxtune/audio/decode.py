@@ -61,9 +61,17 @@ _UNKNOWN_LENGTH = 1 << 62
 # FFmpeg demuxer per sniffed format: named rather than probed, since probing needs several
 # frames to be sure of raw MP3 or ADTS and gives up on very short clips.
 _DEMUXERS = {
-    "wav": "wav", "flac": "flac", "ogg": "ogg", "opus": "ogg", "webm": "matroska",
-    "mp4": "mov", "mp3": "mp3", "aac": "aac", "aiff": "aiff", "caf": "caf",
-}  # fmt: skip
+    "wav": "wav",
+    "flac": "flac",
+    "ogg": "ogg",
+    "opus": "ogg",
+    "webm": "matroska",
+    "mp4": "mov",
+    "mp3": "mp3",
+    "aac": "aac",
+    "aiff": "aiff",
+    "caf": "caf",
+}
 # ADTS has no field for encoder priming; FFmpeg's and FDK's AAC-LC encoders both prepend 1024.
 _ADTS_LC_PRIMING = 1024
 

@@ -44,9 +44,7 @@ def normalize_format(format: str) -> str:
     """Return the canonical output format name, or raise `UnsupportedFormatError`."""
     name = FORMAT_ALIASES.get(format.lower(), format.lower())
     if name not in OUTPUT_FORMATS:
-        raise UnsupportedFormatError(
-            f"cannot write audio as {echo(format)} (choose from {', '.join(OUTPUT_FORMATS)})"
-        )
+        raise UnsupportedFormatError(f"cannot write audio as {echo(format)} (choose from {', '.join(OUTPUT_FORMATS)})")
     return name
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import torch
@@ -54,7 +53,7 @@ _MEL_FLOOR = 1e-10
 _DYNAMIC_RANGE = 8.0
 CAUSAL_FLOOR = -7.0  # a fixed log10 floor (see the module docstring)
 
-AudioLike = Union[Audio, np.ndarray, torch.Tensor]
+AudioLike = Audio | np.ndarray | torch.Tensor
 
 
 # --- mel filters -----------------------------------------------------------------------------
@@ -154,9 +153,7 @@ def _as_samples(audio: AudioLike, what: str) -> torch.Tensor | np.ndarray:
             raise ValueError(f"{what}: samples must be floating point in [-1, 1], got {audio.dtype}")
         samples = audio
     else:
-        raise ValueError(
-            f"{what}: expected an Audio, a numpy array or a torch tensor, got {type(audio).__name__}"
-        )
+        raise ValueError(f"{what}: expected an Audio, a numpy array or a torch tensor, got {type(audio).__name__}")
     if samples.ndim != 1:
         raise ValueError(f"{what}: samples must be 1-D (mono), got shape {tuple(samples.shape)}")
     if samples.shape[0] == 0:
@@ -305,9 +302,7 @@ def log_mel_batch(
         features, _ = _log_mel_rows(clips, lengths, n_mels, device, floor)
         return features, frames
 
-    features = torch.empty(
-        len(clips), n_mels, max(lengths) // HOP_LENGTH, dtype=torch.float32, device=device
-    )
+    features = torch.empty(len(clips), n_mels, max(lengths) // HOP_LENGTH, dtype=torch.float32, device=device)
     for group in groups:
         part, filler = _log_mel_rows(
             [clips[i] for i in group], [lengths[i] for i in group], n_mels, device, floor

@@ -37,13 +37,16 @@ def speech_spans(
     spans = [piece for span in spans for piece in _cut(span, level, int(max_span / FRAME_SECONDS))]
     pad_frames = int(round(pad / FRAME_SECONDS))
     seconds = hop / audio.sample_rate  # per frame
-    return [(max(0, start - pad_frames) * seconds, min(audio.duration, (end + pad_frames) * seconds)) for start, end in spans]
+    return [
+        (max(0, start - pad_frames) * seconds, min(audio.duration, (end + pad_frames) * seconds))
+        for start, end in spans
+    ]
 
 
 def _runs(voiced: np.ndarray, min_gap: int) -> list[tuple[int, int]]:
     """Frame ranges [start, end) of voiced runs, joined across gaps shorter than `min_gap`."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], voiced.astype(np.int8), [0]])))
-    runs = list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+    runs = list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=False))
     joined: list[tuple[int, int]] = []
     for start, end in runs:
         if joined and start - joined[-1][1] < min_gap:

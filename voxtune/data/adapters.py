@@ -283,4 +283,4 @@ def _rows_of(columns: Mapping[str, list]) -> list[dict[str, Any]]:
     lengths = {len(values) for values in columns.values() if isinstance(values, list)}
     if len(lengths) != 1 or len(columns) != sum(isinstance(v, list) for v in columns.values()):
         raise RecordError("segments must be a list of objects")
-    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]

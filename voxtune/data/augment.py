@@ -214,9 +214,7 @@ def telephone(
     return Audio(_fit_length(wide, len(audio)), audio.sample_rate)
 
 
-def bandpass_filter(
-    sample_rate: int, low_hz: float, high_hz: float, taps: int = _BANDPASS_TAPS
-) -> np.ndarray:
+def bandpass_filter(sample_rate: int, low_hz: float, high_hz: float, taps: int = _BANDPASS_TAPS) -> np.ndarray:
     """Linear-phase FIR band-pass taps (Kaiser-windowed sinc); odd `taps`, so that
     `np.convolve(x, h, mode="same")` adds no delay."""
     if taps % 2 == 0:
@@ -523,7 +521,7 @@ class Augmenter:
             "noise_file" for recorded noise), "gain_db" when those steps were applied.
             A speed change changes the length; the other steps keep it.
         """
-        rngs = dict(zip(self._STEPS, map(np.random.default_rng, np.random.SeedSequence(seed).spawn(5))))
+        rngs = dict(zip(self._STEPS, map(np.random.default_rng, np.random.SeedSequence(seed).spawn(5)), strict=True))
         record: dict[str, Any] = {}
         audio = self._speed(audio, rngs["speed"], record)
         audio = self._reverb(audio, rngs["reverb"], record)

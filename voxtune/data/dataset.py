@@ -23,7 +23,6 @@ from voxtune.data.tasks import choose_task, make_conversation, text_conversation
 from voxtune.model.processor import Example, SpeechProcessor
 
 
-
 class SpeechDataset(Dataset):
     """Examples -> tokenised training conversations, drawn per (seed, epoch, index).
 
@@ -79,7 +78,9 @@ class SpeechDataset(Dataset):
         conversation = make_conversation(example, task)
         encoded = self.processor.encode_messages(conversation, with_labels=True)
         if self.distill and example.text:
-            info["teacher"] = self.processor.encode_messages(text_conversation(conversation, example.text), with_labels=True)
+            info["teacher"] = self.processor.encode_messages(
+                text_conversation(conversation, example.text), with_labels=True
+            )
         if example.text:
             info["transcript"] = example.text  # what an auxiliary loss on the audio alone can use (CTC)
         encoded.info.update(info, task=task)
@@ -94,7 +95,10 @@ class SpeechDataset(Dataset):
     def token_lengths(self) -> list[int]:
         """Estimated tokens per example (audio tokens plus a text allowance), for bucketing."""
         per_second = self.processor.audio_tokens(SAMPLE_RATE)
-        return [int(d * per_second) + 32 + 2 * len(e.text or "") for d, e in zip(self.durations(), self.examples)]
+        return [
+            int(d * per_second) + 32 + 2 * len(e.text or "")
+            for d, e in zip(self.durations(), self.examples, strict=True)
+        ]
 
 
 def _duration(example: SpeechExample) -> float:

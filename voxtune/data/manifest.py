@@ -43,10 +43,21 @@ logger = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
 
-FIELDS = frozenset({
-    "audio", "text", "transcript", "language", "style", "intent", "segments",
-    "instruction", "answer", "speaker", "meta",
-})  # fmt: skip
+FIELDS = frozenset(
+    {
+        "audio",
+        "text",
+        "transcript",
+        "language",
+        "style",
+        "intent",
+        "segments",
+        "instruction",
+        "answer",
+        "speaker",
+        "meta",
+    }
+)
 _SEGMENT_KEYS = ("start", "end", "language", "text")
 _LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[a-z0-9]{1,8})*")
 _BOM = b"\xef\xbb\xbf"

@@ -65,9 +65,14 @@ def draw(config: PerturbConfig, split: str, rng: np.random.Generator) -> dict[st
     }
     if rng.random() < config.eq_prob:
         # Three bands at random centres (log-spaced 150 Hz - 6 kHz), each boosted or cut.
-        params["eq"] = [[round(float(np.exp(rng.uniform(np.log(150), np.log(6000)))), 1),
-                         round(float(rng.uniform(-1, 1) * config.eq_db), 2),
-                         round(float(rng.uniform(0.3, 1.2)), 3)] for _ in range(3)]  # fmt: skip
+        params["eq"] = [
+            [
+                round(float(np.exp(rng.uniform(np.log(150), np.log(6000)))), 1),
+                round(float(rng.uniform(-1, 1) * config.eq_db), 2),
+                round(float(rng.uniform(0.3, 1.2)), 3),
+            ]
+            for _ in range(3)
+        ]
     if rng.random() < config.codec_prob:
         params["codec"] = str(rng.choice(config.codecs))
     if rng.random() < config.reverb_prob:

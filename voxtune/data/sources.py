@@ -20,7 +20,7 @@ _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json"
 
 
 def source_kind(path: str | os.PathLike) -> str:
-    """"manifest", "dataset" (a saved Hugging Face dataset) or "folder" (audio files)."""
+    """ "manifest", "dataset" (a saved Hugging Face dataset) or "folder" (audio files)."""
     path = Path(path)
     if not path.is_dir():
         return "manifest"
@@ -45,7 +45,9 @@ def read_source(
     kind = source_kind(path)
     dataset_options = split is not None or audio_column != "audio" or text_column != "text" or columns
     if kind != "dataset" and dataset_options:
-        raise DataError(f"{path}: split, audio_column, text_column and columns are for saved datasets, and this is a {kind}")
+        raise DataError(
+            f"{path}: split, audio_column, text_column and columns are for saved datasets, and this is a {kind}"
+        )
     if kind == "manifest":
         return read_manifest(path)
     if kind == "folder":

@@ -32,12 +32,30 @@ from voxtune.data.phrasebook import FACT_ANSWERS, PHRASEBOOK, number_words, one_
 from voxtune.files import write_atomic
 
 Kind = Literal[
-    "words", "statement", "question", "command", "add", "compare", "repeat", "count", "spell", "fact",
-    "add_written", "codeswitch",
-]  # fmt: skip
-INTENT_OF = {"statement": "statement", "question": "question", "command": "command", "add": "question",
-             "compare": "question", "repeat": "command", "count": "command", "spell": "command",
-             "fact": "question"}  # fmt: skip
+    "words",
+    "statement",
+    "question",
+    "command",
+    "add",
+    "compare",
+    "repeat",
+    "count",
+    "spell",
+    "fact",
+    "add_written",
+    "codeswitch",
+]
+INTENT_OF = {
+    "statement": "statement",
+    "question": "question",
+    "command": "command",
+    "add": "question",
+    "compare": "question",
+    "repeat": "command",
+    "count": "command",
+    "spell": "command",
+    "fact": "question",
+}
 # Kinds only some languages have templates for (see voxtune.data.phrasebook).
 _NEEDS = {"count": "count", "spell": "spell", "fact": "facts"}
 PAUSE_SECONDS = 0.15  # silence between the languages of a code-switched clip
@@ -54,9 +72,21 @@ class SynthRecipe(Config):
     styles: list[str] = Field(default_factory=lambda: list(STYLES))
     voices: list[str] | None = None  # engine voice variants; None: all of them
     kinds: dict[Kind, float] = Field(
-        default_factory=lambda: {"words": 3, "statement": 1, "question": 1, "command": 1, "add": 1, "compare": 1,
-                                 "repeat": 1, "count": 1, "spell": 1, "fact": 1, "add_written": 1, "codeswitch": 1}
-    )  # fmt: skip
+        default_factory=lambda: {
+            "words": 3,
+            "statement": 1,
+            "question": 1,
+            "command": 1,
+            "add": 1,
+            "compare": 1,
+            "repeat": 1,
+            "count": 1,
+            "spell": 1,
+            "fact": 1,
+            "add_written": 1,
+            "codeswitch": 1,
+        }
+    )
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "valid": 0.1, "test": 0.1})
     holdout_voices: list[str] = Field(default_factory=list)  # only in the test split
     holdout_languages: list[str] = Field(default_factory=list)  # only in the test split
@@ -155,22 +185,46 @@ def plan(recipe: SynthRecipe, voices: list[str]) -> list[ClipPlan]:
         # Sentences are kept disjoint across splits: draw until the text hashes to this split
         # (or was already used in it).
         for _ in range(1000):
-            parts, text, answer, instruction = _draw_text(kind, languages, rng, recipe.identify_only, recipe.identify_only_weight)
+            parts, text, answer, instruction = _draw_text(
+                kind, languages, rng, recipe.identify_only, recipe.identify_only_weight
+            )
             if (seen.get(text) or _hash_split(text, recipe)) == split:
                 break
         else:
             raise ValueError(f"cannot find a {kind} sentence for the {split} split; add languages or kinds")
         seen[text] = split
-        plans.append(ClipPlan(
-            id=f"{index:06d}", split=split, kind=kind, voice=str(rng.choice(split_voices)),
-            style=str(rng.choice(recipe.styles)), style_jitter=_jitter(rng), parts=parts, text=text,
-            language=parts[0][0], answer=answer, instruction=instruction, intent=INTENT_OF.get(kind),
-            identify_only=parts[0][0] in recipe.identify_only,
-        ))  # fmt: skip
+        plans.append(
+            ClipPlan(
+                id=f"{index:06d}",
+                split=split,
+                kind=kind,
+                voice=str(rng.choice(split_voices)),
+                style=str(rng.choice(recipe.styles)),
+                style_jitter=_jitter(rng),
+                parts=parts,
+                text=text,
+                language=parts[0][0],
+                answer=answer,
+                instruction=instruction,
+                intent=INTENT_OF.get(kind),
+                identify_only=parts[0][0] in recipe.identify_only,
+            )
+        )
     for index in range(recipe.no_speech_clips):
         split = "valid" if index % 20 == 19 and "valid" in recipe.splits else "train"
-        plans.append(ClipPlan(id=f"n{index:05d}", split=split, kind=NO_SPEECH, voice="", style="", style_jitter={},
-                              parts=[], text="", language=""))  # fmt: skip
+        plans.append(
+            ClipPlan(
+                id=f"n{index:05d}",
+                split=split,
+                kind=NO_SPEECH,
+                voice="",
+                style="",
+                style_jitter={},
+                parts=[],
+                text="",
+                language="",
+            )
+        )
     return plans
 
 
@@ -210,7 +264,11 @@ def _capitalise(sentence: str) -> str:
 
 
 def _draw_text(
-    kind: str, languages: list[str], rng: np.random.Generator, identify_only: list[str] = (), identify_weight: float = 1.0
+    kind: str,
+    languages: list[str],
+    rng: np.random.Generator,
+    identify_only: list[str] = (),
+    identify_weight: float = 1.0,
 ):
     """(parts, transcript, answer, written instruction) for one clip of `kind`; languages in
     `identify_only` are drawn `identify_weight` times as often as the others and are never
@@ -265,8 +323,10 @@ def _draw_text(
     languages = [code for code in languages if code not in identify_only] or languages
     count = min(len(languages), int(rng.integers(2, 4)))
     chosen = [str(code) for code in rng.choice(languages, size=count, replace=False)]
-    parts = [(code, _capitalise(PHRASEBOOK[code].statement.format(n=number_words(int(rng.integers(0, 100)), code))))
-             for code in chosen]  # fmt: skip
+    parts = [
+        (code, _capitalise(PHRASEBOOK[code].statement.format(n=number_words(int(rng.integers(0, 100)), code))))
+        for code in chosen
+    ]
     return parts, " ".join(text for _, text in parts), None, None
 
 
@@ -311,7 +371,9 @@ def render_clip(plan: ClipPlan, sample_rate: int, seed: int = 0) -> tuple[Audio,
             pieces.append(np.zeros(int(PAUSE_SECONDS * sample_rate), np.float32))
             cursor += len(pieces[-1])
         pieces.append(audio.samples)
-        segments.append(Segment(round(cursor / sample_rate, 3), round((cursor + len(audio)) / sample_rate, 3), lang, text))
+        segments.append(
+            Segment(round(cursor / sample_rate, 3), round((cursor + len(audio)) / sample_rate, 3), lang, text)
+        )
         cursor += len(audio)
     return Audio(np.concatenate(pieces), sample_rate), segments
 
@@ -347,15 +409,25 @@ def _render_chunk(args: tuple[int, int, list[dict], int, str, dict]) -> list[dic
             meta["perturb"] = perturbation
         if clip_plan.identify_only:  # what was said stays on record, out of the labels
             example = SpeechExample(
-                relative, language=clip_plan.language, style=clip_plan.style, speaker=clip_plan.voice,
+                relative,
+                language=clip_plan.language,
+                style=clip_plan.style,
+                speaker=clip_plan.voice,
                 meta={**meta, "identify_only": True, "spoken": clip_plan.text},
-            )  # fmt: skip
+            )
         else:
             example = SpeechExample(
-                relative, text=clip_plan.text, language=clip_plan.language, style=clip_plan.style,
-                intent=clip_plan.intent, segments=segments if len(segments) > 1 else None,
-                instruction=clip_plan.instruction, answer=clip_plan.answer, speaker=clip_plan.voice, meta=meta,
-            )  # fmt: skip
+                relative,
+                text=clip_plan.text,
+                language=clip_plan.language,
+                style=clip_plan.style,
+                intent=clip_plan.intent,
+                segments=segments if len(segments) > 1 else None,
+                instruction=clip_plan.instruction,
+                answer=clip_plan.answer,
+                speaker=clip_plan.voice,
+                meta=meta,
+            )
         records.append((clip_plan.split, example.to_record(relative)))
     return records
 
@@ -379,8 +451,10 @@ def synthesize_corpus(
         raise ValueError(f"no split {sorted(set(splits) - set(recipe.splits))[0]!r} in the recipe")
     plans = [p for p in plan(recipe, voices) if p.split in wanted]
     chunks = [plans[i : i + recipe.chunk_size] for i in range(0, len(plans), recipe.chunk_size)]
-    jobs = [(recipe.seed, i, [asdict(p) for p in chunk], recipe.sample_rate, str(out), recipe.perturb.model_dump())
-            for i, chunk in enumerate(chunks)]  # fmt: skip
+    jobs = [
+        (recipe.seed, i, [asdict(p) for p in chunk], recipe.sample_rate, str(out), recipe.perturb.model_dump())
+        for i, chunk in enumerate(chunks)
+    ]
     started = time.perf_counter()
     records: list[tuple[str, dict]] = []
     # A fresh process per chunk (maxtasksperchild=1): each chunk renders from a clean engine.
@@ -404,6 +478,8 @@ def synthesize_corpus(
 
 def all_voices() -> list[str]:
     """Every engine voice variant but the whisper ones (whispering is a style)."""
-    return [v.name for v in _ESPEAK.list_voices()
-            if v.name == v.backend_voice and v.name.lower() not in ("whisper", "whisperf")]  # fmt: skip
-
+    return [
+        v.name
+        for v in _ESPEAK.list_voices()
+        if v.name == v.backend_voice and v.name.lower() not in ("whisper", "whisperf")
+    ]

@@ -100,8 +100,15 @@ def _english_heldout(suite_name: str) -> tuple[str, ...]:
     if not isinstance(source, Suite):
         raise SuiteError(f"heldout_from: {suite_name!r} is not a corpus suite")
     corpus = source.corpus
-    texts = [p.text for p in plan(corpus, corpus.voices or all_voices()) if p.split == source.split
-             and p.language == "en" and len(p.parts) == 1 and not p.identify_only and p.kind in _TRANSCRIBED_KINDS]  # fmt: skip
+    texts = [
+        p.text
+        for p in plan(corpus, corpus.voices or all_voices())
+        if p.split == source.split
+        and p.language == "en"
+        and len(p.parts) == 1
+        and not p.identify_only
+        and p.kind in _TRANSCRIBED_KINDS
+    ]
     return tuple(dict.fromkeys(texts))
 
 
@@ -114,14 +121,25 @@ def _no_speech(index: int) -> Audio:
 def _write(folder: Path, name: str, audio: Audio, *, text: str | None, kind: str) -> dict[str, Any]:
     relative = f"audio/{name}.wav"
     write_atomic(folder / relative, encode(audio, "wav"))
-    record: dict[str, Any] = {"audio": relative, "language": "en", "meta": {"kind": kind, "duration": round(audio.duration, 3)}}
+    record: dict[str, Any] = {
+        "audio": relative,
+        "language": "en",
+        "meta": {"kind": kind, "duration": round(audio.duration, 3)},
+    }
     if text is not None:
         record["text"] = text
     return record
 
 
-def evaluate_natural(model: SpeechLM, suite: NaturalSuite, folder: str | Path, *, name: str | None = None,
-                     reference: Any = None, limit: int | None = None) -> dict[str, Any]:  # fmt: skip
+def evaluate_natural(
+    model: SpeechLM,
+    suite: NaturalSuite,
+    folder: str | Path,
+    *,
+    name: str | None = None,
+    reference: Any = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
     """CER on the natural-voice clips and how often text is invented where nobody speaks, for
     `model` and the reference recogniser (loaded from `suite.reference` unless given)."""
     import time
@@ -135,15 +153,19 @@ def evaluate_natural(model: SpeechLM, suite: NaturalSuite, folder: str | Path, *
         speech, silent = speech[:limit], silent[:limit]
     reference = reference if reference is not None else _reference(suite.reference)
     report: dict[str, Any] = {
-        "model": name, "suite": suite.name, "suite_version": suite.version, "limit": limit,
-        "suite_sha256": rendered_fingerprint(folder), "date": time.strftime("%Y-%m-%d"),
-    }  # fmt: skip
+        "model": name,
+        "suite": suite.name,
+        "suite_version": suite.version,
+        "limit": limit,
+        "suite_sha256": rendered_fingerprint(folder),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     for who, listener in (("", model), ("reference_", reference)):
         heard = _transcripts(listener, speech + silent, suite)
         said = heard[: len(speech)]
         groups = {"heldout": "heldout", "free": "free"}
         for group in groups:
-            pairs = [(e.text, h) for e, h in zip(speech, said) if e.meta["kind"] == group]
+            pairs = [(e.text, h) for e, h in zip(speech, said, strict=True) if e.meta["kind"] == group]
             rates = error_rates([p for p, _ in pairs], [h for _, h in pairs], numbers_as_words="en") if pairs else {}
             report[f"{who}cer_{group}"] = rates.get("cer")
         rates = error_rates([e.text for e in speech], said, numbers_as_words="en")
@@ -152,15 +174,19 @@ def evaluate_natural(model: SpeechLM, suite: NaturalSuite, folder: str | Path, *
         report[f"{who}invented_on_no_speech"] = len(invented) / len(silent) if silent else None
         report[f"{who}invented_examples"] = invented[:3]
     ours, theirs = report["cer_natural"], report["reference_cer_natural"]
-    report["cer_natural_over_reference"] = ours / max(theirs, 0.005) if ours is not None and theirs is not None else None
+    report["cer_natural_over_reference"] = (
+        ours / max(theirs, 0.005) if ours is not None and theirs is not None else None
+    )
     report["n_speech"], report["n_no_speech"] = len(speech), len(silent)
     return report
 
 
 def _transcripts(listener: Any, examples: list[SpeechExample], suite: NaturalSuite) -> list[str]:
     """What `listener` (anything with `transcribe`) writes for each clip, greedily."""
-    return [listener.transcribe(load(e.audio, SAMPLE_RATE), "en", max_new_tokens=suite.max_new_tokens, temperature=0)
-            for e in examples]  # fmt: skip
+    return [
+        listener.transcribe(load(e.audio, SAMPLE_RATE), "en", max_new_tokens=suite.max_new_tokens, temperature=0)
+        for e in examples
+    ]
 
 
 def _reference(name: str) -> Any:
@@ -182,12 +208,18 @@ def format_natural(report: dict[str, Any], suite: NaturalSuite) -> str:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
 
-    lines = [f"{suite.name} suite v{suite.version} ({report['n_speech']} spoken clips by Piper's {suite.voice}, "
-             f"{report['n_no_speech']} with no speech): {report['model']} against {suite.reference}"]  # fmt: skip
+    lines = [
+        f"{suite.name} suite v{suite.version} ({report['n_speech']} spoken clips by Piper's {suite.voice}, "
+        f"{report['n_no_speech']} with no speech): {report['model']} against {suite.reference}"
+    ]
     lines.append(f"{'':34}{'model':>10}{'reference':>12}")
-    for key, label in (("cer_heldout", "CER, held-out corpus sentences"), ("cer_free", "CER, free sentences"),
-                       ("cer_natural", "CER, all"), ("wer_natural", "WER, all"),
-                       ("invented_on_no_speech", "text invented where nobody speaks")):  # fmt: skip
+    for key, label in (
+        ("cer_heldout", "CER, held-out corpus sentences"),
+        ("cer_free", "CER, free sentences"),
+        ("cer_natural", "CER, all"),
+        ("wer_natural", "WER, all"),
+        ("invented_on_no_speech", "text invented where nobody speaks"),
+    ):
         lines.append(f"{label:34}{pct(report[key]):>10}{pct(report['reference_' + key]):>12}")
     ratio = report["cer_natural_over_reference"]
     lines.append(f"{'CER over the reference':34}{'-' if ratio is None else f'{ratio:.1f}x':>10}")

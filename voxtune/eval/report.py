@@ -27,7 +27,8 @@ def format_table(report: dict[str, Any], suite: Suite | None = None) -> str:
     lines = [
         f"suite {report['suite']} v{report['suite_version']} (sha256 {report['suite_sha256'][:12]}"
         + ("" if report.get("suite_matches_published", True) else ", differs from the published set")
-        + (f", first {report['limit']} clips per group" if report.get("limit") else "") + ")",
+        + (f", first {report['limit']} clips per group" if report.get("limit") else "")
+        + ")",
         f"model {report.get('model') or '?'}, {report.get('date', '')}, voxtune {report.get('voxtune_version', '?')}",
         "",
         "transcription, held-out voices     CER      WER    clips",
@@ -40,13 +41,16 @@ def format_table(report: dict[str, Any], suite: Suite | None = None) -> str:
     )
     mixed = report.get("cer_code_switched")
     if mixed:
-        lines.append(f"  {'code-switched':<32} {_pct(mixed.get('cer')):>6} {_pct(mixed.get('wer')):>8} {mixed.get('n', 0):>7}")
+        lines.append(
+            f"  {'code-switched':<32} {_pct(mixed.get('cer')):>6} {_pct(mixed.get('wer')):>8} {mixed.get('n', 0):>7}"
+        )
     lines += [
         "",
         f"language ID (clips of 2 s or more)  {_pct(report['lid_accuracy']):>6}  of {report['n_lid']}",
         f"  transcribed languages            {_pct(report['lid_accuracy_transcribed']):>6}",
         f"  identified-only languages        {_pct(report['lid_accuracy_identify_only']):>6}",
-        f"code-switched: languages right     {_pct(report['segments_languages_accuracy']):>6}  of {report['n_segments']},"
+        f"code-switched: languages right     {_pct(report['segments_languages_accuracy']):>6}"
+        f"  of {report['n_segments']},"
         f" boundary error {_num(report['segment_boundary_error_s'])} s",
         f"style                              {_pct(report['style_accuracy']):>6}  of {report['n_style']}",
         "  " + "  ".join(f"{s} {_pct(v)}" for s, v in report["style_accuracy_by_style"].items()),

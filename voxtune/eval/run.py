@@ -22,9 +22,9 @@ from voxtune.data.augment import add_noise, colored_noise, telephone
 from voxtune.data.example import SpeechExample
 from voxtune.data.manifest import read_manifest
 from voxtune.eval.suite import Suite, rendered_fingerprint
+from voxtune.metrics import error_rates, normalise
 from voxtune.model import prompts
 from voxtune.tags import tag_values
-from voxtune.metrics import error_rates, normalise
 from voxtune.train.evaluation import Question, answer, questions, segment_boundary_error
 
 if TYPE_CHECKING:
@@ -99,7 +99,9 @@ class _Runner:
     def ask(self, stage: str, examples: Sequence[SpeechExample], task: str) -> list[tuple[Question, str]]:
         out = []
         items = questions(examples, [task])
-        for pair in answer(self.model, items, max_new_tokens=self.suite.max_new_tokens, batch_size=self.suite.batch_size):
+        for pair in answer(
+            self.model, items, max_new_tokens=self.suite.max_new_tokens, batch_size=self.suite.batch_size
+        ):
             out.append(pair)
             if self.progress:
                 self.progress(stage, len(out), len(examples))

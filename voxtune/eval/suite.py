@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import yaml
-
 from pydantic import Field, model_validator
 
 from voxtune.config import Config, ConfigError, load_config
@@ -37,9 +36,14 @@ class SuiteError(InputError):
 
 # The figures a suite's targets can bound: the summary of every report.
 SUMMARY_KEYS = (
-    "cer_heldout_voices", "lid_accuracy", "style_accuracy", "intent_accuracy", "instruction_accuracy",
-    "cer_snr10_over_clean", "rtf",
-)  # fmt: skip
+    "cer_heldout_voices",
+    "lid_accuracy",
+    "style_accuracy",
+    "intent_accuracy",
+    "instruction_accuracy",
+    "cer_snr10_over_clean",
+    "rtf",
+)
 
 
 class NoiseSection(Config):
@@ -47,7 +51,9 @@ class NoiseSection(Config):
     each degraded with its own seeded noise (a kind drawn from `kinds`) at every SNR."""
 
     snr_db: list[float] = Field(default_factory=lambda: [20.0, 10.0, 5.0])
-    kinds: list[Literal["white", "pink", "brown"]] = Field(default_factory=lambda: ["white", "pink", "brown"], min_length=1)
+    kinds: list[Literal["white", "pink", "brown"]] = Field(
+        default_factory=lambda: ["white", "pink", "brown"], min_length=1
+    )
     telephone: bool = True
     clips: int = Field(200, ge=1)
 
@@ -90,7 +96,9 @@ class Suite(Config):
     @model_validator(mode="after")
     def _consistent(self) -> Suite:
         if self.split not in self.corpus.splits:
-            raise ValueError(f"split {self.split!r} is not one of the corpus's splits ({', '.join(self.corpus.splits)})")
+            raise ValueError(
+                f"split {self.split!r} is not one of the corpus's splits ({', '.join(self.corpus.splits)})"
+            )
         unknown = sorted(set(self.targets) - set(SUMMARY_KEYS))
         if unknown:
             raise ValueError(f"targets: {unknown[0]!r} is not a summary figure ({', '.join(SUMMARY_KEYS)})")

@@ -30,12 +30,22 @@ def model_card(source: Source, to: str, directory: Path) -> str:
     evaluation = _read(source.model / "eval.json")
     base = _base_model(training)
     name = (source.run or source.model).resolve().name
-    front = ["---", "library_name: " + ("peft" if to == "adapters" else "transformers"),
-             "tags: [voxtune, speech, audio, " + to + "]"]  # fmt: skip
+    front = [
+        "---",
+        "library_name: " + ("peft" if to == "adapters" else "transformers"),
+        "tags: [voxtune, speech, audio, " + to + "]",
+    ]
     if base:
         front.append(f"base_model: {base}")
-    lines = [*front, "---", "", f"# {name} ({to})", "", f"This folder holds {HOLDS[to]}. It was exported by voxtune "
-             f"(`voxtune export {name} --to {to}`).", ""]  # fmt: skip
+    lines = [
+        *front,
+        "---",
+        "",
+        f"# {name} ({to})",
+        "",
+        f"This folder holds {HOLDS[to]}. It was exported by voxtune (`voxtune export {name} --to {to}`).",
+        "",
+    ]
     lines += _made(training, base)
     lines += _evaluated(evaluation)
     lines += ["## Run it", "", *_usage(to, directory), ""]
@@ -65,12 +75,18 @@ def _made(training: dict[str, Any] | None, base: str | None) -> list[str]:
     train = recipe.get("train", {})
     lines = ["## How it was made", ""]
     lines.append(f"- Base model: {base or 'built in code (' + json.dumps(recipe.get('model', {}).get('tiny')) + ')'}")
-    lines.append(f"- Data: {', '.join(map(str, data.get('train', []))) or 'see the recipe'}"
-                 + (f" (synthesised by the data recipe {data['synth']})" if data.get("synth") else ""))  # fmt: skip
-    lines.append(f"- Method: {train.get('method', '?')}, {training.get('steps', '?')} steps, seed {training.get('seed', '?')}, "
-                 f"{training.get('training_seconds', '?')} s on {training.get('machine', '?')}")  # fmt: skip
-    lines.append(f"- voxtune {training.get('voxtune_version', '?')}; the whole recipe is in `training.json` "
-                 "when the export carries it")  # fmt: skip
+    lines.append(
+        f"- Data: {', '.join(map(str, data.get('train', []))) or 'see the recipe'}"
+        + (f" (synthesised by the data recipe {data['synth']})" if data.get("synth") else "")
+    )
+    lines.append(
+        f"- Method: {train.get('method', '?')}, {training.get('steps', '?')} steps, seed {training.get('seed', '?')}, "
+        f"{training.get('training_seconds', '?')} s on {training.get('machine', '?')}"
+    )
+    lines.append(
+        f"- voxtune {training.get('voxtune_version', '?')}; the whole recipe is in `training.json` "
+        "when the export carries it"
+    )
     last = training.get("last_evaluation")
     if last:
         shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items())
@@ -81,8 +97,14 @@ def _made(training: dict[str, Any] | None, base: str | None) -> list[str]:
 def _evaluated(evaluation: dict[str, Any] | None) -> list[str]:
     if not evaluation:
         return []
-    lines = ["## Evaluation (`voxtune eval`)", "", f"Suite {evaluation.get('suite')}, {evaluation.get('date')}, "
-             f"{evaluation.get('machine')}.", "", "| measure | value |", "| --- | --- |"]  # fmt: skip
+    lines = [
+        "## Evaluation (`voxtune eval`)",
+        "",
+        f"Suite {evaluation.get('suite')}, {evaluation.get('date')}, {evaluation.get('machine')}.",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+    ]
     for key, value in evaluation.items():
         if isinstance(value, float):
             lines.append(f"| {key} | {value:.4g} |")
@@ -92,15 +114,35 @@ def _evaluated(evaluation: dict[str, Any] | None) -> list[str]:
 def _usage(to: str, directory: Path) -> list[str]:
     here = directory.name if directory.name and not directory.name.startswith(".") else "THIS_FOLDER"
     if to == "merged":
-        return ["```bash", f"voxtune serve --model {here}        # the OpenAI audio APIs", f"voxtune chat --model {here} --audio question.wav", "```"]
+        return [
+            "```bash",
+            f"voxtune serve --model {here}        # the OpenAI audio APIs",
+            f"voxtune chat --model {here} --audio question.wav",
+            "```",
+        ]
     if to == "adapters":
-        return ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
-                "base = AutoModelForCausalLM.from_pretrained(BASE)  # the LM the adapters were trained on",
-                f'model = PeftModel.from_pretrained(base, "{here}")', "```"]  # fmt: skip
+        return [
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "base = AutoModelForCausalLM.from_pretrained(BASE)  # the LM the adapters were trained on",
+            f'model = PeftModel.from_pretrained(base, "{here}")',
+            "```",
+        ]
     if to == "ultravox":
-        return ["```bash", f"vllm serve {here} --trust-remote-code   # the processor is Ultravox's remote code",
-                f"voxtune serve --model {here}", "```"]  # fmt: skip
-    return ["```bash", f"llama-server -m {here}/model.gguf --mmproj {here}/mmproj.gguf",
-            f"llama-mtmd-cli -m {here}/model.gguf --mmproj {here}/mmproj.gguf --audio question.wav -p \"Answer the question.\"",
-            "```", "", "llama.cpp pads every clip to a 30 s window and reads it unmasked, so its numbers differ a little from "
-            "voxtune's and vLLM's."]  # fmt: skip
+        return [
+            "```bash",
+            f"vllm serve {here} --trust-remote-code   # the processor is Ultravox's remote code",
+            f"voxtune serve --model {here}",
+            "```",
+        ]
+    return [
+        "```bash",
+        f"llama-server -m {here}/model.gguf --mmproj {here}/mmproj.gguf",
+        f"llama-mtmd-cli -m {here}/model.gguf --mmproj {here}/mmproj.gguf "
+        '--audio question.wav -p "Answer the question."',
+        "```",
+        "",
+        "llama.cpp pads every clip to a 30 s window and reads it unmasked, so its numbers differ a little from "
+        "voxtune's and vLLM's.",
+    ]

@@ -31,8 +31,10 @@ from voxtune.model import SpeechLM
 QUANTS = ("f32", "f16", "bf16", "q8_0")
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # transformers model_type -> llama.cpp architecture
 # Byte-level BPE pre-tokenizer regexes -> llama.cpp's name for them (`tokenizer.ggml.pre`).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                 r"|\s+(?!\S)|\s+")  # fmt: skip
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZERS = {_LLAMA3_SPLIT: "llama-bpe", _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2"}
 # llama.cpp's token types.
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -42,11 +44,15 @@ def write_gguf(model: SpeechLM, directory: Path, quant: str) -> None:
     """Write `model.gguf` and `mmproj.gguf` into `directory`."""
     check_exportable(model, "gguf")
     if quant not in QUANTS:
-        raise ExportError(f"--quant {quant}: voxtune writes {', '.join(QUANTS)} (K-quants: run llama-quantize on the f16 file)")
+        raise ExportError(
+            f"--quant {quant}: voxtune writes {', '.join(QUANTS)} (K-quants: run llama-quantize on the f16 file)"
+        )
     if model.projector.norm_mid is None:
-        raise ExportError("--to gguf: this model's projector has its second norm after the MLP (Ultravox v0.4), which "
-                          "llama.cpp's graph lacks; it exports to --to ultravox, and a model trained with "
-                          "model.projector_norm_mid=true exports to gguf")  # fmt: skip
+        raise ExportError(
+            "--to gguf: this model's projector has its second norm after the MLP (Ultravox v0.4), which "
+            "llama.cpp's graph lacks; it exports to --to ultravox, and a model trained with "
+            "model.projector_norm_mid=true exports to gguf"
+        )
     write_lm_gguf(model, directory / "model.gguf", quant)
     write_mmproj_gguf(model, directory / "mmproj.gguf")
 
@@ -62,7 +68,10 @@ def write_lm_gguf(model: SpeechLM, path: Path, quant: str) -> None:
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
         raise ExportError(f"--to gguf: voxtune writes GGUF for {', '.join(ARCHITECTURES)} LMs, not {config.model_type}")
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads, kv_heads = (
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(path.parent.name)
@@ -75,10 +84,18 @@ def write_lm_gguf(model: SpeechLM, path: Path, quant: str) -> None:
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(_rope_theta(config)))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])  # fmt: skip
+    writer.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[quant]
+    )
     _add_tokenizer(writer, model)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers
+    )
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for key, tensor in lm.state_dict().items():
         if tied and key == "lm_head.weight":
@@ -112,7 +129,9 @@ def _add(writer: Any, name: str, data: np.ndarray, quant: str) -> None:
 
     if data.ndim == 1 or quant == "f32":
         writer.add_tensor(name, data.astype(np.float32))
-    elif quant == "f16" or (quant == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]):
+    elif quant == "f16" or (
+        quant == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    ):
         writer.add_tensor(name, data.astype(np.float16))
     else:
         kind = gguf.GGMLQuantizationType.BF16 if quant == "bf16" else gguf.GGMLQuantizationType.Q8_0
@@ -161,7 +180,9 @@ def _pre_tokenizer(spec: dict[str, Any]) -> str:
         pattern = (step.get("pattern") or {}).get("Regex") if step.get("type") == "Split" else None
         if pattern in PRE_TOKENIZERS:
             return PRE_TOKENIZERS[pattern]
-    raise ExportError("--to gguf: the tokenizer's pre-tokenizer is not one llama.cpp knows (GPT-2's, Llama 3's or Qwen2's)")
+    raise ExportError(
+        "--to gguf: the tokenizer's pre-tokenizer is not one llama.cpp knows (GPT-2's, Llama 3's or Qwen2's)"
+    )
 
 
 # ---- the audio encoder and projector -----------------------------------------------------------------
@@ -197,7 +218,9 @@ def write_mmproj_gguf(model: SpeechLM, path: Path) -> None:
         data = tensor.detach().float().cpu().numpy()
         if ".conv1d." in name:
             # llama.cpp's conv kernels are f16, their biases [C, 1].
-            writer.add_tensor(name, data.astype(np.float16) if data.ndim == 3 else data.reshape(-1, 1).astype(np.float32))
+            writer.add_tensor(
+                name, data.astype(np.float16) if data.ndim == 3 else data.reshape(-1, 1).astype(np.float32)
+            )
         elif data.ndim == 1 or "position_embd" in name:
             writer.add_tensor(name, data.astype(np.float32))
         else:
@@ -210,4 +233,3 @@ def _finish(writer: Any) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-

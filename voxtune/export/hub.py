@@ -16,8 +16,9 @@ def push(folder: Path, repo: str, *, private: bool = False) -> str:
     api = HfApi()
     try:
         url = api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
-                          commit_message="Upload a voxtune export")  # fmt: skip
+        api.upload_folder(
+            folder_path=str(folder), repo_id=repo, repo_type="model", commit_message="Upload a voxtune export"
+        )
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise InputError(f"cannot upload {folder} to the Hub repo {repo}: {str(error).splitlines()[0]}") from None
     return str(url)

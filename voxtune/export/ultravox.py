@@ -31,12 +31,16 @@ def check_exportable(model: SpeechLM, target: str) -> None:
     """Raise `ExportError` when `model` has no counterpart in the Ultravox or GGUF layouts."""
     kind = getattr(model.config, "encoder_kind", None)
     if getattr(model, "architecture", None) is not None:
-        raise ExportError(f"this is a {model.architecture} checkpoint: --to {target} exports voxtune's own models "
-                          "(a Whisper encoder, voxtune's projector, any causal LM) and Ultravox checkpoints to "
-                          "--to ultravox; use --to merged")  # fmt: skip
+        raise ExportError(
+            f"this is a {model.architecture} checkpoint: --to {target} exports voxtune's own models "
+            "(a Whisper encoder, voxtune's projector, any causal LM) and Ultravox checkpoints to "
+            "--to ultravox; use --to merged"
+        )
     if kind != "whisper":
-        raise ExportError(f"--to {target}: this model's {kind} encoder has no counterpart in vLLM or llama.cpp "
-                         "(both run a Whisper encoder); export it with --to merged or --to adapters")  # fmt: skip
+        raise ExportError(
+            f"--to {target}: this model's {kind} encoder has no counterpart in vLLM or llama.cpp "
+            "(both run a Whisper encoder); export it with --to merged or --to adapters"
+        )
 
 
 def ultravox_state(model: SpeechLM) -> dict[str, torch.Tensor]:
@@ -98,9 +102,12 @@ def write_ultravox(model: SpeechLM, directory: Path) -> None:
     processor = {
         "processor_class": "UltravoxProcessor",
         "auto_map": {"AutoProcessor": f"{ULTRAVOX_CODE}--ultravox_processing.UltravoxProcessor"},
-        "audio_padding": "longest", "encoder_ds_factor": 2, "stack_factor": model.config.projector_stack,
-        "audio_placeholder": AUDIO_TOKEN, "audio_context_size": 3000,
-    }  # fmt: skip
+        "audio_padding": "longest",
+        "encoder_ds_factor": 2,
+        "stack_factor": model.config.projector_stack,
+        "audio_placeholder": AUDIO_TOKEN,
+        "audio_context_size": 3000,
+    }
     (directory / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
@@ -113,4 +120,3 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[key] = tensor.clone() if pointer in seen else tensor
         seen.add(pointer)
     return out
-

@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from contextlib import closing
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +106,9 @@ class Engine:
 
     # ---- submitting -------------------------------------------------------------------------
 
-    def submit(self, messages: Sequence[dict] | Example, params: SamplingParams, sink: Callable[[str, Any], None]) -> Generation:
+    def submit(
+        self, messages: Sequence[dict] | Example, params: SamplingParams, sink: Callable[[str, Any], None]
+    ) -> Generation:
         """Queue a conversation (messages, or an `Example` already tokenised). Bad input raises
         here, in the caller's thread; everything after arrives through `sink`."""
         example = messages if isinstance(messages, Example) else self.encode(messages)
@@ -351,10 +353,12 @@ def _concat(old: Prefill, new: Prefill) -> Prefill:
 
     def join(first: DynamicCache, second: DynamicCache, padded: bool) -> DynamicCache:
         fit = (lambda t: pad(t, 2)) if padded else (lambda t: t)
-        return DynamicCache(ddp_cache_data=[
-            (torch.cat([fit(k1), fit(k2)]), torch.cat([fit(v1), fit(v2)]))  # [B, H, L, d]
-            for (k1, v1), (k2, v2) in zip(_layers(first), _layers(second))
-        ])  # fmt: skip
+        return DynamicCache(
+            ddp_cache_data=[
+                (torch.cat([fit(k1), fit(k2)]), torch.cat([fit(v1), fit(v2)]))  # [B, H, L, d]
+                for (k1, v1), (k2, v2) in zip(_layers(first), _layers(second), strict=True)
+            ]
+        )
 
     if isinstance(old.cache, EncoderDecoderCache):
         # Cross-attention rows all read a whole encoder window: same length, nothing to pad.

@@ -121,9 +121,14 @@ class Runtime:
     # ---- chat -------------------------------------------------------------------------------
 
     def prepare_chat(
-        self, messages: Sequence[Any], owner: str, *, tools: Sequence[dict] | None = None, tool_choice: Any = None,
+        self,
+        messages: Sequence[Any],
+        owner: str,
+        *,
+        tools: Sequence[dict] | None = None,
+        tool_choice: Any = None,
         reply_tokens: int = 1,
-    ) -> PreparedChat:  # fmt: skip
+    ) -> PreparedChat:
         """The model's conversation for OpenAI-shaped `messages` sent by `owner` (an API key),
         tokenised (`example`) with every clip encoded.
 
@@ -248,7 +253,9 @@ class Runtime:
         `AudioTooLongError` as soon as the request's audio passes the limit."""
         if not isinstance(payload, dict):
             raise MessageError(f"{where}.input_audio must be an object with 'data' and 'format' (or 'id')")
-        used = sum(item.embedding.duration if not isinstance(item, _Fresh) else item.audio.duration for _, item in slots)
+        used = sum(
+            item.embedding.duration if not isinstance(item, _Fresh) else item.audio.duration for _, item in slots
+        )
         if "id" in payload and "data" not in payload:
             entry = self.store.get(_string(payload["id"], f"{where}.input_audio.id"), owner)
             if entry.embedding is None:
@@ -283,7 +290,12 @@ class Runtime:
         return AudioTooLongError(f"the request carries more than {self.max_audio_seconds:g} s of audio, the limit")
 
     def decode(
-        self, data: str | bytes, fmt: str | None = None, *, where: str = "audio", allow_silent: bool = False,
+        self,
+        data: str | bytes,
+        fmt: str | None = None,
+        *,
+        where: str = "audio",
+        allow_silent: bool = False,
         max_seconds: float | None = None,
     ) -> Audio:
         """16 kHz audio from base64 text (or bytes), checked: decodable, within `max_seconds`
@@ -298,9 +310,12 @@ class Runtime:
                 raise MessageError(f"{where}.data is not valid base64") from None
         try:
             audio = load(
-                data, SAMPLE_RATE, format=fmt, rate=PCM16_RATE if fmt in ("pcm16", "pcm") else None,
+                data,
+                SAMPLE_RATE,
+                format=fmt,
+                rate=PCM16_RATE if fmt in ("pcm16", "pcm") else None,
                 max_duration=self.max_audio_seconds if max_seconds is None else max(max_seconds, 0.0),
-            )  # fmt: skip
+            )
         except AudioError as error:
             raise type(error)(f"{where}: {error}") from None
         if len(audio) < MIN_SAMPLES:
@@ -328,10 +343,14 @@ class Runtime:
 
     # ---- transcription ----------------------------------------------------------------------
 
-    def plan_transcription(self, audio: Audio, language: str | None = None, *, temperature: float = 0.0) -> TranscriptionPlan:
+    def plan_transcription(
+        self, audio: Audio, language: str | None = None, *, temperature: float = 0.0
+    ) -> TranscriptionPlan:
         """The spans of speech in `audio` and the conversation that asks for each one's words."""
         if language is not None and language not in LANGUAGES:
-            raise MessageError(f"language must be an ISO-639-1 code this model knows ({', '.join(LANGUAGES)}), not {echo(language)}")
+            raise MessageError(
+                f"language must be an ISO-639-1 code this model knows ({', '.join(LANGUAGES)}), not {echo(language)}"
+            )
         window = self.model.processor.max_seconds  # a span must fit the encoder (and its 0.1 s pads)
         longest_span = 20.0 if window is None else min(20.0, window - 0.25)
         spans = [(s, e) for s, e in speech_spans(audio, max_span=longest_span) if (e - s) * SAMPLE_RATE >= MIN_SAMPLES]
@@ -378,7 +397,7 @@ class TranscriptionPlan:
     def transcript(self, replies: Sequence[str]) -> Transcript:
         """The transcript from the model's reply for each span (in order)."""
         segments = []
-        for i, ((start, end), raw) in enumerate(zip(self.spans, replies)):
+        for i, ((start, end), raw) in enumerate(zip(self.spans, replies, strict=True)):
             text, found = self.read(raw)
             segments.append(Segment(i, round(start, 3), round(end, 3), text, found or self.language))
         heard = Counter(s.language for s in segments if s.language)

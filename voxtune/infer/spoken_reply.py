@@ -24,9 +24,14 @@ if TYPE_CHECKING:
 CLAUSE_CHARS = 80  # a sentence this long is spoken clause by clause as it streams
 # The user's style (as the model hears it) -> the style of the spoken reply.
 REPLY_STYLE = {
-    "neutral": "neutral", "happy": "happy", "excited": "happy", "calm": "calm", "sad": "calm", "angry": "calm",
+    "neutral": "neutral",
+    "happy": "happy",
+    "excited": "happy",
+    "calm": "calm",
+    "sad": "calm",
+    "angry": "calm",
     "whisper": "whisper",
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -74,7 +79,11 @@ def choose_voice(reply: str, heard_language: str = "", heard_style: str = "") ->
 
 
 def speak_reply(
-    model: SpeechLM, messages: Sequence[dict], reply: str | None = None, *, voice: str = voices.DEFAULT_VOICE,
+    model: SpeechLM,
+    messages: Sequence[dict],
+    reply: str | None = None,
+    *,
+    voice: str = voices.DEFAULT_VOICE,
     **sampling: Any,
 ) -> SpokenReply:
     """Speak the reply to `messages` (`reply`, or generated with `sampling` when None); audio is
@@ -89,7 +98,9 @@ def speak_reply(
     return SpokenReply(text, language, style, audio)
 
 
-def render_reply(text: str, language: str, voice: str = voices.DEFAULT_VOICE, style: str = "neutral") -> tuple[Audio, str]:
+def render_reply(
+    text: str, language: str, voice: str = voices.DEFAULT_VOICE, style: str = "neutral"
+) -> tuple[Audio, str]:
     """`text` spoken by `voice` in `language` and `style`, and the language it was spoken in
     (English when the voice cannot speak `language`)."""
     try:

@@ -48,7 +48,9 @@ def tools_prompt(tools: Sequence[dict], tool_choice: Any = "auto") -> str:
             raise ToolError(f"tool_choice names {echo(name)}, which is not among the tools")
         lines.append(f"You must call the function {name}.")
     elif tool_choice not in ("auto", None):
-        raise ToolError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
+        raise ToolError(
+            "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
+        )
     return "\n".join(lines)
 
 
@@ -66,7 +68,9 @@ def render_tool_calls(calls: Sequence[dict]) -> str:
             parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
         except json.JSONDecodeError:
             raise ToolError(f"tool call {echo(function['name'])} has arguments that are not JSON") from None
-        out.append(f"<tool_call>{json.dumps({'name': function['name'], 'arguments': parsed}, ensure_ascii=False)}</tool_call>")
+        out.append(
+            f"<tool_call>{json.dumps({'name': function['name'], 'arguments': parsed}, ensure_ascii=False)}</tool_call>"
+        )
     return "\n".join(out)
 
 
@@ -83,11 +87,13 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return match.group(0)
         arguments = call.get("arguments", {})
-        calls.append({
-            "id": "call_" + secrets.token_hex(12),
-            "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)},
-        })  # fmt: skip
+        calls.append(
+            {
+                "id": "call_" + secrets.token_hex(12),
+                "type": "function",
+                "function": {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)},
+            }
+        )
         return ""
 
     rest = _CALL.sub(take, text).strip()

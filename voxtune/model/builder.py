@@ -100,9 +100,14 @@ def compose(
     language_model = AutoModelForCausalLM.from_pretrained(lm, dtype=dtype or torch.float32)
     if isinstance(encoder, dict):
         return build_speech_lm(
-            language_model, tokenizer, encoder_kind="streaming", encoder_config=encoder,
-            projector_stack=projector_stack, projector_hidden=projector_hidden, projector_norm_mid=projector_norm_mid,
-        )  # fmt: skip
+            language_model,
+            tokenizer,
+            encoder_kind="streaming",
+            encoder_config=encoder,
+            projector_stack=projector_stack,
+            projector_hidden=projector_hidden,
+            projector_norm_mid=projector_norm_mid,
+        )
     from transformers import WhisperConfig
 
     from voxtune.model.checkpoint import resolve
@@ -110,8 +115,13 @@ def compose(
 
     whisper_dir = resolve(encoder)
     model = build_speech_lm(
-        language_model, tokenizer, encoder_kind="whisper", encoder_config=WhisperConfig.from_pretrained(whisper_dir),
-        projector_stack=projector_stack, projector_hidden=projector_hidden, projector_norm_mid=projector_norm_mid,
-    )  # fmt: skip
+        language_model,
+        tokenizer,
+        encoder_kind="whisper",
+        encoder_config=WhisperConfig.from_pretrained(whisper_dir),
+        projector_stack=projector_stack,
+        projector_hidden=projector_hidden,
+        projector_norm_mid=projector_norm_mid,
+    )
     model.encoder.load_state_dict(load_whisper_encoder(whisper_dir).state_dict())
     return model

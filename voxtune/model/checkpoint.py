@@ -110,7 +110,9 @@ def resolve(name: str | os.PathLike | None) -> Path:
             return Path(snapshot_download(text))
         except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelLoadError(f"no model directory at {text}, and it cannot be fetched as a Hugging Face repo id ({first})") from None
+            raise ModelLoadError(
+                f"no model directory at {text}, and it cannot be fetched as a Hugging Face repo id ({first})"
+            ) from None
     raise ModelLoadError(f"no model directory at {text}")
 
 
@@ -153,14 +155,21 @@ def _load(path: Path, config_path: Path, device: Any, dtype: torch.dtype | None)
     if len(tokenizer) > rows:
         raise ModelLoadError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the LM only {rows} embeddings")
     encoder = build_encoder(config.encoder_kind, config.encoder)
-    projector = Projector(encoder.dim, lm.config.hidden_size, stack=config.projector_stack, hidden=config.projector_hidden,
-                          norm_mid=config.projector_norm_mid)  # fmt: skip
+    projector = Projector(
+        encoder.dim,
+        lm.config.hidden_size,
+        stack=config.projector_stack,
+        hidden=config.projector_hidden,
+        norm_mid=config.projector_norm_mid,
+    )
     model = SpeechLM(encoder, projector, lm, tokenizer, config)
     weights_path = path / AUDIO_WEIGHTS
     if not weights_path.is_file():
         raise ModelLoadError(f"{path} has no {AUDIO_WEIGHTS}")
     state = load_file(weights_path)
-    expected = {f"{name}.{key}": t for name in ("encoder", "projector") for key, t in getattr(model, name).state_dict().items()}
+    expected = {
+        f"{name}.{key}": t for name in ("encoder", "projector") for key, t in getattr(model, name).state_dict().items()
+    }
     _check_state("audio", expected, state)
     for name in ("encoder", "projector"):
         prefix = f"{name}."
@@ -205,7 +214,11 @@ def _load_tokenizer(path: Path) -> Any:
 def _check_state(part: str, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
     """Raise `ModelLoadError` naming every weight of `state` that is missing, unexpected or of
     another shape than in `expected`."""
-    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(t.shape)}" for k, t in expected.items() if k in state and state[k].shape != t.shape]
+    misshapen = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(t.shape)}"
+        for k, t in expected.items()
+        if k in state and state[k].shape != t.shape
+    ]
     check_keys(part, sorted(set(expected) - set(state)), sorted(set(state) - set(expected)), misshapen)
 
 

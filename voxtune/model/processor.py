@@ -212,7 +212,7 @@ class SpeechProcessor:
         out_ids: list[int] = []
         out_labels: list[int] | None = [] if labels is not None else None
         previous = 0
-        for place, clip in zip(places, clips):
+        for place, clip in zip(places, clips, strict=True):
             count = clip.num_tokens if isinstance(clip, AudioEmbedding) else self.audio_tokens(len(clip))
             out_ids += ids[previous:place] + [self.audio_token_id] * count
             if out_labels is not None:
@@ -258,7 +258,6 @@ class SpeechProcessor:
         if audio and features:
             batch["audio_features"], batch["audio_frames"] = self.featurize([clip.samples for clip in audio])
         return batch
-
 
     def pack(self, examples: Sequence[Example], *, features: bool = True) -> dict[str, Any]:
         """Concatenate examples into one row, padding-free: position ids restart at each example

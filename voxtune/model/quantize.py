@@ -23,11 +23,7 @@ def _bnb():  # type: ignore[no-untyped-def]
 
 def _children(root: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
     """(parent, name, child) for every module under `root`, listed before any is swapped."""
-    return [
-        (parent, name, child)
-        for parent in root.modules()
-        for name, child in parent.named_children()
-    ]  # fmt: skip
+    return [(parent, name, child) for parent in root.modules() for name, child in parent.named_children()]
 
 
 def quantize_linears(
@@ -45,10 +41,14 @@ def quantize_linears(
             continue
         weight = child.weight
         layer = bnb.nn.Linear4bit(
-            child.in_features, child.out_features, bias=child.bias is not None,
-            compute_dtype=compute_dtype or weight.dtype, compress_statistics=True, quant_type="nf4",
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            compute_dtype=compute_dtype or weight.dtype,
+            compress_statistics=True,
+            quant_type="nf4",
             device="meta",
-        )  # fmt: skip
+        )
         layer.weight = bnb.nn.Params4bit(
             weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
         ).to(weight.device)  # moving it to its device is what quantises it

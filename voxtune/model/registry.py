@@ -60,7 +60,9 @@ _LLAMA3 = dict(
     special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     end_of_turn="<|eot_id|>",
 )
-_GEMMA = dict(chat_template=GEMMA_TEMPLATE, special_tokens=("<start_of_turn>", "<end_of_turn>"), end_of_turn="<end_of_turn>")
+_GEMMA = dict(
+    chat_template=GEMMA_TEMPLATE, special_tokens=("<start_of_turn>", "<end_of_turn>"), end_of_turn="<end_of_turn>"
+)
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", **_LLAMA3),
@@ -71,9 +73,14 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family("gemma2", **_GEMMA),
     "gemma3_text": Family("gemma3_text", **_GEMMA),
     "mistral": Family("mistral", MISTRAL_TEMPLATE, ("[INST]", "[/INST]"), None),
-    "phi3": Family("phi3", PHI3_TEMPLATE, ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"), "<|end|>",
-                   lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
-}  # fmt: skip
+    "phi3": Family(
+        "phi3",
+        PHI3_TEMPLATE,
+        ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"),
+        "<|end|>",
+        lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    ),
+}
 
 DEFAULT_FAMILY = Family("default", **_CHATML)
 _warned: set[str] = set()
@@ -87,6 +94,8 @@ def family_of(model_type: str) -> Family:
         _warned.add(model_type)
         logger.warning(
             "voxtune has no entry for LM family %r; using defaults (ChatML template when the "
-            "tokenizer has none, LoRA on %s)", model_type, ", ".join(DEFAULT_FAMILY.lora_targets)
+            "tokenizer has none, LoRA on %s)",
+            model_type,
+            ", ".join(DEFAULT_FAMILY.lora_targets),
         )
     return DEFAULT_FAMILY

@@ -59,10 +59,19 @@ class SpeechLMConfig:
 
 # The WhisperConfig fields the encoder reads; the rest (decoder, generation) is not saved.
 WHISPER_ENCODER_KEYS = (
-    "num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
-    "activation_function", "max_source_positions", "scale_embedding", "dropout",
-    "attention_dropout", "activation_dropout", "encoder_layerdrop",
-)  # fmt: skip
+    "num_mel_bins",
+    "d_model",
+    "encoder_layers",
+    "encoder_attention_heads",
+    "encoder_ffn_dim",
+    "activation_function",
+    "max_source_positions",
+    "scale_embedding",
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "encoder_layerdrop",
+)
 
 
 def encoder_config_dict(kind: str, config: Any) -> dict[str, Any]:
@@ -107,7 +116,9 @@ class SpeechLM(nn.Module):
     # language and style it hears); other architectures answer a clip as it is.
     knows_task_tags = True
 
-    def __init__(self, encoder: nn.Module, projector: Projector, lm: nn.Module, tokenizer: Any, config: SpeechLMConfig) -> None:
+    def __init__(
+        self, encoder: nn.Module, projector: Projector, lm: nn.Module, tokenizer: Any, config: SpeechLMConfig
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.projector = projector
@@ -178,7 +189,9 @@ class SpeechLM(nn.Module):
     def encode_audio(self, audio: Any) -> AudioEmbedding:
         """Encode a clip once (anything `voxtune.audio.load` reads); the result can stand in for
         the audio in later prompts."""
-        clip = self.processor.encode_messages([{"role": "user", "content": [{"type": "audio", "audio": audio}]}]).clips[0]
+        clip = self.processor.encode_messages([{"role": "user", "content": [{"type": "audio", "audio": audio}]}]).clips[
+            0
+        ]
         features, frames = self.featurize([clip.samples])
         (embeddings,) = self.embed_audio(features, frames)
         return AudioEmbedding(embeddings.detach(), clip.duration)
@@ -253,8 +266,12 @@ class SpeechLM(nn.Module):
             # builds none); flash-attention reads the bounds only when the mask is None.
             ones = torch.ones(embeddings.shape[:2], dtype=torch.long, device=self.device)
             mask = ones if implementation == PACKED_ATTENTION else None
-            return {"inputs_embeds": embeddings, "attention_mask": mask, "position_ids": positions,
-                    **varlen_inputs(lengths, self.device)}  # fmt: skip
+            return {
+                "inputs_embeds": embeddings,
+                "attention_mask": mask,
+                "position_ids": positions,
+                **varlen_inputs(lengths, self.device),
+            }
         window = getattr(self.base_lm().config, "sliding_window", None)
         if lengths is not None and window is not None and int(lengths.max()) > window:
             # One [L, L] mask serves every layer, so it cannot hold a sliding window.

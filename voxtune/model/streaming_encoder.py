@@ -230,9 +230,7 @@ class SelfAttention(nn.Module):
         batch, _, frames, _ = y.shape
         return self.out(y.transpose(1, 2).reshape(batch, frames, -1))  # [B, H, T, Hd] -> [B, T, D]
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Whole-clip block-causal attention, one chunk against its window at a time.
 
         Args:
@@ -305,9 +303,7 @@ class EncoderLayer(nn.Module):
         self.mlp_norm = nn.RMSNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, hidden)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [B, T, D], mask [B, 1, N, C, W] -> [B, T, D]; see `SelfAttention.forward`."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
@@ -384,9 +380,7 @@ class StreamingEncoder(nn.Module):
 
     # --- whole clips ----------------------------------------------------------------------
 
-    def forward(
-        self, features: torch.Tensor, lengths: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a batch of right-padded log-mel clips.
 
         Args:
@@ -448,9 +442,7 @@ class StreamingEncoder(nn.Module):
         return features.shape[0], features.shape[1], features.shape[2]
 
     @staticmethod
-    def _check_lengths(
-        lengths: torch.Tensor | None, batch: int, frames: int, device: torch.device
-    ) -> torch.Tensor:
+    def _check_lengths(lengths: torch.Tensor | None, batch: int, frames: int, device: torch.device) -> torch.Tensor:
         if lengths is None:
             return torch.full((batch,), frames, dtype=torch.int64, device=device)
         if lengths.shape != (batch,):
@@ -547,9 +539,7 @@ def build_streaming_encoder(config: StreamingEncoderConfig) -> StreamingEncoder:
         CausalConv1d(config.dim, config.dim, config.conv_kernel, _CONV_STRIDE),
     ]
     hidden = int(round(config.dim * config.mlp_ratio))
-    layers = [
-        EncoderLayer(config.dim, config.heads, hidden, norm_eps=config.norm_eps) for _ in range(config.layers)
-    ]
+    layers = [EncoderLayer(config.dim, config.heads, hidden, norm_eps=config.norm_eps) for _ in range(config.layers)]
     return StreamingEncoder(
         convs,
         layers,

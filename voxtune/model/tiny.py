@@ -36,7 +36,9 @@ def train_tokenizer(model_type: str = "llama", vocab_size: int = 400, corpus: st
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(corpus.splitlines(), trainer)
@@ -75,14 +77,31 @@ def tiny_encoder_config(
     """A small encoder config of `kind` ("streaming" or "whisper"); `left_chunks` is the
     streaming encoder's attention past, in 160 ms chunks."""
     if kind == "streaming":
-        return {"n_mels": n_mels, "dim": dim, "layers": layers, "heads": heads, "chunk_frames": 4, "left_chunks": left_chunks}
+        return {
+            "n_mels": n_mels,
+            "dim": dim,
+            "layers": layers,
+            "heads": heads,
+            "chunk_frames": 4,
+            "left_chunks": left_chunks,
+        }
     if kind == "whisper":
         return WhisperConfig(
-            num_mel_bins=n_mels, d_model=dim, encoder_layers=layers, encoder_attention_heads=heads,
-            encoder_ffn_dim=2 * dim, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=2 * dim,
-            max_source_positions=1500, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            num_mel_bins=n_mels,
+            d_model=dim,
+            encoder_layers=layers,
+            encoder_attention_heads=heads,
+            encoder_ffn_dim=2 * dim,
+            decoder_layers=1,
+            decoder_attention_heads=2,
+            decoder_ffn_dim=2 * dim,
+            max_source_positions=1500,
+            vocab_size=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
             decoder_start_token_id=1,
-        ).to_dict()  # fmt: skip
+        ).to_dict()
     raise ValueError(f"unknown encoder kind {kind!r} (choose streaming or whisper)")
 
 
@@ -124,7 +143,11 @@ def tiny(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(lm_config)
         speech_lm = build_speech_lm(
-            model, tokenizer, encoder_kind=encoder, encoder_config=encoder_config, projector_stack=projector_stack,
+            model,
+            tokenizer,
+            encoder_kind=encoder,
+            encoder_config=encoder_config,
+            projector_stack=projector_stack,
             projector_norm_mid=projector_norm_mid,
         )
     return speech_lm.eval()

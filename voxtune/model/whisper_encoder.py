@@ -118,9 +118,7 @@ class WhisperEncoderLayer(nn.Module):
         activation (Callable[[Tensor], Tensor]): the MLP's activation.
     """
 
-    def __init__(
-        self, dim: int, num_heads: int, ffn_dim: int, activation: Callable[[Tensor], Tensor]
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, activation: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.self_attn = WhisperSelfAttention(dim, num_heads)
         self.self_attn_layer_norm = nn.LayerNorm(dim)
@@ -174,9 +172,7 @@ class WhisperEncoder(nn.Module):
         with torch.no_grad():
             self.embed_positions.weight.copy_(sinusoids(max_positions, dim))
         self.embed_positions.requires_grad_(False)
-        self.layers = nn.ModuleList(
-            WhisperEncoderLayer(dim, num_heads, ffn_dim, activation) for _ in range(num_layers)
-        )
+        self.layers = nn.ModuleList(WhisperEncoderLayer(dim, num_heads, ffn_dim, activation) for _ in range(num_layers))
         self.layer_norm = nn.LayerNorm(dim)
 
     @property
@@ -374,9 +370,7 @@ def _weight_files(path: Path) -> list[Path]:
         prefix = _encoder_prefix(weight_map)
         names = {file for key, file in weight_map.items() if key.startswith(prefix)}
         return [path / name for name in sorted(names)]
-    raise FileNotFoundError(
-        f"no model.safetensors, {_SAFETENSORS_INDEX} or pytorch_model.bin in {path}"
-    )
+    raise FileNotFoundError(f"no model.safetensors, {_SAFETENSORS_INDEX} or pytorch_model.bin in {path}")
 
 
 def _read_encoder_weights(path: Path) -> tuple[dict[str, Tensor], str]:
@@ -422,10 +416,7 @@ def _check_keys(state_dict: StateDict, expected: StateDict, source: str, prefix:
         problems.append(f"mis-shaped keys: {_some(mismatched)}")
     if problems:
         where = f" (after the prefix {prefix!r})" if prefix else ""
-        raise ValueError(
-            f"Whisper encoder weights in {source} do not match the config{where}: "
-            + "; ".join(problems)
-        )
+        raise ValueError(f"Whisper encoder weights in {source} do not match the config{where}: " + "; ".join(problems))
 
 
 def _some(names: list[str], limit: int = 10) -> str:

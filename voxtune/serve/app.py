@@ -18,8 +18,6 @@ from voxtune.infer.runtime import Runtime
 from voxtune.serve import audio, chat
 from voxtune.serve.bridge import Drain
 from voxtune.serve.config import ServeConfig
-from voxtune.serve.openapi import install_openapi
-from voxtune.serve.realtime import Sessions, serve_realtime
 from voxtune.serve.errors import (
     APIError,
     api_error_handler,
@@ -28,9 +26,19 @@ from voxtune.serve.errors import (
     unexpected_error_handler,
 )
 from voxtune.serve.gate import Gate, GateStats
+from voxtune.serve.openapi import install_openapi
+from voxtune.serve.realtime import Sessions, serve_realtime
 
-
-ROUTES = ("/", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/speech")
+ROUTES = (
+    "/",
+    "/health",
+    "/metrics",
+    "/openapi.json",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/audio/transcriptions",
+    "/v1/audio/speech",
+)
 
 
 def default_model_id(config: ServeConfig) -> str:
@@ -46,8 +54,14 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
     created = int(time.time())
     limits = config.limits
     # No trailing-slash redirects: a client that adds one gets a 404 in OpenAI's shape.
-    app = FastAPI(title="voxtune", version=voxtune.__version__, docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json", redirect_slashes=False)  # fmt: skip
+    app = FastAPI(
+        title="voxtune",
+        version=voxtune.__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        redirect_slashes=False,
+    )
     install_openapi(app, with_keys=bool(config.api_keys))
     app.state.drain = Drain()
     app.add_exception_handler(APIError, api_error_handler)
@@ -56,16 +70,26 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
     app.add_exception_handler(Exception, unexpected_error_handler)
     gate = GateStats()
     app.add_middleware(
-        Gate, api_keys=config.api_keys, max_body=int(limits.max_body_mb * 1e6), max_concurrent=limits.max_concurrent,
-        stats=gate, paths=ROUTES, body_timeout=limits.body_timeout_seconds, per_client=limits.per_client,
+        Gate,
+        api_keys=config.api_keys,
+        max_body=int(limits.max_body_mb * 1e6),
+        max_concurrent=limits.max_concurrent,
+        stats=gate,
+        paths=ROUTES,
+        body_timeout=limits.body_timeout_seconds,
+        per_client=limits.per_client,
         write_timeout=limits.write_timeout_seconds,
-    )  # fmt: skip
+    )
 
     def check_model(name: str) -> None:
         known = name == model_id or any(name == a or name.startswith(a + "-") for a in config.aliases)
         if not known:
-            raise APIError(404, f"the model {echo(name)} does not exist; this server serves {model_id!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"the model {echo(name)} does not exist; this server serves {model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     playground = (Path(__file__).parent / "playground" / "index.html").read_text()
     playground = playground.replace("__MODEL_ID__", html.escape(model_id, quote=True))
@@ -107,9 +131,17 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
 
     @app.websocket("/v1/realtime")
     async def realtime(socket: WebSocket) -> None:
-        await serve_realtime(socket, runtime=runtime, model_id=model_id, api_keys=[k.encode() for k in config.api_keys],
-                             check_model=check_model, drain=app.state.drain, max_tokens=limits.max_tokens,
-                             sessions=sessions, write_timeout=limits.write_timeout_seconds)  # fmt: skip
+        await serve_realtime(
+            socket,
+            runtime=runtime,
+            model_id=model_id,
+            api_keys=[k.encode() for k in config.api_keys],
+            check_model=check_model,
+            drain=app.state.drain,
+            max_tokens=limits.max_tokens,
+            sessions=sessions,
+            write_timeout=limits.write_timeout_seconds,
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -146,8 +178,10 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
             "# TYPE voxtune_requests_rejected_total counter",
             f"voxtune_requests_rejected_total {gate.rejected}",
             "# TYPE voxtune_requests_total counter",
-            *(f'voxtune_requests_total{{path="{path}",status="{status}"}} {count}'
-              for (path, status), count in sorted(gate.responses.items())),  # fmt: skip
+            *(
+                f'voxtune_requests_total{{path="{path}",status="{status}"}} {count}'
+                for (path, status), count in sorted(gate.responses.items())
+            ),
         ]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 

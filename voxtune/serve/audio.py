@@ -48,19 +48,26 @@ async def transcriptions(request: Request, runtime: Runtime, check_model: Callab
     granularities = form.getlist("timestamp_granularities[]") or form.getlist("timestamp_granularities")
     for granularity in granularities:
         if granularity == "word":
-            raise APIError(400, "timestamp_granularities: this model gives segment times, not word times",
-                           param="timestamp_granularities")  # fmt: skip
+            raise APIError(
+                400,
+                "timestamp_granularities: this model gives segment times, not word times",
+                param="timestamp_granularities",
+            )
         if granularity != "segment":
             raise APIError(400, "timestamp_granularities must be 'segment'", param="timestamp_granularities")
     if granularities and response_format != "verbose_json":
-        raise APIError(400, "timestamp_granularities needs response_format verbose_json", param="timestamp_granularities")
+        raise APIError(
+            400, "timestamp_granularities needs response_format verbose_json", param="timestamp_granularities"
+        )
     temperature = _number(_field(form, "temperature"), "temperature", 0.0, 1.0)
     stream = (_field(form, "stream") or "false").lower() == "true"
     if stream and response_format not in ("json", "text"):
         raise APIError(400, "stream: only with response_format json or text", param="stream")
     language = _field(form, "language") or None
     if language is not None and language not in LANGUAGES:
-        raise APIError(400, f"language must be an ISO-639-1 code this model knows ({', '.join(LANGUAGES)})", param="language")
+        raise APIError(
+            400, f"language must be an ISO-639-1 code this model knows ({', '.join(LANGUAGES)})", param="language"
+        )
     data = await upload.read()
     # The format is read from the bytes: a file named .wav that holds mp3 is still mp3.
     audio = await asyncio.to_thread(lambda: runtime.decode(data, where="file", allow_silent=True))
@@ -76,8 +83,13 @@ async def transcriptions(request: Request, runtime: Runtime, check_model: Callab
     except ClientGone:
         return Response(status_code=499)  # nobody reads it
     except ShuttingDown:
-        raise APIError(503, "the server is shutting down; retry", type="server_error", code="server_shutting_down",
-                       headers={"Retry-After": "1"}) from None  # fmt: skip
+        raise APIError(
+            503,
+            "the server is shutting down; retry",
+            type="server_error",
+            code="server_shutting_down",
+            headers={"Retry-After": "1"},
+        ) from None
     return _transcript_response(plan.transcript(replies), response_format)
 
 
@@ -124,8 +136,16 @@ async def _stream_transcript(runtime: Runtime, plan: TranscriptionPlan, drain: D
                 replies.append(value)
                 raw, sent = "", ""
     except ShuttingDown:
-        yield _sse({"type": "error", "error": {"message": "the server is shutting down; the transcript was cut short",
-                                               "type": "server_error", "code": "server_shutting_down"}})  # fmt: skip
+        yield _sse(
+            {
+                "type": "error",
+                "error": {
+                    "message": "the server is shutting down; the transcript was cut short",
+                    "type": "server_error",
+                    "code": "server_shutting_down",
+                },
+            }
+        )
         return
     except Exception as error:  # noqa: BLE001 - the 200 is sent: the error goes in the stream
         if not isinstance(error, InputError):
@@ -147,18 +167,30 @@ def _transcript_response(transcript: Transcript, response_format: str) -> Respon
     if response_format == "text":
         return PlainTextResponse(transcript.text + "\n")
     if response_format == "verbose_json":
-        return JSONResponse({
-            "task": "transcribe",
-            "language": _language_name(transcript.language),
-            "duration": round(transcript.duration, 3),
-            "text": transcript.text,
-            "segments": [
-                {"id": s.id, "seek": 0, "start": s.start, "end": s.end, "text": s.text, "tokens": [],
-                 "temperature": 0.0, "avg_logprob": None, "compression_ratio": None, "no_speech_prob": None}
-                for s in transcript.segments
-            ],
-            "usage": _duration_usage(transcript),
-        })  # fmt: skip
+        return JSONResponse(
+            {
+                "task": "transcribe",
+                "language": _language_name(transcript.language),
+                "duration": round(transcript.duration, 3),
+                "text": transcript.text,
+                "segments": [
+                    {
+                        "id": s.id,
+                        "seek": 0,
+                        "start": s.start,
+                        "end": s.end,
+                        "text": s.text,
+                        "tokens": [],
+                        "temperature": 0.0,
+                        "avg_logprob": None,
+                        "compression_ratio": None,
+                        "no_speech_prob": None,
+                    }
+                    for s in transcript.segments
+                ],
+                "usage": _duration_usage(transcript),
+            }
+        )
     return PlainTextResponse(_subtitles(transcript, vtt=response_format == "vtt"), media_type="text/plain")
 
 
@@ -228,10 +260,13 @@ def style_from_instructions(instructions: str | None) -> str:
     """The speaking style an instruction asks for, by the style names and their common words
     ("speak cheerfully" -> happy); neutral when it names none."""
     words = {
-        "happy": ("happy", "cheerful", "joyful", "upbeat", "friendly"), "sad": ("sad", "somber", "melancholy"),
-        "angry": ("angry", "furious", "annoyed"), "calm": ("calm", "soothing", "relaxed", "gentle"),
-        "excited": ("excited", "enthusiastic", "energetic"), "whisper": ("whisper", "quiet", "softly"),
-    }  # fmt: skip
+        "happy": ("happy", "cheerful", "joyful", "upbeat", "friendly"),
+        "sad": ("sad", "somber", "melancholy"),
+        "angry": ("angry", "furious", "annoyed"),
+        "calm": ("calm", "soothing", "relaxed", "gentle"),
+        "excited": ("excited", "enthusiastic", "energetic"),
+        "whisper": ("whisper", "quiet", "softly"),
+    }
     text = (instructions or "").lower()
     for style, cues in words.items():
         if style in STYLES and any(cue in text for cue in cues):
@@ -281,11 +316,17 @@ async def _speech_stream(sentences: Iterator, fmt: str, sse: bool, input_tokens:
     except Exception as error:  # noqa: BLE001 - the 200 is sent: an SSE client hears of it in the stream
         logger.exception("speech failed after the response started")
         if sse:
-            yield _sse({"type": "error", "error": {"message": str(error) or type(error).__name__, "type": "server_error"}})
+            yield _sse(
+                {"type": "error", "error": {"message": str(error) or type(error).__name__, "type": "server_error"}}
+            )
         return
     if sse:
-        yield _sse({"type": "speech.audio.done",
-                    "usage": {"input_tokens": input_tokens, "output_tokens": 0, "total_tokens": input_tokens}})  # fmt: skip
+        yield _sse(
+            {
+                "type": "speech.audio.done",
+                "usage": {"input_tokens": input_tokens, "output_tokens": 0, "total_tokens": input_tokens},
+            }
+        )
 
 
 def _sse(data: dict) -> str:

@@ -104,10 +104,13 @@ def sampling(request: ChatRequest, max_tokens: int) -> SamplingParams:
         raise APIError(400, f"{field} is {asked}; this server allows at most {max_tokens}", param=field)
     # Greedy unless asked: the small models voxtune serves answer best that way.
     return SamplingParams(
-        max_new_tokens=asked or max_tokens, temperature=request.temperature or 0.0,
+        max_new_tokens=asked or max_tokens,
+        temperature=request.temperature or 0.0,
         top_p=1.0 if request.top_p is None else request.top_p,
-        stop=stops, seed=request.seed, ignore_eos=request.ignore_eos,
-    )  # fmt: skip
+        stop=stops,
+        seed=request.seed,
+        ignore_eos=request.ignore_eos,
+    )
 
 
 async def chat_completions(
@@ -125,16 +128,22 @@ async def chat_completions(
         raise APIError(400, "audio: required when modalities include 'audio' (give voice and format)", param="audio")
     if speak and body.stream and body.audio.format != "pcm16":
         raise APIError(
-            400, f"audio.format: '{body.audio.format}' is not supported when stream=true; use 'pcm16'", param="audio.format"
+            400,
+            f"audio.format: '{body.audio.format}' is not supported when stream=true; use 'pcm16'",
+            param="audio.format",
         )
     voice = voice_name(body.audio.voice) if speak else None
     params = sampling(body, max_tokens)
     owner = request.scope["state"]["owner"]
     asked = body.max_completion_tokens or body.max_tokens
     prepared: PreparedChat = await asyncio.to_thread(
-        runtime.prepare_chat, body.messages, owner, tools=body.tools, tool_choice=body.tool_choice,
+        runtime.prepare_chat,
+        body.messages,
+        owner,
+        tools=body.tools,
+        tool_choice=body.tool_choice,
         reply_tokens=params.max_new_tokens if asked else 1,
-    )  # fmt: skip
+    )
     example = prepared.example
     if not asked:  # as long as the context allows, up to the limit
         room = runtime.reply_room(example)
@@ -142,8 +151,10 @@ async def chat_completions(
             params.max_new_tokens = room
     drain = request.app.state.drain
     main = Pending(runtime.engine, example, params, drain)
-    asks = [Pending(runtime.engine, q, SamplingParams(max_new_tokens=4), drain)
-            for q in (runtime.voice_prompts(prepared) if speak else [])]  # fmt: skip
+    asks = [
+        Pending(runtime.engine, q, SamplingParams(max_new_tokens=4), drain)
+        for q in (runtime.voice_prompts(prepared) if speak else [])
+    ]
     reply = _Reply(runtime, body, model_id, owner, prepared, voice)
     if body.stream:
         return StreamingResponse(reply.stream(main, asks), media_type="text/event-stream")
@@ -155,16 +166,30 @@ async def chat_completions(
         return Response(status_code=499)  # nobody reads it
     except ShuttingDown:
         cancel_all(asks)
-        raise APIError(503, "the server is shutting down; retry", type="server_error", code="server_shutting_down",
-                       headers={"Retry-After": "1"}) from None  # fmt: skip
+        raise APIError(
+            503,
+            "the server is shutting down; retry",
+            type="server_error",
+            code="server_shutting_down",
+            headers={"Retry-After": "1"},
+        ) from None
     return JSONResponse(await reply.whole(completion, heard))
 
 
 class _Reply:
     """Builds the response objects of one request."""
 
-    def __init__(self, runtime: Runtime, body: ChatRequest, model_id: str, owner: str, prepared: PreparedChat, voice: str | None) -> None:
-        self.runtime, self.body, self.model_id, self.owner, self.prepared, self.voice = runtime, body, model_id, owner, prepared, voice
+    def __init__(
+        self, runtime: Runtime, body: ChatRequest, model_id: str, owner: str, prepared: PreparedChat, voice: str | None
+    ) -> None:
+        self.runtime, self.body, self.model_id, self.owner, self.prepared, self.voice = (
+            runtime,
+            body,
+            model_id,
+            owner,
+            prepared,
+            voice,
+        )
         self.id = "chatcmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -174,9 +199,17 @@ class _Reply:
             "prompt_tokens": completion.prompt_tokens,
             "completion_tokens": completion.completion_tokens,
             "total_tokens": completion.prompt_tokens + completion.completion_tokens,
-            "prompt_tokens_details": {"audio_tokens": audio, "text_tokens": completion.prompt_tokens - audio, "cached_tokens": 0},
+            "prompt_tokens_details": {
+                "audio_tokens": audio,
+                "text_tokens": completion.prompt_tokens - audio,
+                "cached_tokens": 0,
+            },
             # Speech is rendered from the text by the voice, so every reply token is text.
-            "completion_tokens_details": {"audio_tokens": 0, "text_tokens": completion.completion_tokens, "reasoning_tokens": 0},
+            "completion_tokens_details": {
+                "audio_tokens": 0,
+                "text_tokens": completion.completion_tokens,
+                "reasoning_tokens": 0,
+            },
         }
 
     def _input_audio(self) -> list[dict]:
@@ -207,24 +240,44 @@ class _Reply:
             if data is not None:
                 entry = self.runtime.remember_reply(self.owner, completion.text)
                 message["content"] = None
-                message["audio"] = {"id": entry.id, "data": base64.b64encode(data).decode(),
-                                    "transcript": strip_tags(text), "expires_at": entry.expires_at}  # fmt: skip
+                message["audio"] = {
+                    "id": entry.id,
+                    "data": base64.b64encode(data).decode(),
+                    "transcript": strip_tags(text),
+                    "expires_at": entry.expires_at,
+                }
         return {
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_id,
-            "choices": [{"index": 0, "message": message, "finish_reason": self._finish_reason(completion, calls),
-                         "logprobs": None}],
-            "usage": self._usage(completion), "input_audio": self._input_audio(),
-        }  # fmt: skip
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": self._finish_reason(completion, calls),
+                    "logprobs": None,
+                }
+            ],
+            "usage": self._usage(completion),
+            "input_audio": self._input_audio(),
+        }
 
     @staticmethod
     def _event(data: dict) -> str:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     def _chunk(self, delta: dict, finish_reason: str | None = None, **extra: Any) -> str:
-        return self._event({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_id,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra,
-        })  # fmt: skip
+        return self._event(
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model_id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+                **extra,
+            }
+        )
 
     async def stream(self, main: Pending, asks: list[Pending]) -> AsyncIterator[str]:
         """The streamed response, as Server-Sent Events. An error after the first event goes
@@ -234,14 +287,24 @@ class _Reply:
             async for event in self._events(main, asks):
                 yield event
         except ShuttingDown:
-            yield self._event({"error": {"message": "the server is shutting down; the reply was cut short",
-                                         "type": "server_error", "param": None, "code": "server_shutting_down"}})
+            yield self._event(
+                {
+                    "error": {
+                        "message": "the server is shutting down; the reply was cut short",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "server_shutting_down",
+                    }
+                }
+            )
             yield "data: [DONE]\n\n"
         except Exception as error:  # noqa: BLE001 - reported to the client in the stream
             if not isinstance(error, InputError):
                 logger.exception("streamed chat completion failed")
             kind = "invalid_request_error" if isinstance(error, InputError) else "server_error"
-            yield self._event({"error": {"message": str(error) or type(error).__name__, "type": kind, "param": None, "code": None}})
+            yield self._event(
+                {"error": {"message": str(error) or type(error).__name__, "type": kind, "param": None, "code": None}}
+            )
             yield "data: [DONE]\n\n"
         finally:  # the client went away, or the stream ended: nothing goes on generating
             main.cancel()
@@ -252,7 +315,9 @@ class _Reply:
         sentence's pcm16; then the finish reason, the usage when asked, and [DONE]."""
         # The reply's audio id goes out first; its text is stored once the reply is whole.
         audio_id = new_audio_id() if self.voice is not None else None
-        yield self._chunk({"role": "assistant", "content": "" if audio_id is None else None}, input_audio=self._input_audio())
+        yield self._chunk(
+            {"role": "assistant", "content": "" if audio_id is None else None}, input_audio=self._input_audio()
+        )
         heard: list[str] | None = None
         said = ""  # tag-free text received so far
         spoken = 0  # characters of `said` already rendered
@@ -271,13 +336,15 @@ class _Reply:
                     continue
                 clean = strip_tags("".join(pieces))
                 if clean.startswith(said) and len(clean) > len(said):
-                    yield self._chunk({"audio": {"id": audio_id, "transcript": clean[len(said):]}})
+                    yield self._chunk({"audio": {"id": audio_id, "transcript": clean[len(said) :]}})
                     said = clean
                 ready = ready_to_speak(said[spoken:])
                 if ready:
                     if heard is None:
                         heard = await _heard(asks)
-                    async for chunk in self._audio_chunks(said[spoken : spoken + ready].strip(), "".join(pieces), heard, audio_id):
+                    async for chunk in self._audio_chunks(
+                        said[spoken : spoken + ready].strip(), "".join(pieces), heard, audio_id
+                    ):
                         yield chunk
                     spoken += ready
                 continue
@@ -291,7 +358,7 @@ class _Reply:
         if audio_id is not None:
             clean = strip_tags(text)
             if clean.startswith(said) and len(clean) > len(said):
-                yield self._chunk({"audio": {"id": audio_id, "transcript": clean[len(said):]}})
+                yield self._chunk({"audio": {"id": audio_id, "transcript": clean[len(said) :]}})
             rest = clean[spoken:].strip()
             if rest:
                 if heard is None:
@@ -302,8 +369,16 @@ class _Reply:
             yield self._chunk({"audio": {"expires_at": entry.expires_at}})  # the last audio chunk: only the expiry
         yield self._chunk({}, self._finish_reason(completion, calls))
         if self.body.stream_options and self.body.stream_options.include_usage:
-            yield self._event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                               "model": self.model_id, "choices": [], "usage": self._usage(completion)})  # fmt: skip
+            yield self._event(
+                {
+                    "id": self.id,
+                    "object": "chat.completion.chunk",
+                    "created": self.created,
+                    "model": self.model_id,
+                    "choices": [],
+                    "usage": self._usage(completion),
+                }
+            )
         yield "data: [DONE]\n\n"
 
     async def _audio_chunks(self, text: str, reply: str, heard: list[str], audio_id: str) -> AsyncIterator[str]:

@@ -44,9 +44,17 @@ class ServeConfig(Config):
     model_id: str | None = None  # the id /v1/models lists; default: the model's folder name
     # Other model names a request may use for this model (clients that hard-code OpenAI's).
     aliases: list[str] = [
-        "gpt-4o-audio-preview", "gpt-4o-mini-audio-preview", "gpt-audio", "gpt-audio-mini",
-        "whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "tts-1", "tts-1-hd", "gpt-4o-mini-tts",
-    ]  # fmt: skip
+        "gpt-4o-audio-preview",
+        "gpt-4o-mini-audio-preview",
+        "gpt-audio",
+        "gpt-audio-mini",
+        "whisper-1",
+        "gpt-4o-transcribe",
+        "gpt-4o-mini-transcribe",
+        "tts-1",
+        "tts-1-hd",
+        "gpt-4o-mini-tts",
+    ]
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: list[str] = []  # empty: no authentication

@@ -30,9 +30,15 @@ class APIError(Exception):
     """An error response: HTTP `status` and OpenAI's error fields."""
 
     def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-        code: str | None = None, headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -80,8 +86,9 @@ def parse_json(body: bytes) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, f"the request body is not valid JSON ({error})", code="invalid_json") from None
     except UnicodeEncodeError:
-        raise APIError(400, "the request body holds text that is not valid Unicode (a lone surrogate)",
-                       code="invalid_json") from None  # fmt: skip
+        raise APIError(
+            400, "the request body holds text that is not valid Unicode (a lone surrogate)", code="invalid_json"
+        ) from None
     except RecursionError:
         raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     return data
@@ -111,7 +118,9 @@ async def http_error_handler(request: Request, error: HTTPException) -> JSONResp
     message = error.detail if isinstance(error.detail, str) else "bad request"
     if error.status_code == 404:
         message = f"no route {request.method} {request.url.path}"
-    return APIError(error.status_code, message, type=kind, code=code, headers=getattr(error, "headers", None)).response()
+    return APIError(
+        error.status_code, message, type=kind, code=code, headers=getattr(error, "headers", None)
+    ).response()
 
 
 async def unexpected_error_handler(request: Request, error: Exception) -> JSONResponse:

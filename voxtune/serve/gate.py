@@ -44,10 +44,18 @@ class Gate:
     has not read for `write_timeout` seconds."""
 
     def __init__(
-        self, app: ASGIApp, *, api_keys: Sequence[str], max_body: int, max_concurrent: int, stats: GateStats,
-        paths: Sequence[str] = (), body_timeout: float = 30.0, per_client: int | None = None,
+        self,
+        app: ASGIApp,
+        *,
+        api_keys: Sequence[str],
+        max_body: int,
+        max_concurrent: int,
+        stats: GateStats,
+        paths: Sequence[str] = (),
+        body_timeout: float = 30.0,
+        per_client: int | None = None,
         write_timeout: float = 30.0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.app = app
         self.body_timeout = body_timeout  # a stalled upload must not hold a slot for ever
         self.write_timeout = write_timeout  # nor a client that never reads its stream
@@ -93,8 +101,9 @@ class Gate:
             busy = f"you have {self.per_client} requests in flight, the limit for one caller; retry shortly"
         if busy is not None:
             self.stats.rejected += 1
-            await APIError(429, busy, type="requests", code="rate_limit_exceeded",
-                           headers={"Retry-After": "1"}).response()(scope, receive, send)  # fmt: skip
+            await APIError(
+                429, busy, type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"}
+            ).response()(scope, receive, send)
             return
         # The slot is taken before the body is read: uploads count against the limit too.
         self.stats.in_flight += 1
@@ -104,8 +113,9 @@ class Gate:
                 async with asyncio.timeout(self.body_timeout):
                     body = await self._read_body(scope, receive)
             except TimeoutError:
-                await APIError(408, f"the request body did not arrive within {self.body_timeout:g} s",
-                               code="request_timeout").response()(scope, receive, send)  # fmt: skip
+                await APIError(
+                    408, f"the request body did not arrive within {self.body_timeout:g} s", code="request_timeout"
+                ).response()(scope, receive, send)
                 return
             except APIError as error:
                 await error.response()(scope, receive, send)
@@ -186,11 +196,12 @@ def authenticate(scope: Scope, api_keys: Sequence[bytes]) -> str | None:
         key = ""
     if not key.strip() and scope["type"] == "websocket":
         offered = headers.get(b"sec-websocket-protocol", b"").decode("latin-1").split(",")
-        key = next((p.strip()[len(INSECURE_KEY):] for p in offered if p.strip().startswith(INSECURE_KEY)), "")
+        key = next((p.strip()[len(INSECURE_KEY) :] for p in offered if p.strip().startswith(INSECURE_KEY)), "")
     challenge = {"WWW-Authenticate": 'Bearer realm="voxtune"'}
     if not key.strip():
-        raise APIError(401, "no API key given: send 'Authorization: Bearer <key>'", code="missing_api_key",
-                       headers=challenge)  # fmt: skip
+        raise APIError(
+            401, "no API key given: send 'Authorization: Bearer <key>'", code="missing_api_key", headers=challenge
+        )
     key = key.strip()
     if not any(hmac.compare_digest(key.encode(), known) for known in api_keys):
         raise APIError(401, "incorrect API key", code="invalid_api_key", headers=challenge)

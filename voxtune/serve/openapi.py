@@ -22,41 +22,90 @@ REF = "#/components/schemas/{model}"
 ERROR: dict[str, Any] = {  # every 4xx, as OpenAI sends them
     "type": "object",
     "required": ["error"],
-    "properties": {"error": {
-        "type": "object",
-        "required": ["message", "type", "param", "code"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
-    }},
-}  # fmt: skip
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
 
 # What `messages` holds, as the runtime reads it (the route takes the list as it comes and the
 # runtime checks each message, with messages that name the message and part at fault).
-_TEXT_PART = {"type": "object", "required": ["type", "text"],
-              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}  # fmt: skip
+_TEXT_PART = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
 _AUDIO_PART = {
-    "type": "object", "required": ["type", "input_audio"],
-    "properties": {"type": {"const": "input_audio"}, "input_audio": {"oneOf": [
-        {"type": "object", "required": ["data", "format"],
-         "properties": {"data": {"type": "string", "contentEncoding": "base64"}, "format": {"enum": list(INPUT_FORMATS)}}},
-        {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}},
-         "description": "a clip an earlier request stored (its id in that reply's input_audio)"},
-    ]}},
-}  # fmt: skip
+    "type": "object",
+    "required": ["type", "input_audio"],
+    "properties": {
+        "type": {"const": "input_audio"},
+        "input_audio": {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "required": ["data", "format"],
+                    "properties": {
+                        "data": {"type": "string", "contentEncoding": "base64"},
+                        "format": {"enum": list(INPUT_FORMATS)},
+                    },
+                },
+                {
+                    "type": "object",
+                    "required": ["id"],
+                    "properties": {"id": {"type": "string"}},
+                    "description": "a clip an earlier request stored (its id in that reply's input_audio)",
+                },
+            ]
+        },
+    },
+}
 _TEXT = {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}
-MESSAGE: dict[str, Any] = {"oneOf": [
-    {"type": "object", "required": ["role", "content"],
-     "properties": {"role": {"enum": ["system", "developer"]}, "content": _TEXT}},
-    {"type": "object", "required": ["role", "content"],
-     "properties": {"role": {"const": "user"}, "content": {"oneOf": [
-         {"type": "string"}, {"type": "array", "minItems": 1, "items": {"oneOf": [_TEXT_PART, _AUDIO_PART]}}]}}},
-    {"type": "object", "required": ["role"],
-     "properties": {"role": {"const": "assistant"}, "content": {"oneOf": [_TEXT, {"type": "null"}]},
-                    "audio": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
-                    "tool_calls": {"type": "array", "items": {"type": "object"}}}},
-    {"type": "object", "required": ["role", "content"],
-     "properties": {"role": {"const": "tool"}, "content": _TEXT, "tool_call_id": {"type": "string"}}},
-]}  # fmt: skip
+MESSAGE: dict[str, Any] = {
+    "oneOf": [
+        {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {"role": {"enum": ["system", "developer"]}, "content": _TEXT},
+        },
+        {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {
+                "role": {"const": "user"},
+                "content": {
+                    "oneOf": [
+                        {"type": "string"},
+                        {"type": "array", "minItems": 1, "items": {"oneOf": [_TEXT_PART, _AUDIO_PART]}},
+                    ]
+                },
+            },
+        },
+        {
+            "type": "object",
+            "required": ["role"],
+            "properties": {
+                "role": {"const": "assistant"},
+                "content": {"oneOf": [_TEXT, {"type": "null"}]},
+                "audio": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
+                "tool_calls": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+        {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {"role": {"const": "tool"}, "content": _TEXT, "tool_call_id": {"type": "string"}},
+        },
+    ]
+}
 
 TRANSCRIPTION_FORM: dict[str, Any] = {
     "type": "object",
@@ -86,8 +135,12 @@ def install_openapi(app: FastAPI, *, with_keys: bool) -> None:
 
 
 def _document(app: FastAPI, with_keys: bool) -> dict[str, Any]:
-    schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                         description="OpenAI-compatible speech LM server (voxtune)")  # fmt: skip
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        routes=app.routes,
+        description="OpenAI-compatible speech LM server (voxtune)",
+    )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     paths = schema["paths"]
     paths["/v1/chat/completions"]["post"]["requestBody"] = _json_body(ChatRequest, components)
@@ -95,16 +148,19 @@ def _document(app: FastAPI, with_keys: bool) -> dict[str, Any]:
     components["Message"] = MESSAGE
     paths["/v1/audio/speech"]["post"]["requestBody"] = _json_body(SpeechRequest, components)
     paths["/v1/audio/transcriptions"]["post"]["requestBody"] = {
-        "required": True, "content": {"multipart/form-data": {"schema": TRANSCRIPTION_FORM}},
-    }  # fmt: skip
+        "required": True,
+        "content": {"multipart/form-data": {"schema": TRANSCRIPTION_FORM}},
+    }
     for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, never sent here
         components.pop(unused, None)
     components["Error"] = ERROR
     for operations in paths.values():
         for operation in operations.values():
             operation["responses"].pop("422", None)  # FastAPI's own validation error, never sent here
-            operation["responses"]["4XX"] = {"description": "the request cannot be served as sent",
-                                             "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}  # fmt: skip
+            operation["responses"]["4XX"] = {
+                "description": "the request cannot be served as sent",
+                "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}},
+            }
     if with_keys:
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, operations in paths.items():

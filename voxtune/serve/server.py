@@ -55,9 +55,10 @@ Python (pip install openai):
   from openai import OpenAI
   client = OpenAI(base_url="{base_url}/v1", api_key={key})
   clip = base64.b64encode(open("question.wav", "rb").read()).decode()
+  question = {{"type": "input_audio", "input_audio": {{"data": clip, "format": "wav"}}}}
   reply = client.chat.completions.create(
       model="{model_id}", modalities=["text", "audio"], audio={{"voice": "alloy", "format": "wav"}},
-      messages=[{{"role": "user", "content": [{{"type": "input_audio", "input_audio": {{"data": clip, "format": "wav"}}}}]}}],
+      messages=[{{"role": "user", "content": [question]}}],
   )
   print(reply.choices[0].message.audio.transcript)
   open("reply.wav", "wb").write(base64.b64decode(reply.choices[0].message.audio.data))
@@ -110,11 +111,15 @@ class _Server(uvicorn.Server):
 
     def __init__(self, app: FastAPI, config: ServeConfig) -> None:
         limits = config.limits
-        super().__init__(uvicorn.Config(
-            app, http=_protocol(limits.header_timeout_seconds, limits.max_connections),
-            timeout_graceful_shutdown=limits.shutdown_timeout_seconds, log_level="info" if config.access_log else "warning",
-            access_log=config.access_log,
-        ))  # fmt: skip
+        super().__init__(
+            uvicorn.Config(
+                app,
+                http=_protocol(limits.header_timeout_seconds, limits.max_connections),
+                timeout_graceful_shutdown=limits.shutdown_timeout_seconds,
+                log_level="info" if config.access_log else "warning",
+                access_log=config.access_log,
+            )
+        )
         self.drain: Drain = app.state.drain
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -178,15 +183,23 @@ def _http_response(status: str, error: dict, headers: dict[str, str]) -> bytes:
     """A whole HTTP/1.1 response with an OpenAI-shaped error body, for the protocol to write."""
     body = json.dumps({"error": {"param": None, **error}}).encode()
     fields = {"content-type": "application/json", "content-length": str(len(body)), "connection": "close", **headers}
-    return f"HTTP/1.1 {status}\r\n".encode() + b"".join(f"{k}: {v}\r\n".encode() for k, v in fields.items()) + b"\r\n" + body
+    return (
+        f"HTTP/1.1 {status}\r\n".encode()
+        + b"".join(f"{k}: {v}\r\n".encode() for k, v in fields.items())
+        + b"\r\n"
+        + body
+    )
 
 
 _TOO_MANY_CONNECTIONS = _http_response(
     "503 Service Unavailable",
-    {"message": "the server has as many connections open as it takes; retry shortly", "type": "server_error",
-     "code": "too_many_connections"},
+    {
+        "message": "the server has as many connections open as it takes; retry shortly",
+        "type": "server_error",
+        "code": "too_many_connections",
+    },
     {"retry-after": "1"},
-)  # fmt: skip
+)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxtune.model.processor import Example
 from voxtune.metrics import speech_text
+from voxtune.model.processor import Example
 
 if TYPE_CHECKING:
     from voxtune.model import SpeechLM
@@ -83,6 +83,12 @@ def ctc_loss(model: SpeechLM, hidden: torch.Tensor, lengths: torch.Tensor, examp
     flat = torch.tensor([t for ids in targets for t in ids], device=hidden.device)
     target_lengths = torch.tensor([len(ids) for ids in targets], device=hidden.device)
     loss = F.ctc_loss(
-        log_probs, flat, lengths.index_select(0, index), target_lengths, blank=head.blank, reduction="sum", zero_infinity=True
+        log_probs,
+        flat,
+        lengths.index_select(0, index),
+        target_lengths,
+        blank=head.blank,
+        reduction="sum",
+        zero_infinity=True,
     )
     return loss / target_lengths.sum()

@@ -75,16 +75,23 @@ class Distiller:
         counts = [scored_tokens(example) for example in examples]
         if sum(counts) != rows.shape[0]:
             raise ValueError(f"the batch scores {rows.shape[0]} tokens but its examples {sum(counts)}")
-        keep = torch.cat([torch.full((n,), view is not None, dtype=torch.bool) for n, view in zip(counts, views)])
-        for example, view in zip(examples, views):
+        keep = torch.cat(
+            [torch.full((n,), view is not None, dtype=torch.bool) for n, view in zip(counts, views, strict=True)]
+        )
+        for example, view in zip(examples, views, strict=True):
             if view is not None and scored_tokens(view) != scored_tokens(example):
                 raise ValueError("the text-only view of an example scores other reply tokens than the example")
         teacher_logits = self._teacher_logits([view for view in views if view is not None])  # [N_kept, V]
         weight, bias, softcap = self._model.output_head()
         return chunked_kl_divergence(
-            rows[keep.to(rows.device)], weight, teacher_logits, chunk_tokens=self.chunk_tokens,
-            lm_head_bias=bias, logit_softcap=softcap, temperature=self.temperature,
-        )  # fmt: skip
+            rows[keep.to(rows.device)],
+            weight,
+            teacher_logits,
+            chunk_tokens=self.chunk_tokens,
+            lm_head_bias=bias,
+            logit_softcap=softcap,
+            temperature=self.temperature,
+        )
 
     @torch.no_grad()
     def _teacher_logits(self, views: list[Example]) -> Tensor:

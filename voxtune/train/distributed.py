@@ -136,7 +136,9 @@ def ignored_launch_settings() -> list[str]:
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision != "no":
         notes.append(f"the launcher's mixed_precision={precision} is ignored: the recipe's train.precision decides")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and any(k.startswith("FSDP_") for k in os.environ):
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and any(
+        k.startswith("FSDP_") for k in os.environ
+    ):
         notes.append(
             "the launcher's fsdp_config details are not read: voxtune shards each decoder layer and the rest as "
             "one group (FULL_SHARD), and checkpoints whole tensors"

@@ -59,7 +59,9 @@ def score_reply(task: str, reference: str, hypothesis: str) -> bool:
         return tag_values(hypothesis, "lang") == tag_values(reference, "lang")
     if task == "describe":
         kinds = [kind for kind in ("style", "intent") if tag_values(reference, kind)]
-        return bool(kinds) and all(sorted(tag_values(hypothesis, kind)) == sorted(tag_values(reference, kind)) for kind in kinds)
+        return bool(kinds) and all(
+            sorted(tag_values(hypothesis, kind)) == sorted(tag_values(reference, kind)) for kind in kinds
+        )
     if task == "segments":
         return [s.language for s in parse_segments(hypothesis)] == [s.language for s in parse_segments(reference)]
     if task in ("answer", "transcribe"):
@@ -74,7 +76,9 @@ def segment_boundary_error(reference: str, hypothesis: str) -> float | None:
     expected, found = parse_segments(reference), parse_segments(hypothesis)
     if not expected or [s.language for s in found] != [s.language for s in expected]:
         return None
-    differences = [abs(a - b) for e, f in zip(expected, found) for a, b in ((e.start, f.start), (e.end, f.end))]
+    differences = [
+        abs(a - b) for e, f in zip(expected, found, strict=False) for a, b in ((e.start, f.start), (e.end, f.end))
+    ]
     return sum(differences) / len(differences)
 
 

@@ -297,7 +297,9 @@ def _head_backward(
     )
 
 
-def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_tokens: int, *, rows_only: bool = False) -> None:
+def _check_head(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_tokens: int, *, rows_only: bool = False
+) -> None:
     """Loud errors for shapes that would otherwise fail deep inside a chunk, or silently broadcast."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, not {chunk_tokens}")

@@ -1,7 +1,7 @@
 """The model a training recipe trains: built or loaded, frozen and wrapped for its method.
 
-    model = build_model(recipe.model)
-    params = prepare_trainable(model, recipe.train)    # full, lora, qlora or projector
+model = build_model(recipe.model)
+params = prepare_trainable(model, recipe.train)    # full, lora, qlora or projector
 """
 
 from __future__ import annotations
@@ -42,11 +42,21 @@ def build_model(section: ModelSection, corpus: str | None = None) -> SpeechLM:
             pretrained = load_whisper_encoder(whisper_dir)
             options["encoder_config"] = json.loads((whisper_dir / "config.json").read_text())
         model = tiny(
-            t.lm, t.encoder, hidden=t.hidden, layers=t.layers, heads=t.heads, mlp_ratio=t.mlp_ratio,
-            encoder_dim=t.encoder_dim, encoder_layers=t.encoder_layers, encoder_heads=t.encoder_heads,
-            encoder_left_chunks=t.encoder_left_chunks, projector_stack=t.projector_stack, vocab_size=t.vocab_size,
-            projector_norm_mid=section.projector_norm_mid, **options,
-        )  # fmt: skip
+            t.lm,
+            t.encoder,
+            hidden=t.hidden,
+            layers=t.layers,
+            heads=t.heads,
+            mlp_ratio=t.mlp_ratio,
+            encoder_dim=t.encoder_dim,
+            encoder_layers=t.encoder_layers,
+            encoder_heads=t.encoder_heads,
+            encoder_left_chunks=t.encoder_left_chunks,
+            projector_stack=t.projector_stack,
+            vocab_size=t.vocab_size,
+            projector_norm_mid=section.projector_norm_mid,
+            **options,
+        )
         if pretrained is not None:
             model.encoder.load_state_dict(pretrained.state_dict())
     else:
@@ -83,7 +93,9 @@ def prepare_trainable(model: SpeechLM, train: TrainSection) -> list[torch.nn.Par
         if train.method == "qlora":
             quantize_lm(model)
         lm_targets = lora.targets or list(model.family.lora_targets) if lora.lm else []
-        encoder_targets = (lora.encoder_targets or list(getattr(model.encoder, "lora_targets", ()))) if lora.encoder else []
+        encoder_targets = (
+            (lora.encoder_targets or list(getattr(model.encoder, "lora_targets", ()))) if lora.encoder else []
+        )
         check_targets(model.base_lm(), lm_targets, "train.lora.targets", lora.lm)
         check_targets(model.encoder, encoder_targets, "train.lora.encoder_targets", lora.encoder)
         model.add_adapters(lm_targets, encoder_targets, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout)

@@ -1,6 +1,6 @@
 """The training recipe schema: what model, what data, what trains and how, and where to write.
 
-    voxtune train recipes/quickstart.yaml train.max_steps=200 optim.lr=5e-4
+voxtune train recipes/quickstart.yaml train.max_steps=200 optim.lr=5e-4
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ class TinyModel(Config):
     @model_validator(mode="after")
     def _heads_fit(self) -> TinyModel:
         # Rotary embeddings rotate pairs of channels: every head needs an even width.
-        for width, heads, name in ((self.hidden, self.heads, "hidden/heads"), (self.encoder_dim, self.encoder_heads, "encoder_dim/encoder_heads")):
+        for width, heads, name in (
+            (self.hidden, self.heads, "hidden/heads"),
+            (self.encoder_dim, self.encoder_heads, "encoder_dim/encoder_heads"),
+        ):
             if width % heads or (width // heads) % 2:
                 raise ValueError(f"{name}: {width} must split into {heads} heads of an even width")
         if self.heads % 2:
@@ -70,12 +73,16 @@ class ModelSection(Config):
         if self.load is not None and self.init_encoder is not None:
             raise ValueError("model.init_encoder goes with model.tiny or model.lm: model.load brings its own encoder")
         if self.load is not None and self.projector_norm_mid is not None:
-            raise ValueError("model.projector_norm_mid goes with model.tiny or model.lm: model.load brings its own projector")
+            raise ValueError(
+                "model.projector_norm_mid goes with model.tiny or model.lm: model.load brings its own projector"
+            )
         if self.lm is not None and self.encoder is None:
             raise ValueError("model.lm and model.encoder go together")
         if self.tiny is not None and self.encoder is not None:
             if not isinstance(self.encoder, str) or self.tiny.encoder != "whisper":
-                raise ValueError("with model.tiny, model.encoder is a Whisper checkpoint, and model.tiny.encoder is whisper")
+                raise ValueError(
+                    "with model.tiny, model.encoder is a Whisper checkpoint, and model.tiny.encoder is whisper"
+                )
             if self.init_encoder is not None:
                 raise ValueError("model.encoder and model.init_encoder both give the encoder: set one")
         if self.load is not None and self.encoder is not None:
@@ -185,8 +192,11 @@ class TrainSection(Config):
     @model_validator(mode="after")
     def _qlora_has_lm_adapters(self) -> TrainSection:
         if self.method == "qlora" and not self.lora.lm:
-            raise ValueError("method qlora puts the LM in 4 bits under its adapters: with lora.lm=false use method lora")
+            raise ValueError(
+                "method qlora puts the LM in 4 bits under its adapters: with lora.lm=false use method lora"
+            )
         return self
+
 
 class OptimSection(Config):
     """AdamW with linear warm-up then cosine decay to `min_lr_ratio` of the peak."""

@@ -74,8 +74,14 @@ class TrainState:
 
 
 def compute_loss(
-    model: SpeechLM, batch: dict[str, Any], chunk_tokens: int, *, distiller: Distiller | None = None,
-    examples: list[Example] | None = None, distill_weight: float = 0.0, chunked: bool = True,
+    model: SpeechLM,
+    batch: dict[str, Any],
+    chunk_tokens: int,
+    *,
+    distiller: Distiller | None = None,
+    examples: list[Example] | None = None,
+    distill_weight: float = 0.0,
+    chunked: bool = True,
 ) -> tuple[torch.Tensor, int]:
     """Next-token loss over the batch's trained tokens, without the full logits tensor (unless
     `chunked=False`: the LM's own loss over full logits, the plain way); and the number of those
@@ -87,7 +93,9 @@ def compute_loss(
     else:
         hidden = model.base_lm().get_decoder()(**model.lm_inputs(batch)).last_hidden_state  # [B, L, D]
         weight, bias, softcap = model.output_head()
-        loss = chunked_cross_entropy(hidden, weight, labels, chunk_tokens=chunk_tokens, lm_head_bias=bias, logit_softcap=softcap)
+        loss = chunked_cross_entropy(
+            hidden, weight, labels, chunk_tokens=chunk_tokens, lm_head_bias=bias, logit_softcap=softcap
+        )
     if distiller is not None:
         kl = distiller.loss(hidden, labels, examples or [])
         if kl is not None:
@@ -109,7 +117,11 @@ class BatchLoss(torch.nn.Module):
     """
 
     def __init__(
-        self, model: SpeechLM, cache: EncoderFeatureCache | None, train: TrainSection, distiller: Distiller | None = None
+        self,
+        model: SpeechLM,
+        cache: EncoderFeatureCache | None,
+        train: TrainSection,
+        distiller: Distiller | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -127,14 +139,21 @@ class BatchLoss(torch.nn.Module):
             if train.ctc is not None:
                 batch, auxiliary = self._encode_with_ctc(batch, examples)
             loss, _ = compute_loss(
-                self.model, batch, train.chunk_tokens, distiller=self.distiller, examples=examples,
-                distill_weight=train.distill.weight if train.distill else 0.0, chunked=train.chunked_loss,
-            )  # fmt: skip
+                self.model,
+                batch,
+                train.chunk_tokens,
+                distiller=self.distiller,
+                examples=examples,
+                distill_weight=train.distill.weight if train.distill else 0.0,
+                chunked=train.chunked_loss,
+            )
             if auxiliary is not None:
                 loss = loss + train.ctc.weight * auxiliary
         return loss
 
-    def _encode_with_ctc(self, batch: dict[str, Any], examples: list[Example]) -> tuple[dict[str, Any], torch.Tensor | None]:
+    def _encode_with_ctc(
+        self, batch: dict[str, Any], examples: list[Example]
+    ) -> tuple[dict[str, Any], torch.Tensor | None]:
         """Encode the batch's clips once, for the CTC loss on the encoder's frames and for the
         LM (the batch comes back with the projected clips in place of their features)."""
         flags = batch.get("audio_is_embedding")
@@ -208,8 +227,9 @@ class Trainer:
             self.log("attention: per example in packed rows (no [L, L] mask)")
         self.distiller = (
             Distiller(self.model, temperature=train.distill.temperature, chunk_tokens=train.chunk_tokens)
-            if train.distill else None
-        )  # fmt: skip
+            if train.distill
+            else None
+        )
         self.cache = self._encoder_cache()
         self.train_data = self._dataset(
             train_examples, recipe.data.train, recipe.data.augment, distill=train.distill is not None
@@ -217,9 +237,12 @@ class Trainer:
         valid = recipe.data.valid
         self.valid_data = self._dataset([e for s in valid for e in _read(s)], valid, None) if valid else None
         self.sampler = LengthBucketSampler(
-            self.train_data.token_lengths(), max_tokens=train.max_tokens, max_batch=train.max_batch,
-            window=50 if train.bucket else 1, seed=train.seed,
-        )  # fmt: skip
+            self.train_data.token_lengths(),
+            max_tokens=train.max_tokens,
+            max_batch=train.max_batch,
+            window=50 if train.bucket else 1,
+            seed=train.seed,
+        )
         self.strategy = distributed.choose_strategy(train.strategy, self.procs)
         if self.strategy != "single":
             self.log(f"{self.procs.world} processes: {self.strategy}")
@@ -280,8 +303,13 @@ class Trainer:
         processor = copy.copy(self.model.processor)
         processor.tokenizer = copy.deepcopy(processor.tokenizer)
         return SpeechDataset(
-            examples, processor, self.recipe.data.mixture, augmenter=augmenter, seed=self.recipe.train.seed, distill=distill
-        )  # fmt: skip
+            examples,
+            processor,
+            self.recipe.data.mixture,
+            augmenter=augmenter,
+            seed=self.recipe.train.seed,
+            distill=distill,
+        )
 
     # ---- data ---------------------------------------------------------------------------------
 
@@ -355,7 +383,7 @@ class Trainer:
                 seconds = sum(clip.duration for batch, _, _ in micro for clip in batch["clips"])
                 total, seconds = self.procs.all_sum([sum(counts), seconds])
                 loss_sum = 0.0
-                for i, ((batch, examples, _), count) in enumerate(zip(micro, counts)):
+                for i, ((batch, examples, _), count) in enumerate(zip(micro, counts, strict=True)):
                     # This micro-batch's share of the mean over all the step's tokens (all
                     # processes); DDP averages the processes' gradients, hence `world`.
                     weight = count * self.procs.world / max(1.0, total)
@@ -374,21 +402,31 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 self.state.seconds = seconds_before + elapsed
                 record = {
-                    "step": self.state.step, "loss": loss_sum / max(1.0, total), "grad_norm": float(grad_norm),
-                    "lr": self.scheduler.get_last_lr()[0], "epoch": self.state.epoch,
-                    "tokens_per_s": tokens / elapsed, "audio_s_per_s": audio_seconds / elapsed,
-                }  # fmt: skip
+                    "step": self.state.step,
+                    "loss": loss_sum / max(1.0, total),
+                    "grad_norm": float(grad_norm),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "epoch": self.state.epoch,
+                    "tokens_per_s": tokens / elapsed,
+                    "audio_s_per_s": audio_seconds / elapsed,
+                }
                 self._log(record, every=train.log_every)
                 if self._bar is not None:
                     self._bar.set_postfix(
-                        loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                        audio_s_s=f"{record['audio_s_per_s']:.1f}", refresh=False,
-                    )  # fmt: skip
+                        loss=f"{record['loss']:.3f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                        audio_s_s=f"{record['audio_s_per_s']:.1f}",
+                        refresh=False,
+                    )
                     self._bar.update(1)
                 if self.valid_data is not None and self.state.step % self.recipe.eval.every == 0:
                     self._evaluate_and_log()
                 stopping = stop_after is not None and self.state.step >= stop_after
-                if self.state.step % self.recipe.output.save_every == 0 or self.state.step == train.max_steps or stopping:
+                if (
+                    self.state.step % self.recipe.output.save_every == 0
+                    or self.state.step == train.max_steps
+                    or stopping
+                ):
                     self.save_checkpoint()
                 if stopping:
                     break
@@ -408,7 +446,9 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        bar = tqdm(total=self.recipe.train.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True, disable=None)
+        bar = tqdm(
+            total=self.recipe.train.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True, disable=None
+        )
         return None if bar.disable else bar
 
     def _say(self, line: str) -> None:
@@ -513,12 +553,17 @@ class Trainer:
         model.eval()
         try:
             count = min(limit, len(self.valid_data))
-            losses = [compute_loss(model, model.processor.collate([self.valid_data[i]]), self.recipe.train.chunk_tokens)
-                      for i in range(count)]  # fmt: skip
-            result = {"eval_loss": sum(float(l) * n for l, n in losses) / max(1, sum(n for _, n in losses))}
+            losses = [
+                compute_loss(model, model.processor.collate([self.valid_data[i]]), self.recipe.train.chunk_tokens)
+                for i in range(count)
+            ]
+            result = {"eval_loss": sum(float(loss) * n for loss, n in losses) / max(1, sum(n for _, n in losses))}
             result.update(
                 evaluate_tasks(
-                    model, self.valid_data.examples[:count], self.eval_tasks, max_new_tokens=self.recipe.eval.max_new_tokens
+                    model,
+                    self.valid_data.examples[:count],
+                    self.eval_tasks,
+                    max_new_tokens=self.recipe.eval.max_new_tokens,
                 )
             )
         finally:
@@ -561,7 +606,9 @@ class Trainer:
                     torch.save(extra, staging / "optimizer.pt")
                     (staging / "state.json").write_text(json.dumps(asdict(self.state)))
             except WriteError as error:
-                raise TrainError(f"{error} (the checkpoints written before are whole: make room, then --resume)") from None
+                raise TrainError(
+                    f"{error} (the checkpoints written before are whole: make room, then --resume)"
+                ) from None
             for old in sorted((self.out / CHECKPOINTS).glob("step-*"))[: -self.recipe.output.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.procs.barrier()
@@ -573,8 +620,12 @@ class Trainer:
         latest = self._latest_checkpoint()
         weights = self._checkpoint_weights(latest)
         set_model_state_dict(self.model, weights, options=_state_dict_options(full=False))
-        extra = torch.load(latest / "optimizer.pt", weights_only=True, map_location="cpu")  # the optimizer moves its state
-        set_optimizer_state_dict(self.model, self.optimizer, extra["optimizer"], options=_state_dict_options(full=False))
+        extra = torch.load(
+            latest / "optimizer.pt", weights_only=True, map_location="cpu"
+        )  # the optimizer moves its state
+        set_optimizer_state_dict(
+            self.model, self.optimizer, extra["optimizer"], options=_state_dict_options(full=False)
+        )
         self.scheduler.load_state_dict(extra["scheduler"])
         rngs = extra.get("rng_per_process")
         # A checkpoint of as many processes gives each its own RNG back; otherwise rank 0's.
@@ -652,7 +703,9 @@ class Trainer:
             with reported_writes(f"the trained model to {target}"):
                 model.save_pretrained(target, extra_files={TRAINING_RECORD: provenance})
         except WriteError as error:
-            raise TrainError(f"{error} (the last checkpoint is whole: make room, then --resume exports again)") from None
+            raise TrainError(
+                f"{error} (the last checkpoint is whole: make room, then --resume exports again)"
+            ) from None
         return target
 
     def _provenance(self) -> dict[str, Any]:
@@ -707,9 +760,12 @@ def _read(source: str | DatasetSource) -> ReadResult:
     if isinstance(source, str):
         return read_source(source)
     return read_source(
-        source.dataset, split=source.split, audio_column=source.audio_column, text_column=source.text_column,
+        source.dataset,
+        split=source.split,
+        audio_column=source.audio_column,
+        text_column=source.text_column,
         columns=source.columns or None,
-    )  # fmt: skip
+    )
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:

@@ -107,16 +107,23 @@ def assert_same_as_reference(
         ours = model(model.processor.collate([example])).logits
         theirs = reference(**inputs).logits
     assert (ours - theirs).abs().max() <= 1e-4
-    new = reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    new = reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[
+        0, inputs["input_ids"].shape[1] :
+    ]
     expected = tokenizer.decode(new, skip_special_tokens=True)
     assert model.generate(conversation, max_new_tokens=max_new_tokens, ignore_eos=False) == expected
     return expected
 
 
 def assert_batched_and_encoded_replies(
-    model: Any, conversation: list[dict], audio: Audio, expected: str, *,
-    others: list[list[dict]] | None = None, max_new_tokens: int = 8,
-) -> None:  # fmt: skip
+    model: Any,
+    conversation: list[dict],
+    audio: Audio,
+    expected: str,
+    *,
+    others: list[list[dict]] | None = None,
+    max_new_tokens: int = 8,
+) -> None:
     """Batched with `others` (default: a 0.7 s clip; left-padded, clips of other lengths),
     `conversation` still gets `expected` and each other its own reply; and `audio` (the clip of
     `conversation`) encoded once stands in for itself."""
@@ -171,9 +178,13 @@ def assert_lora_b_gradients(model: Any, batch: dict[str, Any]) -> None:
 
 
 def assert_encoder_lora(
-    checkpoint: Path, tower: set[str], lm: set[str], *,
-    prefix: str = "model.audio_tower.", train_projector: bool | None = True,
-) -> None:  # fmt: skip
+    checkpoint: Path,
+    tower: set[str],
+    lm: set[str],
+    *,
+    prefix: str = "model.audio_tower.",
+    train_projector: bool | None = True,
+) -> None:
     """LoRA asked for the encoder too lands on exactly `tower` (the modules under `prefix`) and,
     outside it, on exactly `lm`; with `train_projector` (None: the model's default, which is
     off for a pretrained projector), the projector trains alongside."""
@@ -193,9 +204,16 @@ def assert_encoder_lora(
 
 
 def train(
-    checkpoint: Path, corpus: Path, out: Path, *, max_steps: int = 12, max_tokens: int = 2000,
-    targets: list[str] | None = None, lr: float = 2e-2, **train_section: Any,
-) -> Path:  # fmt: skip
+    checkpoint: Path,
+    corpus: Path,
+    out: Path,
+    *,
+    max_steps: int = 12,
+    max_tokens: int = 2000,
+    targets: list[str] | None = None,
+    lr: float = 2e-2,
+    **train_section: Any,
+) -> Path:
     """Write a `voxtune train` recipe for `checkpoint` on `corpus`'s training manifest (LoRA of
     rank 8 on `targets`, default: the model's own; a loss logged every step; no evaluation, no
     checkpoint before the end) into `out`, run it in-process and return its output directory."""
@@ -203,12 +221,11 @@ def train(
     recipe = {
         "model": {"load": str(checkpoint)},
         "data": {"train": [str(corpus / "train.jsonl")]},
-        "train": {"max_steps": max_steps, "max_tokens": max_tokens, "log_every": 1,
-                  "lora": lora, **train_section},
+        "train": {"max_steps": max_steps, "max_tokens": max_tokens, "log_every": 1, "lora": lora, **train_section},
         "optim": {"lr": lr, "warmup_steps": 1},
         "eval": {"every": 100},
         "output": {"dir": str(out / "run"), "save_every": 100},
-    }  # fmt: skip
+    }
     path = out / "recipe.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
     assert main(["train", str(path)]) == 0
@@ -283,13 +300,17 @@ def ask_server(
     transcript = expected = None
     with serving(model, path) as (client, runtime):
         completion = client.chat.completions.create(
-            model=path.name, max_tokens=max_tokens, temperature=0,
+            model=path.name,
+            max_tokens=max_tokens,
+            temperature=0,
             messages=[{"role": "user", "content": [part, {"type": "text", "text": text}]}],
-        )  # fmt: skip
+        )
         if transcribe:
             transcript = client.audio.transcriptions.create(model=path.name, file=("clip.wav", wav)).text
             expected = runtime.transcribe(load_audio(wav, 16000)).text
-    return Served(completion.choices[0].message.content, completion.usage.prompt_tokens_details.audio_tokens, transcript, expected)
+    return Served(
+        completion.choices[0].message.content, completion.usage.prompt_tokens_details.audio_tokens, transcript, expected
+    )
 
 
 def assert_served(model: Any, path: Path, *, transcribe: bool = True) -> None:

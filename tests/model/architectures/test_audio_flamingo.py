@@ -106,8 +106,12 @@ def test_transcripts_are_asked_and_read_as_the_processor_does(loaded):
         assert turn["content"][1] == PretrainedSpeechLM.transcription_messages(model, audio)[0]["content"][1]
         return
     assert turn["content"][1] == {"type": "text", "text": processor.default_transcription_prompt}
-    replies = ['The spoken content of the audio is "hello there".', "The transcription of the audio is 'a b'.",
-               "Plain words.", '"quoted"']  # fmt: skip
+    replies = [
+        'The spoken content of the audio is "hello there".',
+        "The transcription of the audio is 'a b'.",
+        "Plain words.",
+        '"quoted"',
+    ]
     for reply in replies:
         assert model.read_transcript(reply) == (processor._strip_assistant_prefix_and_quotes(reply), None)
     # Partial replies (streamed): nothing while the framing is written, then the words so far.

@@ -31,9 +31,18 @@ from voxtune.train.model_setup import TrainError, prepare_trainable
 from voxtune.train.recipe import TrainSection
 
 LAYERS = 4  # the tiny model's: 0 and 1 keep their keys and values, 2 and 3 reuse them
-AUDIO_LINEARS = ("feed_forward1.ffw_layer_1", "feed_forward1.ffw_layer_2", "feed_forward2.ffw_layer_1",
-                 "feed_forward2.ffw_layer_2", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                 "self_attn.post", "lconv1d.linear_start", "lconv1d.linear_end")  # fmt: skip
+AUDIO_LINEARS = (
+    "feed_forward1.ffw_layer_1",
+    "feed_forward1.ffw_layer_2",
+    "feed_forward2.ffw_layer_1",
+    "feed_forward2.ffw_layer_2",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.post",
+    "lconv1d.linear_start",
+    "lconv1d.linear_end",
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +77,7 @@ def _reference_inputs(model, reference, text: str, clips: list[Audio]) -> dict:
     features = extractor([clip.samples for clip in clips], return_tensors="pt")
     pieces = rendered.split(tokenizer.audio_token)
     expanded = pieces[0]
-    for mask, after in zip(features["input_features_mask"], pieces[1:]):
+    for mask, after in zip(features["input_features_mask"], pieces[1:], strict=True):
         expanded += tokenizer.boa_token + tokenizer.audio_token * _soft_tokens(mask) + tokenizer.eoa_token + after
     return {**tokenizer(expanded, add_special_tokens=False, return_tensors="pt"), **features}
 
@@ -109,8 +118,10 @@ def _lm_names(layers: int = LAYERS) -> set[str]:
     """The LM's attention and MLP layers: KV-shared layers (the second half) have no k/v."""
     attention = lambda i: ("q_proj", "o_proj") + (("k_proj", "v_proj") if i < layers // 2 else ())  # noqa: E731
     return {f"model.language_model.layers.{i}.self_attn.{name}" for i in range(layers) for name in attention(i)} | {
-        f"model.language_model.layers.{i}.mlp.{name}" for i in range(layers) for name in ("gate_proj", "up_proj", "down_proj")
-    }  # fmt: skip
+        f"model.language_model.layers.{i}.mlp.{name}"
+        for i in range(layers)
+        for name in ("gate_proj", "up_proj", "down_proj")
+    }
 
 
 def test_lora_lands_on_the_lm_only_unless_the_encoder_is_asked(checkpoint):

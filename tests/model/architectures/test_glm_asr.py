@@ -87,8 +87,9 @@ def test_replies_are_labelled_with_the_turn_closing_stop_token(model):
     last = processor.encode_messages(turns, with_labels=True)
     trained = [t for t in last.labels if t != -100]
     assert tokenizer.decode(trained[:-1]).strip() == "one" and trained[-1] == stop
-    both = processor.encode_messages(turns + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "two"}],
-                                     with_labels=True)  # fmt: skip
+    both = processor.encode_messages(
+        turns + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "two"}], with_labels=True
+    )
     trained = [t for t in both.labels if t != -100]
     assert trained.count(stop) == 2 and trained[-1] == stop  # each reply, the inner one by the next turn's marker
     assert both.input_ids.count(stop) == last.input_ids.count(stop) + 1  # the inner `<|user|>` is not doubled
@@ -103,7 +104,9 @@ def test_lora_on_the_tied_head_is_refused(checkpoint):
 @pytest.fixture(scope="module")
 def trained(checkpoint, corpus, tmp_path_factory):
     """12 steps of LoRA on q, v and down_proj (the head is tied: see above): the run's folder."""
-    return harness.train(checkpoint, corpus, tmp_path_factory.mktemp("train"), targets=["q_proj", "v_proj", "down_proj"])
+    return harness.train(
+        checkpoint, corpus, tmp_path_factory.mktemp("train"), targets=["q_proj", "v_proj", "down_proj"]
+    )
 
 
 def test_training_lowers_the_loss_and_caches_the_frozen_tower(trained):

@@ -33,7 +33,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     """The architecture's own transformers model and processor."""
-    return Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint).eval(), AutoProcessor.from_pretrained(checkpoint)
+    return Qwen2AudioForConditionalGeneration.from_pretrained(checkpoint).eval(), AutoProcessor.from_pretrained(
+        checkpoint
+    )
 
 
 def _reference_inputs(model, processor, audio, text: str = "What is said?") -> dict:
@@ -135,9 +137,13 @@ def test_unreadable_checkpoints_say_what_is_wrong(checkpoint, tmp_path):
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     (unknown / "config.json").write_text(json.dumps({"model_type": "brand_new_audio_llm"}))
-    with pytest.raises(ModelLoadError, match=r"model_type 'brand_new_audio_llm' is not an architecture voxtune reads.*qwen2_audio"):
+    with pytest.raises(
+        ModelLoadError, match=r"model_type 'brand_new_audio_llm' is not an architecture voxtune reads.*qwen2_audio"
+    ):
         voxtune.load(str(unknown))
     bare = harness.copy_files(checkpoint, tmp_path / "bare", harness.WEIGHTS_ONLY)
-    with pytest.raises(ModelLoadError, match=r"has no preprocessor_config.json: the checkpoint is missing its processor files"):
+    with pytest.raises(
+        ModelLoadError, match=r"has no preprocessor_config.json: the checkpoint is missing its processor files"
+    ):
         voxtune.load(str(bare))
     assert main(["transcribe", "--model", str(bare), str(tmp_path / "none.wav")]) != 0

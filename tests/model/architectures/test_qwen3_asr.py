@@ -26,7 +26,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     """The architecture's own transformers model and processor."""
-    return Qwen3ASRForConditionalGeneration.from_pretrained(checkpoint).eval(), AutoProcessor.from_pretrained(checkpoint)
+    return Qwen3ASRForConditionalGeneration.from_pretrained(checkpoint).eval(), AutoProcessor.from_pretrained(
+        checkpoint
+    )
 
 
 def test_it_loads_as_a_speech_lm_with_the_same_logits_and_greedy_tokens(model, reference):
@@ -94,7 +96,13 @@ def test_the_openai_client_talks_to_it_through_the_server(model, checkpoint):
 
 
 def test_transcripts_are_read_after_the_language_it_names(model):
-    assert model.transcription_messages("clip.wav") == [{"role": "user", "content": [{"type": "audio", "audio": "clip.wav"}]}]
+    assert model.transcription_messages("clip.wav") == [
+        {"role": "user", "content": [{"type": "audio", "audio": "clip.wav"}]}
+    ]
     assert model.read_transcript("language English<asr_text>Hello there.") == ("Hello there.", None)
     # Streamed: nothing shows while the language is written, then the words as they come.
-    assert [model.read_transcript(p)[0] for p in ("lang", "language Eng", "language English<asr_text>Hel")] == ["", "", "Hel"]
+    assert [model.read_transcript(p)[0] for p in ("lang", "language Eng", "language English<asr_text>Hel")] == [
+        "",
+        "",
+        "Hel",
+    ]

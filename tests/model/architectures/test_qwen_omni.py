@@ -26,7 +26,9 @@ from transformers import (
     Qwen3OmniMoeThinkerForConditionalGeneration,
 )
 from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import _get_feat_extract_output_lengths as qwen25_tokens
-from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import _get_feat_extract_output_lengths as qwen3_tokens
+from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import (
+    _get_feat_extract_output_lengths as qwen3_tokens,
+)
 
 import voxtune
 from voxtune.audio import Audio, AudioTooLongError
@@ -38,11 +40,23 @@ from voxtune.model.architectures.tiny import tiny_checkpoint
 # processor's token formula, its LM family and default LM LoRA targets, and the speech-out
 # parts of the full model (left unread).
 GENERATIONS = {
-    "qwen2_5_omni": (Qwen2_5OmniThinkerForConditionalGeneration, Qwen2_5OmniProcessor, qwen25_tokens,
-                     "qwen2", harness.ATTENTION + harness.MLP, ("talker", "token2wav")),
-    "qwen3_omni_moe": (Qwen3OmniMoeThinkerForConditionalGeneration, Qwen3OmniMoeProcessor, lambda n: qwen3_tokens(n, 50),
-                       "qwen3_moe", harness.ATTENTION, ("talker", "code2wav")),
-}  # fmt: skip
+    "qwen2_5_omni": (
+        Qwen2_5OmniThinkerForConditionalGeneration,
+        Qwen2_5OmniProcessor,
+        qwen25_tokens,
+        "qwen2",
+        harness.ATTENTION + harness.MLP,
+        ("talker", "token2wav"),
+    ),
+    "qwen3_omni_moe": (
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+        Qwen3OmniMoeProcessor,
+        lambda n: qwen3_tokens(n, 50),
+        "qwen3_moe",
+        harness.ATTENTION,
+        ("talker", "code2wav"),
+    ),
+}
 
 
 @pytest.fixture(scope="module", params=list(GENERATIONS))
@@ -65,7 +79,9 @@ def reference(kind, checkpoint):
 def _reference_inputs(kind: str, model, audio: Audio, text: str = "What is said?") -> dict:
     """What the generation's processor makes of a one-clip prompt (see the module doc)."""
     _, processor_class, tokens, *_ = GENERATIONS[kind]
-    features = model.hf_processor.feature_extractor([audio.samples], **processor_class.audio_kwargs, return_tensors="pt")
+    features = model.hf_processor.feature_extractor(
+        [audio.samples], **processor_class.audio_kwargs, return_tensors="pt"
+    )
     mask = features["attention_mask"]
     chat = model.processor._render([{"role": "user", "content": model.processor.audio_text + text}], True)
     placeholder = model.processor.audio_token
@@ -96,7 +112,9 @@ def test_placeholder_counts_match_the_processor_and_the_encoder(kind, model, ref
     expected = int((inputs["input_ids"] == reference.config.audio_token_id).sum())
     embeddings, _ = harness.assert_audio_tokens(model, audio, expected)
     with torch.no_grad():
-        rows = reference.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"]).last_hidden_state
+        rows = reference.get_audio_features(
+            inputs["input_features"], inputs["feature_attention_mask"]
+        ).last_hidden_state
     assert (embeddings - rows).abs().max() <= 1e-5
 
 
@@ -123,7 +141,9 @@ def test_the_thinker_alone_and_a_full_model_with_speech_out_load_alike(kind, mod
             assert (voxtune.load(str(path))(batch).logits - expected).abs().max() <= 1e-6
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="the Omni processor loads with torchvision")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is not None, reason="the Omni processor loads with torchvision"
+)
 def test_without_torchvision_the_processor_is_read_as_its_audio_half(model, checkpoint, tmp_path):
     with pytest.raises((ValueError, ImportError, AttributeError)):
         AutoProcessor.from_pretrained(checkpoint)  # its image and video halves cannot load
@@ -141,7 +161,10 @@ def test_without_torchvision_the_processor_is_read_as_its_audio_half(model, chec
     again = OmniAudioProcessor.from_pretrained(tmp_path / "copy")
     text = model.processor.audio_text + "hello<|im_end|>"
     assert again.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
-    assert again.tokenizer.audio_token == processor.tokenizer.audio_token and again.chat_template == processor.chat_template
+    assert (
+        again.tokenizer.audio_token == processor.tokenizer.audio_token
+        and again.chat_template == processor.chat_template
+    )
 
 
 def test_lora_lands_on_the_lm_attention_and_mlp_it_targets_unless_the_encoder_is_asked(kind, checkpoint):
@@ -179,7 +202,9 @@ def test_the_openai_client_talks_to_it_through_the_server(model, checkpoint):
 
 def test_missing_processor_files_are_named(checkpoint, tmp_path):
     bare = harness.copy_files(checkpoint, tmp_path / "bare", harness.WEIGHTS_ONLY)
-    with pytest.raises(ModelLoadError, match=r"has no preprocessor_config.json: the checkpoint is missing its processor files"):
+    with pytest.raises(
+        ModelLoadError, match=r"has no preprocessor_config.json: the checkpoint is missing its processor files"
+    ):
         voxtune.load(str(bare))
 
 

@@ -37,7 +37,9 @@ def _layout_lm(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The LM as transformers builds it from the layout's text_config, with the layout's weights."""
     text = dict(config["text_config"])
     lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(text.pop("model_type"), **text))
-    lm.load_state_dict({k[len("language_model.") :]: v for k, v in state.items() if k.startswith("language_model.")}, strict=False)
+    lm.load_state_dict(
+        {k[len("language_model.") :]: v for k, v in state.items() if k.startswith("language_model.")}, strict=True
+    )
     lm.tie_weights()
     return lm
 
@@ -48,12 +50,15 @@ def _reference_logits(path, input_ids: list[int], sound: Audio) -> torch.Tensor:
     the LM's embeddings at the audio token's positions."""
     config = json.loads((path / "config.json").read_text())
     state = load_file(path / "model.safetensors")
-    tower = load_whisper_encoder({k[len("audio_tower.") :]: v for k, v in state.items() if k.startswith("audio_tower.")},
-                                 WhisperConfig.from_dict(config["audio_config"]))  # fmt: skip
+    tower = load_whisper_encoder(
+        {k[len("audio_tower.") :]: v for k, v in state.items() if k.startswith("audio_tower.")},
+        WhisperConfig.from_dict(config["audio_config"]),
+    )
     lm = _layout_lm(config, state).eval()
     p = {k[len("multi_modal_projector.") :]: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
     features = WhisperFeatureExtractor.from_pretrained(path)(
-        sound.samples, sampling_rate=16000, return_tensors="pt", padding="longest", pad_to_multiple_of=160).input_features
+        sound.samples, sampling_rate=16000, return_tensors="pt", padding="longest", pad_to_multiple_of=160
+    ).input_features
     with torch.no_grad():
         hidden, _ = tower(features)  # [1, T', D]
         k = config["stack_factor"]
@@ -83,8 +88,10 @@ def test_same_logits_as_the_layout_defines_and_token_counts(model, checkpoint):
         ours = model(model.processor.collate([example])).logits
     assert (ours - _reference_logits(checkpoint, example.input_ids, audio)).abs().max() <= 1e-4
     other = messages(clip(0.7, 1), "And this?")
-    assert model.generate([messages(audio), other], max_new_tokens=6) == [model.generate(messages(audio), max_new_tokens=6),
-                                                                           model.generate(other, max_new_tokens=6)]  # fmt: skip
+    assert model.generate([messages(audio), other], max_new_tokens=6) == [
+        model.generate(messages(audio), max_new_tokens=6),
+        model.generate(other, max_new_tokens=6),
+    ]
 
 
 def test_parts_named_by_id_load_the_same(model, checkpoint, tmp_path):
@@ -95,7 +102,9 @@ def test_parts_named_by_id_load_the_same(model, checkpoint, tmp_path):
     processor_files = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja")
     slim = harness.copy_files(checkpoint, tmp_path / "slim", processor_files)
     save_file({k: v for k, v in state.items() if not k.startswith("language_model.")}, slim / "model.safetensors")
-    (slim / "config.json").write_text(json.dumps({**{k: v for k, v in config.items() if k != "text_config"}, "text_model_id": str(tmp_path / "lm")}))
+    (slim / "config.json").write_text(
+        json.dumps({**{k: v for k, v in config.items() if k != "text_config"}, "text_model_id": str(tmp_path / "lm")})
+    )
     chat = messages(clip(1.1, 2))
     assert voxtune.load(str(slim)).generate(chat, max_new_tokens=6) == model.generate(chat, max_new_tokens=6)
 
@@ -104,7 +113,8 @@ def test_lora_on_the_lm_is_named_as_ultravox_names_it(checkpoint, tmp_path):
     model = voxtune.load(str(checkpoint))
     prepare_trainable(model, TrainSection(method="lora", lora={"targets": ["q_proj", "v_proj"]}))
     assert harness.targeted(model) == {
-        f"language_model.model.layers.{i}.self_attn.{n}" for i in range(2) for n in ("q_proj", "v_proj")}  # fmt: skip
+        f"language_model.model.layers.{i}.self_attn.{n}" for i in range(2) for n in ("q_proj", "v_proj")
+    }
     model.save_adapters(tmp_path / "adapter")
     keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert keys and all(k.startswith("base_model.model.language_model.model.layers.") for k in keys)

@@ -10,7 +10,9 @@ import base64
 import pytest
 import torch
 
-pytest.importorskip("mistral_common", reason="Voxtral's tokenizer needs mistral-common (pip install 'voxtune[voxtral]')")
+pytest.importorskip(
+    "mistral_common", reason="Voxtral's tokenizer needs mistral-common (pip install 'voxtune[voxtral]')"
+)
 
 import harness  # noqa: E402
 from harness import clip  # noqa: E402
@@ -78,7 +80,7 @@ def test_a_batch_of_chats_has_the_processors_numbers(model, reference):
     hf, processor = reference
     waves = [_wav(4.6, seed=4), _wav(0.4, seed=5)]
     inputs = _reference_inputs(processor, _theirs(waves[0], "Two chunks"), _theirs(waves[1], "One"))
-    examples = [model.processor.encode_messages(_ours(w, t)) for w, t in zip(waves, ("Two chunks", "One"))]
+    examples = [model.processor.encode_messages(_ours(w, t)) for w, t in zip(waves, ("Two chunks", "One"), strict=True)]
     batch = model.processor.collate(examples, pad_left=True)
     mask = inputs["attention_mask"].bool()
     assert torch.equal(batch["input_ids"][mask], inputs["input_ids"][mask])
@@ -104,9 +106,13 @@ def test_placeholder_counts_match_the_processor_and_the_encoder(model, reference
 
 def test_chats_are_laid_out_as_mistral_common_does(model, checkpoint):
     serving = AutoProcessor.from_pretrained(checkpoint).tokenizer
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi  there "},
-            {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
-            {"role": "assistant", "content": "Hello you  "}, {"role": "user", "content": "Again [AUDIO]"}]  # fmt: skip
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi  there "},
+        {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
+        {"role": "assistant", "content": "Hello you  "},
+        {"role": "user", "content": "Again [AUDIO]"},
+    ]
     assert model.processor.encode_messages(chat).input_ids == serving.apply_chat_template(chat, return_dict=False)
     # Training ends on a reply: its text and </s> are the labels, nothing else.
     finetuning = MistralCommonBackend(tokenizer_path=checkpoint / "tekken.json", mode="finetuning")
@@ -114,7 +120,7 @@ def test_chats_are_laid_out_as_mistral_common_does(model, checkpoint):
     trained = chat[:-1] + [{"role": "user", "content": "Again"}, reply]
     example = model.processor.encode_messages(trained, with_labels=True)
     assert example.input_ids == finetuning.apply_chat_template(trained, return_dict=False)
-    kept = [token for token, label in zip(example.input_ids, example.labels) if label != -100]
+    kept = [token for token, label in zip(example.input_ids, example.labels, strict=True) if label != -100]
     assert model.tokenizer.decode(kept) == "Hello you</s>B</s>"
 
 
@@ -131,9 +137,10 @@ def test_transcription_is_voxtrals_own_request(model, reference, language):
     expected = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
     assert model.transcribe(audio, language, max_new_tokens=8) == expected
     # The transcribe task's training data: the bare transcript and </s> are the labels.
-    example = model.processor.encode_messages(asked + [{"role": "assistant", "content": "<|lang:en|>Hello world."}],
-                                              with_labels=True)  # fmt: skip
-    kept = [token for token, label in zip(example.input_ids, example.labels) if label != -100]
+    example = model.processor.encode_messages(
+        asked + [{"role": "assistant", "content": "<|lang:en|>Hello world."}], with_labels=True
+    )
+    kept = [token for token, label in zip(example.input_ids, example.labels, strict=True) if label != -100]
     assert model.tokenizer.decode(kept) == "Hello world.</s>"
 
 

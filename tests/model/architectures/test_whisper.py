@@ -22,8 +22,12 @@ from voxtune.train.model_setup import prepare_trainable
 from voxtune.train.recipe import TrainSection
 
 # The decoder's linear layers: self-attention, cross-attention (to the encoder) and the MLP.
-DECODER = {f"model.decoder.layers.{i}.{attention}.{name}" for i in range(2) for attention in ("self_attn", "encoder_attn")
-           for name in ("q_proj", "k_proj", "v_proj", "out_proj")} | {f"model.decoder.layers.{i}.{n}" for i in range(2) for n in ("fc1", "fc2")}  # fmt: skip
+DECODER = {
+    f"model.decoder.layers.{i}.{attention}.{name}"
+    for i in range(2)
+    for attention in ("self_attn", "encoder_attn")
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj")
+} | {f"model.decoder.layers.{i}.{n}" for i in range(2) for n in ("fc1", "fc2")}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +43,14 @@ def _features(processor, audio: Audio) -> torch.Tensor:
 
 def _greedy_sequence(hf, processor, audio: Audio, language: str, steps: int) -> list[int]:
     """The reference's whole greedy decoder sequence: its prompt, then `steps` tokens."""
-    out = hf.generate(_features(processor, audio), language=language, task="transcribe", max_new_tokens=steps,
-                      do_sample=False, return_dict_in_generate=True)  # fmt: skip
+    out = hf.generate(
+        _features(processor, audio),
+        language=language,
+        task="transcribe",
+        max_new_tokens=steps,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
     return out.sequences[0].tolist()
 
 
@@ -50,7 +60,9 @@ def test_same_logits_and_greedy_tokens_as_transformers(model, checkpoint):
     audio = clip(2.5)
     example = model.processor.encode_messages(transcribe_messages(audio, "de"), add_generation_prompt=True)
     ids = processor.tokenizer
-    assert example.input_ids == ids.convert_tokens_to_ids(["<|startoftranscript|>", "<|de|>", "<|transcribe|>", "<|notimestamps|>"])
+    assert example.input_ids == ids.convert_tokens_to_ids(
+        ["<|startoftranscript|>", "<|de|>", "<|transcribe|>", "<|notimestamps|>"]
+    )
     forced = _greedy_sequence(hf, processor, audio, "de", steps=8)
     assert forced[: len(example.input_ids)] == example.input_ids  # the same prompt as Whisper's own
     continuation = forced[len(example.input_ids) :]
@@ -67,7 +79,10 @@ def test_same_logits_and_greedy_tokens_as_transformers(model, checkpoint):
     # Rows of a batch keep their own clip and cross-attention cache (the engine adds and drops rows).
     other = transcribe_messages(clip(1.0, seed=1), "en")
     alone = model.generate(other, max_new_tokens=len(continuation))
-    assert model.generate([transcribe_messages(audio, "de"), other], max_new_tokens=len(continuation)) == [expected, alone]
+    assert model.generate([transcribe_messages(audio, "de"), other], max_new_tokens=len(continuation)) == [
+        expected,
+        alone,
+    ]
     runtime = Runtime(model, max_batch=4)
     try:
         first = runtime.engine.generate(transcribe_messages(audio, "de"), max_new_tokens=len(continuation))
@@ -78,7 +93,9 @@ def test_same_logits_and_greedy_tokens_as_transformers(model, checkpoint):
 
 
 def test_one_clip_per_request_and_known_languages(model):
-    two = [{"role": "user", "content": [{"type": "audio", "audio": clip(1.0)}, {"type": "audio", "audio": clip(1.0, 1)}]}]
+    two = [
+        {"role": "user", "content": [{"type": "audio", "audio": clip(1.0)}, {"type": "audio", "audio": clip(1.0, 1)}]}
+    ]
     with pytest.raises(MessageError, match="one clip per request, got 2"):
         model.generate(two)
     with pytest.raises(MessageError, match="does not know the language 'fr'"):
@@ -89,9 +106,13 @@ def test_one_clip_per_request_and_known_languages(model):
 
 def test_lora_lands_on_the_decoder_unless_the_encoder_is_asked(checkpoint):
     model = harness.assert_lora_targets(checkpoint, DECODER)
-    harness.assert_lora_b_gradients(model, harness.labelled_batch(model, transcribe_messages(clip(1.0), "en"), reply="hi"))
+    harness.assert_lora_b_gradients(
+        model, harness.labelled_batch(model, transcribe_messages(clip(1.0), "en"), reply="hi")
+    )
     with pytest.raises(InputError, match="ties it to the input embeddings"):
-        prepare_trainable(voxtune.load(str(checkpoint)), TrainSection(method="lora", lora={"targets": ["q_proj", "proj_out"]}))
+        prepare_trainable(
+            voxtune.load(str(checkpoint)), TrainSection(method="lora", lora={"targets": ["q_proj", "proj_out"]})
+        )
     tower = {f"model.encoder.layers.{i}.{leaf}" for i in range(2) for leaf in harness.WHISPER_ENCODER}
     harness.assert_encoder_lora(checkpoint, tower, DECODER, prefix="model.encoder.", train_projector=None)
 
@@ -140,5 +161,7 @@ def test_the_real_whisper_tiny_en_transcribes_through_voxtune(whisper_tiny_en):
     assert model.transcribe(speech) == expected
     assert "hello world" in expected.lower()
     with harness.serving(model, whisper_tiny_en) as (client, _):
-        text = client.audio.transcriptions.create(model=whisper_tiny_en.name, file=("hello.wav", encode(speech, "wav"))).text
+        text = client.audio.transcriptions.create(
+            model=whisper_tiny_en.name, file=("hello.wav", encode(speech, "wav"))
+        ).text
     assert "hello world" in text.lower()

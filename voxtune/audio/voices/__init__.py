@@ -7,6 +7,7 @@ language in eSpeak NG (`EspeakBackend`); others plug in through `VoiceBackend`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+
 import numpy as np
 
 from voxtune.audio.audio import Audio

@@ -12,9 +12,20 @@ from voxtune.errors import InputError
 
 # The voice names of OpenAI's speech APIs; every backend maps each to a distinct voice of its own.
 OPENAI_VOICES = (
-    "alloy", "ash", "ballad", "coral", "echo", "fable", "marin",
-    "cedar", "nova", "onyx", "sage", "shimmer", "verse",
-)  # fmt: skip
+    "alloy",
+    "ash",
+    "ballad",
+    "coral",
+    "echo",
+    "fable",
+    "marin",
+    "cedar",
+    "nova",
+    "onyx",
+    "sage",
+    "shimmer",
+    "verse",
+)
 MIN_SPEED, MAX_SPEED = 0.25, 4.0  # the range /v1/audio/speech accepts
 MAX_TEXT_CHARS = 50_000  # about an hour of speech; longer texts should be split by the caller
 DEFAULT_VOICE = "alloy"

@@ -47,10 +47,20 @@ _VARIANT_LANGUAGE = b"variant"
 # Each OpenAI voice name is a distinct eSpeak NG voice variant, of the gender its timbre of the
 # English voice has (voices/piper.py), so that a name keeps its gender across languages.
 OPENAI_VARIANTS = {
-    "alloy": "m8", "ash": "m2", "ballad": "m6", "coral": "f2", "echo": "m1",
-    "fable": "m4", "marin": "Annie", "cedar": "m3", "nova": "f4", "onyx": "m7",
-    "sage": "f3", "shimmer": "f1", "verse": "m5",
-}  # fmt: skip
+    "alloy": "m8",
+    "ash": "m2",
+    "ballad": "m6",
+    "coral": "f2",
+    "echo": "m1",
+    "fable": "m4",
+    "marin": "Annie",
+    "cedar": "m3",
+    "nova": "f4",
+    "onyx": "m7",
+    "sage": "f3",
+    "shimmer": "f1",
+    "verse": "m5",
+}
 
 
 class _EspeakVoice(ctypes.Structure):
@@ -82,9 +92,15 @@ class _Engine:
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_Synth.argtypes = [
-            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-            ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
-        ]  # fmt: skip
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         self.data_path = Path(espeakng_loader.get_data_path())
         self.sample_rate = lib.espeak_Initialize(
             _OUTPUT_SYNCHRONOUS, 0, str(self.data_path).encode(), _INITIALIZE_DONT_EXIT

@@ -62,8 +62,9 @@ class Timbre:
 
 
 # Female names get a shorter tract and a voice near an octave up; male ones small moves around
-# joe's own (a longer tract than 0.96 of his blurs the words for a recogniser). Kept within the range where Praat's PSOLA keeps every voice as intelligible as
-# joe himself (benchmarks/voice_intelligibility.py), and far enough apart to be told apart.
+# joe's own (a longer tract than 0.96 of his blurs the words for a recogniser). Kept within the
+# range where Praat's PSOLA keeps every voice about as intelligible as joe himself
+# (benchmarks/voice_intelligibility.py), and far enough apart to be told apart.
 TIMBRES: dict[str, Timbre] = {
     "alloy": Timbre("male"),
     "ash": Timbre("male", 0.97, 0.95),
@@ -153,8 +154,10 @@ class PiperBackend:
 
     def list_voices(self) -> list[VoiceInfo]:
         """The OpenAI names first, then joe itself."""
-        return [VoiceInfo(name, f"{PIPER_VOICE}+{name}" if name != PIPER_VOICE else PIPER_VOICE, t.gender)
-                for name, t in TIMBRES.items()]  # fmt: skip
+        return [
+            VoiceInfo(name, f"{PIPER_VOICE}+{name}" if name != PIPER_VOICE else PIPER_VOICE, t.gender)
+            for name, t in TIMBRES.items()
+        ]
 
     def speaks(self, lang: str) -> bool:
         """Whether `lang` is a language code this backend renders."""
@@ -206,10 +209,20 @@ def _shape(samples: np.ndarray, sample_rate: int, timbre: Timbre, style: Style) 
     with _LOCK:
         sound = parselmouth.Sound(samples.astype(np.float64), sample_rate)
         if timbre.formant != 1.0 or pitch_factor != 1.0 or range_factor != 1.0:
-            median = call(call(sound, "To Pitch", 0.0, _PITCH_FLOOR, _PITCH_CEILING), "Get quantile", 0, 0, 0.5, "Hertz")
+            median = call(
+                call(sound, "To Pitch", 0.0, _PITCH_FLOOR, _PITCH_CEILING), "Get quantile", 0, 0, 0.5, "Hertz"
+            )
             if np.isfinite(median):  # no voiced frame at all: nothing to move
-                sound = call(sound, "Change gender", _PITCH_FLOOR, _PITCH_CEILING, timbre.formant,
-                             median * pitch_factor, range_factor, 1.0)  # fmt: skip
+                sound = call(
+                    sound,
+                    "Change gender",
+                    _PITCH_FLOOR,
+                    _PITCH_CEILING,
+                    timbre.formant,
+                    median * pitch_factor,
+                    range_factor,
+                    1.0,
+                )
         if style.whisper:
             sound = _whispered(sound, call)
         out = np.asarray(sound.values[0], dtype=np.float32)

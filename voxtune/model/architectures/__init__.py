@@ -60,7 +60,9 @@ def load_pretrained(path: Path, *, dtype: torch.dtype = torch.float32) -> Pretra
     from voxtune.model.checkpoint import CONFIG_FILE, ModelLoadError
 
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} is not a voxtune model (no {CONFIG_FILE}) nor a transformers checkpoint (no config.json)")
+        raise ModelLoadError(
+            f"{path} is not a voxtune model (no {CONFIG_FILE}) nor a transformers checkpoint (no config.json)"
+        )
     model_type = read_config(path).get("model_type")
     if model_type not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))

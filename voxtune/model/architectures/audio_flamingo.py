@@ -81,9 +81,12 @@ class WindowedFrontEnd(FeatureExtractorFrontEnd):
     def __call__(self, clips: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         pieces = [self.windows(np.asarray(clip, dtype=np.float32)) for clip in clips]
         out = self.extractor(
-            [window for clip in pieces for window in clip], sampling_rate=SAMPLE_RATE,
-            return_attention_mask=True, padding="max_length", return_tensors="pt",
-        )  # fmt: skip
+            [window for clip in pieces for window in clip],
+            sampling_rate=SAMPLE_RATE,
+            return_attention_mask=True,
+            padding="max_length",
+            return_tensors="pt",
+        )
         counts = [len(clip) for clip in pieces]
         most = max(counts)
         rows = []
@@ -125,8 +128,10 @@ class WindowedEncoder(nn.Module):
         self.max_frames = None  # any number of windows (the front end sets the longest clip)
         one, two = self.output_lengths(torch.tensor([window, 2 * window])).tolist()
         if two != 2 * one:
-            raise ValueError(f"a window of {window} frames does not make whole tokens ({one} for one window, "
-                             f"{two} for two), so a clip's count would not be its windows'")  # fmt: skip
+            raise ValueError(
+                f"a window of {window} frames does not make whole tokens ({one} for one window, "
+                f"{two} for two), so a clip's count would not be its windows'"
+            )
 
     def output_lengths(self, frames: torch.Tensor) -> torch.Tensor:
         """Tokens of `frames` valid frames, of a window or (the processor's count) of a clip."""
@@ -248,8 +253,10 @@ def template_audio_text(processor: Any) -> str:
 
 # How Audio Flamingo 3 frames a transcript: `The spoken content of the audio is "<words>".`
 FRAMINGS = (
-    "The spoken content of the audio is", "The transcription of the audio is", "The content of the input audio is",
-)  # fmt: skip
+    "The spoken content of the audio is",
+    "The transcription of the audio is",
+    "The content of the input audio is",
+)
 
 
 def transcription_request(processor: Any, audio: Any) -> list[dict] | None:
@@ -313,8 +320,9 @@ def load(path: Path, dtype: torch.dtype) -> FlamingoSpeechLM:
         encoder = AudioFlamingo3Encoder(inner.audio_tower)
     front_end = WindowedFrontEnd(processor.feature_extractor, max_seconds=processor.max_audio_len)
     if front_end.window != encoder.window:
-        raise ModelLoadError(f"{path}: the feature extractor's window is {front_end.window} frames, "
-                             f"the encoder's {encoder.window}")  # fmt: skip
+        raise ModelLoadError(
+            f"{path}: the feature extractor's window is {front_end.window} frames, the encoder's {encoder.window}"
+        )
     audio_text = template_audio_text(processor)
     if model_type == "musicflamingo":  # its processor writes the markers around the expansion
         marked = f"{processor.audio_bos_token}{processor.audio_token}{processor.audio_eos_token}"
@@ -353,15 +361,25 @@ _SYSTEM = {
 }
 
 
-def tiny(directory: str | os.PathLike, *, model_type: str | None = None, hidden: int = 64, layers: int = 2,
-         heads: int = 4, encoder_dim: int = 32, encoder_layers: int = 2, seconds: int = 1, seed: int = 0,
-         init_std: float = 0.02) -> Path:
+def tiny(
+    directory: str | os.PathLike,
+    *,
+    model_type: str | None = None,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    encoder_dim: int = 32,
+    encoder_layers: int = 2,
+    seconds: int = 1,
+    seed: int = 0,
+    init_std: float = 0.02,
+) -> Path:
     """A random Audio Flamingo 3 or Music Flamingo (`model_type`) with its processor, and a
     `seconds`-long window (real checkpoints: 30 s). `init_std` is the weights' initializer range.
 
     Raises:
         ValueError: `model_type` is not one of the two.
-    """  # fmt: skip
+    """
     import transformers
     from transformers import Qwen2Tokenizer, WhisperFeatureExtractor
 
@@ -378,19 +396,32 @@ def tiny(directory: str | os.PathLike, *, model_type: str | None = None, hidden:
     prefix = "MusicFlamingo" if music else "AudioFlamingo3"
     config = getattr(transformers, f"{prefix}Config")(
         audio_config={
-            "model_type": "audioflamingo3_encoder", "hidden_size": encoder_dim, "num_hidden_layers": encoder_layers,
-            "num_attention_heads": 2, "intermediate_size": 2 * encoder_dim, "num_mel_bins": 128,
-            "max_source_positions": 50 * seconds, "initializer_range": init_std,
+            "model_type": "audioflamingo3_encoder",
+            "hidden_size": encoder_dim,
+            "num_hidden_layers": encoder_layers,
+            "num_attention_heads": 2,
+            "intermediate_size": 2 * encoder_dim,
+            "num_mel_bins": 128,
+            "max_source_positions": 50 * seconds,
+            "initializer_range": init_std,
         },
         text_config={
-            "model_type": "qwen2", "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": heads // 2, "intermediate_size": 2 * hidden, "vocab_size": len(tokenizer),
-            "max_position_embeddings": 2048, "tie_word_embeddings": False, "initializer_range": init_std,
+            "model_type": "qwen2",
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads // 2,
+            "intermediate_size": 2 * hidden,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": False,
+            "initializer_range": init_std,
         },
         **ids,
-    )  # fmt: skip
-    extractor = WhisperFeatureExtractor(feature_size=128, chunk_length=seconds, sampling_rate=16000,
-                                        return_attention_mask=True)  # fmt: skip
+    )
+    extractor = WhisperFeatureExtractor(
+        feature_size=128, chunk_length=seconds, sampling_rate=16000, return_attention_mask=True
+    )
     chat_template = _TEMPLATE.replace("{system}", _SYSTEM[model_type])
     processor_class = getattr(transformers, f"{prefix}Processor")
     processor = processor_class(feature_extractor=extractor, tokenizer=tokenizer, chat_template=chat_template)

@@ -194,7 +194,9 @@ def _extractor_config(path: Path, files: dict[str, str]) -> dict[str, Any]:
         config = data.get("feature_extractor", data if name == "preprocessor_config.json" else None)
         if isinstance(config, dict) and "feature_size" in config:
             return config
-    raise ModelLoadError(f"{path} has no audio feature extractor settings (processor_config.json or preprocessor_config.json)")
+    raise ModelLoadError(
+        f"{path} has no audio feature extractor settings (processor_config.json or preprocessor_config.json)"
+    )
 
 
 def _has_video_processor(path: Path) -> bool:
@@ -265,10 +267,15 @@ def load(path: Path, dtype: torch.dtype) -> Gemma4SpeechLM:
 
 # Named special tokens, as real Gemma 4 tokenizers carry them (tokenizer attributes).
 SPECIAL_TOKENS = {
-    "sot_token": "<|turn>", "eot_token": "<turn|>",
-    "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
-    "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
-}  # fmt: skip
+    "sot_token": "<|turn>",
+    "eot_token": "<turn|>",
+    "audio_token": "<|audio|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+    "image_token": "<|image|>",
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+}
 
 
 def gemma_tokenizer() -> Any:
@@ -287,8 +294,17 @@ def gemma_tokenizer() -> Any:
     return tokenizer
 
 
-def tiny_config(tokenizer: Any, *, hidden: int, layers: int, heads: int, encoder_dim: int, encoder_layers: int,
-                sliding_window: int, vision: bool) -> Any:
+def tiny_config(
+    tokenizer: Any,
+    *,
+    hidden: int,
+    layers: int,
+    heads: int,
+    encoder_dim: int,
+    encoder_layers: int,
+    sliding_window: int,
+    vision: bool,
+) -> Any:
     """A small `Gemma4Config` with every feature of the audio models' text stack: per-layer
     embeddings, sliding and full layers (the full ones with wider heads), KV sharing in the
     second half, double-wide MLPs there, the final logit soft-cap and tied embeddings."""
@@ -297,46 +313,98 @@ def tiny_config(tokenizer: Any, *, hidden: int, layers: int, heads: int, encoder
     ids = tokenizer.convert_tokens_to_ids
     vocab = len(tokenizer)
     text = {
-        "vocab_size": vocab, "vocab_size_per_layer_input": vocab, "hidden_size_per_layer_input": 8,
-        "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": heads // 2, "head_dim": hidden // heads,
-        "global_head_dim": 2 * hidden // heads, "sliding_window": sliding_window,
-        "layer_types": ["sliding_attention", "full_attention"] * (layers // 2), "num_kv_shared_layers": layers // 2,
-        "use_double_wide_mlp": True, "final_logit_softcapping": 30.0, "max_position_embeddings": 4096,
+        "vocab_size": vocab,
+        "vocab_size_per_layer_input": vocab,
+        "hidden_size_per_layer_input": 8,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads // 2,
+        "head_dim": hidden // heads,
+        "global_head_dim": 2 * hidden // heads,
+        "sliding_window": sliding_window,
+        "layer_types": ["sliding_attention", "full_attention"] * (layers // 2),
+        "num_kv_shared_layers": layers // 2,
+        "use_double_wide_mlp": True,
+        "final_logit_softcapping": 30.0,
+        "max_position_embeddings": 4096,
         # Wider than the default 0.02: the head (tied to the embeddings) then spreads the logits
         # enough for a few LoRA steps to move them, and greedy replies are not one token over.
         "initializer_range": 0.1,
-        "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
     }
     # subsampling_conv_channels[0] must be the mel bins (128): the tower reshapes by it.
     audio = {
-        "hidden_size": encoder_dim, "num_hidden_layers": encoder_layers, "num_attention_heads": 2,
-        "subsampling_conv_channels": [128, 8], "output_proj_dims": 2 * encoder_dim,
-        "attention_chunk_size": 4, "attention_context_left": 5, "attention_context_right": 0,
+        "hidden_size": encoder_dim,
+        "num_hidden_layers": encoder_layers,
+        "num_attention_heads": 2,
+        "subsampling_conv_channels": [128, 8],
+        "output_proj_dims": 2 * encoder_dim,
+        "attention_chunk_size": 4,
+        "attention_context_left": 5,
+        "attention_context_right": 0,
     }
-    vision_config = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "num_key_value_heads": 2, "head_dim": 8, "patch_size": 4, "pooling_kernel_size": 2,
-                     "position_embedding_size": 64} if vision else None
+    vision_config = (
+        {
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "patch_size": 4,
+            "pooling_kernel_size": 2,
+            "position_embedding_size": 64,
+        }
+        if vision
+        else None
+    )
     return Gemma4Config(
-        text_config=text, audio_config=audio, vision_config=vision_config,
-        audio_token_id=ids(SPECIAL_TOKENS["audio_token"]), boa_token_id=ids(SPECIAL_TOKENS["boa_token"]),
-        eoa_token_index=ids(SPECIAL_TOKENS["eoa_token"]), image_token_id=ids(SPECIAL_TOKENS["image_token"]),
-        boi_token_id=ids(SPECIAL_TOKENS["boi_token"]), eoi_token_id=ids(SPECIAL_TOKENS["eoi_token"]),
+        text_config=text,
+        audio_config=audio,
+        vision_config=vision_config,
+        audio_token_id=ids(SPECIAL_TOKENS["audio_token"]),
+        boa_token_id=ids(SPECIAL_TOKENS["boa_token"]),
+        eoa_token_index=ids(SPECIAL_TOKENS["eoa_token"]),
+        image_token_id=ids(SPECIAL_TOKENS["image_token"]),
+        boi_token_id=ids(SPECIAL_TOKENS["boi_token"]),
+        eoi_token_id=ids(SPECIAL_TOKENS["eoi_token"]),
         video_token_id=ids("<|video|>"),
-    )  # fmt: skip
+    )
 
 
-def tiny(directory: str | os.PathLike, *, hidden: int = 64, layers: int = 4, heads: int = 4, encoder_dim: int = 32,
-         encoder_layers: int = 2, sliding_window: int = 16, vision: bool = False, seed: int = 0) -> Path:
+def tiny(
+    directory: str | os.PathLike,
+    *,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    encoder_dim: int = 32,
+    encoder_layers: int = 2,
+    sliding_window: int = 16,
+    vision: bool = False,
+    seed: int = 0,
+) -> Path:
     """A random Gemma 4 (`Gemma4ForConditionalGeneration`, with a vision tower when `vision`)
     saved as a real checkpoint is: weights, tokenizer with chat template, and a
     processor_config.json naming `Gemma4Processor` with its audio feature extractor (no image
-    or video processor settings: those need torchvision to write)."""  # fmt: skip
+    or video processor settings: those need torchvision to write)."""
     from transformers import Gemma4AudioFeatureExtractor, Gemma4ForConditionalGeneration
 
     tokenizer = gemma_tokenizer()
-    config = tiny_config(tokenizer, hidden=hidden, layers=layers, heads=heads, encoder_dim=encoder_dim,
-                         encoder_layers=encoder_layers, sliding_window=sliding_window, vision=vision)  # fmt: skip
+    config = tiny_config(
+        tokenizer,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        encoder_dim=encoder_dim,
+        encoder_layers=encoder_layers,
+        sliding_window=sliding_window,
+        vision=vision,
+    )
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(seed)
         model = Gemma4ForConditionalGeneration(config).eval()
@@ -347,7 +415,12 @@ def tiny(directory: str | os.PathLike, *, hidden: int = 64, layers: int = 4, hea
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     extractor = json.loads(Gemma4AudioFeatureExtractor().to_json_string())
-    processor = {"processor_class": "Gemma4Processor", "feature_extractor": extractor,
-                 "audio_seq_length": 750, "audio_ms_per_token": 40, "image_seq_length": 280}  # fmt: skip
+    processor = {
+        "processor_class": "Gemma4Processor",
+        "feature_extractor": extractor,
+        "audio_seq_length": 750,
+        "audio_ms_per_token": 40,
+        "image_seq_length": 280,
+    }
     (path / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
     return path

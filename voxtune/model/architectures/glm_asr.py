@@ -111,12 +111,16 @@ def load(path: Path, dtype: torch.dtype) -> GlmAsrSpeechLM:
     inner = model.model
     audio = model.config.audio_config
     if audio.intermediate_size != MERGE * audio.hidden_size:
-        raise ModelLoadError(f"{path}: the audio intermediate_size ({audio.intermediate_size}) must be {MERGE} x "
-                             f"its hidden_size ({audio.hidden_size}): the projector reads {MERGE} frames")  # fmt: skip
+        raise ModelLoadError(
+            f"{path}: the audio intermediate_size ({audio.intermediate_size}) must be {MERGE} x "
+            f"its hidden_size ({audio.hidden_size}): the projector reads {MERGE} frames"
+        )
     front_end = WindowedFrontEnd(processor.feature_extractor, max_seconds=processor.max_audio_len)
     if front_end.window % (2 * MERGE):
-        raise ModelLoadError(f"{path}: the feature extractor's window ({front_end.window} frames) must be a multiple "
-                             f"of {2 * MERGE}: the tower halves it and the projector stacks {MERGE}")  # fmt: skip
+        raise ModelLoadError(
+            f"{path}: the feature extractor's window ({front_end.window} frames) must be a multiple "
+            f"of {2 * MERGE}: the tower halves it and the projector stacks {MERGE}"
+        )
     return GlmAsrSpeechLM(
         architecture="glmasr",
         model=model,
@@ -130,36 +134,63 @@ def load(path: Path, dtype: torch.dtype) -> GlmAsrSpeechLM:
     )
 
 
-def tiny(directory: str | os.PathLike, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-         encoder_dim: int = 32, encoder_layers: int = 2, seconds: int = 2, seed: int = 0,
-         init_std: float = 0.02) -> Path:
+def tiny(
+    directory: str | os.PathLike,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    encoder_dim: int = 32,
+    encoder_layers: int = 2,
+    seconds: int = 2,
+    seed: int = 0,
+    init_std: float = 0.02,
+) -> Path:
     """A random GLM-ASR (`GlmAsrForConditionalGeneration` + `GlmAsrProcessor`) with GLM-4's
     special tokens, a `seconds`-long window (real checkpoints: 30 s; 2 s is the shortest whose
     tokens are whole: 200 frames, 25 tokens) and tied input and output embeddings, as the
-    config's default. `init_std` is the weights' initializer range."""  # fmt: skip
-    from transformers import GenerationConfig, GlmAsrConfig, GlmAsrForConditionalGeneration, GlmAsrProcessor
-    from transformers import Qwen2Tokenizer, WhisperFeatureExtractor
+    config's default. `init_std` is the weights' initializer range."""
+    from transformers import (
+        GenerationConfig,
+        GlmAsrConfig,
+        GlmAsrForConditionalGeneration,
+        GlmAsrProcessor,
+        Qwen2Tokenizer,
+        WhisperFeatureExtractor,
+    )
 
     from voxtune.model.architectures.tiny import byte_tokenizer, save_tiny
 
     others = ("<|endoftext|>", "[gMASK]", "<sop>", *GLM4.special_tokens, "<|begin_of_audio|>", "<|end_of_audio|>")
-    tokenizer = byte_tokenizer(Qwen2Tokenizer, {"audio_token": "<|pad|>"}, others,
-                               eos_token="<|endoftext|>", pad_token="<|endoftext|>")  # fmt: skip
+    tokenizer = byte_tokenizer(
+        Qwen2Tokenizer, {"audio_token": "<|pad|>"}, others, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
     config = GlmAsrConfig(
         audio_config={
-            "hidden_size": encoder_dim, "intermediate_size": MERGE * encoder_dim, "num_hidden_layers": encoder_layers,
-            "num_attention_heads": 2, "num_mel_bins": 128, "initializer_range": init_std,
+            "hidden_size": encoder_dim,
+            "intermediate_size": MERGE * encoder_dim,
+            "num_hidden_layers": encoder_layers,
+            "num_attention_heads": 2,
+            "num_mel_bins": 128,
+            "initializer_range": init_std,
         },
         text_config={
-            "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": heads // 2, "intermediate_size": 2 * hidden, "vocab_size": len(tokenizer),
-            "max_position_embeddings": 2048, "eos_token_id": stops, "initializer_range": init_std,
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads // 2,
+            "intermediate_size": 2 * hidden,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 2048,
+            "eos_token_id": stops,
+            "initializer_range": init_std,
         },
         audio_token_id=tokenizer.convert_tokens_to_ids("<|pad|>"),
-    )  # fmt: skip
-    extractor = WhisperFeatureExtractor(feature_size=128, chunk_length=seconds, sampling_rate=16000,
-                                        return_attention_mask=True)  # fmt: skip
+    )
+    extractor = WhisperFeatureExtractor(
+        feature_size=128, chunk_length=seconds, sampling_rate=16000, return_attention_mask=True
+    )
     processor = GlmAsrProcessor(feature_extractor=extractor, tokenizer=tokenizer, chat_template=GLM4_TEMPLATE)
     path = save_tiny(GlmAsrForConditionalGeneration, config, processor, directory, seed)
     # Stop at the next turn's marker too, as the published generation config does.

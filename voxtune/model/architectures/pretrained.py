@@ -116,7 +116,9 @@ def causal_lm_view(text_config: Any, body: nn.Module, head: nn.Module) -> nn.Mod
         lm = AutoModelForCausalLM.from_config(text_config)
     setattr(lm, lm.base_model_prefix, body)
     lm.set_output_embeddings(head)
-    left = [name for name, p in lm.named_parameters() if p.is_meta] + [name for name, b in lm.named_buffers() if b.is_meta]
+    left = [name for name, p in lm.named_parameters() if p.is_meta] + [
+        name for name, b in lm.named_buffers() if b.is_meta
+    ]
     if left:
         raise ValueError(f"the {type(lm).__name__} view has weights of its own: {', '.join(left[:3])}")
     return lm
@@ -226,8 +228,10 @@ class PretrainedSpeechLM(SpeechLM):
         head, embeddings = self.pretrained.get_output_embeddings(), self.pretrained.get_input_embeddings()
         if head.weight is embeddings.weight and any(self.pretrained.get_submodule(n) is head for n in names):
             # Merging would write the head's update into the input embeddings too.
-            raise InputError("LoRA on the output head: this model ties it to the input embeddings, so merged "
-                             "adapters would change both; leave the head out of the targets")  # fmt: skip
+            raise InputError(
+                "LoRA on the output head: this model ties it to the input embeddings, so merged "
+                "adapters would change both; leave the head out of the targets"
+            )
         if names:
             object.__setattr__(self, "_peft", _with_lora(self.pretrained, names, lora))
             self._share_head()
@@ -299,7 +303,6 @@ def read_config(path: Path) -> dict[str, Any]:
         return json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelLoadError(f"cannot read {config_path}: {error}") from None
-
 
 
 def load_processor(path: Path) -> Any:

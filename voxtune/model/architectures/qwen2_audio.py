@@ -82,14 +82,29 @@ def load(path: Path, dtype: torch.dtype) -> PretrainedSpeechLM:
     )
 
 
-def tiny(directory: str | os.PathLike, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-         encoder_dim: int = 32, encoder_layers: int = 2, encoder_heads: int = 2, seconds: int = 1,
-         tokenizer: Any = None, seed: int = 0) -> Path:
+def tiny(
+    directory: str | os.PathLike,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    encoder_dim: int = 32,
+    encoder_layers: int = 2,
+    encoder_heads: int = 2,
+    seconds: int = 1,
+    tokenizer: Any = None,
+    seed: int = 0,
+) -> Path:
     """A random Qwen2-Audio (`Qwen2AudioForConditionalGeneration` + `Qwen2AudioProcessor`) with a
     `seconds`-long encoder window (real checkpoints: 30 s). `tokenizer`: a fast tokenizer with
-    ChatML markers to use (its audio tokens are added); default one token per byte."""  # fmt: skip
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, Qwen2Tokenizer
-    from transformers import WhisperFeatureExtractor
+    ChatML markers to use (its audio tokens are added); default one token per byte."""
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        Qwen2Tokenizer,
+        WhisperFeatureExtractor,
+    )
 
     from voxtune.model.architectures.tiny import CHATML, byte_tokenizer, save_tiny
 
@@ -100,16 +115,26 @@ def tiny(directory: str | os.PathLike, *, hidden: int = 64, layers: int = 2, hea
         tokenizer.add_tokens(list(audio.values()), special_tokens=True)
     config = Qwen2AudioConfig(
         audio_config={
-            "d_model": encoder_dim, "encoder_layers": encoder_layers, "encoder_attention_heads": encoder_heads,
-            "encoder_ffn_dim": 2 * encoder_dim, "num_mel_bins": 128, "max_source_positions": 50 * seconds,
+            "d_model": encoder_dim,
+            "encoder_layers": encoder_layers,
+            "encoder_attention_heads": encoder_heads,
+            "encoder_ffn_dim": 2 * encoder_dim,
+            "num_mel_bins": 128,
+            "max_source_positions": 50 * seconds,
         },
         text_config={
-            "model_type": "qwen2", "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": heads // 2, "intermediate_size": 2 * hidden, "vocab_size": len(tokenizer),
-            "max_position_embeddings": 2048, "tie_word_embeddings": False,
+            "model_type": "qwen2",
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads // 2,
+            "intermediate_size": 2 * hidden,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": False,
         },
         audio_token_id=tokenizer.convert_tokens_to_ids(audio["audio_token"]),
-    )  # fmt: skip
+    )
     extractor = WhisperFeatureExtractor(feature_size=128, chunk_length=seconds, sampling_rate=16000)
     processor = Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tokenizer)
     return save_tiny(Qwen2AudioForConditionalGeneration, config, processor, directory, seed)

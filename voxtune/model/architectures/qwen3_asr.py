@@ -111,11 +111,24 @@ _TEMPLATE = (
 )
 
 
-def tiny(directory: str | os.PathLike, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-         encoder_dim: int = 32, encoder_layers: int = 2, seed: int = 0) -> Path:
-    """A random Qwen3-ASR (`Qwen3ASRForConditionalGeneration` + `Qwen3ASRProcessor`)."""  # fmt: skip
-    from transformers import Qwen2Tokenizer, Qwen3ASRConfig, Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration
-    from transformers import Qwen3ASRProcessor
+def tiny(
+    directory: str | os.PathLike,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    encoder_dim: int = 32,
+    encoder_layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A random Qwen3-ASR (`Qwen3ASRForConditionalGeneration` + `Qwen3ASRProcessor`)."""
+    from transformers import (
+        Qwen2Tokenizer,
+        Qwen3ASRConfig,
+        Qwen3ASRFeatureExtractor,
+        Qwen3ASRForConditionalGeneration,
+        Qwen3ASRProcessor,
+    )
 
     from voxtune.model.architectures.tiny import CHATML, byte_tokenizer, save_tiny
 
@@ -123,17 +136,33 @@ def tiny(directory: str | os.PathLike, *, hidden: int = 64, layers: int = 2, hea
     tokenizer = byte_tokenizer(Qwen2Tokenizer, audio, CHATML, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     config = Qwen3ASRConfig(
         audio_config={
-            "d_model": encoder_dim, "encoder_layers": encoder_layers, "encoder_attention_heads": 2,
-            "encoder_ffn_dim": 2 * encoder_dim, "num_mel_bins": 128, "output_dim": hidden,
-            "downsample_hidden_size": 8, "n_window_infer": 400,
+            "d_model": encoder_dim,
+            "encoder_layers": encoder_layers,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 2 * encoder_dim,
+            "num_mel_bins": 128,
+            "output_dim": hidden,
+            "downsample_hidden_size": 8,
+            "n_window_infer": 400,
         },
         text_config={
-            "model_type": "qwen3", "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": heads // 2, "head_dim": hidden // heads, "intermediate_size": 2 * hidden,
-            "vocab_size": len(tokenizer), "max_position_embeddings": 2048, "tie_word_embeddings": False,
+            "model_type": "qwen3",
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads // 2,
+            "head_dim": hidden // heads,
+            "intermediate_size": 2 * hidden,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": False,
         },
         audio_token_id=tokenizer.convert_tokens_to_ids(audio["audio_token"]),
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
-    processor = Qwen3ASRProcessor(feature_extractor=Qwen3ASRFeatureExtractor(), tokenizer=tokenizer, chat_template=_TEMPLATE)
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    processor = Qwen3ASRProcessor(
+        feature_extractor=Qwen3ASRFeatureExtractor(), tokenizer=tokenizer, chat_template=_TEMPLATE
+    )
     return save_tiny(Qwen3ASRForConditionalGeneration, config, processor, directory, seed)

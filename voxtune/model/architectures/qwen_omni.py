@@ -91,9 +91,13 @@ class ClipwiseFrontEnd(FeatureExtractorFrontEnd):
     def _featurize_one(self, clip: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """One clip's features [1, M, T] and valid frames [1]."""
         out = self.extractor(
-            [np.asarray(clip, dtype=np.float32)], sampling_rate=SAMPLE_RATE, return_attention_mask=True,
-            padding="longest", truncation=False, return_tensors="pt",
-        )  # fmt: skip
+            [np.asarray(clip, dtype=np.float32)],
+            sampling_rate=SAMPLE_RATE,
+            return_attention_mask=True,
+            padding="longest",
+            truncation=False,
+            return_tensors="pt",
+        )
         features = out[self.features_key].float()
         if self.channels_last:
             features = features.transpose(1, 2)  # [1, T, M] -> [1, M, T]
@@ -157,9 +161,12 @@ class Qwen3OmniAudioEncoder(OmniAudioEncoder):
 
 # The files of a Qwen-Omni processor besides the tokenizer's.
 PROCESSOR_FILES = (
-    "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
     "video_preprocessor_config.json",
-)  # fmt: skip
+)
 
 
 class OmniAudioProcessor:
@@ -168,8 +175,9 @@ class OmniAudioProcessor:
     image and video processors need torchvision). `save_pretrained` writes the tokenizer as it
     is now and the other processor files as they were read."""
 
-    def __init__(self, tokenizer: Any, feature_extractor: Any, chat_template: str | None,
-                 files: dict[str, bytes] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, tokenizer: Any, feature_extractor: Any, chat_template: str | None, files: dict[str, bytes] | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.chat_template = chat_template
@@ -188,7 +196,9 @@ class OmniAudioProcessor:
 
         path = Path(path)
         if not (path / "preprocessor_config.json").is_file():
-            raise ModelLoadError(f"{path} has no preprocessor_config.json: the checkpoint is missing its processor files")
+            raise ModelLoadError(
+                f"{path} has no preprocessor_config.json: the checkpoint is missing its processor files"
+            )
         if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json")):
             raise ModelLoadError(f"{path} has no tokenizer (tokenizer.json or vocab.json)")
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -223,8 +233,11 @@ def load_omni_processor(path: Path) -> Any:
     torchvision, which the processor's image and video halves need, is not installed."""
     if importlib.util.find_spec("torchvision") is not None:
         return load_processor(path)
-    logger.info("%s: torchvision is not installed, so the Qwen-Omni processor cannot load; reading its "
-                "tokenizer, feature extractor and chat template alone", path)  # fmt: skip
+    logger.info(
+        "%s: torchvision is not installed, so the Qwen-Omni processor cannot load; reading its "
+        "tokenizer, feature extractor and chat template alone",
+        path,
+    )
     return OmniAudioProcessor.from_pretrained(path)
 
 
@@ -246,13 +259,18 @@ _QWEN25 = Thinker(
     "Qwen2_5OmniThinkerForConditionalGeneration", Qwen25OmniAudioEncoder, "qwen2", FAMILIES["qwen2"], True
 )
 _QWEN3 = Thinker(
-    "Qwen3OmniMoeThinkerForConditionalGeneration", Qwen3OmniAudioEncoder, "qwen3_moe",
-    dataclasses.replace(FAMILIES["qwen3"], name="qwen3_moe", lora_targets=ATTENTION), False,
-)  # fmt: skip
+    "Qwen3OmniMoeThinkerForConditionalGeneration",
+    Qwen3OmniAudioEncoder,
+    "qwen3_moe",
+    dataclasses.replace(FAMILIES["qwen3"], name="qwen3_moe", lora_targets=ATTENTION),
+    False,
+)
 THINKERS: dict[str, Thinker] = {
-    "qwen2_5_omni": _QWEN25, "qwen2_5_omni_thinker": _QWEN25,
-    "qwen3_omni_moe": _QWEN3, "qwen3_omni_moe_thinker": _QWEN3,
-}  # fmt: skip
+    "qwen2_5_omni": _QWEN25,
+    "qwen2_5_omni_thinker": _QWEN25,
+    "qwen3_omni_moe": _QWEN3,
+    "qwen3_omni_moe_thinker": _QWEN3,
+}
 
 
 class OmniSpeechLM(PretrainedSpeechLM):
@@ -338,21 +356,39 @@ _TEMPLATE = (
 # Each generation's special tokens, as tokenizer attributes.
 _TOKENS = {
     "qwen2_5_omni": {
-        "audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
-        "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>",
-        "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+        "audio_token": "<|AUDIO|>",
+        "audio_bos_token": "<|audio_bos|>",
+        "audio_eos_token": "<|audio_eos|>",
+        "image_token": "<|IMAGE|>",
+        "video_token": "<|VIDEO|>",
+        "vision_bos_token": "<|vision_bos|>",
+        "vision_eos_token": "<|vision_eos|>",
     },
     "qwen3_omni_moe": {
-        "audio_token": "<|audio_pad|>", "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>",
-        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-        "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+        "audio_token": "<|audio_pad|>",
+        "audio_bos_token": "<|audio_start|>",
+        "audio_eos_token": "<|audio_end|>",
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_bos_token": "<|vision_start|>",
+        "vision_eos_token": "<|vision_end|>",
     },
-}  # fmt: skip
+}
 
 
-def tiny(directory: str | os.PathLike, *, model_type: str | None = None, hidden: int = 64, layers: int = 2,
-         heads: int = 4, encoder_dim: int = 32, encoder_layers: int = 2, experts: int = 4, seconds: int = 30,
-         seed: int = 0) -> Path:
+def tiny(
+    directory: str | os.PathLike,
+    *,
+    model_type: str | None = None,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    encoder_dim: int = 32,
+    encoder_layers: int = 2,
+    experts: int = 4,
+    seconds: int = 30,
+    seed: int = 0,
+) -> Path:
     """A random Qwen2.5-Omni or Qwen3-Omni (`model_type`) in the full model's layout (its
     `ForConditionalGeneration` class and config, without the talker, whose weights the thinker
     does not read) with the processor's audio files. `seconds` is the feature extractor's
@@ -361,7 +397,7 @@ def tiny(directory: str | os.PathLike, *, model_type: str | None = None, hidden:
     Raises:
         ValueError: `model_type` is not one of the two (`tiny_checkpoint` cannot tell them
             apart: both are this module).
-    """  # fmt: skip
+    """
     from transformers import Qwen2Tokenizer, WhisperFeatureExtractor
 
     from voxtune.model.architectures.tiny import CHATML, byte_tokenizer, save_tiny
@@ -378,8 +414,9 @@ def tiny(directory: str | os.PathLike, *, model_type: str | None = None, hidden:
         model_class, config = _qwen25_config(len(tokenizer), ids, **sizes)
     else:
         model_class, config = _qwen3_config(len(tokenizer), ids, experts=experts, **sizes)
-    extractor = WhisperFeatureExtractor(feature_size=128, chunk_length=seconds, sampling_rate=16000,
-                                        return_attention_mask=True)  # fmt: skip
+    extractor = WhisperFeatureExtractor(
+        feature_size=128, chunk_length=seconds, sampling_rate=16000, return_attention_mask=True
+    )
     extractor.processor_class = "Qwen2_5OmniProcessor" if model_type == "qwen2_5_omni" else "Qwen3OmniMoeProcessor"
     processor = OmniAudioProcessor(tokenizer, extractor, tokenizer.chat_template)
     return save_tiny(model_class, config, processor, directory, seed)
@@ -389,50 +426,100 @@ def _text(vocab: int, hidden: int, layers: int, heads: int, **extra: Any) -> dic
     """A tiny thinker text config: head_dim 16, whose 8 rotary frequencies TMRoPE splits
     into its (t, h, w) sections."""
     return {
-        "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads // 2,
-        "head_dim": hidden // heads, "vocab_size": vocab, "max_position_embeddings": 2048, "tie_word_embeddings": False,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}, **extra,
-    }  # fmt: skip
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads // 2,
+        "head_dim": hidden // heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        **extra,
+    }
 
 
 def _audio(hidden: int, encoder_dim: int, encoder_layers: int, **extra: Any) -> dict[str, Any]:
     """A tiny thinker audio config, projecting to the LM's width."""
-    return {"d_model": encoder_dim, "encoder_layers": encoder_layers, "encoder_attention_heads": 2,
-            "encoder_ffn_dim": 2 * encoder_dim, "num_mel_bins": 128, "output_dim": hidden, **extra}  # fmt: skip
+    return {
+        "d_model": encoder_dim,
+        "encoder_layers": encoder_layers,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 2 * encoder_dim,
+        "num_mel_bins": 128,
+        "output_dim": hidden,
+        **extra,
+    }
 
 
-def _qwen25_config(vocab: int, ids: dict[str, int], *, hidden: int, layers: int, heads: int, encoder_dim: int,
-                   encoder_layers: int) -> tuple[Any, Any]:  # fmt: skip
+def _qwen25_config(
+    vocab: int, ids: dict[str, int], *, hidden: int, layers: int, heads: int, encoder_dim: int, encoder_layers: int
+) -> tuple[Any, Any]:
     from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 
     thinker = {
         "audio_config": _audio(hidden, encoder_dim, encoder_layers),
-        "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
-                          "out_hidden_size": hidden, "fullatt_block_indexes": [0]},
+        "vision_config": {
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "fullatt_block_indexes": [0],
+        },
         "text_config": _text(vocab, hidden, layers, heads, intermediate_size=2 * hidden),
-        "audio_token_index": ids["audio_token"], "image_token_index": ids["image_token"],
-        "video_token_index": ids["video_token"], "audio_start_token_id": ids["audio_bos_token"],
+        "audio_token_index": ids["audio_token"],
+        "image_token_index": ids["image_token"],
+        "video_token_index": ids["video_token"],
+        "audio_start_token_id": ids["audio_bos_token"],
         "audio_end_token_id": ids["audio_eos_token"],
         # Read by get_rope_index but not declared by the thinker config (the released one has it).
         "vision_start_token_id": ids["vision_bos_token"],
-    }  # fmt: skip
+    }
     return Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=False)
 
 
-def _qwen3_config(vocab: int, ids: dict[str, int], *, hidden: int, layers: int, heads: int, encoder_dim: int,
-                  encoder_layers: int, experts: int) -> tuple[Any, Any]:  # fmt: skip
+def _qwen3_config(
+    vocab: int,
+    ids: dict[str, int],
+    *,
+    hidden: int,
+    layers: int,
+    heads: int,
+    encoder_dim: int,
+    encoder_layers: int,
+    experts: int,
+) -> tuple[Any, Any]:
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
-    text = _text(vocab, hidden, layers, heads, moe_intermediate_size=hidden // 2, intermediate_size=2 * hidden,
-                 num_experts=experts, num_experts_per_tok=2, decoder_sparse_step=1)  # fmt: skip
+    text = _text(
+        vocab,
+        hidden,
+        layers,
+        heads,
+        moe_intermediate_size=hidden // 2,
+        intermediate_size=2 * hidden,
+        num_experts=experts,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+    )
     text["rope_parameters"]["mrope_interleaved"] = True
     thinker = {
         "audio_config": _audio(hidden, encoder_dim, encoder_layers, downsample_hidden_size=8, n_window_infer=400),
-        "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
-                          "out_hidden_size": hidden, "deepstack_visual_indexes": [], "num_position_embeddings": 16},
+        "vision_config": {
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "deepstack_visual_indexes": [],
+            "num_position_embeddings": 16,
+        },
         "text_config": text,
-        "audio_token_id": ids["audio_token"], "image_token_id": ids["image_token"],
-        "video_token_id": ids["video_token"], "audio_start_token_id": ids["audio_bos_token"],
+        "audio_token_id": ids["audio_token"],
+        "image_token_id": ids["image_token"],
+        "video_token_id": ids["video_token"],
+        "audio_start_token_id": ids["audio_bos_token"],
         "vision_start_token_id": ids["vision_bos_token"],  # as for Qwen2.5-Omni
-    }  # fmt: skip
+    }
     return Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeConfig(thinker_config=thinker, enable_audio_output=False)

@@ -61,7 +61,9 @@ class UltravoxModel(nn.Module):
     """The three parts under Ultravox's names, so its state dict is the checkpoint's and peft
     names adapters as Ultravox's own model does; `save_pretrained` writes the Hub layout."""
 
-    def __init__(self, config: dict[str, Any], audio_tower: nn.Module, projector: UltravoxProjector, language_model: nn.Module) -> None:
+    def __init__(
+        self, config: dict[str, Any], audio_tower: nn.Module, projector: UltravoxProjector, language_model: nn.Module
+    ) -> None:
         super().__init__()
         self.config = config
         self.audio_tower = audio_tower
@@ -87,8 +89,13 @@ class UltravoxModel(nn.Module):
 
     def _audio_config(self) -> dict[str, Any]:
         tower = self.audio_tower
-        return {"model_type": "whisper", "d_model": tower.dim, "encoder_layers": len(tower.layers),
-                "num_mel_bins": tower.num_mels, "max_source_positions": tower.embed_positions.num_embeddings}  # fmt: skip
+        return {
+            "model_type": "whisper",
+            "d_model": tower.dim,
+            "encoder_layers": len(tower.layers),
+            "num_mel_bins": tower.num_mels,
+            "max_source_positions": tower.embed_positions.num_embeddings,
+        }
 
 
 def load(path: Path, dtype: torch.dtype) -> PretrainedSpeechLM:
@@ -115,9 +122,16 @@ def load(path: Path, dtype: torch.dtype) -> PretrainedSpeechLM:
         raise ModelLoadError(f"{path / 'config.json'} has neither text_config nor text_model_id")
     hidden = int(config.get("hidden_size", 4096))
     if config.get("projector_act", "swiglu") != "swiglu" or config.get("num_projector_layers", 0):
-        raise ModelLoadError(f"{path / 'config.json'}: only the SwiGLU projector is read (projector_act swiglu, no projector layers)")
-    projector = UltravoxProjector(tower.dim, hidden, lm.config.hidden_size, stack=int(config.get("stack_factor", 8)),
-                                  ln_mid=bool(config.get("projector_ln_mid", False)))  # fmt: skip
+        raise ModelLoadError(
+            f"{path / 'config.json'}: only the SwiGLU projector is read (projector_act swiglu, no projector layers)"
+        )
+    projector = UltravoxProjector(
+        tower.dim,
+        hidden,
+        lm.config.hidden_size,
+        stack=int(config.get("stack_factor", 8)),
+        ln_mid=bool(config.get("projector_ln_mid", False)),
+    )
     model = UltravoxModel(config, tower, projector, lm)
     expected = model.state_dict()
     tied = {k for k in expected if k.startswith("language_model.") and _tied(lm, k[len("language_model.") :])}
@@ -130,8 +144,13 @@ def load(path: Path, dtype: torch.dtype) -> PretrainedSpeechLM:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if AUDIO_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([AUDIO_TOKEN], special_tokens=True)
-    if config.get("audio_token_index") is not None and tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) != config["audio_token_index"]:
-        raise ModelLoadError(f"{path}: the tokenizer's {AUDIO_TOKEN} is not audio_token_index {config['audio_token_index']}")
+    if (
+        config.get("audio_token_index") is not None
+        and tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) != config["audio_token_index"]
+    ):
+        raise ModelLoadError(
+            f"{path}: the tokenizer's {AUDIO_TOKEN} is not audio_token_index {config['audio_token_index']}"
+        )
     extractor = WhisperFeatureExtractor.from_pretrained(path)
     return PretrainedSpeechLM(
         architecture="ultravox",
@@ -181,7 +200,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 def _tied(lm: nn.Module, key: str) -> bool:
     """Whether `key` of the LM is the output head sharing the input embeddings' weight."""
     head = lm.get_output_embeddings()
-    return bool(getattr(lm.config, "tie_word_embeddings", False)) and head is not None and key == _name_of(lm, head) + ".weight"
+    return (
+        bool(getattr(lm.config, "tie_word_embeddings", False))
+        and head is not None
+        and key == _name_of(lm, head) + ".weight"
+    )
 
 
 def _name_of(root: nn.Module, module: nn.Module) -> str:
@@ -195,13 +218,26 @@ def _loaded_apart(config: dict[str, Any], key: str) -> bool:
     )
 
 
-def tiny(directory: str | os.PathLike, *, hidden: int = 64, layers: int = 2, encoder_dim: int = 32,
-         stack: int = 2, ln_mid: bool = True, seed: int = 0) -> Path:
+def tiny(
+    directory: str | os.PathLike,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    encoder_dim: int = 32,
+    stack: int = 2,
+    ln_mid: bool = True,
+    seed: int = 0,
+) -> Path:
     """A random Ultravox checkpoint in the Hub layout: a Whisper-shaped encoder (30 s table), a
     Llama LM with a Llama 3 chat template, `<|audio|>` past the LM's vocabulary (as Ultravox adds
-    it, without resizing the embeddings)."""  # fmt: skip
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, WhisperConfig
-    from transformers import WhisperFeatureExtractor
+    it, without resizing the embeddings)."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+    )
 
     from voxtune.model.architectures.tiny import byte_tokenizer
     from voxtune.model.registry import LLAMA3_TEMPLATE
@@ -209,22 +245,45 @@ def tiny(directory: str | os.PathLike, *, hidden: int = 64, layers: int = 2, enc
 
     torch.manual_seed(seed)
     specials = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-    tokenizer = byte_tokenizer(PreTrainedTokenizerFast, {}, specials, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    tokenizer = byte_tokenizer(
+        PreTrainedTokenizerFast, {}, specials, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+    )
     tokenizer.chat_template = LLAMA3_TEMPLATE
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=2048,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,
+    )
     tokenizer.add_tokens([AUDIO_TOKEN], special_tokens=True)  # id len(vocab): no embedding row
-    audio = WhisperConfig(num_mel_bins=80, d_model=encoder_dim, encoder_layers=2, encoder_attention_heads=2,
-                          encoder_ffn_dim=2 * encoder_dim, max_source_positions=1500)  # fmt: skip
+    audio = WhisperConfig(
+        num_mel_bins=80,
+        d_model=encoder_dim,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=2 * encoder_dim,
+        max_source_positions=1500,
+    )
     lm = LlamaForCausalLM(text)
     projector = UltravoxProjector(encoder_dim, 4 * hidden, hidden, stack=stack, ln_mid=ln_mid)
     config = {
-        "model_type": "ultravox", "architectures": ["UltravoxModel"], "audio_config": audio.to_dict(),
-        "text_config": text.to_dict(), "hidden_size": 4 * hidden, "stack_factor": stack, "projector_act": "swiglu",
-        "projector_ln_mid": ln_mid, "audio_token_index": tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+        "model_type": "ultravox",
+        "architectures": ["UltravoxModel"],
+        "audio_config": audio.to_dict(),
+        "text_config": text.to_dict(),
+        "hidden_size": 4 * hidden,
+        "stack_factor": stack,
+        "projector_act": "swiglu",
+        "projector_ln_mid": ln_mid,
+        "audio_token_index": tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
         "vocab_size": text.vocab_size,
-    }  # fmt: skip
+    }
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     UltravoxModel(config, build_whisper_encoder(audio), projector, lm).save_pretrained(path)

@@ -143,9 +143,13 @@ class ChunkedFrontEnd(FeatureExtractorFrontEnd):
         padded = [np.asarray(c, dtype=np.float32) for c in clips]
         padded = [np.pad(c, (0, self.chunks(len(c)) * self.chunk_samples - len(c))) for c in padded]  # whole chunks
         out = self.extractor(
-            padded, sampling_rate=SAMPLE_RATE, padding="longest", truncation=False,  # never cut to one window
-            return_attention_mask=True, return_tensors="pt",
-        )  # fmt: skip
+            padded,
+            sampling_rate=SAMPLE_RATE,
+            padding="longest",
+            truncation=False,  # never cut to one window
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         # The log-mel's floor (max - 8) is per clip and silence never raises the max, so padding
         # a clip further (to the batch's longest) leaves its own chunks' features as they are.
         return out["input_features"].float(), out["attention_mask"].sum(-1).long()  # [N, M, C*T], [N]
@@ -200,7 +204,9 @@ class FrameStackProjector(nn.Module):
         n, length, dim = hidden.shape
         if length % self.stack:
             raise ValueError(f"the projector stacks {self.stack} frames; got {length}")
-        return self.module(hidden.reshape(n, length // self.stack, self.stack * dim))  # [N, T'/k, k*D] -> [N, T'/k, D_lm]
+        return self.module(
+            hidden.reshape(n, length // self.stack, self.stack * dim)
+        )  # [N, T'/k, k*D] -> [N, T'/k, D_lm]
 
 
 # ---- prompts --------------------------------------------------------------------------------
@@ -218,8 +224,14 @@ class VoxtralPrompts(SpeechProcessor):
     def __init__(
         self, tokenizer: TekkenText, audio_tokens: Callable[[int], int], featurize: Any, *, max_seconds: float
     ) -> None:
-        super().__init__(tokenizer, audio_tokens, featurize, max_seconds=max_seconds, audio_token=AUDIO_TOKEN,
-                         audio_text=BEGIN_AUDIO + AUDIO_TOKEN)  # fmt: skip
+        super().__init__(
+            tokenizer,
+            audio_tokens,
+            featurize,
+            max_seconds=max_seconds,
+            audio_token=AUDIO_TOKEN,
+            audio_text=BEGIN_AUDIO + AUDIO_TOKEN,
+        )
         control = tokenizer.tekken.get_special_token
         self.begin_inst, self.end_inst = control("[INST]"), control("[/INST]")
         self.begin_system, self.end_system = control("[SYSTEM_PROMPT]"), control("[/SYSTEM_PROMPT]")
@@ -232,7 +244,9 @@ class VoxtralPrompts(SpeechProcessor):
             raise MessageError("a conversation needs at least one message")
         clips: list[Clip] = []
         turns = self._turns([self._parts(m, i, clips) for i, m in enumerate(messages)])
-        pieces = self._transcription(turns) or [(self._turn_ids(role, parts), role == "assistant") for role, parts in turns]
+        pieces = self._transcription(turns) or [
+            (self._turn_ids(role, parts), role == "assistant") for role, parts in turns
+        ]
         ids, labels = [self.tokenizer.bos_token_id], [IGNORE_INDEX]
         for piece, trained in pieces:
             ids += piece
@@ -295,8 +309,11 @@ class VoxtralPrompts(SpeechProcessor):
             if not text:
                 raise MessageError("an assistant turn needs text")
             return [*encode(text), self.tokenizer.eos_token_id]
-        body = [token for part in parts for token in
-                ([self.begin_audio, self.audio_token_id] if part is _CLIP else encode(part))]  # fmt: skip
+        body = [
+            token
+            for part in parts
+            for token in ([self.begin_audio, self.audio_token_id] if part is _CLIP else encode(part))
+        ]
         return [self.begin_inst, *body, self.end_inst]
 
     def _transcription(self, turns: list[tuple[str, list[str | None]]]) -> list[tuple[list[int], bool]] | None:
@@ -385,18 +402,26 @@ def load(path: Path, dtype: torch.dtype) -> VoxtralSpeechLM:
     model = load_weights(VoxtralForConditionalGeneration, path, dtype)
     audio, tower_config = audio_settings(processor.tokenizer), model.config.audio_config
     if audio is None or audio.chunk_length_s is None:
-        raise ModelLoadError(f"{path / 'tekken.json'} has no audio section with chunk_length_s: not a Voxtral tokenizer")
+        raise ModelLoadError(
+            f"{path / 'tekken.json'} has no audio section with chunk_length_s: not a Voxtral tokenizer"
+        )
     extractor = processor.feature_extractor
     chunk_samples = round(audio.chunk_length_s * audio.sampling_rate)
-    if audio.sampling_rate != SAMPLE_RATE or chunk_samples // extractor.hop_length != 2 * tower_config.max_source_positions:
+    if (
+        audio.sampling_rate != SAMPLE_RATE
+        or chunk_samples // extractor.hop_length != 2 * tower_config.max_source_positions
+    ):
         raise ModelLoadError(
             f"{path}: tekken.json's {audio.chunk_length_s:g} s chunks at {audio.sampling_rate} Hz are not the "
-            f"encoder's {2 * tower_config.max_source_positions} frames of {extractor.hop_length} samples at {SAMPLE_RATE} Hz"
+            f"encoder's {2 * tower_config.max_source_positions} frames of {extractor.hop_length} samples "
+            f"at {SAMPLE_RATE} Hz"
         )
     stack, left = divmod(tower_config.intermediate_size, tower_config.hidden_size)
     if left or (tower_config.max_source_positions % stack):
-        raise ModelLoadError(f"{path / 'config.json'}: the projector's input ({tower_config.intermediate_size}) is not "
-                             f"whole encoder frames of {tower_config.hidden_size} within a chunk")  # fmt: skip
+        raise ModelLoadError(
+            f"{path / 'config.json'}: the projector's input ({tower_config.intermediate_size}) is not "
+            f"whole encoder frames of {tower_config.hidden_size} within a chunk"
+        )
     tokens_per_chunk = tower_config.max_source_positions // stack
     context = model.config.text_config.max_position_embeddings
     max_chunks = max(1, min(int(MAX_AUDIO_SECONDS // audio.chunk_length_s), context // tokens_per_chunk))
@@ -426,10 +451,27 @@ TEKKEN_PATTERN = (
 )
 # mistral-common's first control tokens (ranks 0-19), then Voxtral's audio ones.
 CONTROL_TOKENS = (
-    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
-    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
-    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
-)  # fmt: skip
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[TOOL_CONTENT]",
+)
 AUDIO_CONTROL = {24: AUDIO_TOKEN, 25: BEGIN_AUDIO, 26: "[TRANSCRIBE]"}
 
 
@@ -438,22 +480,49 @@ def tekken_json(*, chunk_seconds: float, num_special: int = 32) -> dict[str, Any
     Voxtral reads, and its audio section with `chunk_seconds`-long chunks."""
     names = {rank: token for rank, token in enumerate(CONTROL_TOKENS)} | AUDIO_CONTROL
     return {
-        "config": {"pattern": TEKKEN_PATTERN, "num_vocab_tokens": 256, "default_vocab_size": 256 + num_special,
-                   "default_num_special_tokens": num_special, "version": "v7"},
-        "vocab": [{"rank": b, "token_bytes": base64.b64encode(bytes([b])).decode(), "token_str": None} for b in range(256)],
-        "special_tokens": [{"rank": r, "token_str": names.get(r, f"<SPECIAL_{r}>"), "is_control": True}
-                           for r in range(num_special)],
-        "audio": {"sampling_rate": SAMPLE_RATE, "frame_rate": 12.5, "chunk_length_s": chunk_seconds,
-                  "audio_encoding_config": {"num_mel_bins": 128, "hop_length": 160, "window_size": 400}},
-    }  # fmt: skip
+        "config": {
+            "pattern": TEKKEN_PATTERN,
+            "num_vocab_tokens": 256,
+            "default_vocab_size": 256 + num_special,
+            "default_num_special_tokens": num_special,
+            "version": "v7",
+        },
+        "vocab": [
+            {"rank": b, "token_bytes": base64.b64encode(bytes([b])).decode(), "token_str": None} for b in range(256)
+        ],
+        "special_tokens": [
+            {"rank": r, "token_str": names.get(r, f"<SPECIAL_{r}>"), "is_control": True} for r in range(num_special)
+        ],
+        "audio": {
+            "sampling_rate": SAMPLE_RATE,
+            "frame_rate": 12.5,
+            "chunk_length_s": chunk_seconds,
+            "audio_encoding_config": {"num_mel_bins": 128, "hop_length": 160, "window_size": 400},
+        },
+    }
 
 
-def tiny(directory: str | os.PathLike, *, hidden: int = 64, layers: int = 2, heads: int = 4, encoder_dim: int = 32,
-         encoder_layers: int = 2, chunk_seconds: float = 2, init_std: float = 0.02, seed: int = 0) -> Path:
+def tiny(
+    directory: str | os.PathLike,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    encoder_dim: int = 32,
+    encoder_layers: int = 2,
+    chunk_seconds: float = 2,
+    init_std: float = 0.02,
+    seed: int = 0,
+) -> Path:
     """A random Voxtral (`VoxtralForConditionalGeneration` + `VoxtralProcessor`, tekken.json written
-    here) with `chunk_seconds`-long chunks (real checkpoints: 30 s), 12.5 tokens per second."""  # fmt: skip
-    from transformers import MistralCommonBackend, VoxtralConfig, VoxtralForConditionalGeneration, VoxtralProcessor
-    from transformers import WhisperFeatureExtractor
+    here) with `chunk_seconds`-long chunks (real checkpoints: 30 s), 12.5 tokens per second."""
+    from transformers import (
+        MistralCommonBackend,
+        VoxtralConfig,
+        VoxtralForConditionalGeneration,
+        VoxtralProcessor,
+        WhisperFeatureExtractor,
+    )
 
     from voxtune.model.architectures.tiny import save_tiny
 
@@ -466,13 +535,28 @@ def tiny(directory: str | os.PathLike, *, hidden: int = 64, layers: int = 2, hea
         tokenizer = MistralCommonBackend(tokenizer_path=tekken)
         config = VoxtralConfig(
             # The projector stacks 4 encoder frames, so its input (intermediate_size) is 4 x the width.
-            audio_config={"hidden_size": encoder_dim, "intermediate_size": 4 * encoder_dim,
-                          "num_hidden_layers": encoder_layers, "num_attention_heads": 2,
-                          "max_source_positions": frames // 2, "initializer_range": init_std},
-            text_config={"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-                         "num_key_value_heads": heads // 2, "head_dim": hidden // heads, "intermediate_size": 2 * hidden,
-                         "vocab_size": len(tokenizer), "max_position_embeddings": 2048, "initializer_range": init_std},
+            audio_config={
+                "hidden_size": encoder_dim,
+                "intermediate_size": 4 * encoder_dim,
+                "num_hidden_layers": encoder_layers,
+                "num_attention_heads": 2,
+                "max_source_positions": frames // 2,
+                "initializer_range": init_std,
+            },
+            text_config={
+                "hidden_size": hidden,
+                "num_hidden_layers": layers,
+                "num_attention_heads": heads,
+                "num_key_value_heads": heads // 2,
+                "head_dim": hidden // heads,
+                "intermediate_size": 2 * hidden,
+                "vocab_size": len(tokenizer),
+                "max_position_embeddings": 2048,
+                "initializer_range": init_std,
+            },
             audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-        )  # fmt: skip
+        )
         extractor = WhisperFeatureExtractor(feature_size=128, chunk_length=chunk_seconds, sampling_rate=SAMPLE_RATE)
-        return save_tiny(VoxtralForConditionalGeneration, config, VoxtralProcessor(extractor, tokenizer), directory, seed)
+        return save_tiny(
+            VoxtralForConditionalGeneration, config, VoxtralProcessor(extractor, tokenizer), directory, seed
+        )

@@ -108,9 +108,13 @@ class WhisperDecoderLM(nn.Module):
             # and Whisper's layers read them only when some encoder states are passed.
             encoder_hidden_states = inputs_embeds.new_zeros(inputs_embeds.shape[0], 0, inputs_embeds.shape[-1])
         out = self.decoder(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            encoder_hidden_states=encoder_hidden_states, past_key_values=past_key_values, use_cache=use_cache,
-        )  # fmt: skip
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            encoder_hidden_states=encoder_hidden_states,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
         hidden = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
         logits = self.proj_out(hidden)  # [B, L, V]
         if labels is None and past_key_values is not None:
@@ -120,7 +124,6 @@ class WhisperDecoderLM(nn.Module):
             shifted = labels[:, 1:].to(logits.device)  # position i predicts token i + 1
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
-
 
     def _suppress(self, logits: torch.Tensor, *, first: bool) -> torch.Tensor:
         """Whisper's decoding rules, as its own `generate` applies them: the checkpoint's
@@ -192,8 +195,12 @@ class WhisperSpeechLM(PretrainedSpeechLM):
         return WHISPER_DECODER
 
     def _make_processor(self) -> SpeechProcessor:
-        return WhisperPrompts(self.tokenizer, self.featurize, self.lm.generation_config,
-                              max_seconds=self.encoder.max_frames * self.front_end.hop / 16000)  # fmt: skip
+        return WhisperPrompts(
+            self.tokenizer,
+            self.featurize,
+            self.lm.generation_config,
+            max_seconds=self.encoder.max_frames * self.front_end.hop / 16000,
+        )
 
     def audio_tokens(self, samples: int) -> int:
         """No prompt positions: the decoder cross-attends the audio."""
@@ -262,7 +269,10 @@ def load(path: Path, dtype: torch.dtype) -> WhisperSpeechLM:
     if getattr(generation, "no_timestamps_token_id", None) is None or generation.decoder_start_token_id is None:
         from voxtune.model.checkpoint import ModelLoadError
 
-        raise ModelLoadError(f"{path / 'generation_config.json'} lacks Whisper's special token ids (decoder_start_token_id, no_timestamps_token_id)")
+        raise ModelLoadError(
+            f"{path / 'generation_config.json'} lacks Whisper's special token ids "
+            "(decoder_start_token_id, no_timestamps_token_id)"
+        )
     return WhisperSpeechLM(
         architecture="whisper",
         model=model,
@@ -276,36 +286,78 @@ def load(path: Path, dtype: torch.dtype) -> WhisperSpeechLM:
     )
 
 
-def tiny(directory: str | os.PathLike, *, dim: int = 32, layers: int = 2, seconds: int = 1,
-         languages: tuple[str, ...] = ("en", "de"), seed: int = 0) -> Path:
+def tiny(
+    directory: str | os.PathLike,
+    *,
+    dim: int = 32,
+    layers: int = 2,
+    seconds: int = 1,
+    languages: tuple[str, ...] = ("en", "de"),
+    seed: int = 0,
+) -> Path:
     """A random multilingual Whisper (`WhisperForConditionalGeneration` + `WhisperProcessor`)
     with a `seconds`-long window (real checkpoints: 30 s); `languages=()` makes an English-only
-    one (as tiny.en)."""  # fmt: skip
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
-    from transformers import WhisperTokenizer
+    one (as tiny.en)."""
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
 
     from voxtune.model.architectures.tiny import byte_tokenizer, save_tiny
 
-    specials = ("<|endoftext|>", "<|startoftranscript|>", *(f"<|{code}|>" for code in languages),
-                "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>")  # fmt: skip
-    tokenizer = byte_tokenizer(WhisperTokenizer, {}, specials, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                               unk_token="<|endoftext|>", pad_token="<|endoftext|>")  # fmt: skip
+    specials = (
+        "<|endoftext|>",
+        "<|startoftranscript|>",
+        *(f"<|{code}|>" for code in languages),
+        "<|translate|>",
+        "<|transcribe|>",
+        "<|startoflm|>",
+        "<|startofprev|>",
+        "<|nospeech|>",
+        "<|notimestamps|>",
+    )
+    tokenizer = byte_tokenizer(
+        WhisperTokenizer,
+        {},
+        specials,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
     config = WhisperConfig(
-        vocab_size=len(tokenizer), num_mel_bins=80, d_model=dim, encoder_layers=layers, decoder_layers=layers,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * dim, decoder_ffn_dim=2 * dim,
-        max_source_positions=50 * seconds, max_target_positions=128, pad_token_id=ids["<|endoftext|>"], init_std=0.2,
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"],
-        decoder_start_token_id=ids["<|startoftranscript|>"], suppress_tokens=[], begin_suppress_tokens=[],
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        num_mel_bins=80,
+        d_model=dim,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=2 * dim,
+        decoder_ffn_dim=2 * dim,
+        max_source_positions=50 * seconds,
+        max_target_positions=128,
+        pad_token_id=ids["<|endoftext|>"],
+        init_std=0.2,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
+    )
     extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=seconds, sampling_rate=16000)
     path = save_tiny(WhisperForConditionalGeneration, config, WhisperProcessor(extractor, tokenizer), directory, seed)
     generation = WhisperForConditionalGeneration.from_pretrained(path).generation_config
     whisper_ids = dict(
-        no_timestamps_token_id=ids["<|notimestamps|>"], is_multilingual=bool(languages),
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        is_multilingual=bool(languages),
         lang_to_id={f"<|{c}|>": ids[f"<|{c}|>"] for c in languages},
         task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
-    )  # fmt: skip
+    )
     for key, value in whisper_ids.items():  # Whisper's own fields, which GenerationConfig.update ignores
         setattr(generation, key, value)
     generation._from_model_config = False  # or transformers rebuilds it from config.json, without them

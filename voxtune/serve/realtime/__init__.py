@@ -29,15 +29,34 @@ class Sessions:
     active: int = 0
 
 
-async def serve_realtime(socket: WebSocket, *, runtime: Any, model_id: str, api_keys: list[bytes], check_model: Any,
-                         drain: Any, max_tokens: int, sessions: Sessions, write_timeout: float = 30.0) -> None:  # fmt: skip
+async def serve_realtime(
+    socket: WebSocket,
+    *,
+    runtime: Any,
+    model_id: str,
+    api_keys: list[bytes],
+    check_model: Any,
+    drain: Any,
+    max_tokens: int,
+    sessions: Sessions,
+    write_timeout: float = 30.0,
+) -> None:
     """Authenticate, open and run one session until the client leaves."""
     offered = [p.strip() for p in socket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
     await socket.accept(subprotocol="realtime" if "realtime" in offered else None)
 
     async def refuse(message: str, code: str, close: int) -> None:
-        event = {"type": "error", "event_id": "event_refused", "error": {"type": "invalid_request_error", "code": code,
-                                                                         "message": message, "param": None, "event_id": None}}  # fmt: skip
+        event = {
+            "type": "error",
+            "event_id": "event_refused",
+            "error": {
+                "type": "invalid_request_error",
+                "code": code,
+                "message": message,
+                "param": None,
+                "event_id": None,
+            },
+        }
         await socket.send_json(event)
         await socket.close(code=close, reason=message[:120])
 
@@ -51,12 +70,22 @@ async def serve_realtime(socket: WebSocket, *, runtime: Any, model_id: str, api_
         await refuse(error.message, error.code or "invalid_request", 1008)
         return
     if sessions.active >= sessions.limit:
-        await refuse(f"the server holds {sessions.limit} realtime sessions, its limit; retry shortly", "session_limit", 1013)
+        await refuse(
+            f"the server holds {sessions.limit} realtime sessions, its limit; retry shortly", "session_limit", 1013
+        )
         return
     sessions.active += 1
     try:
-        session = Session(socket, runtime, model_id, owner_of(key), drain, max_tokens,
-                          "transcription" if transcription else "realtime", write_timeout)  # fmt: skip
+        session = Session(
+            socket,
+            runtime,
+            model_id,
+            owner_of(key),
+            drain,
+            max_tokens,
+            "transcription" if transcription else "realtime",
+            write_timeout,
+        )
         await session.run()
     finally:
         sessions.active -= 1

@@ -21,20 +21,44 @@ def new_id(prefix: str) -> str:
 
 def default_session(model_id: str, kind: str = "realtime") -> dict[str, Any]:
     """A new session's configuration, as `session.created` shows it."""
-    turn_detection = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
-                      "create_response": True, "interrupt_response": True, "idle_timeout_ms": None}  # fmt: skip
-    audio_input = {"format": {"type": "audio/pcm", "rate": formats.PCM_RATE}, "transcription": None,
-                   "noise_reduction": None, "turn_detection": turn_detection}  # fmt: skip
+    turn_detection = {
+        "type": "server_vad",
+        "threshold": 0.5,
+        "prefix_padding_ms": 300,
+        "silence_duration_ms": 500,
+        "create_response": True,
+        "interrupt_response": True,
+        "idle_timeout_ms": None,
+    }
+    audio_input = {
+        "format": {"type": "audio/pcm", "rate": formats.PCM_RATE},
+        "transcription": None,
+        "noise_reduction": None,
+        "turn_detection": turn_detection,
+    }
     if kind == "transcription":
-        return {"type": "transcription", "object": "realtime.transcription_session", "id": new_id("sess"),
-                "audio": {"input": {**audio_input, "transcription": {"model": model_id}}}, "include": []}  # fmt: skip
+        return {
+            "type": "transcription",
+            "object": "realtime.transcription_session",
+            "id": new_id("sess"),
+            "audio": {"input": {**audio_input, "transcription": {"model": model_id}}},
+            "include": [],
+        }
     return {
-        "type": "realtime", "object": "realtime.session", "id": new_id("sess"), "model": model_id,
-        "output_modalities": ["audio"], "instructions": "", "tools": [], "tool_choice": "auto",
+        "type": "realtime",
+        "object": "realtime.session",
+        "id": new_id("sess"),
+        "model": model_id,
+        "output_modalities": ["audio"],
+        "instructions": "",
+        "tools": [],
+        "tool_choice": "auto",
         "max_output_tokens": "inf",
-        "audio": {"input": audio_input,
-                  "output": {"format": {"type": "audio/pcm", "rate": formats.PCM_RATE}, "voice": "alloy", "speed": 1.0}},
-    }  # fmt: skip
+        "audio": {
+            "input": audio_input,
+            "output": {"format": {"type": "audio/pcm", "rate": formats.PCM_RATE}, "voice": "alloy", "speed": 1.0},
+        },
+    }
 
 
 class EventError(InputError):
@@ -65,24 +89,35 @@ def check_session(config: dict) -> None:
             continue
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         if kind not in formats.FORMATS:
-            raise EventError(f"audio.{side}.format.type must be one of {', '.join(formats.FORMATS)}", param=f"session.audio.{side}.format")
+            raise EventError(
+                f"audio.{side}.format.type must be one of {', '.join(formats.FORMATS)}",
+                param=f"session.audio.{side}.format",
+            )
         if kind == "audio/pcm" and fmt.get("rate", formats.PCM_RATE) != formats.PCM_RATE:
             raise EventError("audio/pcm is 24000 Hz only, as OpenAI's", param=f"session.audio.{side}.format.rate")
     detection = audio["input"].get("turn_detection")
     if detection is not None:
         if not isinstance(detection, dict) or detection.get("type") not in ("server_vad", "semantic_vad"):
-            raise EventError("turn_detection.type must be server_vad or semantic_vad (or turn_detection null)",
-                             param="session.audio.input.turn_detection")  # fmt: skip
+            raise EventError(
+                "turn_detection.type must be server_vad or semantic_vad (or turn_detection null)",
+                param="session.audio.input.turn_detection",
+            )
         threshold = detection.get("threshold", 0.5)
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold < 1:
-            raise EventError("turn_detection.threshold must be between 0 and 1", param="session.audio.input.turn_detection.threshold")
+            raise EventError(
+                "turn_detection.threshold must be between 0 and 1", param="session.audio.input.turn_detection.threshold"
+            )
         idle = detection.get("idle_timeout_ms")
         if idle is not None and (not isinstance(idle, int) or isinstance(idle, bool) or idle < 0):
-            raise EventError("turn_detection.idle_timeout_ms must be a whole number of ms (or null)",
-                             param="session.audio.input.turn_detection.idle_timeout_ms")  # fmt: skip
+            raise EventError(
+                "turn_detection.idle_timeout_ms must be a whole number of ms (or null)",
+                param="session.audio.input.turn_detection.idle_timeout_ms",
+            )
         if detection.get("eagerness", "auto") not in EAGERNESS_SILENCE_MS:
-            raise EventError("turn_detection.eagerness must be low, medium, high or auto",
-                             param="session.audio.input.turn_detection.eagerness")  # fmt: skip
+            raise EventError(
+                "turn_detection.eagerness must be low, medium, high or auto",
+                param="session.audio.input.turn_detection.eagerness",
+            )
     if config["type"] == "realtime":
         modalities = config.get("output_modalities")
         if modalities not in (["audio"], ["text"]):
@@ -110,13 +145,17 @@ def conversation_item(item: dict, session: Session) -> dict:
             raise EventError("a function_call item needs 'call_id', 'name' and 'arguments' strings", param="item")
         return {**out, "call_id": item["call_id"], "name": item["name"], "arguments": item["arguments"]}
     if kind != "message" or item.get("role") not in ("user", "assistant", "system"):
-        raise EventError("item.type must be message (role user, assistant or system), function_call or function_call_output",
-                         param="item")  # fmt: skip
+        raise EventError(
+            "item.type must be message (role user, assistant or system), function_call or function_call_output",
+            param="item",
+        )
     content = []
     for index, part in enumerate(item.get("content") or []):
         ptype = part.get("type") if isinstance(part, dict) else None
         if ptype in ("input_text", "text", "output_text") and isinstance(part.get("text"), str):
-            content.append({"type": "input_text" if item["role"] != "assistant" else "output_text", "text": part["text"]})
+            content.append(
+                {"type": "input_text" if item["role"] != "assistant" else "output_text", "text": part["text"]}
+            )
         elif ptype == "input_audio" and item["role"] == "user" and isinstance(part.get("audio"), str):
             samples = formats.decode_wire(part["audio"], session.input_format)
             session.audio[out["id"]] = formats.to_model_rate(samples, session.input_format)

@@ -47,18 +47,32 @@ class Response:
         self.voice_choice: tuple[str, str] | None = None
 
     def _response(self, status: str, output: list, usage: dict | None = None, details: dict | None = None) -> dict:
-        return {"id": self.id, "object": "realtime.response", "status": status, "status_details": details,
-                "output": output, "usage": usage, "metadata": self.metadata, "output_modalities": self.modalities,
-                "conversation_id": None if self.out_of_band else "conv_default",
-                "max_output_tokens": self.limit}  # fmt: skip
+        return {
+            "id": self.id,
+            "object": "realtime.response",
+            "status": status,
+            "status_details": details,
+            "output": output,
+            "usage": usage,
+            "metadata": self.metadata,
+            "output_modalities": self.modalities,
+            "conversation_id": None if self.out_of_band else "conv_default",
+            "max_output_tokens": self.limit,
+        }
 
     async def run(self) -> None:
         session = self.session
         send = session.send
         await send("response.created", response=self._response("in_progress", []))
         audio = "audio" in self.modalities
-        item = {"id": self.item_id, "type": "message", "object": "realtime.item", "status": "in_progress",
-                "role": "assistant", "content": []}  # fmt: skip
+        item = {
+            "id": self.item_id,
+            "type": "message",
+            "object": "realtime.item",
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [],
+        }
         ids = {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
         previous = session.items[-1]["id"] if session.items else None
         history = list(session.items)
@@ -71,20 +85,30 @@ class Response:
         text, completion, status, reason = "", None, "completed", None
         failure: dict | None = None
         try:
-            tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
-                     for t in self.tools or [] if t.get("type") == "function"]  # fmt: skip
+            tools = [
+                {"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
+                for t in self.tools or []
+                if t.get("type") == "function"
+            ]
             messages = session.chat_messages(self.instructions, history)
             if not messages:
                 raise InputError("the conversation is empty: add an item before asking for a response")
-            prepared = await asyncio.to_thread(session.runtime.prepare_chat, messages, session.owner,
-                                               tools=tools or None, tool_choice=self.tool_choice if tools else None)  # fmt: skip
+            prepared = await asyncio.to_thread(
+                session.runtime.prepare_chat,
+                messages,
+                session.owner,
+                tools=tools or None,
+                tool_choice=self.tool_choice if tools else None,
+            )
             room = session.runtime.reply_room(prepared.example) or session.max_tokens
             limit = session.max_tokens if self.limit in (None, "inf") else min(int(self.limit), session.max_tokens)
             params = SamplingParams(max_new_tokens=max(1, min(limit, room)))
             pending = self.pending = Pending(session.runtime.engine, prepared.example, params, session.drain)
             # The questions that choose the spoken reply's language and style, decoded alongside.
-            asks = [Pending(session.runtime.engine, q, SamplingParams(max_new_tokens=4), session.drain)
-                    for q in (session.runtime.voice_prompts(prepared) if audio else [])]  # fmt: skip
+            asks = [
+                Pending(session.runtime.engine, q, SamplingParams(max_new_tokens=4), session.drain)
+                for q in (session.runtime.voice_prompts(prepared) if audio else [])
+            ]
             self.heard: list[str] | None = None if asks else []
             self.asks = asks
             said, spoken = "", 0
@@ -125,7 +149,11 @@ class Response:
                     return
                 if len(clean) > len(said) and clean.startswith(said):
                     delta = clean[len(said) :]
-                    await send("response.output_audio_transcript.delta" if audio else "response.output_text.delta", delta=delta, **ids)
+                    await send(
+                        "response.output_audio_transcript.delta" if audio else "response.output_text.delta",
+                        delta=delta,
+                        **ids,
+                    )
                     said = clean
                 if audio and said[spoken:].strip():
                     await self._speak(said[spoken:].strip(), final, item, ids)
@@ -141,7 +169,11 @@ class Response:
         finally:  # a reply ended early (cancelled, failed, its session gone) stops decoding at once
             cancel_all([self.pending] if self.pending is not None else [])
             cancel_all(self.asks)  # done already when the reply was spoken; else no longer wanted
-        content = {"type": "output_audio", "transcript": strip_tags(text)} if audio else {"type": "output_text", "text": strip_tags(text)}
+        content = (
+            {"type": "output_audio", "transcript": strip_tags(text)}
+            if audio
+            else {"type": "output_text", "text": strip_tags(text)}
+        )
         item["content"] = [content]
         item["status"] = "completed" if status == "completed" else "incomplete"
         if audio:
@@ -149,8 +181,13 @@ class Response:
             await send("response.output_audio_transcript.done", transcript=content["transcript"], **ids)
         else:
             await send("response.output_text.done", text=content["text"], **ids)
-        await send("response.content_part.done", part={"type": "audio", "transcript": content["transcript"]} if audio
-                   else {"type": "text", "text": content["text"]}, **ids)  # fmt: skip
+        await send(
+            "response.content_part.done",
+            part={"type": "audio", "transcript": content["transcript"]}
+            if audio
+            else {"type": "text", "text": content["text"]},
+            **ids,
+        )
         public = {k: v for k, v in item.items() if not k.startswith("_")}
         await send("response.output_item.done", response_id=self.id, output_index=0, item=public)
         await send("conversation.item.done", item=public, previous_item_id=previous)
@@ -176,7 +213,9 @@ class Response:
         data = await asyncio.to_thread(formats.encode_wire, audio, self.output_format)
         step = PCM_PIECE_BYTES if self.output_format == "audio/pcm" else formats.G711_RATE // 2
         for start in range(0, len(data), step):
-            await self.session.send("response.output_audio.delta", delta=base64.b64encode(data[start : start + step]).decode(), **ids)
+            await self.session.send(
+                "response.output_audio.delta", delta=base64.b64encode(data[start : start + step]).decode(), **ids
+            )
         self.audio_ms += round(1000 * audio.duration)
         item.setdefault("_spoken", []).append((self.audio_ms, sentence))
 
@@ -188,14 +227,26 @@ class Response:
         output = []
         for index, call in enumerate(calls):
             function = call["function"]
-            call_item = {"id": new_id("item"), "type": "function_call", "object": "realtime.item", "status": "completed",
-                         "call_id": call["id"], "name": function["name"], "arguments": function["arguments"]}  # fmt: skip
+            call_item = {
+                "id": new_id("item"),
+                "type": "function_call",
+                "object": "realtime.item",
+                "status": "completed",
+                "call_id": call["id"],
+                "name": function["name"],
+                "arguments": function["arguments"],
+            }
             if not self.out_of_band:
                 session.items.append(call_item)
             common = {"response_id": self.id, "item_id": call_item["id"], "output_index": index, "call_id": call["id"]}
             await send("response.output_item.added", response_id=self.id, output_index=index, item=call_item)
             await send("response.function_call_arguments.delta", delta=function["arguments"], **common)
-            await send("response.function_call_arguments.done", arguments=function["arguments"], name=function["name"], **common)
+            await send(
+                "response.function_call_arguments.done",
+                arguments=function["arguments"],
+                name=function["name"],
+                **common,
+            )
             await send("response.output_item.done", response_id=self.id, output_index=index, item=call_item)
             await send("conversation.item.done", item=call_item, previous_item_id=previous)
             output.append(call_item)
@@ -204,8 +255,15 @@ class Response:
 
 def _usage(completion: Any) -> dict:
     audio = completion.prompt_audio_tokens
-    return {"total_tokens": completion.prompt_tokens + completion.completion_tokens, "input_tokens": completion.prompt_tokens,
-            "output_tokens": completion.completion_tokens,
-            "input_token_details": {"text_tokens": completion.prompt_tokens - audio, "audio_tokens": audio,
-                                    "image_tokens": 0, "cached_tokens": 0},
-            "output_token_details": {"text_tokens": completion.completion_tokens, "audio_tokens": 0}}  # fmt: skip
+    return {
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+        "input_tokens": completion.prompt_tokens,
+        "output_tokens": completion.completion_tokens,
+        "input_token_details": {
+            "text_tokens": completion.prompt_tokens - audio,
+            "audio_tokens": audio,
+            "image_tokens": 0,
+            "cached_tokens": 0,
+        },
+        "output_token_details": {"text_tokens": completion.completion_tokens, "audio_tokens": 0},
+    }

@@ -42,8 +42,17 @@ class ClientStalled(Exception):
 class Session:
     """The state of one connection and the handling of its events."""
 
-    def __init__(self, socket: WebSocket, runtime: Runtime, model_id: str, owner: str, drain: Drain,
-                 max_tokens: int, kind: str = "realtime", write_timeout: float = 30.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        socket: WebSocket,
+        runtime: Runtime,
+        model_id: str,
+        owner: str,
+        drain: Drain,
+        max_tokens: int,
+        kind: str = "realtime",
+        write_timeout: float = 30.0,
+    ) -> None:
         self.socket, self.runtime, self.model_id, self.owner, self.drain = socket, runtime, model_id, owner, drain
         self.max_tokens = max_tokens
         self.write_timeout = write_timeout  # a client that stops reading is let go
@@ -83,10 +92,19 @@ class Session:
         except (TimeoutError, RuntimeError):
             pass
 
-    async def error(self, message: str, *, code: str | None = None, param: str | None = None,
-                    event_id: str | None = None) -> None:  # fmt: skip
-        await self.send("error", error={"type": "invalid_request_error", "code": code, "message": message,
-                                        "param": param, "event_id": event_id})  # fmt: skip
+    async def error(
+        self, message: str, *, code: str | None = None, param: str | None = None, event_id: str | None = None
+    ) -> None:
+        await self.send(
+            "error",
+            error={
+                "type": "invalid_request_error",
+                "code": code,
+                "message": message,
+                "param": param,
+                "event_id": event_id,
+            },
+        )
 
     # ---- the loop ----------------------------------------------------------------------------------
 
@@ -162,13 +180,17 @@ class Session:
         if not isinstance(data, str):
             raise EventError("input_audio_buffer.append needs 'audio' (base64)", param="audio")
         if len(data) > MAX_APPEND_CHARS:
-            raise EventError(f"one append may carry at most {MAX_APPEND_CHARS} base64 characters", code="too_large",
-                             param="audio")  # fmt: skip
+            raise EventError(
+                f"one append may carry at most {MAX_APPEND_CHARS} base64 characters", code="too_large", param="audio"
+            )
         samples = formats.decode_wire(data, self.input_format)
         rate = formats.rate_of(self.input_format)
         if (len(self.buffer) + len(samples)) / rate > self.runtime.max_audio_seconds:
-            raise EventError(f"the input audio buffer would pass {self.runtime.max_audio_seconds:g} s: commit or clear it",
-                             code="too_large", param="audio")  # fmt: skip
+            raise EventError(
+                f"the input audio buffer would pass {self.runtime.max_audio_seconds:g} s: commit or clear it",
+                code="too_large",
+                param="audio",
+            )
         self.buffer = np.concatenate([self.buffer, samples])
         if self.turns is None:
             return
@@ -184,7 +206,10 @@ class Session:
                 await self.send("input_audio_buffer.speech_stopped", audio_end_ms=turn.ms, item_id=item_id)
                 await self._commit(item_id, end_ms=turn.ms, start_ms=self.turn_start_ms)
                 self.idle_from_ms = turn.ms
-                if self.config["audio"]["input"]["turn_detection"].get("create_response", True) and self.config["type"] == "realtime":
+                if (
+                    self.config["audio"]["input"]["turn_detection"].get("create_response", True)
+                    and self.config["type"] == "realtime"
+                ):
                     await self._start_response({})
         await self._check_idle()
 
@@ -209,7 +234,10 @@ class Session:
 
     async def commit(self, event: dict) -> None:
         if not len(self.buffer):
-            raise EventError("the input audio buffer is empty: append audio before committing", code="input_audio_buffer_commit_empty")
+            raise EventError(
+                "the input audio buffer is empty: append audio before committing",
+                code="input_audio_buffer_commit_empty",
+            )
         await self._commit(self.turn_item or new_id("item"), end_ms=None)
 
     async def clear(self, event: dict) -> None:
@@ -233,8 +261,14 @@ class Session:
         self.buffer_start_ms += round(1000 * cut / rate)
         self.turn_item = None
         previous = self.items[-1]["id"] if self.items else None
-        item = {"id": item_id, "type": "message", "object": "realtime.item", "status": "completed", "role": "user",
-                "content": [{"type": "input_audio", "transcript": None}]}  # fmt: skip
+        item = {
+            "id": item_id,
+            "type": "message",
+            "object": "realtime.item",
+            "status": "completed",
+            "role": "user",
+            "content": [{"type": "input_audio", "transcript": None}],
+        }
         self.items.append(item)
         self.audio[item_id] = formats.to_model_rate(samples, self.input_format)
         await self.send("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
@@ -254,16 +288,30 @@ class Session:
             else:
                 transcript = ""
         except InputError as error:
-            await self.send("conversation.item.input_audio_transcription.failed", item_id=item["id"], content_index=0,
-                            error={"type": "invalid_request_error", "code": None, "message": str(error), "param": None})  # fmt: skip
+            await self.send(
+                "conversation.item.input_audio_transcription.failed",
+                item_id=item["id"],
+                content_index=0,
+                error={"type": "invalid_request_error", "code": None, "message": str(error), "param": None},
+            )
             return
         item["content"][0]["transcript"] = transcript
         if transcript:
-            await self.send("conversation.item.input_audio_transcription.delta", item_id=item["id"], content_index=0, delta=transcript)
+            await self.send(
+                "conversation.item.input_audio_transcription.delta",
+                item_id=item["id"],
+                content_index=0,
+                delta=transcript,
+            )
         # `language` is voxtune's addition: the language the model heard.
-        await self.send("conversation.item.input_audio_transcription.completed", item_id=item["id"], content_index=0,
-                        transcript=transcript, usage={"type": "duration", "seconds": round(clip.duration, 3)},
-                        language=language)  # fmt: skip
+        await self.send(
+            "conversation.item.input_audio_transcription.completed",
+            item_id=item["id"],
+            content_index=0,
+            transcript=transcript,
+            usage={"type": "duration", "seconds": round(clip.duration, 3)},
+            language=language,
+        )
 
     # ---- the conversation --------------------------------------------------------------------------
 
@@ -286,7 +334,11 @@ class Session:
         await self.send("conversation.item.done", item=item, previous_item_id=before)
 
     async def item_retrieve(self, event: dict) -> None:
-        item = {k: v for k, v in copy.deepcopy(self.items[self._find(event.get("item_id"))]).items() if not k.startswith("_")}
+        item = {
+            k: v
+            for k, v in copy.deepcopy(self.items[self._find(event.get("item_id"))]).items()
+            if not k.startswith("_")
+        }
         if item["id"] in self.audio and item["content"]:
             clip = self.audio[item["id"]]
             item["content"][0]["audio"] = base64.b64encode(formats.encode_wire(clip, self.input_format)).decode()
@@ -301,7 +353,11 @@ class Session:
     async def item_truncate(self, event: dict) -> None:
         item = self.items[self._find(event.get("item_id"))]
         end_ms = event.get("audio_end_ms")
-        if item.get("role") != "assistant" or not item.get("content") or item["content"][0].get("type") != "output_audio":
+        if (
+            item.get("role") != "assistant"
+            or not item.get("content")
+            or item["content"][0].get("type") != "output_audio"
+        ):
             raise EventError("only an assistant's audio item can be truncated", param="item_id")
         if not isinstance(end_ms, int) or isinstance(end_ms, bool) or end_ms < 0:
             raise EventError("audio_end_ms must be a whole number of ms, at least 0", param="audio_end_ms")
@@ -322,8 +378,10 @@ class Session:
         if not isinstance(overrides, dict):
             raise EventError("response must be an object", param="response")
         if self.response is not None and not self.response.done() and overrides.get("conversation", "auto") != "none":
-            raise EventError("a response is already in progress: cancel it or wait for response.done",
-                             code="conversation_already_has_active_response")  # fmt: skip
+            raise EventError(
+                "a response is already in progress: cancel it or wait for response.done",
+                code="conversation_already_has_active_response",
+            )
         await self._start_response(overrides)
 
     async def response_cancel(self, event: dict) -> None:
@@ -361,7 +419,11 @@ class Session:
         for item in items:
             kind = item["type"]
             if kind == "function_call":
-                call = {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+                call = {
+                    "id": item["call_id"],
+                    "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]},
+                }
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif kind == "function_call_output":
                 messages.append({"role": "tool", "content": item["output"], "tool_call_id": item["call_id"]})
@@ -373,7 +435,9 @@ class Session:
                     elif item["id"] in self.audio:
                         if item["id"] not in self.wav:
                             self.wav[item["id"]] = base64.b64encode(encode(self.audio[item["id"]], "wav")).decode()
-                        parts.append({"type": "input_audio", "input_audio": {"data": self.wav[item["id"]], "format": "wav"}})
+                        parts.append(
+                            {"type": "input_audio", "input_audio": {"data": self.wav[item["id"]], "format": "wav"}}
+                        )
                 if parts:
                     messages.append({"role": "user", "content": parts})
             else:
