@@ -3,12 +3,45 @@ a small synthesised corpus and a real Whisper."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from voxtune.audio import Audio
+
+ROOT = Path(__file__).parents[1]
+# Caches that tools keep in a checkout by design.
+_TOOL_CACHES = {".venv", ".git", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
+
+
+def _checkout() -> set[str]:
+    """What the checkout holds at its top and in out/, and the files git sees changed."""
+    found = {p.name for p in ROOT.iterdir() if p.name not in _TOOL_CACHES}
+    if (ROOT / "out").is_dir():
+        found |= {f"out/{p.name}" for p in (ROOT / "out").iterdir()}
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=False)
+    return found | {line[3:] for line in status.stdout.splitlines()}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = _checkout()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Tests write to their own temporary folders, never into the checkout: fail the run if
+    anything new appeared there."""
+    before = session.config.stash.get(_BEFORE, None)
+    if before is None:
+        return
+    new = sorted(_checkout() - before)
+    if new:
+        print(f"\ntests wrote into the checkout: {', '.join(new)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_BEFORE = pytest.StashKey[set[str]]()
 
 
 def speechlike(seconds: float, rate: int, *, channels: int = 1, seed: int = 0, level: float = 0.4) -> np.ndarray:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx2
+import pytest
 import yaml
 
 from tests.serve.conftest import KEYS
 from voxtune.cli import main
+from voxtune.metrics import speech_text, spelled_numbers
 from voxtune.serve.server import examples
 
 
@@ -126,3 +131,21 @@ def test_sigterm_drains_and_an_open_server_is_warned_about(tmp_path):
         server.kill()
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "server_shutting_down"
+
+
+def test_the_printed_curl_example_gets_back_the_words_the_natural_voice_said(server, tmp_path, monkeypatch):
+    """What a new user does after `make run`: the banner's `voxtune speak` line makes
+    question.wav (the default English voice, Piper's, which no voxtune model trains on), and its
+    curl line sends it to the built-in model, which writes back the words."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    text = examples(server, "voxtune-tiny", with_key=True)
+    speak = re.search(r"`(voxtune speak [^`]+)`", text).group(1)
+    curl = next(line.strip() for line in text.splitlines() if "/v1/audio/transcriptions" in line)
+    voxtune = str(Path(sys.executable).with_name("voxtune"))
+    monkeypatch.setenv("VOXTUNE_API_KEY", KEYS[0])
+    for command in (speak.replace("voxtune", voxtune, 1), curl):
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    heard = speech_text(spelled_numbers(json.loads(done.stdout)["text"]))
+    assert heard == "what is seven plus five", heard
