@@ -15,7 +15,7 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 
 def schema_of(path: Path) -> type:
     """Data recipes live in recipes/data/ or are named data.yaml beside a model's training
-    recipe (recipes/voxtune-tiny/data.yaml); every other recipe trains."""
+    recipe (recipes/voxtune-tiny-v3/data.yaml); every other recipe trains."""
     relative = path.relative_to(RECIPES)
     return SynthRecipe if relative.parts[0] == "data" or path.name == "data.yaml" else TrainRecipe
 

@@ -27,7 +27,7 @@ from voxtune.model.ctranslate2 import CT2Model, convert_whisper, read_model_bin,
 CLIPS = {
     "report": ("Please send the report to my office by Friday.", "alloy", ("send", "report", "office", "friday")),
     "greeting": ("Good morning, how are you today?", "echo", ("good morning", "how are you today")),
-    "hello": ("Hello world.", "onyx", ("hello", "world")),
+    "hello": ("Hello world.", "ash", ("hello", "world")),
 }
 # CTranslate2 and transformers on the same features: the same maths in different kernels. Most
 # outputs (values reach +-12) agree to ~1.5e-5; a few frames amplify the rounding (up to ~2e-3 seen).

@@ -27,7 +27,7 @@ from voxtune.model.projector import Projector
 from voxtune.model.speech_lm import SpeechLM, SpeechLMConfig, build_encoder
 
 CONFIG_FILE = "voxtune.json"
-# voxtune-tiny, trained by recipes/voxtune-tiny and shipped in the package: the model when none is named.
+# voxtune-tiny, trained by recipes/voxtune-tiny-v3 and shipped in the package: the model when none is named.
 BUILTIN = Path(__file__).resolve().parents[1] / "models" / "voxtune-tiny"
 AUDIO_WEIGHTS = "audio.safetensors"
 

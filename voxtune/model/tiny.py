@@ -130,7 +130,7 @@ def tiny(
     (default: the encoder kind's, about 12.5 tokens/s), the projector's second norm between its
     layers or after them (`projector_norm_mid`; default: between with a Whisper encoder, see
     `build_speech_lm`). The defaults make a model for tests; bigger
-    settings make one worth training from scratch (recipes/voxtune-tiny). `encoder_config`
+    settings make one worth training from scratch (recipes/voxtune-tiny-v3). `encoder_config`
     replaces the encoder's settings whole (e.g. a pretrained Whisper's, whose weights the
     caller then loads)."""
     tokenizer = prepare_tokenizer(train_tokenizer(lm, vocab_size, corpus), lm)  # full vocabulary before the LM is sized

@@ -15,7 +15,7 @@ from voxtune.data.augment import AugmentConfig
 
 class TinyModel(Config):
     """A small random model built in code: for trying things out and for tests with the
-    defaults, and trained from scratch with bigger settings (recipes/voxtune-tiny)."""
+    defaults, and trained from scratch with bigger settings (recipes/voxtune-tiny-v3)."""
 
     lm: str = "llama"
     encoder: Literal["streaming", "whisper"] = "streaming"

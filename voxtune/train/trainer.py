@@ -286,9 +286,18 @@ class Trainer:
         from voxtune.config import load_config
         from voxtune.data.synth import SynthRecipe, synthesize_corpus
 
+        recipe = load_config(SynthRecipe, data.synth)
         out = Path(data.train[0]).parent
+        # Fail now, not after the synthesis: every missing manifest must be one it writes.
+        will_write = {out / f"{split}.jsonl" for split in recipe.splits}
+        missing = [p for p in paths if not Path(p).exists() and Path(p) not in will_write]
+        if missing:
+            raise TrainError(
+                f"no such manifest {missing[0]}, and data.synth ({data.synth}) would not make it: it writes "
+                f"{', '.join(sorted(str(p) for p in will_write))}"
+            )
         self.log(f"making the corpus of {data.synth} in {out}")
-        summary = synthesize_corpus(load_config(SynthRecipe, data.synth), out)
+        summary = synthesize_corpus(recipe, out)
         self.log(f"made {summary.clips} clips ({summary.seconds / 60:.1f} min of audio)")
 
     def _dataset(
