@@ -3,7 +3,9 @@ a small synthesised corpus and a real Whisper."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,9 @@ import pytest
 from voxtune.audio import Audio
 
 ROOT = Path(__file__).parents[1]
+# Hypothesis (under schemathesis) keeps its example database in the working directory unless told
+# otherwise: tests write nothing into the checkout.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="voxtune-hypothesis-"))
 # Caches that tools keep in a checkout by design.
 _TOOL_CACHES = {".venv", ".git", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
 
