@@ -163,8 +163,7 @@ def evaluate_natural(
     for who, listener in (("", model), ("reference_", reference)):
         heard = _transcripts(listener, speech + silent, suite)
         said = heard[: len(speech)]
-        groups = {"heldout": "heldout", "free": "free"}
-        for group in groups:
+        for group in ("heldout", "free"):
             pairs = [(e.text, h) for e, h in zip(speech, said, strict=True) if e.meta["kind"] == group]
             rates = error_rates([p for p, _ in pairs], [h for _, h in pairs], numbers_as_words="en") if pairs else {}
             report[f"{who}cer_{group}"] = rates.get("cer")

@@ -19,7 +19,6 @@ import difflib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -143,11 +142,6 @@ class PiperBackend:
         self.variation = variation
         self._own = None if seed is None else _Model(seed)
 
-    @cached_property
-    def sample_rate(self) -> int:
-        """Output rate of the voice (22.05 kHz for joe)."""
-        return (self._own or _model()).sample_rate
-
     def list_languages(self) -> list[LanguageInfo]:
         """The English variants joe speaks."""
         return [LanguageInfo(code, "English (America)") for code in PIPER_LANGUAGES]
@@ -206,9 +200,12 @@ def _shape(samples: np.ndarray, sample_rate: int, timbre: Timbre, style: Style) 
 
     pitch_factor = timbre.pitch * 2.0 ** ((style.pitch - 50) / 50 * _SEMITONES_PER_50 / 12)
     range_factor = min(max(style.pitch_range / 50, 0.1), 2.5)
+    moved = timbre.formant != 1.0 or pitch_factor != 1.0 or range_factor != 1.0
+    if not moved and not style.whisper:  # joe as recorded: only the level changes
+        return np.clip(samples * (_PEAK * style.volume / 100), -1.0, 1.0)
     with _LOCK:
         sound = parselmouth.Sound(samples.astype(np.float64), sample_rate)
-        if timbre.formant != 1.0 or pitch_factor != 1.0 or range_factor != 1.0:
+        if moved:
             median = call(
                 call(sound, "To Pitch", 0.0, _PITCH_FLOOR, _PITCH_CEILING), "Get quantile", 0, 0, 0.5, "Hertz"
             )
