@@ -169,6 +169,24 @@ def test_properties(encoders):
     assert ours.output_lengths(frames).tolist() == [1, 1, 2, 50, 1500, 1500]
 
 
+def test_encode_windows_reads_long_clips_window_by_window(encoders):
+    """A clip past 30 s is read as its 30 s windows, each encoded alone, outputs joined in
+    order; in a batch beside a shorter clip, which comes out as `forward` gives it."""
+    _, ours = encoders
+    long, short = mels(1, 6500, seed=3), mels(1, 900, seed=4)
+    batch = torch.cat([long, F.pad(short, (0, 5600))])
+    with torch.no_grad():
+        out, lengths = ours.encode_windows(batch, torch.tensor([6500, 900]))
+        parts = [ours(long[..., s : s + 3000])[0][0] for s in (0, 3000, 6000)]
+        alone, _ = ours(short)
+    assert lengths.tolist() == [1500 + 1500 + 250, 450] == [ours.window_output_lengths(f) for f in (6500, 900)]
+    torch.testing.assert_close(out[0], torch.cat(parts), rtol=0, atol=BATCH_TOL)
+    torch.testing.assert_close(out[1, :450], alone[0], rtol=0, atol=BATCH_TOL)
+    assert not out[1, 450:].any()
+    with torch.no_grad():  # within one window it is forward itself
+        assert torch.equal(ours.encode_windows(short)[0], alone)
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 

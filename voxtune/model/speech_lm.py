@@ -128,14 +128,8 @@ class SpeechLM(nn.Module):
         self.processor = self._make_processor()
 
     def _make_processor(self) -> SpeechProcessor:
-        max_frames = getattr(self.encoder, "max_frames", None)  # Whisper's 30 s positional table
-        return SpeechProcessor(
-            self.tokenizer,
-            self.audio_tokens,
-            self.featurize,
-            max_seconds=max_frames * HOP_LENGTH / SAMPLE_RATE if max_frames else None,
-            end_of_turn=self.family.end_of_turn,
-        )
+        # Any length: a Whisper encoder reads a long clip in 30 s windows (`featurize`).
+        return SpeechProcessor(self.tokenizer, self.audio_tokens, self.featurize, end_of_turn=self.family.end_of_turn)
 
     @property
     def family(self) -> Family:
@@ -150,9 +144,11 @@ class SpeechLM(nn.Module):
     def audio_tokens(self, samples: int) -> int:
         """LM positions a clip of `samples` 16 kHz samples takes."""
         if self._pads_to_hop:
-            samples += -samples % HOP_LENGTH
-        frames = torch.tensor([samples // HOP_LENGTH])
-        return int(self.projector.output_lengths(self.encoder.output_lengths(frames))[0])
+            frames = sum(self._window_sizes(samples)) // HOP_LENGTH
+            hidden = torch.tensor([self.encoder.window_output_lengths(frames)])
+        else:
+            hidden = self.encoder.output_lengths(torch.tensor([samples // HOP_LENGTH]))
+        return int(self.projector.output_lengths(hidden)[0])
 
     # ---- audio ------------------------------------------------------------------------------
 
@@ -164,10 +160,39 @@ class SpeechLM(nn.Module):
 
     def featurize(self, clips: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """16 kHz clips -> the encoder's input features [N, M, T] and valid frames [N]: log-mel
-        with Whisper's numerics (for a Whisper encoder, of each clip zero-padded to a whole hop)."""
-        if self._pads_to_hop:
-            clips = [np.pad(np.asarray(c), (0, -len(c) % HOP_LENGTH)) for c in clips]
-        return log_mel_batch(list(clips), self.config.n_mels)
+        with Whisper's numerics. For a Whisper encoder, each clip is zero-padded to a whole hop
+        and cut into 30 s windows, each featurised alone (its own level floor), as Ultravox and
+        vLLM featurise long audio; the windows' frames are laid end to end."""
+        if not self._pads_to_hop:
+            return log_mel_batch(list(clips), self.config.n_mels)
+        windows = [self._windows(np.asarray(clip)) for clip in clips]
+        features, frames = log_mel_batch([w for clip in windows for w in clip], self.config.n_mels)  # [sum K, M, W]
+        if all(len(clip) == 1 for clip in windows):
+            return features, frames
+        rows, lengths, first = [], [], 0
+        for clip in windows:
+            pieces = [features[i, :, : frames[i]] for i in range(first, first + len(clip))]
+            rows.append(torch.cat(pieces, dim=1).T)  # [T_i, M]: windows end to end
+            lengths.append(rows[-1].shape[0])
+            first += len(clip)
+        padded = nn.utils.rnn.pad_sequence(rows, batch_first=True).transpose(1, 2)  # [N, T, M] -> [N, M, T]
+        return padded, torch.tensor(lengths, dtype=torch.int64)
+
+    def _window_sizes(self, samples: int) -> list[int]:
+        """Samples in each window `_windows` cuts from a clip of `samples` samples."""
+        samples += -samples % HOP_LENGTH
+        size = self.encoder.max_frames * HOP_LENGTH
+        full, rest = divmod(samples, size)
+        if not full:
+            return [samples]
+        return [size] * full + ([max(rest, 3 * HOP_LENGTH)] if rest else [])
+
+    def _windows(self, clip: np.ndarray) -> list[np.ndarray]:
+        """A clip zero-padded to whole hops and cut into the encoder's windows (30 s for Whisper);
+        a last window shorter than 3 hops is zero-padded to 3, the least log-mel reads."""
+        starts = np.cumsum([0, *self._window_sizes(len(clip))])
+        clip = np.pad(clip, (0, starts[-1] - len(clip)))
+        return [clip[start:end] for start, end in zip(starts[:-1], starts[1:], strict=True)]
 
     def embed_audio(self, features: torch.Tensor, frames: torch.Tensor) -> list[torch.Tensor]:
         """Log-mel `features` [N, M, T] with valid `frames` [N] -> one [n_i, D] tensor per clip."""
@@ -177,7 +202,8 @@ class SpeechLM(nn.Module):
         """Log-mel `features` [N, M, T] with valid `frames` [N] -> encoder outputs [N, T', D_enc]
         and their valid lengths [N]."""
         dtype = next(self.encoder.parameters()).dtype  # features are float32; the model may not be
-        return self.encoder(features.to(self.device, dtype), frames.to(self.device))
+        encode = self.encoder.encode_windows if self.config.encoder_kind == "whisper" else self.encoder
+        return encode(features.to(self.device, dtype), frames.to(self.device))
 
     def project_audio(self, hidden: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """Encoder outputs [N, T', D_enc] with valid `lengths` [N] -> one [n_i, D] tensor per clip."""

@@ -1,4 +1,4 @@
-"""Whisper's audio encoder, for any clip length up to 30 s, with pretrained Whisper weights.
+"""Whisper's audio encoder, for any clip length (30 s windows), with pretrained Whisper weights.
 
 Architecture, as OpenAI's Whisper and transformers' `WhisperEncoder`:
 
@@ -9,7 +9,9 @@ Architecture, as OpenAI's Whisper and transformers' `WhisperEncoder`:
 - pre-LayerNorm transformer layers: self-attention with biases on q, v and out but not k, q
   scaled by Hd**-0.5 before the dot product; fc1 -> activation -> fc2; a final LayerNorm;
 - right-padded batches carry `lengths`: padded frames are zeroed before each conv and masked out
-  of attention, so each clip's output is the same as when it is encoded alone.
+  of attention, so each clip's output is the same as when it is encoded alone;
+- `encode_windows` reads a clip longer than the position table in consecutive 30 s windows, each
+  encoded alone, their outputs joined (as Ultravox and vLLM read long audio).
 
 Parameter names are those of transformers' `WhisperEncoder`, so its state dict loads strictly.
 Dropout and LayerDrop are left out: every released Whisper checkpoint sets them to 0.
@@ -241,6 +243,39 @@ class WhisperEncoder(nn.Module):
         if out_mask is not None:
             x = x * out_mask[..., None]  # zeros: nothing downstream can mistake padding for audio
         return x, out_lengths
+
+    def encode_windows(self, features: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Encode clips of any length: each cut into consecutive windows of `max_frames` mel
+        frames (the last one shorter), every window encoded alone, its outputs joined in order.
+
+        Args and returns as `forward`, without its upper bound on T: a clip of at most
+        `max_frames` frames is encoded exactly as `forward` encodes it.
+        """
+        b, mels, t = features.shape
+        if t <= self.max_frames:
+            return self(features, lengths)
+        if lengths is None:
+            lengths = torch.full((b,), t, dtype=torch.int64, device=features.device)
+        _check_lengths(lengths, b, t)
+        w = self.max_frames
+        k = -(-t // w)  # windows of the longest clip
+        padded = F.pad(features, (0, k * w - t))  # [B, M, K * W]
+        windows = padded.reshape(b, mels, k, w).transpose(1, 2).reshape(b * k, mels, w)  # [B * K, M, W]
+        window_frames = (lengths[:, None] - torch.arange(k, device=lengths.device) * w).clamp(0, w)  # [B, K]
+        used = window_frames.reshape(-1) > 0  # a shorter clip has fewer windows
+        hidden, out_lengths = self(windows[used], window_frames.reshape(-1)[used])  # [U, W', D], [U]
+        valid = torch.arange(hidden.shape[1], device=hidden.device) < out_lengths[:, None]  # [U, W']
+        joined = hidden[valid]  # [sum T', D]: window by window, so clip by clip
+        clip_of = torch.arange(b, device=lengths.device).repeat_interleave(k)[used]  # [U]
+        clip_lengths = torch.zeros(b, dtype=torch.int64, device=lengths.device).index_add_(0, clip_of, out_lengths)
+        out = nn.utils.rnn.pad_sequence(list(joined.split(clip_lengths.tolist())), batch_first=True)  # [B, T', D]
+        return out, clip_lengths
+
+    def window_output_lengths(self, mel_frames: int) -> int:
+        """Encoder frames `encode_windows` gives for a clip of `mel_frames` frames."""
+        full, rest = divmod(mel_frames, self.max_frames)
+        last = int(self.output_lengths(torch.tensor(rest))) if rest else 0
+        return full * int(self.output_lengths(torch.tensor(self.max_frames))) + last
 
     def _embed(self, features: Tensor, frame_mask: Tensor | None) -> Tensor:
         """The conv stem: `[B, M, T]` -> `[B, T', D]`.
