@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from voxtune.audio.features import HOP_LENGTH, SAMPLE_RATE, log_mel_batch
+from voxtune.audio.features import HOP_LENGTH, log_mel_batch
 from voxtune.model.processor import AudioEmbedding, MessageError, SpeechProcessor
 from voxtune.model.projector import Projector
 from voxtune.model.quantize import merge_to_full_precision
