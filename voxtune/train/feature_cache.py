@@ -379,11 +379,10 @@ def encode_with_cache(
 def _encode(model: SpeechLM, clips: list[Audio]) -> list[torch.Tensor]:
     """Run the encoder on a batch of clips, as `SpeechLM.embed_audio` does: one [T'_i, D_enc] each."""
     features, frames = model.featurize([clip.samples for clip in clips])  # [N, M, T], [N]
-    dtype = next(model.encoder.parameters()).dtype  # features are float32; the model may not be
     training = model.encoder.training
     model.encoder.eval()  # the cached output must not depend on whether the loop is in train mode
     try:
-        hidden, lengths = model.encoder(features.to(model.device, dtype), frames.to(model.device))  # [N, T', D_enc]
+        hidden, lengths = model.encode_features(features, frames)  # [N, T', D_enc]
     finally:
         model.encoder.train(training)
     return [hidden[i, :n] for i, n in enumerate(lengths.tolist())]
