@@ -12,15 +12,19 @@ pieces at real-time pace, and measures, per turn:
 
 - VAD wait: from sending the piece that holds the last speech sample to
   `input_audio_buffer.speech_stopped` (the silence the detector needs, plus its work);
-- model time: from `speech_stopped` to the first `response.output_audio.delta` (the commit,
-  encoding, prefill, decoding up to the first sentence, and speaking it);
+- model time: from `speech_stopped` to the first `response.output_audio.delta` (what is left
+  of encoding, prefill, decoding up to the first sentence, and speaking it);
 - total: the two together, what the user waits.
 
-The baseline is the same model answering the same turn as one HTTP request sent at the end of
-speech (`/v1/chat/completions`, streamed, spoken reply in pcm16), by as many concurrent clients:
-its time to the first audio chunk. The last line:
+It runs twice: on the server's default, where a turn's reply starts when the speech pauses
+(while the silence that confirms the end of the turn runs), and on a second server started with
+`realtime_early_replies=false`, where it starts when the turn has ended. The baseline is the
+same model answering the same turn as one HTTP request sent at the end of speech
+(`/v1/chat/completions`, streamed, spoken reply in pcm16), by as many concurrent clients: its
+time to the first audio chunk. The last line:
 
-    realtime_model_p50_ms=<1 session> realtime_total_p50_ms=<1 session> http_p50_ms=<1 session> ratio=<http / model>
+    realtime_model_p50_ms=<1 session> late_model_p50_ms=<1 session> realtime_total_p50_ms=<1 session> \
+        http_p50_ms=<1 session> ratio=<http / model>
 """
 
 from __future__ import annotations
@@ -133,29 +137,38 @@ def pct(values: list[float], q: float) -> float:
     return 1000 * float(np.percentile(values, q)) if values else float("nan")
 
 
+def sessions_at_once(
+    url: str, count: int, turns: list[tuple[bytes, int]], per_session: int
+) -> list[tuple[float, float]]:
+    """`count` realtime sessions at once, each streaming `per_session` turns: (VAD wait, model time) of each turn."""
+    results: list[tuple[float, float]] = []
+    threads = [
+        threading.Thread(
+            target=realtime_session, args=(url, [turns[(i + t) % len(turns)] for t in range(per_session)], results)
+        )
+        for i in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", default="1,4,16", help="concurrent sessions to measure, comma-separated")
     parser.add_argument("--turns", type=int, default=3, help="spoken turns per session")
     args = parser.parse_args()
     rows = []
-    with voxtune_serve() as (url, _):
-        turns = [turn_audio(q) for q in QUESTIONS]
-        realtime_session(url, turns[:1], [])  # warm-up: lazy initialisation on both paths
+    turns = [turn_audio(q) for q in QUESTIONS]
+    with voxtune_serve() as (url, _), voxtune_serve(["realtime_early_replies=false"]) as (late_url, _):
+        for server in (url, late_url):  # warm-up: lazy initialisation on every path
+            realtime_session(server, turns[:1], [])
         http_turn(url, *turns[0], [])
         for count in (int(n) for n in args.sessions.split(",")):
-            realtime: list[tuple[float, float]] = []
-            threads = [
-                threading.Thread(
-                    target=realtime_session,
-                    args=(url, [turns[(i + t) % len(turns)] for t in range(args.turns)], realtime),
-                )
-                for i in range(count)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            realtime = sessions_at_once(url, count, turns, args.turns)
+            late = sessions_at_once(late_url, count, turns, args.turns)
             http: list[float] = []
             for turn in range(args.turns):
                 threads = [
@@ -168,26 +181,27 @@ def main() -> None:
                     thread.join()
             vad, model = [r[0] for r in realtime], [r[1] for r in realtime]
             total = [a + b for a, b in realtime]
-            rows.append((count, vad, model, total, http))
+            rows.append((count, vad, model, [r[1] for r in late], total, http))
     print(
         f"realtime latency, {datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPUs, built-in model, "
         f"{args.turns} turns per session (ms: p50 / p95)"
     )
     print(
-        f"\n{'sessions':>8} {'turns':>6} {'VAD wait':>14} {'model time':>14} {'total':>14} "
+        f"\n{'sessions':>8} {'turns':>6} {'VAD wait':>14} {'model time':>14} {'(reply at end)':>15} {'total':>14} "
         f"{'HTTP first audio':>18} {'HTTP/model':>11}"
     )
-    for count, vad, model, total, http in rows:
+    for count, vad, model, late, total, http in rows:
         print(
             f"{count:>8} {len(total):>6} {pct(vad, 50):>6.0f} / {pct(vad, 95):<5.0f} "
-            f"{pct(model, 50):>6.0f} / {pct(model, 95):<5.0f} "
+            f"{pct(model, 50):>6.0f} / {pct(model, 95):<5.0f} {pct(late, 50):>7.0f} / {pct(late, 95):<5.0f} "
             f"{pct(total, 50):>6.0f} / {pct(total, 95):<5.0f} {pct(http, 50):>8.0f} / {pct(http, 95):<7.0f} "
             f"{pct(http, 50) / pct(model, 50):>10.2f}x"
         )
-    count, vad, model, total, http = rows[0]
+    count, vad, model, late, total, http = rows[0]
     print(
-        f"realtime_model_p50_ms={pct(model, 50):.0f} realtime_total_p50_ms={pct(total, 50):.0f} "
-        f"http_p50_ms={pct(http, 50):.0f} ratio={pct(http, 50) / pct(model, 50):.2f}"
+        f"realtime_model_p50_ms={pct(model, 50):.0f} late_model_p50_ms={pct(late, 50):.0f} "
+        f"realtime_total_p50_ms={pct(total, 50):.0f} http_p50_ms={pct(http, 50):.0f} "
+        f"ratio={pct(http, 50) / pct(model, 50):.2f}"
     )
 
 

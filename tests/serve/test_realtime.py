@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from contextlib import contextmanager
 
+import httpx2
 import numpy as np
 import pytest
 from openai import OpenAI
@@ -134,6 +136,38 @@ def test_server_vad_finds_the_turn_and_answers_it(builtin_model, question):
     assert started["item_id"] == stopped["item_id"] == events[kinds.index("input_audio_buffer.committed")]["item_id"]
     assert kinds.index("input_audio_buffer.committed") < kinds.index("response.created")
     assert events[-1]["response"]["status"] == "completed"
+
+
+def test_a_turn_s_reply_starts_at_its_pause_and_is_the_reply_it_gets_at_its_end(builtin_model):
+    """With server VAD the reply starts when the speech pauses, while the silence that ends the
+    turn runs: dropped when the user speaks on, used when the turn ends there, and the same
+    reply, word for word, as a server that starts it when the turn has ended."""
+    from voxtune.audio.voices.piper import PiperBackend
+
+    # A fixed render (the voice's timing varies from one render to the next): the question has
+    # 0.06 s of silence before its speech and 0.25 s after, so the gap between the two is about
+    # 0.4 s, shorter than the 500 ms of silence that end a turn.
+    question = next(PiperBackend(seed=0).render("What is seven plus five?"))
+    rate = question.sample_rate
+    pause = np.zeros(int(0.1 * rate), np.float32)
+    turn = with_silence(Audio(np.concatenate([question.samples, pause, question.samples]), rate))
+    replies, counts = {}, {}
+    for early in (True, False):
+        with serving(builtin_model, realtime_early_replies=early) as (url, _), connect(url) as connection:
+            receive(connection, "session.created")
+            append(connection, pcm(turn), piece=960)  # 20 ms pieces, as a microphone sends them
+            events = receive(connection, "response.done")
+            body = httpx2.get(url + "/metrics").text
+        kinds = [e["type"] for e in events]
+        assert kinds.count("input_audio_buffer.speech_started") == 1  # the pause did not end the turn
+        replies[early] = next(e for e in events if e["type"] == "response.output_audio_transcript.done")["transcript"]
+        counts[early] = {
+            outcome: int(re.search(rf'early_replies_total{{outcome="{outcome}"}} (\d+)', body).group(1))
+            for outcome in ("used", "dropped")
+        }
+    assert counts[True]["used"] == 1 and counts[True]["dropped"] >= 1  # the pause's reply gave way
+    assert counts[False] == {"used": 0, "dropped": 0}
+    assert replies[True] == replies[False] and replies[True]
 
 
 def test_text_replies_and_g711_input(builtin_model, question):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -28,6 +29,7 @@ from voxtune.serve.errors import (
 from voxtune.serve.gate import Gate, GateStats
 from voxtune.serve.openapi import install_openapi
 from voxtune.serve.realtime import Sessions, serve_realtime
+from voxtune.serve.realtime.session import EarlyReplies
 
 ROUTES = (
     "/",
@@ -127,7 +129,9 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
     async def speech(request: Request) -> Response:
         return await audio.speech(request, runtime, check_model, limits.max_speech_chars)
 
-    sessions = Sessions(limits.max_realtime_sessions)
+    sessions = Sessions(
+        limits.max_realtime_sessions, early_replies=EarlyReplies() if config.realtime_early_replies else None
+    )
 
     @app.websocket("/v1/realtime")
     async def realtime(socket: WebSocket) -> None:
@@ -172,6 +176,13 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
             "# HELP voxtune_realtime_sessions Realtime WebSocket sessions open now.",
             "# TYPE voxtune_realtime_sessions gauge",
             f"voxtune_realtime_sessions {sessions.active}",
+            "# HELP voxtune_realtime_early_replies_total Replies started while a turn's ending silence ran: "
+            "used (the turn ended there) or dropped (the user spoke on).",
+            "# TYPE voxtune_realtime_early_replies_total counter",
+            *(
+                f'voxtune_realtime_early_replies_total{{outcome="{outcome}"}} {count}'
+                for outcome, count in asdict(sessions.early_replies or EarlyReplies()).items()
+            ),
             "# TYPE voxtune_requests_in_flight gauge",
             f"voxtune_requests_in_flight {gate.in_flight}",
             "# HELP voxtune_requests_rejected_total Requests turned away at the concurrency limit (429).",

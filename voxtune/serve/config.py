@@ -61,6 +61,9 @@ class ServeConfig(Config):
     access_log: bool = False  # a line per request on the console (uvicorn's access log)
     audio_ttl_seconds: float = Field(3600.0, gt=0)  # how long an audio id stays valid
     audio_store_mb: float = Field(256.0, gt=0)  # memory for stored clips and replies (LRU beyond it)
+    # Realtime sessions with server VAD start a turn's reply when the speech pauses, while the
+    # silence that ends the turn runs; off: when the turn has ended (as a benchmark's baseline).
+    realtime_early_replies: bool = True
     limits: Limits = Limits()
 
     @field_validator("api_keys")

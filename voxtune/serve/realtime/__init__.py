@@ -18,7 +18,7 @@ from starlette.websockets import WebSocket
 
 from voxtune.serve.errors import APIError
 from voxtune.serve.gate import authenticate, owner_of
-from voxtune.serve.realtime.session import Session
+from voxtune.serve.realtime.session import EarlyReplies, Session
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Sessions:
 
     limit: int
     active: int = 0
+    early_replies: EarlyReplies | None = None  # None: off
 
 
 async def serve_realtime(
@@ -85,6 +86,7 @@ async def serve_realtime(
             max_tokens,
             "transcription" if transcription else "realtime",
             write_timeout,
+            sessions.early_replies,
         )
         await session.run()
     finally:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 from typing import TYPE_CHECKING, Any
 
+from voxtune.audio import Audio
 from voxtune.errors import InputError
 from voxtune.infer.spoken_reply import choose_voice, ready_to_speak, render_reply
 from voxtune.infer.tools import parse_tool_calls
@@ -41,9 +42,11 @@ class Response:
         self.id = new_id("resp")
         self.item_id = new_id("item")
         self.audio_ms = 0
+        self.model: asyncio.Task | None = None  # starts the model on the conversation
         self.pending: Pending | None = None
         self.asks: list[Pending] = []
         self.heard: list[str] | None = []
+        self.function_tools: list[dict] = []
         self.voice_choice: tuple[str, str] | None = None
 
     def _response(self, status: str, output: list, usage: dict | None = None, details: dict | None = None) -> dict:
@@ -85,32 +88,12 @@ class Response:
         text, completion, status, reason = "", None, "completed", None
         failure: dict | None = None
         try:
-            tools = [
-                {"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
-                for t in self.tools or []
-                if t.get("type") == "function"
-            ]
-            messages = session.chat_messages(self.instructions, history)
-            if not messages:
-                raise InputError("the conversation is empty: add an item before asking for a response")
-            prepared = await asyncio.to_thread(
-                session.runtime.prepare_chat,
-                messages,
-                session.owner,
-                tools=tools or None,
-                tool_choice=self.tool_choice if tools else None,
-            )
-            room = session.runtime.reply_room(prepared.example) or session.max_tokens
-            limit = session.max_tokens if self.limit in (None, "inf") else min(int(self.limit), session.max_tokens)
-            params = SamplingParams(max_new_tokens=max(1, min(limit, room)))
-            pending = self.pending = Pending(session.runtime.engine, prepared.example, params, session.drain)
-            # The questions that choose the spoken reply's language and style, decoded alongside.
-            asks = [
-                Pending(session.runtime.engine, q, SamplingParams(max_new_tokens=4), session.drain)
-                for q in (session.runtime.voice_prompts(prepared) if audio else [])
-            ]
-            self.heard: list[str] | None = None if asks else []
-            self.asks = asks
+            if self.model is None:
+                self.start_model(history)
+            assert self.model is not None
+            await self.model
+            pending, asks, tools = self.pending, self.asks, self.function_tools
+            assert pending is not None
             said, spoken = "", 0
             while True:
                 if session.response_cancelled:
@@ -167,8 +150,7 @@ class Response:
             failure = {"type": "invalid_request_error", "code": None, "message": str(error)}
             await session.error(str(error))
         finally:  # a reply ended early (cancelled, failed, its session gone) stops decoding at once
-            cancel_all([self.pending] if self.pending is not None else [])
-            cancel_all(self.asks)  # done already when the reply was spoken; else no longer wanted
+            self.stop_model()  # the voice questions: done already when the reply was spoken; else unwanted
         content = (
             {"type": "output_audio", "transcript": strip_tags(text)}
             if audio
@@ -201,6 +183,50 @@ class Response:
         if self.voice_choice is not None:  # voxtune's addition: the language and style it answered in
             done["voxtune"] = {"language": self.voice_choice[0], "style": self.voice_choice[1]}
         await send("response.done", response=done)
+
+    def start_model(self, history: list[dict], clips: dict[str, Audio] | None = None) -> None:
+        """Start the model on the conversation `history` (as a task, `self.model`), `clips`
+        the audio of its items not committed yet: before `run`, to have the reply under way
+        when the turn it answers is confirmed."""
+        self.model = asyncio.create_task(self._start_model(history, clips))
+
+    async def _start_model(self, history: list[dict], clips: dict[str, Audio] | None) -> None:
+        session = self.session
+        self.function_tools = [
+            {"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
+            for t in self.tools or []
+            if t.get("type") == "function"
+        ]
+        tools = self.function_tools
+        messages = session.chat_messages(self.instructions, history, clips)
+        if not messages:
+            raise InputError("the conversation is empty: add an item before asking for a response")
+        prepared = await asyncio.to_thread(
+            session.runtime.prepare_chat,
+            messages,
+            session.owner,
+            tools=tools or None,
+            tool_choice=self.tool_choice if tools else None,
+        )
+        room = session.runtime.reply_room(prepared.example) or session.max_tokens
+        limit = session.max_tokens if self.limit in (None, "inf") else min(int(self.limit), session.max_tokens)
+        params = SamplingParams(max_new_tokens=max(1, min(limit, room)))
+        self.pending = Pending(session.runtime.engine, prepared.example, params, session.drain)
+        # The questions that choose the spoken reply's language and style, decoded alongside.
+        self.asks = [
+            Pending(session.runtime.engine, q, SamplingParams(max_new_tokens=4), session.drain)
+            for q in (session.runtime.voice_prompts(prepared) if "audio" in self.modalities else [])
+        ]
+        self.heard = None if self.asks else []
+
+    def stop_model(self) -> None:
+        """Stop the model's work (a reply started early for a turn that went on)."""
+        if self.model is not None:
+            self.model.cancel()
+            if self.model.done() and not self.model.cancelled():
+                self.model.exception()  # seen: a failure of a reply nobody will send is no news
+        cancel_all([self.pending] if self.pending is not None else [])
+        cancel_all(self.asks)
 
     async def _speak(self, sentence: str, reply: str, item: dict, ids: dict) -> None:
         """One finished piece of the reply, spoken and sent as audio deltas, in the language and

@@ -2,7 +2,10 @@
 detection, its conversation, and the responses it streams (OpenAI's GA event names).
 
 Client events are read one at a time; a response runs as a task of its own, so audio keeps
-arriving (and can interrupt it) while it speaks. A reply is the model's text, streamed as
+arriving (and can interrupt it) while it speaks. With server VAD, the reply to a turn starts
+when its speech pauses, while the silence that would end the turn runs (an early reply): if the
+turn ends there, the reply is already under way (the model reads the turn up to where the
+speech ended); if the user speaks again, it is dropped. A reply is the model's text, streamed as
 `response.output_audio_transcript.delta` while each finished sentence's speech follows as
 `response.output_audio.delta` (or `response.output_text.delta` in text mode). Bad events get an
 `error` event; the session goes on.
@@ -15,6 +18,7 @@ import base64
 import copy
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +43,15 @@ class ClientStalled(Exception):
     """The client has stopped reading the session's events."""
 
 
+@dataclass
+class EarlyReplies:
+    """Replies started at a pause in the speech, over all sessions: used when the turn ended
+    there, dropped when the user spoke on (or the conversation changed meanwhile)."""
+
+    used: int = 0
+    dropped: int = 0
+
+
 class Session:
     """The state of one connection and the handling of its events."""
 
@@ -52,6 +65,7 @@ class Session:
         max_tokens: int,
         kind: str = "realtime",
         write_timeout: float = 30.0,
+        early_replies: EarlyReplies | None = None,
     ) -> None:
         self.socket, self.runtime, self.model_id, self.owner, self.drain = socket, runtime, model_id, owner, drain
         self.max_tokens = max_tokens
@@ -59,6 +73,9 @@ class Session:
         self.config = default_session(model_id, kind)
         self.items: list[dict[str, Any]] = []
         self.audio: dict[str, Audio] = {}  # user audio items' clips (16 kHz)
+        # What the model reads of a detected turn: up to where its speech ended, without the
+        # silence that confirmed the end (the same clip whether the reply started early or not).
+        self.spoken: dict[str, Audio] = {}
         self.wav: dict[str, str] = {}  # the same as base64 WAV, made once: every response reads them
         self.buffer = np.zeros(0, np.float32)  # wire samples since the last commit
         self.buffer_start_ms = 0  # where the buffer begins in the session's audio
@@ -69,6 +86,9 @@ class Session:
         self.response: asyncio.Task | None = None
         self.response_cancelled: str | None = None  # why the running response is being stopped
         self.sending = asyncio.Lock()
+        self.early_replies = early_replies  # where they are counted; None: replies start at the turn's end
+        self.early: tuple[int, int, Response] | None = None  # (speech end ms, version, reply) started at a pause
+        self.version = 0  # bumped by whatever may change what a reply reads
         self._configure_turns()
 
     # ---- sending ---------------------------------------------------------------------------------
@@ -120,6 +140,7 @@ class Session:
         except ClientStalled:
             await self.hang_up("the client stopped reading")
         finally:
+            self._drop_early()
             if self.response is not None:
                 self.response.cancel()
 
@@ -137,6 +158,8 @@ class Session:
             handler = HANDLERS.get(event["type"])
             if handler is None:
                 raise EventError(f"unknown event type {echo(event['type'])}", code="invalid_event", param="type")
+            if event["type"] != "input_audio_buffer.append":
+                self.version += 1  # the session, the conversation or the buffer may change
             await handler(self, event)
         except EventError as error:
             await self.error(str(error), code=error.code, param=error.param, event_id=event_id)
@@ -201,17 +224,57 @@ class Session:
                 detection = self.config["audio"]["input"]["turn_detection"]
                 if self.response is not None and not self.response.done() and detection.get("interrupt_response", True):
                     await self._stop_response("turn_detected")
+            elif turn.kind == "paused":
+                self._start_early(turn.ms)
+            elif turn.kind == "resumed":
+                self._drop_early()
             else:
                 item_id = self.turn_item or new_id("item")
                 await self.send("input_audio_buffer.speech_stopped", audio_end_ms=turn.ms, item_id=item_id)
-                await self._commit(item_id, end_ms=turn.ms, start_ms=self.turn_start_ms)
+                early = self._take_early(turn.speech_end_ms)
+                await self._commit(
+                    item_id, end_ms=turn.ms, start_ms=self.turn_start_ms, speech_end_ms=turn.speech_end_ms
+                )
                 self.idle_from_ms = turn.ms
-                if (
-                    self.config["audio"]["input"]["turn_detection"].get("create_response", True)
-                    and self.config["type"] == "realtime"
-                ):
-                    await self._start_response({})
+                if self._answers_turns:
+                    await self._start_response({}, early)
         await self._check_idle()
+
+    @property
+    def _answers_turns(self) -> bool:
+        """Whether a detected turn gets a reply without the client asking."""
+        detection = self.config["audio"]["input"].get("turn_detection") or {}
+        return bool(detection.get("create_response", True)) and self.config["type"] == "realtime"
+
+    def _start_early(self, speech_end_ms: int) -> None:
+        """The speech has paused at `speech_end_ms`: start the reply the turn gets if it ends here."""
+        self._drop_early()
+        busy = self.response is not None and not self.response.done()
+        if self.early_replies is None or not self._answers_turns or busy or self.turn_item is None:
+            return
+        item_id = self.turn_item
+        reply = Response(self, {})
+        reply.start_model(
+            [*self.items, self._user_item(item_id)], {item_id: self._slice(self.turn_start_ms, speech_end_ms)}
+        )
+        self.early = (speech_end_ms, self.version, reply)
+
+    def _take_early(self, speech_end_ms: int | None) -> Response | None:
+        """The early reply, if it read this very turn and nothing has changed since."""
+        if self.early is None or self.early_replies is None:
+            return None
+        if self.early[:2] != (speech_end_ms, self.version):
+            self._drop_early()
+            return None
+        reply, self.early = self.early[2], None
+        self.early_replies.used += 1
+        return reply
+
+    def _drop_early(self) -> None:
+        if self.early is not None and self.early_replies is not None:
+            self.early[2].stop_model()
+            self.early = None
+            self.early_replies.dropped += 1
 
     async def _check_idle(self) -> None:
         """With `idle_timeout_ms`: the user has been silent that long since the last turn or
@@ -241,27 +304,27 @@ class Session:
         await self._commit(self.turn_item or new_id("item"), end_ms=None)
 
     async def clear(self, event: dict) -> None:
+        self._drop_early()
         self.buffer_start_ms += round(1000 * len(self.buffer) / formats.rate_of(self.input_format))
         self.buffer = np.zeros(0, np.float32)
         if self.turns is not None:
             self.turns.reset()
         await self.send("input_audio_buffer.cleared")
 
-    async def _commit(self, item_id: str, end_ms: int | None, start_ms: int | None = None) -> None:
-        """The buffer (from `start_ms` up to `end_ms` of the session's audio, when given: a
-        detected turn and its prefix padding) becomes a user item."""
+    def _index(self, ms: int) -> int:
+        """The buffer's sample at `ms` of the session's audio (within the buffer)."""
         rate = formats.rate_of(self.input_format)
+        return max(0, min(len(self.buffer), (ms - self.buffer_start_ms) * rate // 1000))
 
-        def index(ms: int) -> int:
-            return max(0, min(len(self.buffer), (ms - self.buffer_start_ms) * rate // 1000))
+    def _slice(self, start_ms: int | None, end_ms: int) -> Audio:
+        """The buffer from `start_ms` (None: its start) to `end_ms`, at the model's rate."""
+        cut = self._index(end_ms)
+        first = 0 if start_ms is None else min(self._index(start_ms), cut)
+        return formats.to_model_rate(self.buffer[first:cut], self.input_format)
 
-        cut = len(self.buffer) if end_ms is None else index(end_ms)
-        first = 0 if start_ms is None else min(index(start_ms), cut)
-        samples, self.buffer = self.buffer[first:cut], self.buffer[cut:]
-        self.buffer_start_ms += round(1000 * cut / rate)
-        self.turn_item = None
-        previous = self.items[-1]["id"] if self.items else None
-        item = {
+    def _user_item(self, item_id: str) -> dict[str, Any]:
+        """A user audio item (its clip in `self.audio`)."""
+        return {
             "id": item_id,
             "type": "message",
             "object": "realtime.item",
@@ -269,6 +332,23 @@ class Session:
             "role": "user",
             "content": [{"type": "input_audio", "transcript": None}],
         }
+
+    async def _commit(
+        self, item_id: str, end_ms: int | None, start_ms: int | None = None, speech_end_ms: int | None = None
+    ) -> None:
+        """The buffer (from `start_ms` up to `end_ms` of the session's audio, when given: a
+        detected turn and its prefix padding) becomes a user item; the model reads it up to
+        `speech_end_ms` when given."""
+        rate = formats.rate_of(self.input_format)
+        if speech_end_ms is not None:
+            self.spoken[item_id] = self._slice(start_ms, speech_end_ms)
+        cut = len(self.buffer) if end_ms is None else self._index(end_ms)
+        first = 0 if start_ms is None else min(self._index(start_ms), cut)
+        samples, self.buffer = self.buffer[first:cut], self.buffer[cut:]
+        self.buffer_start_ms += round(1000 * cut / rate)
+        self.turn_item = None
+        previous = self.items[-1]["id"] if self.items else None
+        item = self._user_item(item_id)
         self.items.append(item)
         self.audio[item_id] = formats.to_model_rate(samples, self.input_format)
         await self.send("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
@@ -347,6 +427,7 @@ class Session:
     async def item_delete(self, event: dict) -> None:
         item = self.items.pop(self._find(event.get("item_id")))
         self.audio.pop(item["id"], None)
+        self.spoken.pop(item["id"], None)
         self.wav.pop(item["id"], None)
         await self.send("conversation.item.deleted", item_id=item["id"])
 
@@ -389,9 +470,12 @@ class Session:
             raise EventError("no response is in progress", code="response_cancel_not_active")
         await self._stop_response("client_cancelled")
 
-    async def _start_response(self, overrides: dict) -> None:
+    async def _start_response(self, overrides: dict, early: Response | None = None) -> None:
+        """Run a response (`early`: one whose model was started at the turn's pause)."""
+        self._drop_early()
+        self.version += 1
         self.response_cancelled = None
-        self.response = asyncio.create_task(self._respond(Response(self, overrides)))
+        self.response = asyncio.create_task(self._respond(early or Response(self, overrides)))
 
     async def _respond(self, response: Response) -> None:
         try:
@@ -413,8 +497,10 @@ class Session:
             except TimeoutError:
                 self.response.cancel()
 
-    def chat_messages(self, instructions: str, items: list[dict]) -> list[dict]:
-        """The conversation as OpenAI chat messages (what `Runtime.prepare_chat` reads)."""
+    def chat_messages(self, instructions: str, items: list[dict], clips: dict[str, Audio] | None = None) -> list[dict]:
+        """The conversation as OpenAI chat messages (what `Runtime.prepare_chat` reads); `clips`
+        gives the audio of items not committed yet (an early reply's turn)."""
+        clips = clips or {}
         messages: list[dict] = [{"role": "system", "content": instructions}] if instructions else []
         for item in items:
             kind = item["type"]
@@ -432,9 +518,13 @@ class Session:
                 for part in item["content"]:
                     if part["type"] == "input_text":
                         parts.append({"type": "text", "text": part["text"]})
+                    elif item["id"] in clips:
+                        data = base64.b64encode(encode(clips[item["id"]], "wav")).decode()
+                        parts.append({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}})
                     elif item["id"] in self.audio:
                         if item["id"] not in self.wav:
-                            self.wav[item["id"]] = base64.b64encode(encode(self.audio[item["id"]], "wav")).decode()
+                            clip = self.spoken[item["id"]] if item["id"] in self.spoken else self.audio[item["id"]]
+                            self.wav[item["id"]] = base64.b64encode(encode(clip, "wav")).decode()
                         parts.append(
                             {"type": "input_audio", "input_audio": {"data": self.wav[item["id"]], "format": "wav"}}
                         )
