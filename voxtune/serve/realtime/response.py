@@ -47,6 +47,8 @@ class Response:
         self.asks: list[Pending] = []
         self.heard: list[str] | None = []
         self.function_tools: list[dict] = []
+        self.backlog: list[tuple[str, Any]] = []  # the model's events read before `run`
+        self.ahead: tuple[str, Audio] | None = None  # the first sentence, spoken before `run`
         self.voice_choice: tuple[str, str] | None = None
 
     def _response(self, status: str, output: list, usage: dict | None = None, details: dict | None = None) -> dict:
@@ -101,7 +103,7 @@ class Response:
                     cancel_all(asks)
                     status, reason = "cancelled", session.response_cancelled
                     break
-                kind, value = await pending.next(poll=0.05)
+                kind, value = self.backlog.pop(0) if self.backlog else await pending.next(poll=0.05)
                 if kind == "error":
                     cancel_all(asks)
                     raise value
@@ -184,13 +186,14 @@ class Response:
             done["voxtune"] = {"language": self.voice_choice[0], "style": self.voice_choice[1]}
         await send("response.done", response=done)
 
-    def start_model(self, history: list[dict], clips: dict[str, Audio] | None = None) -> None:
+    def start_model(self, history: list[dict], clips: dict[str, Audio] | None = None, ahead: bool = False) -> None:
         """Start the model on the conversation `history` (as a task, `self.model`), `clips`
-        the audio of its items not committed yet: before `run`, to have the reply under way
-        when the turn it answers is confirmed."""
-        self.model = asyncio.create_task(self._start_model(history, clips))
+        the audio of its items not committed yet. Called before `run` to have the reply under
+        way when the turn it answers is confirmed; `ahead`: also decode up to the first
+        sentence and speak it, ready to send."""
+        self.model = asyncio.create_task(self._start_model(history, clips, ahead))
 
-    async def _start_model(self, history: list[dict], clips: dict[str, Audio] | None) -> None:
+    async def _start_model(self, history: list[dict], clips: dict[str, Audio] | None, ahead: bool) -> None:
         session = self.session
         self.function_tools = [
             {"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
@@ -218,6 +221,26 @@ class Response:
             for q in (session.runtime.voice_prompts(prepared) if "audio" in self.modalities else [])
         ]
         self.heard = None if self.asks else []
+        if ahead and "audio" in self.modalities and not tools:
+            await self._speak_ahead()
+
+    async def _speak_ahead(self) -> None:
+        """Decode up to the reply's first speakable piece and render it, as `run` will ask for
+        it; the events read meanwhile wait in `backlog` for `run`."""
+        assert self.pending is not None
+        text = ""
+        while True:
+            kind, value = await self.pending.next(poll=0.05)
+            self.backlog.append((kind, value))
+            if kind in ("done", "error"):
+                return
+            text += value
+            said = strip_tags(text)
+            ready = ready_to_speak(said)
+            if ready:
+                sentence = said[:ready].strip()
+                self.ahead = (sentence, await self._render(sentence, text))
+                return
 
     def stop_model(self) -> None:
         """Stop the model's work (a reply started early for a turn that went on)."""
@@ -231,11 +254,10 @@ class Response:
     async def _speak(self, sentence: str, reply: str, item: dict, ids: dict) -> None:
         """One finished piece of the reply, spoken and sent as audio deltas, in the language and
         style the voice questions chose (asked once, before the first sentence)."""
-        if self.heard is None:
-            self.heard = [(await ask.result()).text for ask in self.asks]
-        language, style = choose_voice(reply, *self.heard)
-        self.voice_choice = (language, style)
-        audio, _ = await asyncio.to_thread(render_reply, sentence, language, self.voice, style)
+        if self.ahead is not None and self.ahead[0] == sentence:
+            audio, self.ahead = self.ahead[1], None
+        else:
+            audio = await self._render(sentence, reply)
         data = await asyncio.to_thread(formats.encode_wire, audio, self.output_format)
         step = PCM_PIECE_BYTES if self.output_format == "audio/pcm" else formats.G711_RATE // 2
         for start in range(0, len(data), step):
@@ -244,6 +266,15 @@ class Response:
             )
         self.audio_ms += round(1000 * audio.duration)
         item.setdefault("_spoken", []).append((self.audio_ms, sentence))
+
+    async def _render(self, sentence: str, reply: str) -> Audio:
+        """`sentence` spoken in the language and style the voice questions chose (asked once)."""
+        if self.heard is None:
+            self.heard = [(await ask.result()).text for ask in self.asks]
+        language, style = choose_voice(reply, *self.heard)
+        self.voice_choice = (language, style)
+        audio, _ = await asyncio.to_thread(render_reply, sentence, language, self.voice, style)
+        return audio
 
     async def _calls(self, calls: list[dict], session: Session, item: dict, previous: str | None) -> None:
         """A reply that calls tools: function_call items instead of the message."""

@@ -3,9 +3,10 @@ detection, its conversation, and the responses it streams (OpenAI's GA event nam
 
 Client events are read one at a time; a response runs as a task of its own, so audio keeps
 arriving (and can interrupt it) while it speaks. With server VAD, the reply to a turn starts
-when its speech pauses, while the silence that would end the turn runs (an early reply): if the
-turn ends there, the reply is already under way (the model reads the turn up to where the
-speech ended); if the user speaks again, it is dropped. A reply is the model's text, streamed as
+when its speech pauses, while the silence that would end the turn runs (an early reply: decoded
+up to its first sentence, which is spoken, ready to send): if the turn ends there, the reply is
+already under way (the model reads the turn up to where the speech ended); if the user speaks
+again, it is dropped. A reply is the model's text, streamed as
 `response.output_audio_transcript.delta` while each finished sentence's speech follows as
 `response.output_audio.delta` (or `response.output_text.delta` in text mode). Bad events get an
 `error` event; the session goes on.
@@ -254,9 +255,8 @@ class Session:
             return
         item_id = self.turn_item
         reply = Response(self, {})
-        reply.start_model(
-            [*self.items, self._user_item(item_id)], {item_id: self._slice(self.turn_start_ms, speech_end_ms)}
-        )
+        clip = self._slice(self.turn_start_ms, speech_end_ms)
+        reply.start_model([*self.items, self._user_item(item_id)], {item_id: clip}, ahead=True)
         self.early = (speech_end_ms, self.version, reply)
 
     def _take_early(self, speech_end_ms: int | None) -> Response | None:
