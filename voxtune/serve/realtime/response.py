@@ -140,9 +140,11 @@ class Response:
                         **ids,
                     )
                     said = clean
-                if audio and said[spoken:].strip():
+                if audio and said[spoken:].strip() and not session.response_cancelled:
                     await self._speak(said[spoken:].strip(), final, item, ids)
-                if completion.finish_reason == "length":
+                if session.response_cancelled:  # while the reply was being spoken
+                    status, reason = "cancelled", session.response_cancelled
+                elif completion.finish_reason == "length":
                     status, reason = "incomplete", "max_output_tokens"
         except ShuttingDown:
             status = "failed"
@@ -260,12 +262,16 @@ class Response:
             audio = await self._render(sentence, reply)
         data = await asyncio.to_thread(formats.encode_wire, audio, self.output_format)
         step = PCM_PIECE_BYTES if self.output_format == "audio/pcm" else formats.G711_RATE // 2
+        sent = 0
         for start in range(0, len(data), step):
-            await self.session.send(
-                "response.output_audio.delta", delta=base64.b64encode(data[start : start + step]).decode(), **ids
-            )
-        self.audio_ms += round(1000 * audio.duration)
-        item.setdefault("_spoken", []).append((self.audio_ms, sentence))
+            if self.session.response_cancelled:  # a barge-in or a cancel: no more audio
+                break
+            piece = data[start : start + step]
+            await self.session.send("response.output_audio.delta", delta=base64.b64encode(piece).decode(), **ids)
+            sent += len(piece)
+        if sent:
+            self.audio_ms += round(1000 * audio.duration * sent / len(data))
+            item.setdefault("_spoken", []).append((self.audio_ms, sentence))
 
     async def _render(self, sentence: str, reply: str) -> Audio:
         """`sentence` spoken in the language and style the voice questions chose (asked once)."""
