@@ -19,7 +19,7 @@ from pydantic import TypeAdapter
 from websockets.exceptions import ConnectionClosed
 
 from tests.serve.conftest import KEYS, serving
-from voxtune.audio import Audio, encode, voices
+from voxtune.audio import Audio, encode
 from voxtune.model import tiny
 from voxtune.serve.config import ServeConfig
 from voxtune.serve.realtime import formats
@@ -69,7 +69,10 @@ def append(connection, data: bytes, piece: int = 9600) -> None:
 
 @pytest.fixture(scope="module")
 def question():
-    return voices.synthesize("What is seven plus five?", "en")
+    """A spoken question in the default English voice: one fixed render (see tests/serve/conftest.py)."""
+    from voxtune.audio.voices.piper import PiperBackend
+
+    return next(PiperBackend(seed=0).render("What is seven plus five?"))
 
 
 def with_silence(audio: Audio, before: float = 0.5, after: float = 1.0) -> Audio:
@@ -105,6 +108,19 @@ def test_a_push_to_talk_turn_gets_the_spoken_reply_http_chat_gives(builtin_model
             .choices[0]
             .message.content
         )
+        # The turn stays in the audio store: HTTP chat refers to it by the id response.done gave.
+        (stored,) = events[-1]["response"]["voxtune"]["input_audio"]
+        assert stored["item_id"] == committed[0]["item_id"] and stored["id"].startswith("audio_")
+        encoded = httpx2.get(url + "/metrics").text
+        by_id = client.chat.completions.create(
+            model="voxtune-tiny",
+            messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"id": stored["id"]}}]}],
+        )
+        assert by_id.model_extra["input_audio"][0]["reused"] is True
+        assert by_id.choices[0].message.content == expected
+        assert re.search(r"^voxtune_audio_clips_encoded_total (\S+)$", encoded, re.M).group(1) == re.search(
+            r"^voxtune_audio_clips_encoded_total (\S+)$", httpx2.get(url + "/metrics").text, re.M
+        ).group(1)  # read from the store, not encoded again
     kinds = [e["type"] for e in events]
     assert kinds[0] == "response.created" and kinds[-1] == "response.done"
     assert (

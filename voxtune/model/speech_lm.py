@@ -24,6 +24,7 @@ from voxtune.model.processor import AudioEmbedding, MessageError, SpeechProcesso
 from voxtune.model.projector import Projector
 from voxtune.model.quantize import merge_to_full_precision
 from voxtune.model.registry import Family, family_of
+from voxtune.model.whisper_encoder import WhisperEncoder
 
 CONFIG_VERSION = 1
 
@@ -202,7 +203,8 @@ class SpeechLM(nn.Module):
         """Log-mel `features` [N, M, T] with valid `frames` [N] -> encoder outputs [N, T', D_enc]
         and their valid lengths [N]."""
         dtype = next(self.encoder.parameters()).dtype  # features are float32; the model may not be
-        encode = self.encoder.encode_windows if self.config.encoder_kind == "whisper" else self.encoder
+        # voxtune's Whisper encoder reads a clip past its 30 s table in windows (see `featurize`).
+        encode = self.encoder.encode_windows if isinstance(self.encoder, WhisperEncoder) else self.encoder
         return encode(features.to(self.device, dtype), frames.to(self.device))
 
     def project_audio(self, hidden: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:

@@ -47,6 +47,7 @@ class Response:
         self.asks: list[Pending] = []
         self.heard: list[str] | None = []
         self.function_tools: list[dict] = []
+        self.stored: list[dict] = []  # the user clips read, as the audio store keeps them
         self.backlog: list[tuple[str, Any]] = []  # the model's events read before `run`
         self.ahead: tuple[str, Audio] | None = None  # the first sentence, spoken before `run`
         self.voice_choice: tuple[str, str] | None = None
@@ -184,8 +185,13 @@ class Response:
         if session.turns is not None:  # the idle timeout counts from the end of the reply
             session.idle_from_ms = session.turns.heard_ms
         done = self._response(status, [public], usage, details)
-        if self.voice_choice is not None:  # voxtune's addition: the language and style it answered in
-            done["voxtune"] = {"language": self.voice_choice[0], "style": self.voice_choice[1]}
+        # voxtune's addition: the language and style it answered in, and the audio store's ids
+        # of the user clips it read (for `input_audio: {"id": ...}` in later HTTP requests).
+        extra: dict[str, Any] = {"input_audio": self.stored} if self.stored else {}
+        if self.voice_choice is not None:
+            extra |= {"language": self.voice_choice[0], "style": self.voice_choice[1]}
+        if extra:
+            done["voxtune"] = extra
         await send("response.done", response=done)
 
     def start_model(self, history: list[dict], clips: dict[str, Audio] | None = None, ahead: bool = False) -> None:
@@ -203,7 +209,7 @@ class Response:
             if t.get("type") == "function"
         ]
         tools = self.function_tools
-        messages = session.chat_messages(self.instructions, history, clips)
+        messages, audio_items = session.chat_messages(self.instructions, history, clips)
         if not messages:
             raise InputError("the conversation is empty: add an item before asking for a response")
         prepared = await asyncio.to_thread(
@@ -213,6 +219,11 @@ class Response:
             tools=tools or None,
             tool_choice=self.tool_choice if tools else None,
         )
+        # Each user clip is in the audio store now: HTTP chat can refer to it by this id.
+        self.stored = [
+            {"item_id": item_id, "id": clip.id, "expires_at": clip.expires_at}
+            for item_id, clip in zip(audio_items, prepared.clips, strict=True)
+        ]
         room = session.runtime.reply_room(prepared.example) or session.max_tokens
         limit = session.max_tokens if self.limit in (None, "inf") else min(int(self.limit), session.max_tokens)
         params = SamplingParams(max_new_tokens=max(1, min(limit, room)))

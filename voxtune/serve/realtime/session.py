@@ -497,11 +497,15 @@ class Session:
             except TimeoutError:
                 self.response.cancel()
 
-    def chat_messages(self, instructions: str, items: list[dict], clips: dict[str, Audio] | None = None) -> list[dict]:
-        """The conversation as OpenAI chat messages (what `Runtime.prepare_chat` reads); `clips`
-        gives the audio of items not committed yet (an early reply's turn)."""
+    def chat_messages(
+        self, instructions: str, items: list[dict], clips: dict[str, Audio] | None = None
+    ) -> tuple[list[dict], list[str]]:
+        """The conversation as OpenAI chat messages (what `Runtime.prepare_chat` reads), and the
+        item id of each audio part, in reading order; `clips` gives the audio of items not
+        committed yet (an early reply's turn)."""
         clips = clips or {}
         messages: list[dict] = [{"role": "system", "content": instructions}] if instructions else []
+        audio_items: list[str] = []
         for item in items:
             kind = item["type"]
             if kind == "function_call":
@@ -521,6 +525,7 @@ class Session:
                     elif item["id"] in clips:
                         data = base64.b64encode(encode(clips[item["id"]], "wav")).decode()
                         parts.append({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}})
+                        audio_items.append(item["id"])
                     elif item["id"] in self.audio:
                         if item["id"] not in self.wav:
                             clip = self.spoken[item["id"]] if item["id"] in self.spoken else self.audio[item["id"]]
@@ -528,12 +533,13 @@ class Session:
                         parts.append(
                             {"type": "input_audio", "input_audio": {"data": self.wav[item["id"]], "format": "wav"}}
                         )
+                        audio_items.append(item["id"])
                 if parts:
                     messages.append({"role": "user", "content": parts})
             else:
                 text = "".join(p.get("text") or p.get("transcript") or "" for p in item["content"])
                 messages.append({"role": item["role"], "content": text})
-        return messages
+        return messages, audio_items
 
 
 HANDLERS = {
