@@ -16,12 +16,62 @@ from voxtune.serve.config import ServeConfig
 from voxtune.serve.server import build_runtime, running_server
 
 KEYS = ("key-alice", "key-bob")
+# A Realtime function tool, as a session configures it.
+ADD_TOOL = {
+    "type": "function",
+    "name": "add",
+    "description": "Add two numbers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+}
 
 
 @pytest.fixture(scope="session")
 def builtin_model():
     """The built-in model, loaded once."""
     return voxtune.load()
+
+
+@pytest.fixture(scope="session")
+def tool_model():
+    """A tiny model taught to call a tool, so that a real call runs end to end: offered `add`,
+    it answers a spoken turn with add(a=7, b=5), and the call's result "12" with "twelve."
+    ("13" with "thirteen.": it reads the result). Taught on the prompts the server builds (the
+    tools offer, the spoken request) with two voices, in about five seconds."""
+    import torch
+
+    from voxtune.audio import voices
+    from voxtune.audio.voices.piper import PiperBackend
+    from voxtune.infer.runtime import Runtime
+    from voxtune.infer.tools import render_tool_calls
+    from voxtune.model import tiny
+
+    model = tiny("llama", "streaming", seed=0)
+    runtime = Runtime(model)
+    tools = [{"type": "function", "function": {k: ADD_TOOL[k] for k in ("name", "description", "parameters")}}]
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 7, "b": 5}'}}
+    conversations = []
+    question = "What is seven plus five?"
+    # Fixed renders (the natural voice varies from one render to the next): the same model every run.
+    for speech in (next(PiperBackend(seed=1).render(question)), voices.synthesize(question, "en", "m3")):
+        user = {"role": "user", "content": [audio_part(encode(speech, "wav"))]}
+        first = runtime.prepare_chat([user], "teacher", tools=tools).messages
+        conversations.append([*first, {"role": "assistant", "content": render_tool_calls([call])}])
+        for result, words in (("12", "twelve."), ("13", "thirteen.")):
+            turns = [user, {"role": "assistant", "content": None, "tool_calls": [call]}]
+            turns.append({"role": "tool", "content": result, "tool_call_id": "call_1"})
+            later = runtime.prepare_chat(turns, "teacher", tools=tools).messages
+            conversations.append([*later, {"role": "assistant", "content": words}])
+    runtime.close()
+    batch = model.processor.collate([model.processor.encode_messages(c, with_labels=True) for c in conversations])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(150):
+            model(batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return model.eval()
 
 
 @pytest.fixture(scope="session")

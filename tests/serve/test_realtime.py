@@ -18,7 +18,7 @@ from openai.types.realtime import RealtimeServerEvent
 from pydantic import TypeAdapter
 from websockets.exceptions import ConnectionClosed
 
-from tests.serve.conftest import KEYS, serving
+from tests.serve.conftest import ADD_TOOL, KEYS, serving
 from voxtune.audio import Audio, encode
 from voxtune.model import tiny
 from voxtune.serve.config import ServeConfig
@@ -448,6 +448,31 @@ def test_tools_and_tool_results_reach_the_prompt(random_model):
         done = receive(connection, "response.done")[-1]["response"]
     assert done["status"] in ("completed", "incomplete")
     assert done["usage"]["input_tokens"] > plain + 30  # the tool, the call and its result are in the prompt
+
+
+def test_a_spoken_turn_calls_a_tool_and_the_reply_reads_its_result(tool_model, question):
+    with serving(tool_model) as (url, _), connect(url) as connection:
+        receive(connection, "session.created")
+        session = {"type": "realtime", "tools": [ADD_TOOL], "audio": {"input": {"turn_detection": None}}}
+        connection.session.update(session=session)
+        receive(connection, "session.updated")
+        append(connection, pcm(question))
+        connection.input_audio_buffer.commit()
+        receive(connection, "conversation.item.done")
+        connection.response.create()
+        events = receive(connection, "response.done")
+        (call,) = events[-1]["response"]["output"]
+        assert call["type"] == "function_call" and call["name"] == "add"
+        assert json.loads(call["arguments"]) == {"a": 7, "b": 5}
+        arguments = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+        assert arguments["call_id"] == call["call_id"] and arguments["arguments"] == call["arguments"]
+        result = {"type": "function_call_output", "call_id": call["call_id"], "output": "12"}
+        connection.conversation.item.create(item=result)
+        receive(connection, "conversation.item.done")
+        connection.response.create()
+        reply = receive(connection, "response.done")
+    assert next(e for e in reply if e["type"] == "response.output_audio_transcript.done")["transcript"] == "twelve."
+    assert any(e["type"] == "response.output_audio.delta" for e in reply)
 
 
 def test_a_client_that_stops_reading_is_let_go(random_model):
