@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 from openai import OpenAI
 
@@ -21,7 +22,11 @@ ADD_TOOL = {
     "type": "function",
     "name": "add",
     "description": "Add two numbers",
-    "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+    "parameters": {
+        "type": "object",
+        "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+        "required": ["a", "b"],
+    },
 }
 
 
@@ -39,7 +44,7 @@ def tool_model():
     tools offer, the spoken request) with two voices, in about five seconds."""
     import torch
 
-    from voxtune.audio import voices
+    from voxtune.audio import Audio, voices
     from voxtune.audio.voices.piper import PiperBackend
     from voxtune.infer.runtime import Runtime
     from voxtune.infer.tools import render_tool_calls
@@ -51,12 +56,20 @@ def tool_model():
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 7, "b": 5}'}}
     conversations = []
     question = "What is seven plus five?"
-    # Fixed renders (the natural voice varies from one render to the next): the same model every run.
-    for speech in (next(PiperBackend(seed=1).render(question)), voices.synthesize(question, "en", "m3")):
+    # Fixed renders (the natural voice varies from one render to the next): the same model every
+    # run. Several voices and silences around them, so that the call does not hang on one clip.
+    clips = [next(PiperBackend(seed=seed).render(question)) for seed in (1, 2)]
+    clips += [voices.synthesize(question, "en", voice) for voice in ("m3", "f2")]
+    clips += [
+        Audio(np.pad(clip.samples, (int(before * clip.sample_rate), int(after * clip.sample_rate))), clip.sample_rate)
+        for before, after in ((0.3, 0.0), (0.25, 0.5), (0.5, 0.2))
+        for clip in clips
+    ]
+    for index, speech in enumerate(clips):
         user = {"role": "user", "content": [audio_part(encode(speech, "wav"))]}
         first = runtime.prepare_chat([user], "teacher", tools=tools).messages
         conversations.append([*first, {"role": "assistant", "content": render_tool_calls([call])}])
-        for result, words in (("12", "twelve."), ("13", "thirteen.")):
+        for result, words in (("12", "twelve."), ("13", "thirteen.")) if index < 2 else ():
             turns = [user, {"role": "assistant", "content": None, "tool_calls": [call]}]
             turns.append({"role": "tool", "content": result, "tool_call_id": "call_1"})
             later = runtime.prepare_chat(turns, "teacher", tools=tools).messages

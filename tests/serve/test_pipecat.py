@@ -22,6 +22,8 @@ from voxtune.model import tiny
 
 pytest.importorskip("pipecat", reason="pipecat-ai is a test dependency (pip install -e '.[test]')")
 
+from pipecat.adapters.schemas.function_schema import FunctionSchema  # noqa: E402
+from pipecat.adapters.schemas.tools_schema import ToolsSchema  # noqa: E402
 from pipecat.frames.frames import (  # noqa: E402
     ErrorFrame,
     Frame,
@@ -36,7 +38,10 @@ from pipecat.frames.frames import (  # noqa: E402
 )
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker  # noqa: E402
+from pipecat.processors.aggregators.llm_context import LLMContext  # noqa: E402
+from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair  # noqa: E402
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
+from pipecat.services.llm_service import FunctionCallParams  # noqa: E402
 from pipecat.services.openai.realtime import events  # noqa: E402
 from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService  # noqa: E402
 from pipecat.services.openai.stt import OpenAIRealtimeSTTService  # noqa: E402
@@ -70,13 +75,19 @@ def turn(text: str, after: float = 1.0) -> Audio:
     )
 
 
-async def run_agent(service, audio: list[Audio], until, timeout: float = 60.0) -> tuple[Recorder, Recorder]:
-    """Run [recorder, service, recorder], stream `audio` in 20 ms frames at real-time pace,
-    then wait until `until(upstream, downstream)` holds; the two recorders (frames going up, which
-    is where pipecat sends user transcripts, and frames coming down)."""
+async def run_agent(
+    service, audio: list[Audio], until, context: LLMContextAggregatorPair | None = None, timeout: float = 20.0
+) -> tuple[Recorder, Recorder]:
+    """Run [recorder, service, recorder] (with `context`'s aggregators around them), stream
+    `audio` in 20 ms frames at real-time pace, then wait until `until(upstream, downstream)`
+    holds; the two recorders (frames going up, which is where pipecat sends user transcripts,
+    and frames coming down)."""
     upstream, downstream = Recorder(), Recorder()
     params = PipelineParams(audio_in_sample_rate=RATE)
-    worker = PipelineWorker(Pipeline([upstream, service, downstream]), params=params)
+    processors = [upstream, service, downstream]
+    if context is not None:
+        processors = [context.user(), *processors, context.assistant()]
+    worker = PipelineWorker(Pipeline(processors), params=params)
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
     running = asyncio.create_task(runner.run())
@@ -94,7 +105,9 @@ async def run_agent(service, audio: list[Audio], until, timeout: float = 60.0) -
                 await asyncio.sleep(max(0.0, start + sent * FRAME / RATE - time.monotonic()))
         deadline = time.monotonic() + timeout
         while not until(upstream, downstream):
-            assert time.monotonic() < deadline, [type(f).__name__ for _, f in downstream.frames][-30:]
+            assert time.monotonic() < deadline, [
+                type(f).__name__ for _, f in downstream.frames if not isinstance(f, InputAudioRawFrame)
+            ][-40:]
             await asyncio.sleep(0.05)
     finally:
         await worker.cancel()
@@ -169,6 +182,41 @@ def test_a_pipecat_agent_is_interrupted_by_a_new_turn():
     interrupted = [i for i, kind in enumerate(kinds) if kind is ProposedUserStartedSpeakingFrame][1]
     assert kinds.index(LLMFullResponseStartFrame) < interrupted < second_start
     assert replies[0].status == "incomplete"  # the first reply was cut short (cancelled by the turn)
+
+
+def test_a_pipecat_agent_calls_a_tool_and_answers_after_its_result(tool_model):
+    """A model taught to call `add` (see tests/serve/conftest.py): pipecat runs the function the
+    server's call names and sends its result back through its context aggregators, and the
+    model answers again. (Pipecat also replays its context as a user message at that point, so
+    the answer's words are not the taught ones: those are checked with the official client.)"""
+    add = FunctionSchema(
+        name="add",
+        description="Add two numbers",
+        properties={"a": {"type": "number"}, "b": {"type": "number"}},
+        required=["a", "b"],
+    )
+    tools = ToolsSchema(standard_tools=[add])
+    calls = []
+
+    async def run_add(params: FunctionCallParams) -> None:
+        calls.append(dict(params.arguments))
+        await params.result_callback(params.arguments["a"] + params.arguments["b"])
+
+    with serving(tool_model) as (url, _):
+        service = realtime_service(url, tools=tools)
+        service.register_function("add", run_add)
+        upstream, downstream = asyncio.run(
+            run_agent(
+                service,
+                [turn("What is seven plus five?")],
+                lambda up, down: len(down.of(TTSAudioRawFrame)) > 0,  # the answer after the result
+                context=LLMContextAggregatorPair(LLMContext(tools=tools)),
+            )
+        )
+    assert not downstream.of(ErrorFrame) and not upstream.of(ErrorFrame)
+    assert calls == [{"a": 7, "b": 5}]  # the server's function call, run by pipecat
+    assert len(downstream.of(LLMFullResponseStartFrame)) == 2  # the call, then the answer
+    assert "".join(frame.text for frame in downstream.of(TTSTextFrame)).strip()
 
 
 def test_pipecat_realtime_stt_transcribes_each_turn(builtin_model):

@@ -466,6 +466,10 @@ def test_a_spoken_turn_calls_a_tool_and_the_reply_reads_its_result(tool_model, q
         assert json.loads(call["arguments"]) == {"a": 7, "b": 5}
         arguments = next(e for e in events if e["type"] == "response.function_call_arguments.done")
         assert arguments["call_id"] == call["call_id"] and arguments["arguments"] == call["arguments"]
+        # The call joins the conversation as OpenAI announces it; no message item was opened for it.
+        added = [e["item"] for e in events if e["type"] == "conversation.item.added"]
+        assert [item["type"] for item in added] == ["function_call"] and added[0]["call_id"] == call["call_id"]
+        assert "response.content_part.added" not in [e["type"] for e in events]
         result = {"type": "function_call_output", "call_id": call["call_id"], "output": "12"}
         connection.conversation.item.create(item=result)
         receive(connection, "conversation.item.done")

@@ -82,12 +82,21 @@ class Response:
         ids = {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
         previous = session.items[-1]["id"] if session.items else None
         history = list(session.items)
-        if not self.out_of_band:
-            session.items.append(item)
-        await send("response.output_item.added", response_id=self.id, output_index=0, item=item)
-        await send("conversation.item.added", item=item, previous_item_id=previous)
-        part = {"type": "audio", "transcript": ""} if audio else {"type": "text", "text": ""}
-        await send("response.content_part.added", part=part, **ids)
+
+        async def open_message() -> None:
+            """Announce the reply's message item (and its content part)."""
+            if not self.out_of_band:
+                session.items.append(item)
+            await send("response.output_item.added", response_id=self.id, output_index=0, item=item)
+            await send("conversation.item.added", item=item, previous_item_id=previous)
+            part = {"type": "audio", "transcript": ""} if audio else {"type": "text", "text": ""}
+            await send("response.content_part.added", part=part, **ids)
+
+        # With tools offered, the reply is a message or function calls, known only when it is
+        # whole: its message item is announced then, if it is one.
+        opened = not any(t.get("type") == "function" for t in self.tools or [])
+        if opened:
+            await open_message()
         text, completion, status, reason = "", None, "completed", None
         failure: dict | None = None
         try:
@@ -131,8 +140,11 @@ class Response:
                 final, calls = parse_tool_calls(completion.text) if tools else (completion.text, [])
                 clean = strip_tags(final)
                 if calls:
-                    await self._calls(calls, session, item, previous)
+                    await self._calls(calls, session, previous)
                     return
+                if not opened:
+                    await open_message()
+                    opened = True
                 if len(clean) > len(said) and clean.startswith(said):
                     delta = clean[len(said) :]
                     await send(
@@ -156,6 +168,8 @@ class Response:
             await session.error(str(error))
         finally:  # a reply ended early (cancelled, failed, its session gone) stops decoding at once
             self.stop_model()  # the voice questions: done already when the reply was spoken; else unwanted
+        if not opened:  # cancelled or failed before the reply was known
+            await open_message()
         content = (
             {"type": "output_audio", "transcript": strip_tags(text)}
             if audio
@@ -293,11 +307,9 @@ class Response:
         audio, _ = await asyncio.to_thread(render_reply, sentence, language, self.voice, style)
         return audio
 
-    async def _calls(self, calls: list[dict], session: Session, item: dict, previous: str | None) -> None:
+    async def _calls(self, calls: list[dict], session: Session, previous: str | None) -> None:
         """A reply that calls tools: function_call items instead of the message."""
         send = session.send
-        if not self.out_of_band:
-            session.items.remove(item)
         output = []
         for index, call in enumerate(calls):
             function = call["function"]
@@ -314,6 +326,7 @@ class Response:
                 session.items.append(call_item)
             common = {"response_id": self.id, "item_id": call_item["id"], "output_index": index, "call_id": call["id"]}
             await send("response.output_item.added", response_id=self.id, output_index=index, item=call_item)
+            await send("conversation.item.added", item=call_item, previous_item_id=previous)
             await send("response.function_call_arguments.delta", delta=function["arguments"], **common)
             await send(
                 "response.function_call_arguments.done",
@@ -324,6 +337,7 @@ class Response:
             await send("response.output_item.done", response_id=self.id, output_index=index, item=call_item)
             await send("conversation.item.done", item=call_item, previous_item_id=previous)
             output.append(call_item)
+            previous = call_item["id"]
         await send("response.done", response=self._response("completed", output))
 
 
