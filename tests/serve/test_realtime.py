@@ -137,6 +137,11 @@ def test_a_push_to_talk_turn_gets_the_spoken_reply_http_chat_gives(builtin_model
     assert len(spoken) > 2 * 24000 * 0.3  # at least 0.3 s of 24 kHz pcm16
     done = events[-1]["response"]
     assert done["status"] == "completed" and done["usage"]["input_token_details"]["audio_tokens"] > 0
+    # The context's room, after response.created: the prompt's tokens are what is used of it.
+    (limits,) = next(e for e in events if e["type"] == "rate_limits.updated")["rate_limits"]
+    assert limits["name"] == "tokens" and limits["limit"] == 2048
+    assert limits["limit"] - limits["remaining"] == done["usage"]["input_tokens"]
+    assert kinds.index("response.created") < kinds.index("rate_limits.updated") < kinds.index("response.done")
 
 
 def test_server_vad_finds_the_turn_and_answers_it(builtin_model, question):

@@ -48,6 +48,7 @@ class Response:
         self.heard: list[str] | None = []
         self.function_tools: list[dict] = []
         self.stored: list[dict] = []  # the user clips read, as the audio store keeps them
+        self.rate_limits: list[dict] = []
         self.backlog: list[tuple[str, Any]] = []  # the model's events read before `run`
         self.ahead: tuple[str, Audio] | None = None  # the first sentence, spoken before `run`
         self.voice_choice: tuple[str, str] | None = None
@@ -104,6 +105,8 @@ class Response:
                 self.start_model(history)
             assert self.model is not None
             await self.model
+            if self.rate_limits:
+                await send("rate_limits.updated", rate_limits=self.rate_limits)
             pending, asks, tools = self.pending, self.asks, self.function_tools
             assert pending is not None
             said, spoken = "", 0
@@ -238,7 +241,19 @@ class Response:
             {"item_id": item_id, "id": clip.id, "expires_at": clip.expires_at}
             for item_id, clip in zip(audio_items, prepared.clips, strict=True)
         ]
-        room = session.runtime.reply_room(prepared.example) or session.max_tokens
+        room = session.runtime.reply_room(prepared.example)
+        # `rate_limits.updated`: voxtune has no per-minute quotas; its limit on tokens is the
+        # model's context, of which this conversation leaves `room` for replies.
+        if room is not None:
+            self.rate_limits = [
+                {
+                    "name": "tokens",
+                    "limit": len(prepared.example.input_ids) + room,
+                    "remaining": room,
+                    "reset_seconds": 0,
+                }
+            ]
+        room = room or session.max_tokens
         limit = session.max_tokens if self.limit in (None, "inf") else min(int(self.limit), session.max_tokens)
         params = SamplingParams(max_new_tokens=max(1, min(limit, room)))
         self.pending = Pending(session.runtime.engine, prepared.example, params, session.drain)
