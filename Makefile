@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
+# Test processes (pytest-xdist): the suite's files are shared out between them, a file's tests
+# staying together so that its module fixtures are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: install test run clean browser
 
@@ -18,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The playground's browser test drives Debian's chromium: installed here when running as root
 # (as CI does); elsewhere that test skips and says why.

@@ -364,7 +364,8 @@ def test_a_hundred_sessions_at_once_are_served_or_refused_and_leave_nothing_behi
         return int(re.search(r"^VmRSS:\s+(\d+)", open("/proc/self/status").read(), re.M).group(1)) / 1024
 
     def sessions(url: str) -> int:
-        return int(re.search(r"^voxtune_realtime_sessions (\d+)$", httpx2.get(url + "/metrics").text, re.M).group(1))
+        body = httpx2.get(url + "/metrics").text
+        return int(float(re.search(r"^voxtune_realtime_sessions (\S+)$", body, re.M).group(1)))
 
     def a_hundred(address: str, url: str) -> list[str]:
         first: list[str] = []

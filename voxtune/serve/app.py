@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import html
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.websockets import WebSocket
 
 import voxtune
@@ -27,6 +26,7 @@ from voxtune.serve.errors import (
     unexpected_error_handler,
 )
 from voxtune.serve.gate import Gate, GateStats
+from voxtune.serve.metrics import CONTENT_TYPE, ServerMetrics
 from voxtune.serve.openapi import install_openapi
 from voxtune.serve.realtime import Sessions, serve_realtime
 from voxtune.serve.realtime.session import EarlyReplies
@@ -147,54 +147,11 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
             write_timeout=limits.write_timeout_seconds,
         )
 
+    metrics = ServerMetrics(runtime, gate, sessions)
+
     @app.get("/metrics")
-    async def metrics() -> Response:
-        stats, engine = runtime.store.stats, runtime.engine
-        lines = [
-            "# HELP voxtune_audio_clips_encoded_total User clips run through the audio encoder.",
-            "# TYPE voxtune_audio_clips_encoded_total counter",
-            f"voxtune_audio_clips_encoded_total {stats.clips_encoded}",
-            "# HELP voxtune_audio_clips_reused_total User clips taken from the audio store instead of encoded again.",
-            "# TYPE voxtune_audio_clips_reused_total counter",
-            f"voxtune_audio_clips_reused_total {stats.clips_reused}",
-            "# TYPE voxtune_audio_store_entries gauge",
-            f"voxtune_audio_store_entries {stats.entries}",
-            "# TYPE voxtune_audio_store_bytes gauge",
-            f"voxtune_audio_store_bytes {stats.bytes}",
-            "# TYPE voxtune_audio_store_evicted_total counter",
-            f"voxtune_audio_store_evicted_total {stats.evicted}",
-            "# TYPE voxtune_audio_store_expired_total counter",
-            f"voxtune_audio_store_expired_total {stats.expired}",
-            "# HELP voxtune_engine_active Conversations being decoded now.",
-            "# TYPE voxtune_engine_active gauge",
-            f"voxtune_engine_active {engine.active}",
-            "# HELP voxtune_engine_peak_batch Most conversations decoded in one step.",
-            "# TYPE voxtune_engine_peak_batch gauge",
-            f"voxtune_engine_peak_batch {engine.peak_batch}",
-            "# TYPE voxtune_engine_steps_total counter",
-            f"voxtune_engine_steps_total {engine.steps}",
-            "# HELP voxtune_realtime_sessions Realtime WebSocket sessions open now.",
-            "# TYPE voxtune_realtime_sessions gauge",
-            f"voxtune_realtime_sessions {sessions.active}",
-            "# HELP voxtune_realtime_early_replies_total Replies started while a turn's ending silence ran: "
-            "used (the turn ended there) or dropped (the user spoke on).",
-            "# TYPE voxtune_realtime_early_replies_total counter",
-            *(
-                f'voxtune_realtime_early_replies_total{{outcome="{outcome}"}} {count}'
-                for outcome, count in asdict(sessions.early_replies or EarlyReplies()).items()
-            ),
-            "# TYPE voxtune_requests_in_flight gauge",
-            f"voxtune_requests_in_flight {gate.in_flight}",
-            "# HELP voxtune_requests_rejected_total Requests turned away at the concurrency limit (429).",
-            "# TYPE voxtune_requests_rejected_total counter",
-            f"voxtune_requests_rejected_total {gate.rejected}",
-            "# TYPE voxtune_requests_total counter",
-            *(
-                f'voxtune_requests_total{{path="{path}",status="{status}"}} {count}'
-                for (path, status), count in sorted(gate.responses.items())
-            ),
-        ]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    async def scrape() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.state.runtime = runtime
     return app
