@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from voxtune.data.example import SpeechExample
+from voxtune.eval.tasks import Question, _figures
 from voxtune.metrics import error_rates, normalise, speech_text
-from voxtune.train.evaluation import Question, _figures
 
 
 def test_case_punctuation_and_tags_do_not_count_as_errors():

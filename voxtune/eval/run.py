@@ -22,10 +22,10 @@ from voxtune.data.augment import add_noise, colored_noise, telephone
 from voxtune.data.example import SpeechExample
 from voxtune.data.manifest import read_manifest
 from voxtune.eval.suite import Suite, rendered_fingerprint
+from voxtune.eval.tasks import Question, answer, questions, segment_boundary_error
 from voxtune.metrics import error_rates, normalise
 from voxtune.model import prompts
 from voxtune.tags import tag_values
-from voxtune.train.evaluation import Question, answer, questions, segment_boundary_error
 
 if TYPE_CHECKING:
     from voxtune.model import SpeechLM

@@ -43,6 +43,7 @@ from voxtune.data.dataset import LengthBucketSampler, SpeechDataset, collator
 from voxtune.data.example import SpeechExample
 from voxtune.data.manifest import ReadResult
 from voxtune.data.sources import read_source
+from voxtune.eval.tasks import evaluate_tasks
 from voxtune.files import WriteError, atomic_directory, reported_writes, write_atomic
 from voxtune.model import SpeechLM
 from voxtune.model.packed_attention import use_packed_attention
@@ -50,7 +51,6 @@ from voxtune.model.processor import Example
 from voxtune.train import distributed
 from voxtune.train.ctc import alphabet, attach_ctc_head, ctc_loss
 from voxtune.train.distill import Distiller
-from voxtune.train.evaluation import evaluate_tasks
 from voxtune.train.feature_cache import EncoderFeatureCache, encoder_fingerprint, with_cached_audio
 from voxtune.train.losses import chunked_cross_entropy
 from voxtune.train.model_setup import TrainError, build_model, fused_kernels, prepare_trainable, training_text
@@ -556,7 +556,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """On the first `eval.limit` validation examples: the loss, and every evaluated task
         asked with greedy decoding (WER/CER of transcription, `acc_<task>` for each task; see
-        `voxtune.train.evaluation.evaluate_tasks`)."""
+        `voxtune.eval.tasks.evaluate_tasks`)."""
         model, limit = self.model, self.recipe.eval.limit
         was_training = model.training
         model.eval()

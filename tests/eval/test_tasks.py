@@ -16,8 +16,8 @@ from voxtune.audio import load
 from voxtune.data.example import SpeechExample
 from voxtune.data.manifest import read_manifest
 from voxtune.data.tasks import TASKS, TaskError, make_conversation, possible_tasks
+from voxtune.eval.tasks import evaluate_tasks, score_reply, segment_boundary_error
 from voxtune.model import SpeechLM, tiny
-from voxtune.train.evaluation import evaluate_tasks, score_reply, segment_boundary_error
 
 # Five labelled clips; every task is asked of some, none of all. (file, seconds, rate, record)
 CLIPS = [

@@ -1,4 +1,5 @@
-"""The evaluation a training run reports: every task's greedy replies scored against the labels.
+"""Every task's greedy replies scored against the labels: what a training run reports, and
+the scoring `voxtune eval` builds its suites on.
 
     examples = read_manifest("data/valid.jsonl")
     figures = evaluate_tasks(model, examples, ["transcribe", "language", "describe"])
