@@ -1,4 +1,4 @@
-"""voxtune.files.write_atomic: the old file survives a failed write, no temporary file is left."""
+"""voxtune.files: write_atomic (the old file survives a failed write, no temporary file is left) and read_log."""
 
 from __future__ import annotations
 
@@ -62,3 +62,15 @@ def test_a_pipe_is_written_to_not_replaced(tmp_path):
     reader.join(timeout=10)
     assert received == [b"through the pipe"]
     assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_a_log_s_torn_last_line_is_dropped_and_damage_before_it_is_an_error(tmp_path):
+    from voxtune.files import LogError, read_log
+
+    log = tmp_path / "log.jsonl"
+    assert read_log(log) == []
+    log.write_text('{"step": 1}\n{"step": 2}\n{"ste')  # killed mid-line
+    assert read_log(log) == [{"step": 1}, {"step": 2}]
+    log.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(LogError, match="line 2"):
+        read_log(log)

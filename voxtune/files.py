@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import stat
@@ -10,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from voxtune.errors import InputError, shorten
 
@@ -110,3 +112,28 @@ def _umask() -> int:
 def _new_file_mode() -> int:
     """0o666 less the process umask, what open() would give a new file."""
     return 0o666 & ~_umask()
+
+
+class LogError(InputError):
+    """A JSONL log is damaged before its last line."""
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of an append-only JSONL log, one object per line; none if it is missing.
+
+    A last line cut short (the writer killed mid-line) is dropped; a bad line before it is a
+    `LogError`, since something other than a kill damaged the log.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break  # torn by a kill
+            raise LogError(f"{path}: line {number} is not JSON ({error.msg}); the log is damaged") from None
+    return records

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, WhisperConfig
 
+from voxtune.config import Config
 from voxtune.model.builder import build_speech_lm, prepare_tokenizer
 from voxtune.model.registry import family_of
 from voxtune.model.speech_lm import SpeechLM
@@ -23,6 +25,45 @@ Guten Morgen, wie geht es dir? Bonjour, comment allez-vous ? Buenos días, ¿có
 Доброе утро, как дела? 你好，今天天气很好。 नमस्ते, आप कैसे हैं? مرحبا، كيف حالك؟
 one two three four five six seven eight nine ten eleven twelve hundred thousand
 """.strip()
+
+
+class TinyModel(Config):
+    """A small random model built in code: for trying things out and for tests with the
+    defaults, and trained from scratch with bigger settings (recipes/voxtune-tiny-v3)."""
+
+    lm: str = "llama"
+    encoder: Literal["streaming", "whisper"] = "streaming"
+    hidden: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=2)
+    mlp_ratio: float = Field(2.0, gt=0)
+    encoder_dim: int = Field(32, ge=8)
+    encoder_layers: int = Field(2, ge=1)
+    encoder_heads: int = Field(2, ge=1)
+    encoder_left_chunks: int = Field(2, ge=0)  # the streaming encoder's attention past, in 160 ms chunks
+    # Encoder frames stacked into one audio token (default: the encoder kind's, about 12.5
+    # tokens/s; the streaming encoder makes 25 frames/s, so 4 gives 6.25 tokens/s).
+    projector_stack: int | None = Field(None, ge=1)
+    vocab_size: int = Field(400, ge=300)  # of the byte-level BPE (voxtune's tag tokens come on top)
+    # What the BPE learns its merges from: a few built-in sentences, or every text of the
+    # training data (transcripts, answers, instructions), as a model trained from scratch wants.
+    tokenizer_corpus: Literal["builtin", "data"] = "builtin"
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> TinyModel:
+        # Rotary embeddings rotate pairs of channels: every head needs an even width.
+        for width, heads, name in (
+            (self.hidden, self.heads, "hidden/heads"),
+            (self.encoder_dim, self.encoder_heads, "encoder_dim/encoder_heads"),
+        ):
+            if width % heads or (width // heads) % 2:
+                raise ValueError(f"{name}: {width} must split into {heads} heads of an even width")
+        if self.heads % 2:
+            raise ValueError(f"heads must be even (they share heads // 2 key/value heads), got {self.heads}")
+        return self
+
+
+_DEFAULT = TinyModel()
 
 
 def train_tokenizer(model_type: str = "llama", vocab_size: int = 400, corpus: str = _CORPUS) -> PreTrainedTokenizerFast:
@@ -48,7 +89,13 @@ def train_tokenizer(model_type: str = "llama", vocab_size: int = 400, corpus: st
 
 
 def tiny_lm_config(
-    model_type: str, tokenizer: Any, *, hidden: int = 64, layers: int = 2, heads: int = 4, mlp_ratio: float = 2.0
+    model_type: str,
+    tokenizer: Any,
+    *,
+    hidden: int = _DEFAULT.hidden,
+    layers: int = _DEFAULT.layers,
+    heads: int = _DEFAULT.heads,
+    mlp_ratio: float = _DEFAULT.mlp_ratio,
 ) -> Any:
     """A small config of `model_type` sized for `tokenizer`, with its special token ids
     (`heads` query heads sharing half as many key/value heads)."""
@@ -72,7 +119,13 @@ def tiny_lm_config(
 
 
 def tiny_encoder_config(
-    kind: str, *, dim: int = 32, layers: int = 2, heads: int = 2, left_chunks: int = 2, n_mels: int = 80
+    kind: str,
+    *,
+    dim: int = _DEFAULT.encoder_dim,
+    layers: int = _DEFAULT.encoder_layers,
+    heads: int = _DEFAULT.encoder_heads,
+    left_chunks: int = _DEFAULT.encoder_left_chunks,
+    n_mels: int = 80,
 ) -> dict[str, Any]:
     """A small encoder config of `kind` ("streaming" or "whisper"); `left_chunks` is the
     streaming encoder's attention past, in 160 ms chunks."""
@@ -106,38 +159,39 @@ def tiny_encoder_config(
 
 
 def tiny(
-    lm: str = "llama",
-    encoder: str = "streaming",
+    lm: str = _DEFAULT.lm,
+    encoder: str = _DEFAULT.encoder,
     *,
     seed: int = 0,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    mlp_ratio: float = 2.0,
-    encoder_dim: int = 32,
-    encoder_layers: int = 2,
-    encoder_heads: int = 2,
-    encoder_left_chunks: int = 2,
-    projector_stack: int | None = None,
     projector_norm_mid: bool | None = None,
-    vocab_size: int = 400,
     corpus: str = _CORPUS,
     encoder_config: dict[str, Any] | None = None,
+    **sizes: Any,
 ) -> SpeechLM:
-    """A small random `SpeechLM`: an LM of family `lm` (`hidden` wide, `layers` deep, a
-    byte-level BPE of `vocab_size` tokens trained on `corpus`) and an encoder of kind `encoder`
-    (`encoder_dim` wide, `encoder_layers` deep), `projector_stack` of its frames per audio token
-    (default: the encoder kind's, about 12.5 tokens/s), the projector's second norm between its
+    """A small random `SpeechLM`: an LM of family `lm` and an encoder of kind `encoder`, sized
+    by `TinyModel`'s fields (`sizes` override them: hidden, layers, heads, mlp_ratio,
+    encoder_dim, encoder_layers, encoder_heads, encoder_left_chunks, projector_stack,
+    vocab_size), a byte-level BPE trained on `corpus`, the projector's second norm between its
     layers or after them (`projector_norm_mid`; default: between with a Whisper encoder, see
-    `build_speech_lm`). The defaults make a model for tests; bigger
-    settings make one worth training from scratch (recipes/voxtune-tiny-v3). `encoder_config`
-    replaces the encoder's settings whole (e.g. a pretrained Whisper's, whose weights the
-    caller then loads)."""
+    `build_speech_lm`). The defaults make a model for tests; bigger settings make one worth
+    training from scratch (recipes/voxtune-tiny-v3). `encoder_config` replaces the encoder's
+    settings whole (e.g. a pretrained Whisper's, whose weights the caller then loads).
+
+    Raises:
+        pydantic.ValidationError: a size that is not a `TinyModel` field, or out of its range.
+    """
+    settings = TinyModel(lm=lm, encoder=encoder, **sizes)
+    lm, vocab_size = settings.lm, settings.vocab_size
     tokenizer = prepare_tokenizer(train_tokenizer(lm, vocab_size, corpus), lm)  # full vocabulary before the LM is sized
-    lm_config = tiny_lm_config(lm, tokenizer, hidden=hidden, layers=layers, heads=heads, mlp_ratio=mlp_ratio)
+    s = settings
+    lm_config = tiny_lm_config(lm, tokenizer, hidden=s.hidden, layers=s.layers, heads=s.heads, mlp_ratio=s.mlp_ratio)
     if encoder_config is None:
         encoder_config = tiny_encoder_config(
-            encoder, dim=encoder_dim, layers=encoder_layers, heads=encoder_heads, left_chunks=encoder_left_chunks
+            s.encoder,
+            dim=s.encoder_dim,
+            layers=s.encoder_layers,
+            heads=s.encoder_heads,
+            left_chunks=s.encoder_left_chunks,
         )
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(seed)
@@ -145,9 +199,9 @@ def tiny(
         speech_lm = build_speech_lm(
             model,
             tokenizer,
-            encoder_kind=encoder,
+            encoder_kind=s.encoder,
             encoder_config=encoder_config,
-            projector_stack=projector_stack,
+            projector_stack=s.projector_stack,
             projector_norm_mid=projector_norm_mid,
         )
     return speech_lm.eval()

@@ -256,20 +256,25 @@ class SpeechRequest(BaseModel):
     language: str = voices.DEFAULT_LANGUAGE
 
 
+# Words of an instruction that ask for each style besides its name (neutral: none).
+_CUES = {
+    "neutral": (),
+    "happy": ("cheerful", "joyful", "upbeat", "friendly"),
+    "sad": ("somber", "melancholy"),
+    "angry": ("furious", "annoyed"),
+    "calm": ("soothing", "relaxed", "gentle"),
+    "excited": ("enthusiastic", "energetic"),
+    "whisper": ("quiet", "softly"),
+}
+STYLE_CUES = {style: _CUES[style] for style in STYLES if style != "neutral"}  # every style has its cues
+
+
 def style_from_instructions(instructions: str | None) -> str:
     """The speaking style an instruction asks for, by the style names and their common words
     ("speak cheerfully" -> happy); neutral when it names none."""
-    words = {
-        "happy": ("happy", "cheerful", "joyful", "upbeat", "friendly"),
-        "sad": ("sad", "somber", "melancholy"),
-        "angry": ("angry", "furious", "annoyed"),
-        "calm": ("calm", "soothing", "relaxed", "gentle"),
-        "excited": ("excited", "enthusiastic", "energetic"),
-        "whisper": ("whisper", "quiet", "softly"),
-    }
     text = (instructions or "").lower()
-    for style, cues in words.items():
-        if style in STYLES and any(cue in text for cue in cues):
+    for style, cues in STYLE_CUES.items():
+        if any(cue in text for cue in (style, *cues)):
             return style
     return "neutral"
 

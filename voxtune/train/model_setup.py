@@ -41,22 +41,8 @@ def build_model(section: ModelSection, corpus: str | None = None) -> SpeechLM:
             whisper_dir = resolve(section.encoder)
             pretrained = load_whisper_encoder(whisper_dir)
             options["encoder_config"] = json.loads((whisper_dir / "config.json").read_text())
-        model = tiny(
-            t.lm,
-            t.encoder,
-            hidden=t.hidden,
-            layers=t.layers,
-            heads=t.heads,
-            mlp_ratio=t.mlp_ratio,
-            encoder_dim=t.encoder_dim,
-            encoder_layers=t.encoder_layers,
-            encoder_heads=t.encoder_heads,
-            encoder_left_chunks=t.encoder_left_chunks,
-            projector_stack=t.projector_stack,
-            vocab_size=t.vocab_size,
-            projector_norm_mid=section.projector_norm_mid,
-            **options,
-        )
+        sizes = t.model_dump(exclude={"lm", "encoder", "tokenizer_corpus"})
+        model = tiny(t.lm, t.encoder, projector_norm_mid=section.projector_norm_mid, **options, **sizes)
         if pretrained is not None:
             model.encoder.load_state_dict(pretrained.state_dict())
     else:

@@ -11,42 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from voxtune.config import Config
 from voxtune.data.augment import AugmentConfig
-
-
-class TinyModel(Config):
-    """A small random model built in code: for trying things out and for tests with the
-    defaults, and trained from scratch with bigger settings (recipes/voxtune-tiny-v3)."""
-
-    lm: str = "llama"
-    encoder: Literal["streaming", "whisper"] = "streaming"
-    hidden: int = Field(64, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=2)
-    mlp_ratio: float = Field(2.0, gt=0)
-    encoder_dim: int = Field(32, ge=8)
-    encoder_layers: int = Field(2, ge=1)
-    encoder_heads: int = Field(2, ge=1)
-    encoder_left_chunks: int = Field(2, ge=0)  # the streaming encoder's attention past, in 160 ms chunks
-    # Encoder frames stacked into one audio token (default: the encoder kind's, about 12.5
-    # tokens/s; the streaming encoder makes 25 frames/s, so 4 gives 6.25 tokens/s).
-    projector_stack: int | None = Field(None, ge=1)
-    vocab_size: int = Field(400, ge=300)  # of the byte-level BPE (voxtune's tag tokens come on top)
-    # What the BPE learns its merges from: a few built-in sentences, or every text of the
-    # training data (transcripts, answers, instructions), as a model trained from scratch wants.
-    tokenizer_corpus: Literal["builtin", "data"] = "builtin"
-
-    @model_validator(mode="after")
-    def _heads_fit(self) -> TinyModel:
-        # Rotary embeddings rotate pairs of channels: every head needs an even width.
-        for width, heads, name in (
-            (self.hidden, self.heads, "hidden/heads"),
-            (self.encoder_dim, self.encoder_heads, "encoder_dim/encoder_heads"),
-        ):
-            if width % heads or (width // heads) % 2:
-                raise ValueError(f"{name}: {width} must split into {heads} heads of an even width")
-        if self.heads % 2:
-            raise ValueError(f"heads must be even (they share heads // 2 key/value heads), got {self.heads}")
-        return self
+from voxtune.model.tiny import TinyModel
 
 
 class ModelSection(Config):

@@ -44,7 +44,7 @@ from voxtune.data.example import SpeechExample
 from voxtune.data.manifest import ReadResult
 from voxtune.data.sources import read_source
 from voxtune.eval.tasks import evaluate_tasks
-from voxtune.files import WriteError, atomic_directory, reported_writes, write_atomic
+from voxtune.files import WriteError, atomic_directory, read_log, reported_writes, write_atomic
 from voxtune.model import SpeechLM
 from voxtune.model.packed_attention import use_packed_attention
 from voxtune.model.processor import Example
@@ -651,17 +651,9 @@ class Trainer:
         purges every earlier event and starts with the kept records again (the kill may have
         caught TensorBoard's background writer with events still queued)."""
         log = self.out / LOG_FILE
-        kept: list[str] = []
+        self._replay = [record for record in read_log(log) if record.get("step", 0) <= step]
         if log.exists():
-            for line in log.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the last line, cut short by the kill
-                if record.get("step", 0) <= step:
-                    kept.append(line)
-            write_atomic(log, "".join(line + "\n" for line in kept).encode())
-        self._replay = [json.loads(line) for line in kept]
+            write_atomic(log, "".join(json.dumps(record) + "\n" for record in self._replay).encode())
         for staging in (self.out / CHECKPOINTS).glob(".step-*"):  # atomic_directory's staging folders
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -727,7 +719,7 @@ class Trainer:
             from voxtune.data.synth import SynthRecipe
 
             data_recipe = load_config(SynthRecipe, self.recipe.data.synth).model_dump(mode="json")
-        evaluations = [r for r in _read_log(self.out / LOG_FILE) if "eval_loss" in r]
+        evaluations = [r for r in read_log(self.out / LOG_FILE) if "eval_loss" in r]
         # A model trained on from another (model.load, model.init_encoder) carries that one's
         # record along, so the exported folder tells the whole chain.
         base = self.recipe.model.load or self.recipe.model.init_encoder
@@ -775,17 +767,6 @@ def _read(source: str | DatasetSource) -> ReadResult:
         text_column=source.text_column,
         columns=source.columns or None,
     )
-
-
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL log (none if it is missing; a torn line is skipped)."""
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def _machine() -> str:

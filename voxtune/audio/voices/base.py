@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from voxtune import tags
 from voxtune.audio.audio import Audio
 from voxtune.errors import InputError
 
@@ -66,7 +67,7 @@ class Style:
 
 # Chosen so that a listener hears each one: happy/excited are higher, wider and faster;
 # sad/calm lower, flatter and slower; angry louder and clipped; whisper breathy and soft.
-STYLES: dict[str, Style] = {
+_SOUND = {
     "neutral": Style(),
     "happy": Style(pitch=70, pitch_range=85, rate=195, volume=115),
     "sad": Style(pitch=28, pitch_range=15, rate=135, volume=75, pause=30),
@@ -75,6 +76,8 @@ STYLES: dict[str, Style] = {
     "excited": Style(pitch=80, pitch_range=100, rate=220, volume=135),
     "whisper": Style(pitch=45, pitch_range=40, rate=160, volume=90, whisper=True),
 }
+# The styles are voxtune's one list (`voxtune.tags.STYLES`); a style with no sound fails here.
+STYLES: dict[str, Style] = {name: _SOUND[name] for name in tags.STYLES}
 
 
 @dataclass(frozen=True)
