@@ -99,3 +99,21 @@ def test_the_commands_use_it_when_no_model_is_named(tmp_path, model):
     assert f"spoke the reply ({expected.language}, {expected.style})" in spoken.stderr
     # The natural English voice samples its timing afresh each time: within a few percent.
     assert load(tmp_path / "reply.mp3").duration == pytest.approx(expected.audio.duration, rel=0.1, abs=0.1)
+
+
+def test_a_streamed_chat_speaks_each_sentence_as_it_comes(tmp_path, model, capsys):
+    """`voxtune chat --stream --speak`: the text as it streams, and the same spoken reply
+    (language, style, words) as the whole reply spoken at the end. In-process: the command's
+    own process is tested above."""
+    from voxtune.cli import main
+    from voxtune.infer import speak_reply
+
+    speech = voices.synthesize("What is seven plus five?", "en", "m7")
+    (tmp_path / "q.wav").write_bytes(voxtune.audio.encode(speech, "wav"))
+    assert main(["chat", "--audio", str(tmp_path / "q.wav"), "--stream", "--speak", str(tmp_path / "r.wav")]) == 0
+    out, err = capsys.readouterr()
+    messages = prompts.answer_messages(tmp_path / "q.wav")
+    assert out == model.generate(messages, max_new_tokens=256) + "\n"
+    expected = speak_reply(model, messages, max_new_tokens=256, temperature=0)
+    assert f"spoke the reply ({expected.language}, {expected.style})" in err
+    assert load(tmp_path / "r.wav").duration == pytest.approx(expected.audio.duration, rel=0.25, abs=0.15)

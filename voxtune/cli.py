@@ -263,20 +263,30 @@ def _chat(args: argparse.Namespace) -> int:
     model = _load_model(args)
     if model.knows_task_tags:  # clips alone are a spoken request: ask for their answer
         messages = ask_spoken_requests(messages)
+    from voxtune.infer import ReplySpeaker, SpokenText, speak_reply
+
+    voice = args.voice or voices.DEFAULT_VOICE
     if args.stream:
-        pieces = []
+        # With --speak, each finished sentence is spoken while the next ones are written.
+        speech, speaker = SpokenText(), ReplySpeaker(model, messages, voice)
         for piece in model.stream(messages, **_sampling(args)):
-            pieces.append(piece)
             print(piece, end="", flush=True)
+            _, ready = speech.feed(piece)
+            if ready and args.speak is not None:
+                speaker.say(ready, speech.raw)
         print()
-        reply = "".join(pieces)
+        reply = speech.raw
+        if args.speak is not None:
+            _, rest = speech.finish(reply)
+            if rest:
+                speaker.say(rest, reply)
+            spoken = speaker.reply(speech.said)
     else:
         reply = model.generate(messages, **_sampling(args))
         print(reply)
+        if args.speak is not None:
+            spoken = speak_reply(model, messages, reply, voice=voice)
     if args.speak is not None:
-        from voxtune.infer import speak_reply
-
-        spoken = speak_reply(model, messages, reply, voice=args.voice or voices.DEFAULT_VOICE)
         if spoken.audio is None:
             raise InputError("the reply has no words to speak")
         write_atomic(args.speak, encode(spoken.audio, fmt))

@@ -96,3 +96,38 @@ def test_other_architectures_get_no_task_tags(tmp_path):
         runtime.close()
     spoken = speak_reply(model, [{"role": "user", "content": [{"type": "audio", "audio": clip}]}], "Hello there.")
     assert (spoken.language, spoken.style) == ("en", "neutral") and spoken.audio is not None
+
+
+def test_a_streamed_reply_is_spoken_sentence_by_sentence_with_its_transcript():
+    from voxtune.infer.spoken_reply import SpokenText
+
+    speech = SpokenText()
+    steps = [speech.feed(piece) for piece in ("<|la", "ng:en|>Hello", " there. How", " are you? Fi", "ne")]
+    deltas = [delta for delta, _ in steps]
+    assert "".join(deltas) == "Hello there. How are you? Fine"
+    assert deltas[0] == ""  # a tag still being written is not text
+    assert [ready for _, ready in steps if ready] == ["Hello there.", "How are you?"]
+    # The whole reply may end otherwise than the pieces (a stop string cut, a tool call taken out).
+    assert speech.finish("<|lang:en|>Hello there. How are you? Fine, thanks.") == (", thanks.", "Fine, thanks.")
+    assert speech.finish("<|lang:en|>Hello there. How are you? Fine, thanks.") == ("", "")
+
+
+def test_a_reply_spoken_as_it_streams_is_the_reply_spoken_whole(question):
+    """The same language and style, and every sentence, as `speak_reply` gives for the whole text."""
+    from voxtune.infer.spoken_reply import ReplySpeaker, SpokenText
+
+    model = Scripted("fr", "happy", "")
+    reply = "Bonjour. Comment allez-vous ? Très bien."
+    speaker, speech = ReplySpeaker(model, question), SpokenText()
+    for piece in ("Bonjour.", " Comment allez-vous ?", " Très bien."):
+        _, ready = speech.feed(piece)
+        if ready:
+            speaker.say(ready, speech.raw)
+    _, rest = speech.finish(reply)
+    speaker.say(rest, reply)
+    streamed, whole = speaker.reply(speech.said), speak_reply(model, question, reply)
+    assert (streamed.text, streamed.language, streamed.style) == (whole.text, whole.language, whole.style)
+    assert streamed.text == reply and streamed.language == "fr" and streamed.style == "happy"
+    assert len(speaker.pieces) == 3
+    # Three renders instead of one: each piece samples its own timing, so durations are close, not equal.
+    assert streamed.audio.duration == pytest.approx(whole.audio.duration, rel=0.25)

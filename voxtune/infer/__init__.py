@@ -3,7 +3,16 @@
 from voxtune.infer.audio_store import AudioNotFoundError, AudioStore, StoredAudio
 from voxtune.infer.engine import Completion, Engine, Generation
 from voxtune.infer.runtime import Runtime, Transcript
-from voxtune.infer.spoken_reply import REPLY_STYLE, SpokenReply, choose_voice, render_reply, reply_voice, speak_reply
+from voxtune.infer.spoken_reply import (
+    REPLY_STYLE,
+    ReplySpeaker,
+    SpokenReply,
+    SpokenText,
+    choose_voice,
+    render_reply,
+    reply_voice,
+    speak_reply,
+)
 
 __all__ = [
     "REPLY_STYLE",
@@ -12,8 +21,10 @@ __all__ = [
     "Completion",
     "Engine",
     "Generation",
+    "ReplySpeaker",
     "Runtime",
     "SpokenReply",
+    "SpokenText",
     "StoredAudio",
     "Transcript",
     "choose_voice",

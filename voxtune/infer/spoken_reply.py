@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from voxtune.audio import Audio, voices
 from voxtune.audio.voices import split_sentences
 from voxtune.audio.voices.base import DEFAULT_LANGUAGE
@@ -118,3 +120,73 @@ def ready_to_speak(text: str) -> int:
         return text.rfind(sentences[-1])  # everything before the unfinished last sentence
     comma = text.rfind(", ")
     return comma + 1 if len(text) >= CLAUSE_CHARS and comma > 0 else 0
+
+
+class SpokenText:
+    """A reply spoken while it streams: feed it the model's raw text piece by piece; each call
+    says what is new in the transcript (tags removed) and what can be spoken now (finished
+    sentences, or the clauses of a long one), so that speech follows the text sentence by
+    sentence. `finish` takes the whole reply and gives what is left."""
+
+    def __init__(self) -> None:
+        self.raw = ""  # the model's text so far, tags included
+        self.said = ""  # its transcript so far
+        self.spoken = 0  # characters of `said` already handed out to speak
+
+    def feed(self, piece: str) -> tuple[str, str]:
+        """Add `piece` of the raw reply: (transcript delta, text to speak now), either may be ''."""
+        self.raw += piece
+        delta = self._catch_up(self.raw)
+        ready = ready_to_speak(self.said[self.spoken :])
+        speak = self.said[self.spoken : self.spoken + ready].strip()
+        self.spoken += ready
+        return delta, speak
+
+    def finish(self, reply: str) -> tuple[str, str]:
+        """The whole raw `reply` (it may differ from the pieces, e.g. without a tool call):
+        (the transcript's last delta, the rest to speak)."""
+        delta = self._catch_up(reply)
+        rest = self.said[self.spoken :].strip()
+        self.spoken = len(self.said)
+        return delta, rest
+
+    def _catch_up(self, raw: str) -> str:
+        # A tag being written (`<|lang:` before its `|>`) would look like text: it waits.
+        opened = raw.rfind("<|")
+        if opened > raw.rfind("|>"):
+            raw = raw[:opened]
+        clean = strip_tags(raw)
+        if len(clean) > len(self.said) and clean.startswith(self.said):
+            delta, self.said = clean[len(self.said) :], clean
+            return delta
+        return ""
+
+
+class ReplySpeaker:
+    """Speaks a reply to `messages` piece by piece as it streams (with `SpokenText`), in one
+    language and style, chosen at the first piece as `speak_reply` chooses them; `reply()` is
+    the whole of it as `speak_reply` gives it."""
+
+    def __init__(self, model: SpeechLM, messages: Sequence[dict], voice: str = voices.DEFAULT_VOICE) -> None:
+        self.model, self.messages, self.voice = model, messages, voice
+        self.choice: tuple[str, str] | None = None
+        self.pieces: list[Audio] = []
+
+    def say(self, text: str, reply_so_far: str) -> Audio:
+        """`text` (a finished piece of the reply whose raw text so far is `reply_so_far`) spoken."""
+        if self.choice is None:
+            self.choice = reply_voice(self.model, self.messages, reply_so_far)
+        language, style = self.choice
+        audio, language = render_reply(text, language, self.voice, style)
+        self.choice = (language, style)  # a fallback to English holds for the rest
+        self.pieces.append(audio)
+        return audio
+
+    def reply(self, text: str) -> SpokenReply:
+        """The spoken reply whose transcript is `text`: every piece said, end to end."""
+        language, style = self.choice or (DEFAULT_LANGUAGE, "neutral")
+        if not self.pieces:
+            return SpokenReply(text, language, style, None)
+        rate = self.pieces[0].sample_rate
+        samples = np.concatenate([piece.resample(rate).samples for piece in self.pieces])
+        return SpokenReply(text, language, style, Audio(samples, rate))

@@ -27,7 +27,7 @@ from voxtune.errors import InputError
 from voxtune.infer.audio_store import new_audio_id
 from voxtune.infer.engine import Completion
 from voxtune.infer.runtime import PreparedChat, Runtime
-from voxtune.infer.spoken_reply import choose_voice, ready_to_speak, render_reply
+from voxtune.infer.spoken_reply import SpokenText, choose_voice, render_reply
 from voxtune.infer.tools import parse_tool_calls
 from voxtune.model.generation import SamplingParams
 from voxtune.serve.bridge import ClientGone, Pending, ShuttingDown, cancel_all
@@ -319,8 +319,7 @@ class _Reply:
             {"role": "assistant", "content": "" if audio_id is None else None}, input_audio=self._input_audio()
         )
         heard: list[str] | None = None
-        said = ""  # tag-free text received so far
-        spoken = 0  # characters of `said` already rendered
+        speech = SpokenText()
         tools = bool(self.body.tools)
         pieces: list[str] = []
         while True:
@@ -334,19 +333,14 @@ class _Reply:
                 if audio_id is None:
                     yield self._chunk({"content": value})
                     continue
-                clean = strip_tags("".join(pieces))
-                if clean.startswith(said) and len(clean) > len(said):
-                    yield self._chunk({"audio": {"id": audio_id, "transcript": clean[len(said) :]}})
-                    said = clean
-                ready = ready_to_speak(said[spoken:])
+                delta, ready = speech.feed(value)
+                if delta:
+                    yield self._chunk({"audio": {"id": audio_id, "transcript": delta}})
                 if ready:
                     if heard is None:
                         heard = await _heard(asks)
-                    async for chunk in self._audio_chunks(
-                        said[spoken : spoken + ready].strip(), "".join(pieces), heard, audio_id
-                    ):
+                    async for chunk in self._audio_chunks(ready, speech.raw, heard, audio_id):
                         yield chunk
-                    spoken += ready
                 continue
             completion: Completion = value
             break
@@ -356,10 +350,9 @@ class _Reply:
         if calls:
             yield self._chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
         if audio_id is not None:
-            clean = strip_tags(text)
-            if clean.startswith(said) and len(clean) > len(said):
-                yield self._chunk({"audio": {"id": audio_id, "transcript": clean[len(said) :]}})
-            rest = clean[spoken:].strip()
+            delta, rest = speech.finish(text)
+            if delta:
+                yield self._chunk({"audio": {"id": audio_id, "transcript": delta}})
             if rest:
                 if heard is None:
                     heard = await _heard(asks)

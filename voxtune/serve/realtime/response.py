@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from voxtune.audio import Audio
 from voxtune.errors import InputError
-from voxtune.infer.spoken_reply import choose_voice, ready_to_speak, render_reply
+from voxtune.infer.spoken_reply import SpokenText, choose_voice, render_reply
 from voxtune.infer.tools import parse_tool_calls
 from voxtune.model.generation import SamplingParams
 from voxtune.serve.bridge import Pending, ShuttingDown, cancel_all
@@ -109,7 +109,8 @@ class Response:
                 await send("rate_limits.updated", rate_limits=self.rate_limits)
             pending, asks, tools = self.pending, self.asks, self.function_tools
             assert pending is not None
-            said, spoken = "", 0
+            speech = SpokenText()
+            delta_event = "response.output_audio_transcript.delta" if audio else "response.output_text.delta"
             while True:
                 if session.response_cancelled:
                     pending.cancel()
@@ -126,38 +127,24 @@ class Response:
                 text += value
                 if tools:
                     continue  # a tool call is only known whole
-                clean = strip_tags(text)
-                if len(clean) > len(said) and clean.startswith(said):
-                    delta = clean[len(said) :]
-                    said = clean
-                    if audio:
-                        await send("response.output_audio_transcript.delta", delta=delta, **ids)
-                    else:
-                        await send("response.output_text.delta", delta=delta, **ids)
-                if audio:
-                    ready = ready_to_speak(said[spoken:])
-                    if ready:
-                        await self._speak(said[spoken : spoken + ready].strip(), text, item, ids)
-                        spoken += ready
+                delta, ready = speech.feed(value)
+                if delta:
+                    await send(delta_event, delta=delta, **ids)
+                if audio and ready:
+                    await self._speak(ready, text, item, ids)
             if completion is not None:
                 final, calls = parse_tool_calls(completion.text) if tools else (completion.text, [])
-                clean = strip_tags(final)
                 if calls:
                     await self._calls(calls, session, previous)
                     return
                 if not opened:
                     await open_message()
                     opened = True
-                if len(clean) > len(said) and clean.startswith(said):
-                    delta = clean[len(said) :]
-                    await send(
-                        "response.output_audio_transcript.delta" if audio else "response.output_text.delta",
-                        delta=delta,
-                        **ids,
-                    )
-                    said = clean
-                if audio and said[spoken:].strip() and not session.response_cancelled:
-                    await self._speak(said[spoken:].strip(), final, item, ids)
+                delta, rest = speech.finish(final)
+                if delta:
+                    await send(delta_event, delta=delta, **ids)
+                if audio and rest and not session.response_cancelled:
+                    await self._speak(rest, final, item, ids)
                 if session.response_cancelled:  # while the reply was being spoken
                     status, reason = "cancelled", session.response_cancelled
                 elif completion.finish_reason == "length":
@@ -270,18 +257,15 @@ class Response:
         """Decode up to the reply's first speakable piece and render it, as `run` will ask for
         it; the events read meanwhile wait in `backlog` for `run`."""
         assert self.pending is not None
-        text = ""
+        speech = SpokenText()
         while True:
             kind, value = await self.pending.next(poll=0.05)
             self.backlog.append((kind, value))
             if kind in ("done", "error"):
                 return
-            text += value
-            said = strip_tags(text)
-            ready = ready_to_speak(said)
+            _, ready = speech.feed(value)
             if ready:
-                sentence = said[:ready].strip()
-                self.ahead = (sentence, await self._render(sentence, text))
+                self.ahead = (ready, await self._render(ready, speech.raw))
                 return
 
     def stop_model(self) -> None:
