@@ -27,7 +27,6 @@ import contextlib
 import copy
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -35,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from voxtune.data.augment import Augmenter
@@ -44,11 +42,11 @@ from voxtune.data.example import SpeechExample
 from voxtune.data.manifest import ReadResult
 from voxtune.data.sources import read_source
 from voxtune.eval.tasks import evaluate_tasks
-from voxtune.files import WriteError, atomic_directory, read_log, reported_writes, write_atomic
+from voxtune.files import WriteError, reported_writes
 from voxtune.model import SpeechLM
 from voxtune.model.packed_attention import use_packed_attention
 from voxtune.model.processor import Example
-from voxtune.train import distributed
+from voxtune.train import checkpoints, distributed
 from voxtune.train.ctc import alphabet, attach_ctc_head, ctc_loss
 from voxtune.train.distill import Distiller
 from voxtune.train.feature_cache import EncoderFeatureCache, encoder_fingerprint, with_cached_audio
@@ -56,11 +54,9 @@ from voxtune.train.losses import chunked_cross_entropy
 from voxtune.train.model_setup import TrainError, build_model, fused_kernels, prepare_trainable, training_text
 from voxtune.train.prefetch import prefetch
 from voxtune.train.recipe import DatasetSource, TrainRecipe, TrainSection
+from voxtune.train.run_log import RunLog
 
-CHECKPOINTS = "checkpoints"
-LOG_FILE = "log.jsonl"
 TRAINING_RECORD = "training.json"  # in the exported model: how it was made
-TENSORBOARD = "tensorboard"  # event files: tensorboard --logdir <output>/tensorboard
 
 
 @dataclass
@@ -258,10 +254,8 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(recipe))
         self.state = TrainState()
-        self._board: Any = None  # the TensorBoard writer, opened with the first record
-        self._flushed = 0.0  # when it last flushed (time.monotonic)
         self._bar: Any = None  # the progress bar, while fit() runs
-        self._replay: list[dict] | None = None  # after a resume: the log records TensorBoard gets again
+        self.run_log = RunLog(self.out, self._say)  # written by rank 0 only
         # Called with (batch, examples, epoch) for every micro-batch the loop takes, e.g. to
         # time epochs or count positions (benchmarks/train_throughput.py).
         self.on_batch: Callable[[dict[str, Any], list[Example], int], None] | None = None
@@ -364,9 +358,7 @@ class Trainer:
         try:
             return self._fit(resume, stop_after)
         finally:
-            if self._board is not None:
-                self._board.close()  # the writer works in the background: finish the file now
-                self._board = None
+            self.run_log.close()
             self.procs.close()
 
     def _fit(self, resume: bool, stop_after: int | None) -> dict[str, Any]:
@@ -503,30 +495,8 @@ class Trainer:
         return loss.detach().item()
 
     def _log(self, record: dict[str, Any], *, every: int) -> None:
-        if not self.procs.main:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / LOG_FILE, "a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
-        if self._board is None:
-            from tensorboardX import SummaryWriter
-
-            self._board = SummaryWriter(str(self.out / TENSORBOARD), purge_step=0 if self._replay is not None else None)
-            for earlier in self._replay or []:
-                self._scalars(earlier)
-            self._replay = None
-        self._scalars(record)
-        if time.monotonic() - self._flushed > 10 or "eval_loss" in record:
-            # The writer works in the background; the JSONL log is the record a resume trusts.
-            self._board.flush()
-            self._flushed = time.monotonic()
-        if record["step"] % every == 0:
-            self._say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-
-    def _scalars(self, record: dict[str, Any]) -> None:
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self._board.add_scalar(key, value, record["step"])
+        if self.procs.main:
+            self.run_log.write(record, every=every)
 
     def _evaluate_and_log(self) -> None:
         """Evaluate on rank 0 while the other processes wait; with FSDP every process runs the
@@ -589,88 +559,27 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write the trainable weights, optimizer, schedule, RNG and data position atomically.
-
-        Whole tensors, keyed by parameter name (gathered from the shards under FSDP), so a
-        checkpoint goes on with any number of processes. Rank 0 writes; every process returns
-        once the checkpoint is there.
-        """
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        target = self.out / CHECKPOINTS / f"step-{self.state.step:07d}"
-        rngs = self.procs.all_gather(torch.get_rng_state())  # each process's, for dropout after resume
-        # Collectives under FSDP: every process takes part, rank 0 receives the whole tensors.
-        options = _state_dict_options(full=True)
-        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        # Frozen 4-bit layers (QLoRA) add their quantisation statistics, which are not parameters.
-        weights = {k: v for k, v in get_model_state_dict(self.model, options=options).items() if k in trainable}
-        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
-        if self.procs.main:
-            extra = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rngs[0]}
-            if self.procs.world > 1:
-                extra["rng_per_process"] = rngs
-            try:
-                with reported_writes(f"the checkpoint {target}"), atomic_directory(target) as staging:
-                    save_file({k: v.contiguous() for k, v in weights.items()}, staging / "trainable.safetensors")
-                    torch.save(extra, staging / "optimizer.pt")
-                    (staging / "state.json").write_text(json.dumps(asdict(self.state)))
-            except WriteError as error:
-                raise TrainError(
-                    f"{error} (the checkpoints written before are whole: make room, then --resume)"
-                ) from None
-            for old in sorted((self.out / CHECKPOINTS).glob("step-*"))[: -self.recipe.output.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.procs.barrier()
-        return target
+        """Write the trainable weights, optimizer, schedule, RNG and data position atomically
+        (`voxtune.train.checkpoints`); every process returns once the checkpoint is there."""
+        return checkpoints.save(
+            self.out,
+            asdict(self.state),
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.procs,
+            self.recipe.output.keep,
+        )
 
     def _resume(self) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-        latest = self._latest_checkpoint()
-        weights = self._checkpoint_weights(latest)
-        set_model_state_dict(self.model, weights, options=_state_dict_options(full=False))
-        extra = torch.load(
-            latest / "optimizer.pt", weights_only=True, map_location="cpu"
-        )  # the optimizer moves its state
-        set_optimizer_state_dict(
-            self.model, self.optimizer, extra["optimizer"], options=_state_dict_options(full=False)
-        )
-        self.scheduler.load_state_dict(extra["scheduler"])
-        rngs = extra.get("rng_per_process")
-        # A checkpoint of as many processes gives each its own RNG back; otherwise rank 0's.
-        torch.set_rng_state(rngs[self.procs.rank] if rngs and len(rngs) == self.procs.world else extra["rng"])
-        self.state = TrainState(**json.loads((latest / "state.json").read_text()))
+        latest = checkpoints.latest(self.out)
+        self.state = TrainState(**checkpoints.restore(latest, self.model, self.optimizer, self.scheduler, self.procs))
         if self.procs.main:
-            self._forget_after(self.state.step)
+            # What a killed run left past the checkpoint: log records of steps that will run
+            # again, and half-written checkpoint folders.
+            self.run_log.forget_after(self.state.step)
+            checkpoints.clear_staging(self.out)
         self.log(f"resumed from {latest} (step {self.state.step})")
-
-    def _forget_after(self, step: int) -> None:
-        """Drop what a killed run left past the checkpoint it resumes from: log records of
-        steps that will run again (and a line torn by the kill), half-written checkpoint
-        folders, and TensorBoard's events: the JSONL log is the record, so the new event file
-        purges every earlier event and starts with the kept records again (the kill may have
-        caught TensorBoard's background writer with events still queued)."""
-        log = self.out / LOG_FILE
-        self._replay = [record for record in read_log(log) if record.get("step", 0) <= step]
-        if log.exists():
-            write_atomic(log, "".join(json.dumps(record) + "\n" for record in self._replay).encode())
-        for staging in (self.out / CHECKPOINTS).glob(".step-*"):  # atomic_directory's staging folders
-            shutil.rmtree(staging, ignore_errors=True)
-
-    def _latest_checkpoint(self) -> Path:
-        checkpoints = sorted((self.out / CHECKPOINTS).glob("step-*"))
-        if not checkpoints:
-            raise TrainError(f"nothing to resume: no checkpoints in {self.out / CHECKPOINTS}")
-        return checkpoints[-1]
-
-    def _checkpoint_weights(self, checkpoint: Path) -> dict[str, torch.Tensor]:
-        """A checkpoint's trainable weights, checked against this recipe's model."""
-        weights = load_file(checkpoint / "trainable.safetensors")
-        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        unknown = sorted(set(weights) - trainable)
-        if unknown:
-            raise TrainError(f"{checkpoint} does not fit this recipe's model: unknown weights {', '.join(unknown[:3])}")
-        return weights
 
     def export(self) -> Path:
         """Write the trained model to `output.model` (default `<output>/model`; LoRA merged in)
@@ -690,7 +599,7 @@ class Trainer:
             model = build_model(self.recipe.model, self._corpus)
             prepare_trainable(model, self.recipe.train)
             trained = {name for name, p in model.named_parameters() if p.requires_grad}
-            weights = self._checkpoint_weights(self._latest_checkpoint())
+            weights = checkpoints.trained_weights(checkpoints.latest(self.out), model)
             if trained - set(weights):
                 raise TrainError("the last checkpoint lacks trained weights of this recipe's model")
             model.load_state_dict(weights, strict=False)
@@ -719,7 +628,7 @@ class Trainer:
             from voxtune.data.synth import SynthRecipe
 
             data_recipe = load_config(SynthRecipe, self.recipe.data.synth).model_dump(mode="json")
-        evaluations = [r for r in read_log(self.out / LOG_FILE) if "eval_loss" in r]
+        evaluations = [r for r in self.run_log.records() if "eval_loss" in r]
         # A model trained on from another (model.load, model.init_encoder) carries that one's
         # record along, so the exported folder tells the whole chain.
         base = self.recipe.model.load or self.recipe.model.init_encoder
@@ -744,16 +653,6 @@ def _base_record(name: str) -> dict[str, Any]:
 
     record = resolve(name) / TRAINING_RECORD
     return {"model": name, "training": json.loads(record.read_text()) if record.is_file() else None}
-
-
-def _state_dict_options(*, full: bool) -> Any:
-    """Trainable weights only, as whole tensors (`full`: gathered to rank 0 on the CPU; else
-    each process receives the whole tensors it loads and keeps its shard)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    if full:
-        return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
 
 
 def _read(source: str | DatasetSource) -> ReadResult:

@@ -1,0 +1,114 @@
+"""A training run's checkpoints: `<output>/checkpoints/step-NNNNNNN/`, each written atomically
+(a folder appears whole or not at all), with the trainable weights as whole tensors keyed by
+parameter name, so that a run goes on with any number of processes:
+
+    trainable.safetensors   the weights that train
+    optimizer.pt            the optimizer and schedule state, the RNG of each process
+    state.json              where the run is (`TrainState`)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from voxtune.files import WriteError, atomic_directory, reported_writes
+from voxtune.train.distributed import Processes
+from voxtune.train.model_setup import TrainError
+
+CHECKPOINTS = "checkpoints"
+
+
+def latest(out: Path) -> Path:
+    """The newest checkpoint of the run in `out`."""
+    found = sorted((out / CHECKPOINTS).glob("step-*"))
+    if not found:
+        raise TrainError(f"nothing to resume: no checkpoints in {out / CHECKPOINTS}")
+    return found[-1]
+
+
+def trained_weights(checkpoint: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A checkpoint's trainable weights, checked against `model`'s trainable parameters."""
+    weights = load_file(checkpoint / "trainable.safetensors")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    unknown = sorted(set(weights) - trainable)
+    if unknown:
+        raise TrainError(f"{checkpoint} does not fit this recipe's model: unknown weights {', '.join(unknown[:3])}")
+    return weights
+
+
+def save(
+    out: Path,
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    procs: Processes,
+    keep: int,
+) -> Path:
+    """Write the checkpoint of step `state["step"]`, keeping the newest `keep`.
+
+    Every process takes part (under FSDP the weights are gathered from the shards); rank 0
+    writes, and every process returns once the checkpoint is there.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    target = out / CHECKPOINTS / f"step-{state['step']:07d}"
+    rngs = procs.all_gather(torch.get_rng_state())  # each process's, for dropout after resume
+    options = _options(full=True)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    # Frozen 4-bit layers (QLoRA) add their quantisation statistics, which are not parameters.
+    weights = {k: v for k, v in get_model_state_dict(model, options=options).items() if k in trainable}
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if procs.main:
+        extra = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rngs[0]}
+        if procs.world > 1:
+            extra["rng_per_process"] = rngs
+        try:
+            with reported_writes(f"the checkpoint {target}"), atomic_directory(target) as staging:
+                save_file({k: v.contiguous() for k, v in weights.items()}, staging / "trainable.safetensors")
+                torch.save(extra, staging / "optimizer.pt")
+                (staging / "state.json").write_text(json.dumps(state))
+        except WriteError as error:
+            raise TrainError(f"{error} (the checkpoints written before are whole: make room, then --resume)") from None
+        for old in sorted((out / CHECKPOINTS).glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    procs.barrier()
+    return target
+
+
+def restore(
+    checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, procs: Processes
+) -> dict[str, Any]:
+    """Load `checkpoint` into the model, optimizer, schedule and RNG; returns its saved state."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, trained_weights(checkpoint, model), options=_options(full=False))
+    extra = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu")  # the optimizer moves it
+    set_optimizer_state_dict(model, optimizer, extra["optimizer"], options=_options(full=False))
+    scheduler.load_state_dict(extra["scheduler"])
+    rngs = extra.get("rng_per_process")
+    # A checkpoint of as many processes gives each its own RNG back; otherwise rank 0's.
+    torch.set_rng_state(rngs[procs.rank] if rngs and len(rngs) == procs.world else extra["rng"])
+    return json.loads((checkpoint / "state.json").read_text())
+
+
+def clear_staging(out: Path) -> None:
+    """Remove checkpoint folders a killed run left half-written (`atomic_directory`'s staging)."""
+    for staging in (out / CHECKPOINTS).glob(".step-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _options(*, full: bool) -> Any:
+    """Trainable weights only, as whole tensors (`full`: gathered to rank 0 on the CPU; else
+    each process receives the whole tensors it loads and keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    if full:
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
