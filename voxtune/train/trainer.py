@@ -53,10 +53,9 @@ from voxtune.train.feature_cache import EncoderFeatureCache, encoder_fingerprint
 from voxtune.train.losses import chunked_cross_entropy
 from voxtune.train.model_setup import TrainError, build_model, fused_kernels, prepare_trainable, training_text
 from voxtune.train.prefetch import prefetch
+from voxtune.train.provenance import TRAINING_RECORD, training_record
 from voxtune.train.recipe import DatasetSource, TrainRecipe, TrainSection
 from voxtune.train.run_log import RunLog
-
-TRAINING_RECORD = "training.json"  # in the exported model: how it was made
 
 
 @dataclass
@@ -603,7 +602,11 @@ class Trainer:
             if trained - set(weights):
                 raise TrainError("the last checkpoint lacks trained weights of this recipe's model")
             model.load_state_dict(weights, strict=False)
-        provenance = json.dumps(self._provenance(), indent=2, ensure_ascii=False) + "\n"
+        evaluations = [r for r in self.run_log.records() if "eval_loss" in r]
+        record = training_record(
+            self.recipe, steps=self.state.step, seconds=self.state.seconds, evaluations=evaluations
+        )
+        provenance = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
         try:
             if model.has_adapters:
                 with reported_writes(f"the adapters to {self.out / 'adapter'}"):
@@ -618,42 +621,6 @@ class Trainer:
             ) from None
         return target
 
-    def _provenance(self) -> dict[str, Any]:
-        """What `training.json` records about the run that made the exported model."""
-        from voxtune import __version__
-        from voxtune.config import load_config
-
-        data_recipe = None
-        if self.recipe.data.synth is not None:
-            from voxtune.data.synth import SynthRecipe
-
-            data_recipe = load_config(SynthRecipe, self.recipe.data.synth).model_dump(mode="json")
-        evaluations = [r for r in self.run_log.records() if "eval_loss" in r]
-        # A model trained on from another (model.load, model.init_encoder) carries that one's
-        # record along, so the exported folder tells the whole chain.
-        base = self.recipe.model.load or self.recipe.model.init_encoder
-        base_record = _base_record(base) if base is not None else None
-        return {
-            "voxtune_version": __version__,
-            "recipe": self.recipe.model_dump(mode="json"),
-            "data_recipe": data_recipe,
-            "seed": self.recipe.train.seed,
-            "steps": self.state.step,
-            "training_seconds": round(self.state.seconds, 1),
-            "machine": _machine(),
-            "last_evaluation": evaluations[-1] if evaluations else None,
-            "base": base_record,
-        }
-
-
-def _base_record(name: str) -> dict[str, Any]:
-    """What `training.json` says of the model a run started from: its name and, when it was
-    trained by voxtune, its own training record."""
-    from voxtune.model.checkpoint import resolve
-
-    record = resolve(name) / TRAINING_RECORD
-    return {"model": name, "training": json.loads(record.read_text()) if record.is_file() else None}
-
 
 def _read(source: str | DatasetSource) -> ReadResult:
     """The examples of one entry of `data.train` / `data.valid`."""
@@ -666,16 +633,6 @@ def _read(source: str | DatasetSource) -> ReadResult:
         text_column=source.text_column,
         columns=source.columns or None,
     )
-
-
-def _machine() -> str:
-    """The hardware a run trained on, in words."""
-    import os
-    import platform
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} GPUs)"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
 
 
 def _quiet(message: str) -> None:
