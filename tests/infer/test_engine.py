@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from tests.waiting import wait_until
 from voxtune.infer import Engine
 from voxtune.model import MessageError, SamplingParams, tiny
 
@@ -50,8 +51,7 @@ def test_replies_match_the_model_alone_whenever_they_join(model, engine, make_cl
     threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
     for thread in threads[:3]:
         thread.start()
-    while engine.steps < 3:  # ...the rest join while those decode
-        threading.Event().wait(0.001)
+    wait_until(lambda: engine.steps >= 3, "three decode steps", every=0.001)  # ...the rest join while those decode
     for thread in threads[3:]:
         thread.start()
     for thread in threads:

@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from tests.serve.conftest import KEYS, audio_part
+from tests.waiting import wait_until
 from voxtune.audio import Audio, encode, load, voices
 from voxtune.serve.config import ServeConfig
 from voxtune.serve.server import build_runtime, running_server
@@ -422,8 +423,7 @@ def test_limits_body_audio_and_concurrency(builtin_model, question):
                 ),
             )
             slow.start()
-            while metric(url, "voxtune_requests_in_flight") < 1:
-                threading.Event().wait(0.01)
+            wait_until(lambda: metric(url, "voxtune_requests_in_flight") >= 1, "the slow request in flight")
             refused = post(url, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, key=None)
             slow.join()
             assert error_of(refused, 429)["code"] == "rate_limit_exceeded"
@@ -500,8 +500,7 @@ def test_a_client_that_hangs_up_on_a_whole_reply_stops_it(server):
             + f"Authorization: Bearer {KEYS[0]}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        while metric(server, "voxtune_engine_active") < 1:
-            time.sleep(0.01)
+        wait_until(lambda: metric(server, "voxtune_engine_active") >= 1, "the request decoding")
     steps = metric(server, "voxtune_engine_steps_total")
     for _ in range(100):
         if metric(server, "voxtune_engine_active") == 0:

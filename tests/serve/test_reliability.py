@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 
 import httpx2
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 
 from tests.serve.conftest import KEYS, serving
 from tests.serve.test_chat import MODEL, ask, error_of, metric, post
+from tests.waiting import wait_until
 from voxtune.audio import Audio, encode, voices
 from voxtune.config import ConfigError
 from voxtune.serve.config import ServeConfig
@@ -31,13 +31,6 @@ def raw(url: str, data: bytes = b"", receive_buffer: int | None = None) -> socke
     sock.connect((host, int(port)))
     sock.sendall(data)
     return sock
-
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + HANG
-    while not condition():
-        assert time.monotonic() < deadline, f"still waiting for {what}"
-        time.sleep(0.02)
 
 
 def closed_by_server(sock: socket.socket) -> bool:
@@ -158,7 +151,9 @@ def test_one_caller_cannot_take_every_slot(builtin_model):
         ).encode()
         slow = [raw(url, start) for _ in range(2)]
         try:
-            wait_until(lambda: metric(url, "voxtune_requests_in_flight") == 2, "the uploads to take their slots")
+            wait_until(
+                lambda: metric(url, "voxtune_requests_in_flight") == 2, "the uploads to take their slots", timeout=HANG
+            )
             body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
             refused = error_of(post(url, body, key=KEYS[0]), 429)
             assert "the limit for one caller" in refused["message"]
@@ -193,7 +188,7 @@ def test_connections_past_the_bound_get_an_openai_503(builtin_model):
         finally:
             for sock in held:
                 sock.close()
-        wait_until(lambda: httpx2.get(url + "/health").status_code == 200, "room for a new connection")
+        wait_until(lambda: httpx2.get(url + "/health").status_code == 200, "room for a new connection", timeout=HANG)
 
 
 def test_a_client_that_never_reads_its_stream_is_let_go(builtin_model):
@@ -208,8 +203,12 @@ def test_a_client_that_never_reads_its_stream_is_let_go(builtin_model):
         ).encode()
         sock = raw(url, request, receive_buffer=4096)
         try:
-            wait_until(lambda: metric(url, "voxtune_requests_in_flight") == 1, "the speech request to start")
-            wait_until(lambda: metric(url, "voxtune_requests_in_flight") == 0, "the unread stream to be let go")
+            wait_until(
+                lambda: metric(url, "voxtune_requests_in_flight") == 1, "the speech request to start", timeout=HANG
+            )
+            wait_until(
+                lambda: metric(url, "voxtune_requests_in_flight") == 0, "the unread stream to be let go", timeout=HANG
+            )
         finally:
             sock.close()
 
@@ -240,7 +239,11 @@ def test_health_and_normal_requests_are_served_while_abusive_ones_run(builtin_mo
         try:
             for run in runs:
                 run.start()
-            wait_until(lambda: metric(url, "voxtune_requests_in_flight") >= 2, "the slow body and the unread stream")
+            wait_until(
+                lambda: metric(url, "voxtune_requests_in_flight") >= 2,
+                "the slow body and the unread stream",
+                timeout=HANG,
+            )
             assert httpx2.get(url + "/health", timeout=HANG).json()["status"] == "ok"
             normal = post(
                 url, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, key=None
@@ -278,10 +281,10 @@ def test_shutdown_lets_requests_finish_and_ends_cut_streams_properly(builtin_mod
         short = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "ignore_eos": True}
         reader = threading.Thread(target=stream)
         reader.start()
-        wait_until(lambda: len(events) >= 3, "the stream to decode")
+        wait_until(lambda: len(events) >= 3, "the stream to decode", timeout=HANG)
         asker = threading.Thread(target=lambda: whole.__setitem__("reply", post(url, short, key=None)))
         asker.start()
-        wait_until(lambda: metric(url, "voxtune_requests_in_flight") >= 2, "the second request")
+        wait_until(lambda: metric(url, "voxtune_requests_in_flight") >= 2, "the second request", timeout=HANG)
     # Leaving the block stopped the server as SIGTERM does.
     reader.join(HANG)
     asker.join(HANG)

@@ -21,6 +21,7 @@ from harness import clip, messages
 from transformers import AutoTokenizer, Gemma4AudioFeatureExtractor, Gemma4ForConditionalGeneration
 
 import voxtune
+from tests.waiting import wait_until
 from voxtune.audio import Audio, AudioTooLongError, encode
 from voxtune.infer import Engine
 from voxtune.model import ModelLoadError
@@ -170,8 +171,8 @@ def test_the_engine_gives_each_reply_as_alone_whenever_it_joins(model):
     try:
         for thread in threads[:2]:
             thread.start()
-        while engine.steps < 3:  # the others join while those decode (their caches are joined)
-            threading.Event().wait(0.001)
+        # The others join while those decode (their caches are joined).
+        wait_until(lambda: engine.steps >= 3, "three decode steps", every=0.001)
         for thread in threads[2:]:
             thread.start()
         for thread in threads:
