@@ -32,7 +32,8 @@ configuration in a fresh process of its own:
   adapters on an LM whose linear layers hold 4-bit NF4 weights; its saving is in the model's
   resident weights, so compare peak MiB, not +MiB), and activation checkpointing
   (`train.grad_checkpointing=true`: the LM's activations recomputed in backward, memory for
-  time).
+  time), and full fine-tuning (`train.method=full`: every weight of the LM and the projector
+  trains, the encoder stays frozen and cached).
 
 Each configuration trains `--epochs` epochs; an epoch is every training example once. What the
 table shows:
@@ -105,6 +106,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "prefetch": ("voxtune, prefetch thread on", {"prefetch": 2}),
     "qlora": ("voxtune, QLoRA (4-bit LM)", {"method": "qlora"}),
     "checkpointing": ("voxtune, act. checkpointing", {"grad_checkpointing": True}),
+    "full": ("voxtune, full fine-tuning", {"method": "full"}),
 }
 LANGUAGES = ["en", "de", "fr", "es", "ru", "zh"]
 MIXTURE = {"transcribe": 2.0, "language": 1.0, "describe": 1.0, "answer": 1.0}
