@@ -74,3 +74,4 @@ def test_a_log_s_torn_last_line_is_dropped_and_damage_before_it_is_an_error(tmp_
     log.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(LogError, match="line 2"):
         read_log(log)
+    assert read_log(log, damaged_ok=True) == [{"step": 1}, {"step": 3}]  # a reader that only reports

@@ -118,11 +118,12 @@ class LogError(InputError):
     """A JSONL log is damaged before its last line."""
 
 
-def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_log(path: str | os.PathLike, *, damaged_ok: bool = False) -> list[dict[str, Any]]:
     """The records of an append-only JSONL log, one object per line; none if it is missing.
 
     A last line cut short (the writer killed mid-line) is dropped; a bad line before it is a
-    `LogError`, since something other than a kill damaged the log.
+    `LogError`, since something other than a kill damaged the log, unless `damaged_ok` (then
+    every bad line is skipped: for a reader that only reports on the log).
     """
     path = Path(path)
     if not path.exists():
@@ -133,7 +134,7 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
-            if number == len(lines):
-                break  # torn by a kill
+            if number == len(lines) or damaged_ok:
+                continue  # torn by a kill, or skipped on request
             raise LogError(f"{path}: line {number} is not JSON ({error.msg}); the log is damaged") from None
     return records

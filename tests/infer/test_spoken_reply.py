@@ -110,6 +110,10 @@ def test_a_streamed_reply_is_spoken_sentence_by_sentence_with_its_transcript():
     # The whole reply may end otherwise than the pieces (a stop string cut, a tool call taken out).
     assert speech.finish("<|lang:en|>Hello there. How are you? Fine, thanks.") == (", thanks.", "Fine, thanks.")
     assert speech.finish("<|lang:en|>Hello there. How are you? Fine, thanks.") == ("", "")
+    # Only what could still become a tag waits: a literal "<|" in the text is text.
+    literal = SpokenText()
+    assert literal.feed("Type <| then") == ("Type <| then", "")
+    assert literal.finish("Type <| then <|x") == (" <|x", "Type <| then <|x")
 
 
 def test_a_reply_spoken_as_it_streams_is_the_reply_spoken_whole(question):

@@ -184,6 +184,9 @@ def test_encode_audio_takes_what_load_takes_and_checks_it(tiny_models, tmp_path,
     sf.write(tmp_path / "clip.wav", clip.samples, 16000, subtype="FLOAT")
     assert torch.equal(model.encode_audio(tmp_path / "clip.wav").embeddings, model.encode_audio(clip).embeddings)
     assert model.encode_audio(make_clip(31.0)).num_tokens == model.audio_tokens(31 * 16000) == 375 + 13
+    # With LoRA on the encoder (peft wraps it), long clips are still read in windows.
+    model.add_adapters(["q_proj", "v_proj"], ["q_proj", "v_proj"], r=2, lora_alpha=4)
+    assert model.encode_audio(make_clip(31.0)).num_tokens == 375 + 13
     with pytest.raises(AudioError, match="too short"):
         model.encode_audio(make_clip(0.005))
 

@@ -191,6 +191,26 @@ def test_a_turn_s_reply_starts_at_its_pause_and_is_the_reply_it_gets_at_its_end(
     assert replies[True] == replies[False] and replies[True]
 
 
+def test_a_session_update_during_a_turn_keeps_the_turn(builtin_model, question):
+    """Updating the session (not its turn detection) while the user speaks neither restarts
+    turn detection (a second turn out of one) nor shifts where turns are cut."""
+    data = pcm(with_silence(question))
+    half = len(data) // 4 * 2  # mid-speech, on a whole sample
+    with serving(builtin_model) as (url, _), connect(url) as connection:
+        receive(connection, "session.created")
+        append(connection, data[:half])
+        connection.session.update(session={"type": "realtime", "instructions": "Answer briefly."})
+        before = receive(connection, "session.updated")
+        append(connection, data[half:])
+        after = receive(connection, "response.done")
+    events = before + after
+    started = [e for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    stopped = [e for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
+    assert len(started) == len(stopped) == 1 and started[0]["item_id"] == stopped[0]["item_id"]
+    assert 100 <= started[0]["audio_start_ms"] <= 500  # speech from 500 ms, as without the update
+    assert after[-1]["response"]["status"] == "completed"
+
+
 def test_text_replies_and_g711_input(builtin_model, question):
     with serving(builtin_model) as (url, _), connect(url) as connection:
         receive(connection, "session.created")

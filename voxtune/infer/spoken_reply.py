@@ -8,6 +8,7 @@ kind to a happy or calm speaker, calm to an angry or sad one, in a whisper to a 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from voxtune.model import SpeechLM
 
 CLAUSE_CHARS = 80  # a sentence this long is spoken clause by clause as it streams
+# The end of a text that may be a tag still being written: `<|`, `<|lang`, `<|lang:e`...
+_PARTIAL_TAG = re.compile(r"<\|[a-z_]*(:[^|<>\s]*)?$")
 # The user's style (as the model hears it) -> the style of the spoken reply.
 REPLY_STYLE = {
     "neutral": "neutral",
@@ -145,17 +148,16 @@ class SpokenText:
     def finish(self, reply: str) -> tuple[str, str]:
         """The whole raw `reply` (it may differ from the pieces, e.g. without a tool call):
         (the transcript's last delta, the rest to speak)."""
-        delta = self._catch_up(reply)
+        delta = self._catch_up(reply, whole=True)
         rest = self.said[self.spoken :].strip()
         self.spoken = len(self.said)
         return delta, rest
 
-    def _catch_up(self, raw: str) -> str:
-        # A tag being written (`<|lang:` before its `|>`) would look like text: it waits.
-        opened = raw.rfind("<|")
-        if opened > raw.rfind("|>"):
-            raw = raw[:opened]
-        clean = strip_tags(raw)
+    def _catch_up(self, raw: str, *, whole: bool = False) -> str:
+        # A tag being written (`<|lang:e` before its `|>`) would look like text: it waits,
+        # unless the reply is whole (then it was text).
+        partial = None if whole else _PARTIAL_TAG.search(raw)
+        clean = strip_tags(raw[: partial.start()] if partial else raw)
         if len(clean) > len(self.said) and clean.startswith(self.said):
             delta, self.said = clean[len(self.said) :], clean
             return delta

@@ -203,8 +203,10 @@ class SpeechLM(nn.Module):
         """Log-mel `features` [N, M, T] with valid `frames` [N] -> encoder outputs [N, T', D_enc]
         and their valid lengths [N]."""
         dtype = next(self.encoder.parameters()).dtype  # features are float32; the model may not be
-        # voxtune's Whisper encoder reads a clip past its 30 s table in windows (see `featurize`).
-        encode = self.encoder.encode_windows if isinstance(self.encoder, WhisperEncoder) else self.encoder
+        # voxtune's Whisper encoder reads a clip past its 30 s table in windows (see `featurize`);
+        # with LoRA on it, peft wraps it, and its adapters sit inside the model it wraps.
+        base = self.encoder.get_base_model() if hasattr(self.encoder, "get_base_model") else self.encoder
+        encode = base.encode_windows if isinstance(base, WhisperEncoder) else self.encoder
         return encode(features.to(self.device, dtype), frames.to(self.device))
 
     def project_audio(self, hidden: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:

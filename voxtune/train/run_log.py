@@ -29,8 +29,10 @@ class RunLog:
     def write(self, record: dict[str, Any], *, every: int) -> None:
         """Append `record` (it has a "step"); print it when its step is a multiple of `every`."""
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / LOG_FILE, "a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
+        with open(self.out / LOG_FILE, "a+b") as file:
+            # A line an earlier run's kill cut short gets its end, so this record has a line of its own.
+            torn = file.seek(0, 2) > 0 and file.seek(-1, 2) >= 0 and file.read(1) != b"\n"
+            file.write(("\n" if torn else "").encode() + json.dumps(record).encode() + b"\n")
         if self._board is None:
             from tensorboardX import SummaryWriter
 
@@ -46,8 +48,8 @@ class RunLog:
             self.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     def records(self) -> list[dict[str, Any]]:
-        """Every record written so far (a line torn by a kill left out)."""
-        return read_log(self.out / LOG_FILE)
+        """Every record written so far (lines torn by kills left out)."""
+        return read_log(self.out / LOG_FILE, damaged_ok=True)
 
     def forget_after(self, step: int) -> None:
         """Drop the records of steps past `step` (a resumed run does them again) and a line

@@ -50,6 +50,7 @@ class Response:
         self.stored: list[dict] = []  # the user clips read, as the audio store keeps them
         self.rate_limits: list[dict] = []
         self.backlog: list[tuple[str, Any]] = []  # the model's events read before `run`
+        self.running = False  # whether `run` has begun
         self.ahead: tuple[str, Audio] | None = None  # the first sentence, spoken before `run`
         self.voice_choice: tuple[str, str] | None = None
 
@@ -101,6 +102,7 @@ class Response:
         text, completion, status, reason = "", None, "completed", None
         failure: dict | None = None
         try:
+            self.running = True  # an early reply stops decoding ahead: its events are run's now
             if self.model is None:
                 self.start_model(history)
             assert self.model is not None
@@ -258,7 +260,7 @@ class Response:
         it; the events read meanwhile wait in `backlog` for `run`."""
         assert self.pending is not None
         speech = SpokenText()
-        while True:
+        while not self.running:  # once the turn is committed, `run` reads the events itself
             kind, value = await self.pending.next(poll=0.05)
             self.backlog.append((kind, value))
             if kind in ("done", "error"):
@@ -293,8 +295,8 @@ class Response:
             piece = data[start : start + step]
             await self.session.send("response.output_audio.delta", delta=base64.b64encode(piece).decode(), **ids)
             sent += len(piece)
-        if sent:
-            self.audio_ms += round(1000 * audio.duration * sent / len(data))
+        self.audio_ms += round(1000 * audio.duration * sent / len(data))
+        if sent == len(data):  # a sentence cut by a barge-in was not heard whole: truncation leaves it out
             item.setdefault("_spoken", []).append((self.audio_ms, sentence))
 
     async def _render(self, sentence: str, reply: str) -> Audio:

@@ -161,6 +161,7 @@ class Session:
                 raise EventError(f"unknown event type {echo(event['type'])}", code="invalid_event", param="type")
             if event["type"] != "input_audio_buffer.append":
                 self.version += 1  # the session, the conversation or the buffer may change
+                self._drop_early()  # ...so a reply started at a pause would read the wrong thing
             await handler(self, event)
         except EventError as error:
             await self.error(str(error), code=error.code, param=error.param, event_id=event_id)
@@ -191,7 +192,13 @@ class Session:
         silence = detection.get("silence_duration_ms", 500)
         if detection.get("type") == "semantic_vad":
             silence = EAGERNESS_SILENCE_MS[detection.get("eagerness") or "auto"]
-        self.turns = TurnDetector(detection.get("threshold", 0.5), detection.get("prefix_padding_ms", 300), silence)
+        settings = (detection.get("threshold", 0.5), detection.get("prefix_padding_ms", 300), silence)
+        if self.turns is not None and self.turns.settings == settings:
+            return  # the same detection: a turn under way goes on
+        # A new detector counts its time from where the session's audio is now (its turns cut
+        # the buffer by session time).
+        heard_ms = self.buffer_start_ms + round(1000 * len(self.buffer) / formats.rate_of(self.input_format))
+        self.turns = TurnDetector(*settings, start_ms=heard_ms)
 
     @property
     def input_format(self) -> str:
@@ -232,11 +239,12 @@ class Session:
             else:
                 item_id = self.turn_item or new_id("item")
                 await self.send("input_audio_buffer.speech_stopped", audio_end_ms=turn.ms, item_id=item_id)
-                early = self._take_early(turn.speech_end_ms)
                 await self._commit(
                     item_id, end_ms=turn.ms, start_ms=self.turn_start_ms, speech_end_ms=turn.speech_end_ms
                 )
                 self.idle_from_ms = turn.ms
+                # Taken only now: a commit that fails (the client gone) leaves it to be dropped.
+                early = self._take_early(turn.speech_end_ms)
                 if self._answers_turns:
                     await self._start_response({}, early)
         await self._check_idle()

@@ -35,7 +35,9 @@ class TurnEvent:
 class TurnDetector:
     """Feeds on a session's audio and says where turns start and stop."""
 
-    def __init__(self, threshold: float = 0.5, prefix_padding_ms: int = 300, silence_duration_ms: int = 500) -> None:
+    def __init__(
+        self, threshold: float = 0.5, prefix_padding_ms: int = 300, silence_duration_ms: int = 500, start_ms: int = 0
+    ) -> None:
         from silero_vad import load_silero_vad
 
         self.model = load_silero_vad()
@@ -43,10 +45,15 @@ class TurnDetector:
         self.prefix_padding_ms = prefix_padding_ms
         self.silence_duration_ms = silence_duration_ms
         self.pending = np.zeros(0, np.float32)
-        self.heard_ms = 0  # audio already run through the model
+        self.heard_ms = start_ms  # session audio already run through the model
         self.speaking = False
         self.silence_ms = 0
         self.silence_from_ms = 0  # where the current silence began
+
+    @property
+    def settings(self) -> tuple[float, int, int]:
+        """(threshold, prefix padding ms, silence duration ms)."""
+        return self.threshold, self.prefix_padding_ms, self.silence_duration_ms
 
     def feed(self, samples: np.ndarray) -> list[TurnEvent]:
         """Run the new 16 kHz `samples` through the model; the turn events they cause."""
