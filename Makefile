@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not processes"
+	$(BIN)/python -m pytest -q -m processes
 
 # The playground's browser test drives Debian's chromium: installed here when running as root
 # (as CI does); elsewhere that test skips and says why.

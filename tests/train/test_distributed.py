@@ -25,6 +25,9 @@ from voxtune.config import dump_config
 from voxtune.train.recipe import TrainRecipe
 from voxtune.train.trainer import Trainer, TrainError
 
+# Run alone by `make test` (see the marker in pyproject.toml).
+pytestmark = pytest.mark.processes
+
 STEPS = 4
 
 
