@@ -92,7 +92,12 @@ async def run_agent(
     await runner.add_workers(worker)
     running = asyncio.create_task(runner.run())
     try:
-        await asyncio.sleep(0.3)  # the service connects and configures its session
+        # The service connects and configures its session (tools included) before the user
+        # speaks; a busy machine can take seconds. (Each service keeps that state privately.)
+        deadline = time.monotonic() + timeout
+        while not (getattr(service, "_api_session_ready", False) or getattr(service, "_session_ready", False)):
+            assert time.monotonic() < deadline, "the service never configured its session"
+            await asyncio.sleep(0.02)
         start = time.monotonic()
         sent = 0
         for clip in audio:
