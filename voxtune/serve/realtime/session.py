@@ -88,8 +88,9 @@ class Session:
         self.response_cancelled: str | None = None  # why the running response is being stopped
         self.sending = asyncio.Lock()
         self.early_replies = early_replies  # where they are counted; None: replies start at the turn's end
-        self.early: tuple[int, int, Response] | None = None  # (speech end ms, version, reply) started at a pause
-        self.version = 0  # bumped by whatever may change what a reply reads
+        # (speech end ms, reply) started at a pause; dropped by any client event but audio, since
+        # that may change what the reply reads (the session, the conversation, the buffer).
+        self.early: tuple[int, Response] | None = None
         self._configure_turns()
 
     # ---- sending ---------------------------------------------------------------------------------
@@ -160,8 +161,7 @@ class Session:
             if handler is None:
                 raise EventError(f"unknown event type {echo(event['type'])}", code="invalid_event", param="type")
             if event["type"] != "input_audio_buffer.append":
-                self.version += 1  # the session, the conversation or the buffer may change
-                self._drop_early()  # ...so a reply started at a pause would read the wrong thing
+                self._drop_early()  # the session, the conversation or the buffer may change
             await handler(self, event)
         except EventError as error:
             await self.error(str(error), code=error.code, param=error.param, event_id=event_id)
@@ -265,22 +265,22 @@ class Session:
         reply = Response(self, {})
         clip = self._slice(self.turn_start_ms, speech_end_ms)
         reply.start_model([*self.items, self._user_item(item_id)], {item_id: clip}, ahead=True)
-        self.early = (speech_end_ms, self.version, reply)
+        self.early = (speech_end_ms, reply)
 
     def _take_early(self, speech_end_ms: int | None) -> Response | None:
-        """The early reply, if it read this very turn and nothing has changed since."""
+        """The early reply, if it read this very turn (anything else since would have dropped it)."""
         if self.early is None or self.early_replies is None:
             return None
-        if self.early[:2] != (speech_end_ms, self.version):
+        if self.early[0] != speech_end_ms:
             self._drop_early()
             return None
-        reply, self.early = self.early[2], None
+        reply, self.early = self.early[1], None
         self.early_replies.used += 1
         return reply
 
     def _drop_early(self) -> None:
         if self.early is not None and self.early_replies is not None:
-            self.early[2].stop_model()
+            self.early[1].stop_model()
             self.early = None
             self.early_replies.dropped += 1
 
@@ -481,7 +481,6 @@ class Session:
     async def _start_response(self, overrides: dict, early: Response | None = None) -> None:
         """Run a response (`early`: one whose model was started at the turn's pause)."""
         self._drop_early()
-        self.version += 1
         self.response_cancelled = None
         self.response = asyncio.create_task(self._respond(early or Response(self, overrides)))
 
