@@ -350,6 +350,13 @@ def _train(args: argparse.Namespace) -> int:
         say(f"stopped at step {trainer.state.step}; go on with --resume")
         return 0
     say(f"wrote the trained model to {trainer.export()}")
+    if trainer.procs.world > 1:
+        # One of several training processes, its work written and its process group closed:
+        # leave now. Interpreter teardown beside torch.distributed's gloo threads has been
+        # seen to abort a process (std::terminate) after a run that succeeded.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
