@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not processes"
 	$(BIN)/python -m pytest -q -m processes
 

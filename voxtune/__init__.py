@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 
-def load(name: str | None = None, **kwargs: Any) -> SpeechLM:
+def load(name: str | os.PathLike | None = None, **kwargs: Any) -> SpeechLM:
     """Load a speech LM: a directory saved by `SpeechLM.save_pretrained`, or a Hugging Face repo
     id. With no name, the built-in model. Keyword arguments: `device`, `dtype`.
 

@@ -304,13 +304,15 @@ def _decode_packets(container, stream, kind: str, max_duration: float | None) ->
     """([(samples [channels, n], rate)], damaged packet count). Every frame is converted to the
     first frame's rate and channel layout, since a stream may change them midway."""
     chunks: list[tuple[np.ndarray, int]] = []
-    resampler, key, target = None, None, None  # target: (layout, rate) of the first frame
+    resampler: av.AudioResampler | None = None
+    key: tuple[str, str, int] | None = None  # (format, layout, rate) the resampler was set up for
+    target: tuple[str, int] | None = None  # (layout, rate) of the first frame
     total, skipped = 0, 0
 
-    def drain(frames) -> None:
+    def drain(frames, rate: int) -> None:
         nonlocal total
         for out in frames:
-            chunks.append((out.to_ndarray(), target[1]))  # [channels, n]
+            chunks.append((out.to_ndarray(), rate))  # [channels, n]
             total += out.samples
 
     for packet in container.demux(stream):
@@ -322,19 +324,19 @@ def _decode_packets(container, stream, kind: str, max_duration: float | None) ->
         for frame in frames:
             if target is None:
                 target = (frame.layout.name, frame.sample_rate)
-            if (frame.format.name, frame.layout.name, frame.sample_rate) != key:
+            if resampler is None or (frame.format.name, frame.layout.name, frame.sample_rate) != key:
                 if resampler is not None:
-                    drain(resampler.resample(None))  # what the old set-up still holds
+                    drain(resampler.resample(None), target[1])  # what the old set-up still holds
                 key = (frame.format.name, frame.layout.name, frame.sample_rate)
                 resampler = av.AudioResampler(format="fltp", layout=target[0], rate=target[1])
-            drain(resampler.resample(frame))
+            drain(resampler.resample(frame), target[1])
             # Headers can lie about length (or not give it): stop decoding at the limit.
             if max_duration is not None and total / target[1] > max_duration:
                 raise AudioTooLongError(
                     f"audio runs past the {max_duration:g} s limit (decoding stopped at {total / target[1]:.1f} s)"
                 )
-    if resampler is not None:
-        drain(resampler.resample(None))
+    if resampler is not None and target is not None:  # both set by the first frame
+        drain(resampler.resample(None), target[1])
     return chunks, skipped
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import av
 import numpy as np
@@ -15,6 +16,10 @@ from voxtune.audio.errors import (
     UnsupportedFormatError,
 )
 from voxtune.errors import echo
+
+if TYPE_CHECKING:
+    from av.audio.stream import AudioStream
+    from av.container import OutputContainer
 
 OUTPUT_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16")
 # "pcm" is the /v1/audio/speech name for what chat completions calls "pcm16".
@@ -33,7 +38,8 @@ PCM16_RATE = 24000  # the OpenAI convention for headerless PCM
 _MIN_CODEC_SECONDS = 0.03
 
 # (container, encoder, rates the encoder takes, bit rate) for the formats FFmpeg writes.
-_AV_CODECS = {
+_Codec = Literal["libmp3lame", "libopus", "aac", "pcm_s16le"]
+_AV_CODECS: dict[str, tuple[str, _Codec, tuple[int, ...], int]] = {
     "mp3": ("mp3", "libmp3lame", (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000), 64_000),
     "opus": ("ogg", "libopus", (8000, 12000, 16000, 24000, 48000), 48_000),
     "aac": ("adts", "aac", (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000), 64_000),
@@ -76,7 +82,19 @@ def encode(audio: Audio, format: str, sample_rate: int | None = None) -> bytes:
 
 
 # A wav stream goes through FFmpeg too: libsndfile needs to seek back to finish a file.
-_STREAM_CODECS = {**_AV_CODECS, "wav": ("wav", "pcm_s16le", None, None)}
+_STREAM_CODECS: dict[str, tuple[str, _Codec, tuple[int, ...] | None, int | None]] = {
+    **_AV_CODECS,
+    "wav": ("wav", "pcm_s16le", None, None),
+}
+
+
+class _Output(NamedTuple):
+    """What a stream is encoded with, from its first piece on."""
+
+    container: OutputContainer
+    stream: AudioStream
+    resampler: av.AudioResampler
+    input_rate: int  # FFmpeg's resampler takes one input rate
 
 
 class StreamEncoder:
@@ -91,8 +109,7 @@ class StreamEncoder:
     def __init__(self, format: str) -> None:
         self.format = normalize_format(format)
         self._chunks: list[bytes] = []
-        self._container = self._stream = self._resampler = None
-        self._input_rate: int | None = None
+        self._output: _Output | None = None
         self._fed = False
         # FLAC goes out whole at the end: a streamed FLAC header cannot hold the length, and
         # libsndfile (soundfile, librosa) then refuses the file.
@@ -110,16 +127,17 @@ class StreamEncoder:
         if self.format == "flac":
             self._held.append(audio)
             return b""
-        if self._container is None:
-            self._open(audio.sample_rate)
-        elif audio.sample_rate != self._input_rate:  # FFmpeg's resampler takes one input rate
-            audio = audio.resample(self._input_rate)
+        if self._output is None:
+            self._output = self._open(audio.sample_rate)
+        elif audio.sample_rate != self._output.input_rate:
+            audio = audio.resample(self._output.input_rate)
         frame = av.AudioFrame.from_ndarray(audio.samples[None, :], format="flt", layout="mono")
         frame.sample_rate = audio.sample_rate
         frame.pts = None  # the resampler and encoder keep time
-        for converted in self._resampler.resample(frame):
-            for packet in self._stream.encode(converted):
-                self._container.mux(packet)
+        output = self._output
+        for converted in output.resampler.resample(frame):
+            for packet in output.stream.encode(converted):
+                output.container.mux(packet)
         return self._take()
 
     def close(self) -> bytes:
@@ -130,30 +148,32 @@ class StreamEncoder:
             held, self._held = self._held, []
             rate = held[0].sample_rate
             return encode(Audio(np.concatenate([a.resample(rate).samples for a in held]), rate), "flac")
-        if self._container is None:
+        if self._output is None:
             return b""
-        for converted in self._resampler.resample(None):
-            for packet in self._stream.encode(converted):
-                self._container.mux(packet)
-        for packet in self._stream.encode(None):
-            self._container.mux(packet)
-        self._container.close()
-        self._container = None
+        output = self._output
+        for converted in output.resampler.resample(None):
+            for packet in output.stream.encode(converted):
+                output.container.mux(packet)
+        for packet in output.stream.encode(None):
+            output.container.mux(packet)
+        output.container.close()
+        self._output = None
         return self._take()
 
-    def _open(self, rate: int) -> None:
+    def _open(self, rate: int) -> _Output:
         container_format, codec, rates, bit_rate = _STREAM_CODECS[self.format]
-        self._input_rate = rate
+        input_rate = rate
         if rates is not None and rate not in rates:
             rate = next((r for r in rates if r >= rate), rates[-1])
         # Ogg pages of 100 ms instead of 1 s, so that every sentence leaves when it is encoded.
         options = {"page_duration": "100000"} if container_format == "ogg" else {}
-        self._container = av.open(_Pipe(self._chunks), mode="w", format=container_format, options=options)
-        self._stream = self._container.add_stream(codec, rate=rate)
-        self._stream.layout = "mono"
+        container = av.open(_Pipe(self._chunks), mode="w", format=container_format, options=options)
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = "mono"
         if bit_rate is not None:
-            self._stream.bit_rate = bit_rate
-        self._resampler = av.AudioResampler(format=self._stream.codec_context.format.name, layout="mono", rate=rate)
+            stream.bit_rate = bit_rate
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)
+        return _Output(container, stream, resampler, input_rate)
 
     def _take(self) -> bytes:
         data = b"".join(self._chunks)

@@ -304,6 +304,7 @@ def _audio_path(value: Any, base: Path) -> tuple[str, Path]:
 
 
 def _manifest_line(record: SpeechExample | Mapping[str, Any], base: Path) -> str:
+    audio: object  # checked below: a file path is what goes in a manifest
     if isinstance(record, SpeechExample):
         audio, record = record.audio, record.to_record("")
     elif isinstance(record, Mapping):
@@ -315,9 +316,10 @@ def _manifest_line(record: SpeechExample | Mapping[str, Any], base: Path) -> str
         raise RecordError(f"audio must be a file path to go in a manifest, got {kind}; write the audio to a file first")
     if not str(audio).strip():
         raise RecordError("audio is empty")
-    example = parse_record(record, audio=audio)
+    path = Path(audio)
+    example = parse_record(record, audio=path)
     try:
-        return json.dumps(example.to_record(_relative(Path(audio), base)), ensure_ascii=False, allow_nan=False) + "\n"
+        return json.dumps(example.to_record(_relative(path, base)), ensure_ascii=False, allow_nan=False) + "\n"
     except (TypeError, ValueError) as error:
         raise RecordError(f"a value cannot be written as JSON: {error}") from None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydantic import Field
@@ -27,6 +27,8 @@ from voxtune.data.augment import add_noise, colored_noise, reverb, room_impulse_
 __all__ = ["PerturbConfig", "draw", "perturb", "clip_rng"]
 
 _PITCH_FLOOR, _PITCH_CEILING = 60.0, 600.0  # Praat's analysis range for speaking voices
+
+Codec = Literal["mp3", "opus", "aac"]
 
 
 class PerturbConfig(Config):
@@ -40,7 +42,7 @@ class PerturbConfig(Config):
     eq_prob: float = Field(0.5, ge=0, le=1)
     eq_db: float = Field(8.0, ge=0)  # peak boost or cut of each of the equaliser's bands
     codec_prob: float = Field(0.3, ge=0, le=1)
-    codecs: list[Literal["mp3", "opus", "aac"]] = Field(default_factory=lambda: ["mp3", "opus", "aac"], min_length=1)
+    codecs: list[Codec] = Field(default_factory=lambda: list(get_args(Codec)), min_length=1)
     reverb_prob: float = Field(0.2, ge=0, le=1)
     rt60: tuple[float, float] = (0.2, 0.8)  # room reverberation time, seconds
     noise_prob: float = Field(0.3, ge=0, le=1)

@@ -63,6 +63,23 @@ NO_SPEECH = "no_speech"  # the kind of the clips in which nobody speaks
 _ESPEAK = EspeakBackend()  # the corpus is eSpeak NG speech: the natural English voice stays out of training
 
 
+def _default_kinds() -> dict[Kind, float]:
+    return {
+        "words": 3,
+        "statement": 1,
+        "question": 1,
+        "command": 1,
+        "add": 1,
+        "compare": 1,
+        "repeat": 1,
+        "count": 1,
+        "spell": 1,
+        "fact": 1,
+        "add_written": 1,
+        "codeswitch": 1,
+    }
+
+
 class SynthRecipe(Config):
     """What corpus to make. Every field has a default; see recipes/data/*.yaml."""
 
@@ -71,22 +88,7 @@ class SynthRecipe(Config):
     languages: list[str] = Field(default_factory=lambda: sorted(PHRASEBOOK))
     styles: list[str] = Field(default_factory=lambda: list(STYLES))
     voices: list[str] | None = None  # engine voice variants; None: all of them
-    kinds: dict[Kind, float] = Field(
-        default_factory=lambda: {
-            "words": 3,
-            "statement": 1,
-            "question": 1,
-            "command": 1,
-            "add": 1,
-            "compare": 1,
-            "repeat": 1,
-            "count": 1,
-            "spell": 1,
-            "fact": 1,
-            "add_written": 1,
-            "codeswitch": 1,
-        }
-    )
+    kinds: dict[Kind, float] = Field(default_factory=_default_kinds)
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "valid": 0.1, "test": 0.1})
     holdout_voices: list[str] = Field(default_factory=list)  # only in the test split
     holdout_languages: list[str] = Field(default_factory=list)  # only in the test split
@@ -176,7 +178,8 @@ def plan(recipe: SynthRecipe, voices: list[str]) -> list[ClipPlan]:
     weights = np.array([recipe.kinds[k] for k in kinds], dtype=float)
     splits = list(recipe.splits)
     split_weights = np.array([recipe.splits[s] for s in splits], dtype=float)
-    plans, seen = [], {}
+    plans: list[ClipPlan] = []
+    seen: dict[str, str] = {}  # text -> the split it went to
     for index in range(recipe.clips):
         split = splits[int(rng.choice(len(splits), p=split_weights / split_weights.sum()))]
         languages = _languages_for(split, recipe)
@@ -267,7 +270,7 @@ def _draw_text(
     kind: str,
     languages: list[str],
     rng: np.random.Generator,
-    identify_only: list[str] = (),
+    identify_only: Collection[str] = (),
     identify_weight: float = 1.0,
 ):
     """(parts, transcript, answer, written instruction) for one clip of `kind`; languages in
@@ -304,15 +307,19 @@ def _draw_text(
         text = _capitalise(book.repeat.format(items=items))
         return [(lang, text)], text, items, None
     if kind == "count":
+        assert book.count is not None  # kinds in _NEEDS are drawn only in languages that have them
         a = int(rng.integers(0, 20))
         b = a + int(rng.integers(2, 5))
         text = _capitalise(book.count.format(a=words(a), b=words(b)))
         return [(lang, text)], text, book.list_sep.join(words(n) for n in range(a, b + 1)), None
     if kind == "spell":
+        assert book.spell is not None
         word = one_word(lang, rng)
+        assert word is not None  # a language with the spell template has a word list
         text = _capitalise(book.spell.format(word=word))
         return [(lang, text)], text, " ".join(word), None
     if kind == "fact":
+        assert book.facts is not None
         which = int(rng.integers(len(book.facts)))
         return [(lang, book.facts[which])], book.facts[which], words(FACT_ANSWERS[which]), None
     if kind == "add_written":  # the request is written (English), the number is heard
@@ -383,12 +390,12 @@ def _rescaled(segments: list[Segment], tempo: float) -> list[Segment]:
     return [Segment(round(s.start / tempo, 3), round(s.end / tempo, 3), s.language, s.text) for s in segments]
 
 
-def _render_chunk(args: tuple[int, int, list[dict], int, str, dict]) -> list[dict]:
-    """Worker: render one chunk of clips in this (fresh) process; returns their records."""
+def _render_chunk(args: tuple[int, int, list[dict], int, str, dict]) -> list[tuple[str, dict]]:
+    """Worker: render one chunk of clips in this (fresh) process; returns their (split, record)s."""
     seed, chunk_index, plans, sample_rate, out_dir, perturb_config = args
     _ESPEAK.reseed(seed * 1_000_003 + chunk_index)
     perturbing = PerturbConfig(**perturb_config)
-    records = []
+    records: list[tuple[str, dict]] = []
     for data in plans:
         clip_plan = ClipPlan(**data)
         audio, segments = render_clip(clip_plan, sample_rate, seed)
@@ -437,7 +444,7 @@ def synthesize_corpus(
     out_dir: str | Path,
     *,
     splits: Collection[str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], object] | None = None,
 ) -> SynthSummary:
     """Render the corpus of `recipe` into `out_dir`: audio/<split>/*.wav, <split>.jsonl
     manifests (records sorted by id) and the resolved recipe.yaml. With `splits`, only the

@@ -7,7 +7,7 @@ reply is built here from the example's labels, with tag tokens for what is not w
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -15,6 +15,8 @@ from voxtune.data.example import Segment, SpeechExample
 from voxtune.errors import InputError
 from voxtune.model import prompts
 from voxtune.tags import INTENTS, LANGUAGES, STYLES, tag
+
+_T = TypeVar("_T")
 
 
 class TaskError(InputError):
@@ -46,8 +48,8 @@ def _language_tag(example: SpeechExample) -> str:
 def _transcribe(example: SpeechExample) -> list[dict]:
     if example.meta.get("no_speech"):  # nobody speaks: the transcript is nothing at all
         return prompts.transcribe_messages(example.audio) + _reply("")
-    _require(example, "text", "transcribe")
-    return prompts.transcribe_messages(example.audio) + _reply(_language_tag(example) + example.text)
+    text = _require(example.text, "text", "transcribe")
+    return prompts.transcribe_messages(example.audio) + _reply(_language_tag(example) + text)
 
 
 def _language(example: SpeechExample) -> list[dict]:
@@ -57,8 +59,8 @@ def _language(example: SpeechExample) -> list[dict]:
 
 
 def _segments(example: SpeechExample) -> list[dict]:
-    _require(example, "segments", "segments")
-    return prompts.segments_messages(example.audio) + _reply(format_segments(example.segments))
+    segments = _require(example.segments, "segments", "segments")
+    return prompts.segments_messages(example.audio) + _reply(format_segments(segments))
 
 
 def _describe(example: SpeechExample) -> list[dict]:
@@ -71,9 +73,9 @@ def _describe(example: SpeechExample) -> list[dict]:
 
 
 def _answer(example: SpeechExample) -> list[dict]:
-    _require(example, "answer", "answer")
+    answer = _require(example.answer, "answer", "answer")
     # A written instruction goes before the audio as text; without one, the audio is the request.
-    return prompts.answer_messages(example.audio, example.instruction) + _reply(example.answer)
+    return prompts.answer_messages(example.audio, example.instruction) + _reply(answer)
 
 
 TASKS: dict[str, Callable[[SpeechExample], list[dict]]] = {
@@ -131,9 +133,11 @@ def choose_task(example: SpeechExample, mixture: Mapping[str, float], rng: np.ra
     return allowed[int(rng.choice(len(allowed), p=weights / weights.sum()))]
 
 
-def _require(example: SpeechExample, field: str, task: str) -> None:
-    if not getattr(example, field):
+def _require(value: _T | None, field: str, task: str) -> _T:
+    """The example's `field` (its `value`), which `task` needs: neither None nor empty."""
+    if not value:
         raise TaskError(f"task {task} needs the example's {field}")
+    return value
 
 
 def _reply(text: str) -> list[dict[str, Any]]:

@@ -151,6 +151,7 @@ def evaluate_natural(
     silent = [e for e in examples if not e.text]
     if limit is not None:
         speech, silent = speech[:limit], silent[:limit]
+    texts = [e.text for e in speech if e.text]  # every clip's: the speech clips are those with a transcript
     reference = reference if reference is not None else _reference(suite.reference)
     report: dict[str, Any] = {
         "model": name,
@@ -164,10 +165,10 @@ def evaluate_natural(
         heard = _transcripts(listener, speech + silent, suite)
         said = heard[: len(speech)]
         for group in ("heldout", "free"):
-            pairs = [(e.text, h) for e, h in zip(speech, said, strict=True) if e.meta["kind"] == group]
+            pairs = [(t, h) for e, t, h in zip(speech, texts, said, strict=True) if e.meta["kind"] == group]
             rates = error_rates([p for p, _ in pairs], [h for _, h in pairs], numbers_as_words="en") if pairs else {}
             report[f"{who}cer_{group}"] = rates.get("cer")
-        rates = error_rates([e.text for e in speech], said, numbers_as_words="en")
+        rates = error_rates(texts, said, numbers_as_words="en")
         report[f"{who}cer_natural"], report[f"{who}wer_natural"] = rates.get("cer"), rates.get("wer")
         invented = [h for h in heard[len(speech) :] if speech_text(h)]
         report[f"{who}invented_on_no_speech"] = len(invented) / len(silent) if silent else None

@@ -113,8 +113,13 @@ def _transcription(run: _Runner, groups: dict[str, list[SpeechExample]]) -> dict
     by_language: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
     mixed: tuple[list[str], list[str]] = ([], [])
     for question, reply in replies:
-        refs, hyps = mixed if question.example.segments else by_language[question.example.language]
-        refs.append(question.example.text)
+        example = question.example
+        if example.segments:
+            refs, hyps = mixed
+        else:
+            assert example.language is not None  # one-language clips are those of a transcribed language
+            refs, hyps = by_language[example.language]
+        refs.append(_transcript(example))
         hyps.append(reply)
     every = [r for lang in by_language.values() for r in lang[0]], [h for lang in by_language.values() for h in lang[1]]
     overall = error_rates(*every)
@@ -133,9 +138,9 @@ def _language_id(run: _Runner, groups: dict[str, list[SpeechExample]], min_secon
 
     single = [e for e in groups["speech"] + groups["identify"] if long(e)]
     replies = run.ask("language id", single, "language")
-    right = Counter()
-    total = Counter()
-    confusions: Counter = Counter()
+    right: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    confusions: Counter[str] = Counter()
     for question, reply in replies:
         found = tag_values(reply, "lang")
         part = "identify_only" if question.example.meta.get("identify_only") else "transcribed"
@@ -201,17 +206,25 @@ def _instructions(run: _Runner, speech: list[SpeechExample]) -> dict[str, Any]:
 
 def _robustness(run: _Runner, clips: list[SpeechExample], suite: Suite) -> dict[str, Any]:
     """CER of the same clips clean, at each SNR and through the telephone channel."""
-    loaded = [dataclasses.replace(e, audio=load(e.audio, SAMPLE_RATE)) for e in clips]
+    loaded = [load(e.audio, SAMPLE_RATE) for e in clips]
+
+    def noisy(snr: float) -> Callable[[Audio, int], Audio]:
+        return lambda audio, i: _noisy(audio, snr, suite, i)
+
     conditions: dict[str, Callable[[Audio, int], Audio]] = {"clean": lambda audio, i: audio}
     for snr in suite.noise.snr_db:
-        conditions[f"snr{snr:g}"] = lambda audio, i, snr=snr: _noisy(audio, snr, suite, i)
+        conditions[f"snr{snr:g}"] = noisy(snr)
     if suite.noise.telephone:
         conditions["telephone"] = lambda audio, i: telephone(audio, np.random.default_rng([suite.seed, i, 1]))
     by_condition = {}
     for name, degrade in conditions.items():
-        degraded = [dataclasses.replace(e, audio=degrade(e.audio, i)) for i, e in enumerate(loaded)]
+        degraded = [
+            dataclasses.replace(e, audio=degrade(audio, i))
+            for i, (e, audio) in enumerate(zip(clips, loaded, strict=True))
+        ]
         replies = run.ask(f"transcription ({name})", degraded, "transcribe")
-        by_condition[name] = error_rates([q.example.text for q, _ in replies], [r for _, r in replies]).get("cer")
+        references = [_transcript(q.example) for q, _ in replies]
+        by_condition[name] = error_rates(references, [r for _, r in replies]).get("cer")
     clean, snr10 = by_condition.get("clean"), by_condition.get("snr10")
     return {
         "cer_by_condition": by_condition,
@@ -240,6 +253,12 @@ def _speed(model: SpeechLM, clips: Iterable[SpeechExample], max_new_tokens: int)
     elapsed = time.perf_counter() - started
     seconds = sum(a.duration for a in audio)
     return {"rtf": elapsed / seconds, "rtf_audio_seconds": seconds}
+
+
+def _transcript(example: SpeechExample) -> str:
+    """The transcript of a clip asked to be transcribed (the task needs one)."""
+    assert example.text is not None
+    return example.text
 
 
 def _ratio(right: int, total: int) -> float | None:

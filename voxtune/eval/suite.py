@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import yaml
 from pydantic import Field, model_validator
@@ -45,15 +45,15 @@ SUMMARY_KEYS = (
     "rtf",
 )
 
+NoiseKind = Literal["white", "pink", "brown"]
+
 
 class NoiseSection(Config):
     """Transcription under noise and on the telephone: the first `clips` transcription clips,
     each degraded with its own seeded noise (a kind drawn from `kinds`) at every SNR."""
 
     snr_db: list[float] = Field(default_factory=lambda: [20.0, 10.0, 5.0])
-    kinds: list[Literal["white", "pink", "brown"]] = Field(
-        default_factory=lambda: ["white", "pink", "brown"], min_length=1
-    )
+    kinds: list[NoiseKind] = Field(default_factory=lambda: list(get_args(NoiseKind)), min_length=1)
     telephone: bool = True
     clips: int = Field(200, ge=1)
 

@@ -154,7 +154,8 @@ def answer(
 
 def _figures(replies: Iterable[tuple[Question, str]], tasks: Sequence[str]) -> dict[str, float]:
     """Score the replies into the flat figures `evaluate_tasks` returns."""
-    scored, right = Counter(), Counter()
+    scored: Counter[str] = Counter()
+    right: Counter[str] = Counter()
     references, hypotheses, boundary_errors = [], [], []
     for item, reply in replies:
         scored[item.task] += 1

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+from torch import nn
+from transformers import PreTrainedModel
 
 from voxtune.export import ExportError
 from voxtune.export.ultravox import check_exportable, ultravox_state
@@ -64,7 +66,8 @@ def write_lm_gguf(model: SpeechLM, path: Path, quant: str) -> None:
     """The LM, its tokenizer and chat template as one GGUF file."""
     import gguf
 
-    lm, config = model.lm, model.lm.config
+    lm = cast(PreTrainedModel, model.lm)  # a transformers causal LM (an export's has no adapters)
+    config = lm.config
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
         raise ExportError(f"--to gguf: voxtune writes GGUF for {', '.join(ARCHITECTURES)} LMs, not {config.model_type}")
@@ -145,7 +148,8 @@ def _add_tokenizer(writer: Any, model: SpeechLM) -> None:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE" or spec.get("decoder", {}).get("type") != "ByteLevel":
         raise ExportError("--to gguf: the tokenizer is not a byte-level BPE, the kind voxtune writes to GGUF")
-    vocab_size = model.lm.get_input_embeddings().num_embeddings
+    embeddings = cast(nn.Embedding, cast(PreTrainedModel, model.lm).get_input_embeddings())
+    vocab_size = embeddings.num_embeddings
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [UNUSED] * vocab_size
     for text, index in tokenizer.get_vocab().items():
@@ -203,7 +207,7 @@ def write_mmproj_gguf(model: SpeechLM, path: Path) -> None:
     writer.add_audio_block_count(layers)
     writer.add_audio_head_count(int(encoder["encoder_attention_heads"]))
     writer.add_audio_attention_layernorm_eps(1e-5)  # Whisper's LayerNorms
-    writer.add_audio_projection_dim(model.lm.config.hidden_size)
+    writer.add_audio_projection_dim(cast(PreTrainedModel, model.lm).config.hidden_size)
     writer.add_audio_num_mel_bins(model.config.n_mels)
     writer.add_audio_stack_factor(model.config.projector_stack)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)

@@ -15,9 +15,10 @@ no vLLM on these machines).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from transformers import PreTrainedModel
 
 from voxtune.export import ExportError
 from voxtune.model import SpeechLM
@@ -55,7 +56,7 @@ def ultravox_state(model: SpeechLM) -> dict[str, torch.Tensor]:
     }
     if projector.norm_mid is not None:
         state["multi_modal_projector.ln_mid.weight"] = projector.norm_mid.weight
-    else:
+    elif projector.norm_out is not None:  # the projector has one of the two
         state["multi_modal_projector.ln_post.weight"] = projector.norm_out.weight
     state |= {f"language_model.{k}": v for k, v in model.lm.state_dict().items()}
     return {k: v.detach().contiguous() for k, v in state.items()}
@@ -64,6 +65,7 @@ def ultravox_state(model: SpeechLM) -> dict[str, torch.Tensor]:
 def ultravox_config(model: SpeechLM) -> dict[str, Any]:
     """config.json of the export: every part inline, the projector's settings written out."""
     encoder = dict(model.config.encoder)
+    lm_config = cast(PreTrainedModel, model.lm).config
     # Ultravox's remote code runs its unpadded, masked Whisper encoder only when the audio
     # config's name says whisper; otherwise it builds a plain one that insists on 30 s.
     audio = {"model_type": "whisper", "_name_or_path": "whisper-encoder", **encoder}
@@ -71,14 +73,14 @@ def ultravox_config(model: SpeechLM) -> dict[str, Any]:
         "model_type": "ultravox",
         "architectures": ["UltravoxModel"],
         "audio_config": audio,
-        "text_config": model.lm.config.to_dict(),
+        "text_config": lm_config.to_dict(),
         "hidden_size": 2 * model.config.projector_hidden,
         "stack_factor": model.config.projector_stack,
         "projector_act": "swiglu",
         "projector_ln_mid": model.projector.norm_mid is not None,
         "norm_init": 0.4,
         "audio_token_index": model.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-        "vocab_size": model.lm.config.vocab_size,
+        "vocab_size": lm_config.vocab_size,
         "ignore_index": -100,
     }
 
@@ -94,7 +96,7 @@ def write_ultravox(model: SpeechLM, directory: Path) -> None:
     # A tied head is written as a copy too: every reader takes it, and skips it if it ties.
     save_file(_unshared(ultravox_state(model)), str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(ultravox_config(model), indent=2) + "\n")
-    model.lm.generation_config.save_pretrained(directory)
+    cast(PreTrainedModel, model.lm).generation_config.save_pretrained(directory)
     model.tokenizer.save_pretrained(directory)
     WhisperFeatureExtractor(feature_size=model.config.n_mels).save_pretrained(directory)
     # Only the processor is remote code (vLLM has none of its own for Ultravox); named here, not in

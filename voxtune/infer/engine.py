@@ -15,14 +15,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from transformers import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import CacheLayerMixin
 
 from voxtune.model.generation import (
     Prefill,
@@ -75,7 +76,7 @@ class Generation:
         """Tokens in the prompt, audio positions included."""
         return len(self.example.input_ids)
 
-    def audio_tokens(self, audio_token_id: int) -> int:
+    def audio_tokens(self, audio_token_id: int | None) -> int:
         """Prompt positions that hold audio."""
         return sum(1 for token in self.example.input_ids if token == audio_token_id)
 
@@ -142,7 +143,7 @@ class Engine:
 
         return pieces()
 
-    def _events(self, messages: Sequence[dict], sampling: dict) -> Iterator[tuple[str, Any]]:
+    def _events(self, messages: Sequence[dict], sampling: dict) -> Generator[tuple[str, Any], None, None]:
         """Submit, yield ("submitted", None), then the events up to "done"; raises on "error".
         Closing it early cancels the generation."""
         events: queue.Queue = queue.Queue()
@@ -199,7 +200,7 @@ class Engine:
     def _take(self) -> tuple[list[Generation], bool]:
         """New requests (waiting for one when idle, else whatever is queued, up to the batch)
         and whether the engine is closing."""
-        arrived = []
+        arrived: list[Generation] = []
         while len(self._active) + len(arrived) < self.max_batch:
             try:
                 item = self._queue.get(block=not self._active and not arrived)
@@ -279,6 +280,7 @@ class Engine:
             self._drop(keep)
             if not self._active:
                 return
+        assert self._state is not None  # there is a batch state while rows are active
         logits = decode_step(self.model, [g.row.tokens[-1] for g in self._active], self._state)
         self.steps += 1
         self._pick(self._active, logits)
@@ -295,7 +297,7 @@ class Engine:
             if row.done:
                 continue
             try:
-                token = greedy[i] if row.params.temperature == 0 else row.pick(logits[i])
+                token = greedy[i] if greedy is not None and row.params.temperature == 0 else row.pick(logits[i])
                 row.add(token, self._stop_ids, self.model.tokenizer)
                 settled = row.settled_text()
             except Exception as error:  # noqa: BLE001 - this request's own failure
@@ -313,6 +315,7 @@ class Engine:
         if not self._active:
             self._state = None
             return
+        assert self._state is not None  # there is a batch state while rows are active
         _select(self._state, keep)
 
     def _finish(self, generation: Generation, reason: str) -> None:
@@ -351,7 +354,7 @@ def _concat(old: Prefill, new: Prefill) -> Prefill:
         # F.pad takes (left, right) pairs from the last axis backwards.
         return F.pad(tensor, [0, 0] * (axis_from_end - 1) + [missing, 0]) if missing else tensor
 
-    def join(first: DynamicCache, second: DynamicCache, padded: bool) -> DynamicCache:
+    def join(first: Cache, second: Cache, padded: bool) -> DynamicCache:
         fit = (lambda t: pad(t, 2)) if padded else (lambda t: t)
         return DynamicCache(
             ddp_cache_data=[
@@ -360,7 +363,7 @@ def _concat(old: Prefill, new: Prefill) -> Prefill:
             ]
         )
 
-    if isinstance(old.cache, EncoderDecoderCache):
+    if isinstance(old.cache, EncoderDecoderCache) and isinstance(new.cache, EncoderDecoderCache):
         # Cross-attention rows all read a whole encoder window: same length, nothing to pad.
         cache: Cache = EncoderDecoderCache(
             join(old.cache.self_attention_cache, new.cache.self_attention_cache, True),
@@ -380,7 +383,7 @@ def _map_cache(cache: Cache, self_attention: Any, cross_attention: Any) -> Cache
     """A new cache with `self_attention` applied to every self-attention key and value
     [B, H, L, d], and `cross_attention` to an encoder-decoder's cross-attention ones."""
 
-    def mapped(part: DynamicCache, fn: Any) -> DynamicCache:
+    def mapped(part: Cache, fn: Any) -> DynamicCache:
         return DynamicCache(ddp_cache_data=[(fn(k), fn(v)) for k, v in _layers(part)])
 
     if isinstance(cache, EncoderDecoderCache):
@@ -390,6 +393,8 @@ def _map_cache(cache: Cache, self_attention: Any, cross_attention: Any) -> Cache
     return mapped(cache, self_attention)
 
 
-def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _layers(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(keys, values) [B, H, L, d] of every layer of a cache."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    # The engine's caches are attention caches that prefill has filled: every layer holds both.
+    layers = cast(list[CacheLayerMixin], cache.layers)
+    return [(cast(torch.Tensor, layer.keys), cast(torch.Tensor, layer.values)) for layer in layers]

@@ -215,7 +215,7 @@ class Runtime:
             return {"role": "user", "content": content}
         if not isinstance(content, list) or not content:
             raise MessageError(f"{where}.content must be a string or a non-empty list of parts")
-        parts = []
+        parts: list[dict[str, Any]] = []
         for number, part in enumerate(content):
             at = f"{where}.content[{number}]"
             kind = part.get("type") if isinstance(part, dict) else None
@@ -267,10 +267,11 @@ class Runtime:
         if fmt is not None and fmt not in INPUT_FORMATS:
             raise MessageError(f"{where}.input_audio.format must be one of {', '.join(INPUT_FORMATS)}, not {echo(fmt)}")
         digest = self.store.digest(f"{fmt}:{data}")
-        entry = self.store.find_clip(owner, digest)
-        if entry is not None:
-            self._check_budget(used + entry.embedding.duration)
-            return entry
+        found = self.store.find_clip(owner, digest)
+        if found is not None:
+            assert found.embedding is not None  # found by its content hash: a user clip
+            self._check_budget(used + found.embedding.duration)
+            return found
         try:  # decoding stops as soon as the clip passes what is left of the budget
             audio = self.decode(data, fmt, where=f"{where}.input_audio", max_seconds=self.context_audio_seconds - used)
         except AudioTooLongError:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 
@@ -11,6 +11,9 @@ from voxtune.model.projector import Projector
 from voxtune.model.registry import family_of
 from voxtune.model.speech_lm import SpeechLM, SpeechLMConfig, build_encoder, encoder_config_dict
 from voxtune.tags import AUDIO_TOKEN, special_tokens
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Encoder frames stacked per audio token, for about 12.5 audio tokens per second.
 DEFAULT_STACK = {"streaming": 2, "whisper": 4}
@@ -35,7 +38,7 @@ def prepare_tokenizer(tokenizer: Any, model_type: str) -> Any:
 
 
 def build_speech_lm(
-    lm: nn.Module,
+    lm: PreTrainedModel,
     tokenizer: Any,
     *,
     encoder_kind: str,
@@ -52,7 +55,7 @@ def build_speech_lm(
     exactly to vLLM and llama.cpp), after them for the streaming encoder (no export target).
     """
     tokenizer = prepare_tokenizer(tokenizer, lm.config.model_type)
-    if lm.get_input_embeddings().num_embeddings < len(tokenizer):
+    if cast(nn.Embedding, lm.get_input_embeddings()).num_embeddings < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     encoder_config = encoder_config_dict(encoder_kind, encoder_config)
     encoder = build_encoder(encoder_kind, encoder_config)

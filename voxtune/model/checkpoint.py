@@ -15,7 +15,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +25,9 @@ from voxtune.errors import InputError
 from voxtune.files import atomic_directory
 from voxtune.model.projector import Projector
 from voxtune.model.speech_lm import SpeechLM, SpeechLMConfig, build_encoder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CONFIG_FILE = "voxtune.json"
 # voxtune-tiny, trained by recipes/voxtune-tiny-v3 and shipped in the package: the model when none is named.
@@ -46,7 +49,7 @@ def save(model: SpeechLM, directory: str | os.PathLike, *, extra_files: dict[str
     """
     target = check_replaceable(directory)
     with atomic_directory(target) as staging:
-        model.lm.save_pretrained(staging)
+        cast("PreTrainedModel", model.lm).save_pretrained(staging)  # a transformers causal LM
         model.tokenizer.save_pretrained(staging)
         audio_state = {
             f"{name}.{key}": _compact(tensor.detach().contiguous().cpu())
@@ -149,9 +152,13 @@ def _load(path: Path, config_path: Path, device: Any, dtype: torch.dtype | None)
 
     config = SpeechLMConfig.from_dict(json.loads(config_path.read_text()))
     tokenizer = _load_tokenizer(path)
-    lm, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=dtype or torch.float32)
+    # With output_loading_info, from_pretrained returns (model, loading info).
+    lm, info = cast(
+        "tuple[PreTrainedModel, dict[str, Any]]",
+        AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=dtype or torch.float32),
+    )
     check_keys("LM", sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", [])), [])
-    rows = lm.get_input_embeddings().num_embeddings
+    rows = cast(torch.nn.Embedding, lm.get_input_embeddings()).num_embeddings
     if len(tokenizer) > rows:
         raise ModelLoadError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the LM only {rows} embeddings")
     encoder = build_encoder(config.encoder_kind, config.encoder)

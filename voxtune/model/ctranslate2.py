@@ -55,7 +55,7 @@ WHISPER_TINY_EN = "whisper-tiny.en"
 _BINARY_VERSIONS = range(4, 7)
 _WHISPER_REVISION = 3
 # CTranslate2's DataType ids (include/ctranslate2/types.h); bfloat16 is widened on reading.
-_DTYPES = {
+_DTYPES: dict[int, np.dtype[Any]] = {
     0: np.dtype("<f4"),
     1: np.dtype("i1"),
     2: np.dtype("<i2"),
@@ -64,7 +64,7 @@ _DTYPES = {
     5: np.dtype("<u2"),
 }
 _BFLOAT16 = 5
-_OUTPUT_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+_OUTPUT_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 # CTranslate2's test for a multilingual Whisper (whisper.cc): English-only ones have 51864 tokens.
 _MULTILINGUAL_VOCAB = 51865
 
@@ -210,7 +210,7 @@ class _Reader:
     def unpack(self, fmt: str, what: str) -> int:
         """One little-endian integer of struct format `fmt`."""
         start = self.take(struct.calcsize("<" + fmt), what)
-        return struct.unpack_from("<" + fmt, self.data, start)[0]
+        return struct.unpack_from("<" + fmt, self.data.data, start)[0]  # the array's memoryview
 
     def string(self, what: str) -> str:
         """A u16 length (counting the NUL), UTF-8 bytes, a NUL."""
@@ -478,7 +478,6 @@ def _whisper_config(variables: dict[str, np.ndarray], tokens: dict[str, int], ti
         d_model=embeddings.shape[1],
         encoder_layers=_layer_count(variables, "encoder"),
         decoder_layers=_layer_count(variables, "decoder"),
-        num_hidden_layers=_layer_count(variables, "encoder"),
         encoder_attention_heads=int(variables["encoder/num_heads"]),
         decoder_attention_heads=int(variables["decoder/num_heads"]),
         encoder_ffn_dim=variables["encoder/layer_0/ffn/linear_0/weight"].shape[0],
@@ -549,10 +548,11 @@ def _languages(ids: list[int], vocabulary: list[str], path: Path) -> dict[str, i
 
 
 def _tokenizer(directory: Path, vocabulary: list[str]) -> Any:
-    """`WhisperTokenizerFast` from tokenizer.json, with the tokens only CTranslate2's vocabulary
-    lists (the 1501 timestamps <|0.00|>..<|30.00|>) added, so that its ids are the model's."""
+    """`WhisperTokenizer` (a fast one: transformers 5's are) from tokenizer.json, with the tokens
+    only CTranslate2's vocabulary lists (the 1501 timestamps <|0.00|>..<|30.00|>) added, so that
+    its ids are the model's."""
     from tokenizers import AddedToken, Tokenizer
-    from transformers import WhisperTokenizerFast
+    from transformers import WhisperTokenizer
 
     file = directory / "tokenizer.json"
     if not file.is_file():
@@ -577,7 +577,7 @@ def _tokenizer(directory: Path, vocabulary: list[str]) -> Any:
     if "<|endoftext|>" not in specials:
         raise ModelLoadError(f"{file} has no <|endoftext|> token: not a Whisper tokenizer")
     # transformers finds the first timestamp id as the last special id + 1: keep them in id order.
-    return WhisperTokenizerFast(
+    return WhisperTokenizer(
         tokenizer_object=backend,
         unk_token="<|endoftext|>",
         bos_token="<|endoftext|>",

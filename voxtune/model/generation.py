@@ -11,6 +11,7 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import Cache
@@ -72,6 +73,10 @@ class _Row:
         if params.seed is not None and params.temperature > 0:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
 
+    @property
+    def _stops(self) -> list[str]:
+        return cast("list[str]", self.params.stop)  # SamplingParams.__post_init__ made it a list
+
     def pick(self, logits: torch.Tensor) -> int:
         """Sample the next token from `logits` [V] (temperature > 0; greedy is batched elsewhere)."""
         probs = torch.softmax(logits.float() / self.params.temperature, dim=-1)
@@ -101,7 +106,7 @@ class _Row:
 
     def _apply_stops(self) -> None:
         """End the text at the first stop string in it, if any."""
-        for stop in self.params.stop:
+        for stop in self._stops:
             if stop in self.text:
                 self.text = self.text[: self.text.index(stop)]
                 self.done, self.reason = True, "stop"
@@ -129,7 +134,7 @@ class _Row:
         if self.done:
             return self.text
         text = self.text.rstrip("\ufffd")
-        hold = max((len(s) - 1 for s in self.params.stop), default=0)
+        hold = max((len(s) - 1 for s in self._stops), default=0)
         return text[: len(text) - hold] if hold else text
 
 
@@ -221,7 +226,7 @@ def pick_tokens(rows: Sequence[_Row], logits: torch.Tensor) -> list[int | None]:
     """The next token of each row from `logits` [B, V] (None for a row that is done)."""
     greedy = greedy_tokens(rows, logits)
     return [
-        None if row.done else greedy[i] if row.params.temperature == 0 else row.pick(logits[i])
+        None if row.done else greedy[i] if greedy is not None and row.params.temperature == 0 else row.pick(logits[i])
         for i, row in enumerate(rows)
     ]
 

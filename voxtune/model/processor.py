@@ -111,7 +111,8 @@ class SpeechProcessor:
         """
         if not messages:
             raise MessageError("a conversation needs at least one message")
-        rendered, clips = [], []
+        rendered: list[dict] = []
+        clips: list[Clip] = []
         for index, message in enumerate(messages):
             rendered.append(self._flatten(message, index, clips))
         ids: list[int] = []
@@ -214,12 +215,12 @@ class SpeechProcessor:
         previous = 0
         for place, clip in zip(places, clips, strict=True):
             count = clip.num_tokens if isinstance(clip, AudioEmbedding) else self.audio_tokens(len(clip))
-            out_ids += ids[previous:place] + [self.audio_token_id] * count
-            if out_labels is not None:
+            out_ids += ids[previous:place] + [ids[place]] * count  # the placeholder, the audio token
+            if out_labels is not None and labels is not None:
                 out_labels += labels[previous:place] + [IGNORE_INDEX] * count
             previous = place + 1
         out_ids += ids[previous:]
-        if out_labels is not None:
+        if out_labels is not None and labels is not None:
             out_labels += labels[previous:]
         return Example(out_ids, out_labels, clips)
 
@@ -270,11 +271,12 @@ class SpeechProcessor:
         not separate sequences in every attention implementation.
         """
         joined = Example([], [] if all(e.labels is not None for e in examples) else None, [])
-        positions, starts = [], []
+        positions: list[int] = []
+        starts: list[int] = []
         for example in examples:
             starts.append(len(joined.input_ids))
             joined.input_ids += example.input_ids
-            if joined.labels is not None:
+            if joined.labels is not None and example.labels is not None:  # all have labels, or none is kept
                 # An example's first token is never predicted from the one before it.
                 joined.labels += [IGNORE_INDEX] + example.labels[1:]
             joined.clips += example.clips

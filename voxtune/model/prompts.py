@@ -51,7 +51,9 @@ def ask_spoken_requests(messages: list[dict]) -> list[dict]:
     """`messages` with a last user turn of audio alone marked as a spoken request to answer (the
     answer task's tag after the clips, as the model was taught); other conversations as they are."""
     last = messages[-1] if messages else None
-    content = last.get("content") if isinstance(last, dict) and last.get("role") == "user" else None
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return messages
+    content = last.get("content")
     if not isinstance(content, list) or not content:
         return messages
     if all(isinstance(part, dict) and part.get("type") in ("audio", "input_audio") for part in content):

@@ -10,11 +10,31 @@ model: the swapped layers are the same objects in both trees.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
+if TYPE_CHECKING:
+    from bitsandbytes.nn import Params4bit
 
-def _bnb():  # type: ignore[no-untyped-def]
+
+class _LoraLayer(Protocol):
+    """What this module uses of a peft LoRA layer (one with `get_delta_weight`)."""
+
+    @property
+    def disable_adapters(self) -> bool: ...
+    @property
+    def merged(self) -> bool: ...
+    @property
+    def active_adapters(self) -> list[str]: ...
+    @property
+    def lora_A(self) -> torch.nn.ModuleDict: ...
+    def get_base_layer(self) -> torch.nn.Module: ...
+    def get_delta_weight(self, adapter: str) -> torch.Tensor: ...
+
+
+def _bnb() -> ModuleType:
     """bitsandbytes, imported when 4-bit layers are wanted (it is an optional dependency)."""
     import bitsandbytes
 
@@ -64,7 +84,7 @@ def quantize_linears(
 
 def dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
     """A 4-bit layer's weight [out, in] as the forward pass uses it, in its compute dtype."""
-    weight = layer.weight
+    weight = cast("Params4bit", layer.weight)
     full = _bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
     return full.to(getattr(layer, "compute_dtype", None) or full.dtype)
 
@@ -78,14 +98,16 @@ def merge_to_full_precision(root: torch.nn.Module) -> int:
     for parent, name, child in _children(root):
         if hasattr(parent, "get_delta_weight"):
             continue  # a LoRA layer's own base layer: merged with it, as its child
-        base = child.get_base_layer() if hasattr(child, "get_delta_weight") else child
-        if not hasattr(getattr(base, "weight", None), "quant_state"):
+        lora = cast(_LoraLayer, child) if hasattr(child, "get_delta_weight") else None
+        module = lora.get_base_layer() if lora is not None else child
+        if not hasattr(getattr(module, "weight", None), "quant_state"):
             continue
+        base = cast(torch.nn.Linear, module)  # a bitsandbytes Linear4bit, a subclass
         weight = dequantized_weight(base)
-        if base is not child and not (child.disable_adapters or child.merged):
-            for adapter in child.active_adapters:
-                if adapter in child.lora_A:
-                    weight = weight + child.get_delta_weight(adapter).to(weight.dtype)
+        if lora is not None and base is not child and not (lora.disable_adapters or lora.merged):
+            for adapter in lora.active_adapters:
+                if adapter in lora.lora_A:
+                    weight = weight + lora.get_delta_weight(adapter).to(weight.dtype)
         layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None, device="meta")
         layer.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
         if base.bias is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TypedDict
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +55,21 @@ class Family:
     lora_targets: tuple[str, ...] = _ATTENTION_AND_MLP
 
 
-_CHATML = dict(chat_template=CHATML_TEMPLATE, special_tokens=("<|im_start|>", "<|im_end|>"), end_of_turn="<|im_end|>")
-_LLAMA3 = dict(
+class _Chat(TypedDict):
+    """A family's chat settings, shared by the families that chat alike."""
+
+    chat_template: str
+    special_tokens: tuple[str, ...]
+    end_of_turn: str | None
+
+
+_CHATML = _Chat(chat_template=CHATML_TEMPLATE, special_tokens=("<|im_start|>", "<|im_end|>"), end_of_turn="<|im_end|>")
+_LLAMA3 = _Chat(
     chat_template=LLAMA3_TEMPLATE,
     special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     end_of_turn="<|eot_id|>",
 )
-_GEMMA = dict(
+_GEMMA = _Chat(
     chat_template=GEMMA_TEMPLATE, special_tokens=("<start_of_turn>", "<end_of_turn>"), end_of_turn="<end_of_turn>"
 )
 

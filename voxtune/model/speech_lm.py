@@ -13,12 +13,13 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast, overload
 
 import numpy as np
 import torch
 from torch import nn
 
+from voxtune.audio import Audio
 from voxtune.audio.features import HOP_LENGTH, log_mel_batch
 from voxtune.model.processor import AudioEmbedding, MessageError, SpeechProcessor
 from voxtune.model.projector import Projector
@@ -26,7 +27,28 @@ from voxtune.model.quantize import merge_to_full_precision
 from voxtune.model.registry import Family, family_of
 from voxtune.model.whisper_encoder import WhisperEncoder
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedConfig
+
+    from voxtune.model.streaming_encoder import StreamingEncoder
+
 CONFIG_VERSION = 1
+
+
+class _CausalLM(Protocol):
+    """What `SpeechLM` reads off its `lm`: a transformers causal LM, or a peft model around one
+    (which forwards these to it)."""
+
+    @property
+    def config(self) -> PreTrainedConfig: ...
+    def get_input_embeddings(self) -> nn.Module: ...
+
+
+class _AudioEncoder(Protocol):
+    """What `SpeechLM` reads off its `encoder` (or a peft model around it, which forwards it)."""
+
+    def output_lengths(self, mel_frames: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -85,7 +107,7 @@ def encoder_config_dict(kind: str, config: Any) -> dict[str, Any]:
     return StreamingEncoderConfig.from_dict(data).to_dict()  # every field, defaults written out
 
 
-def build_encoder(kind: str, config: dict[str, Any]) -> nn.Module:
+def build_encoder(kind: str, config: dict[str, Any]) -> StreamingEncoder | WhisperEncoder:
     """The audio encoder of `kind` ("streaming" or "whisper") from its config dict."""
     if kind == "streaming":
         from voxtune.model.streaming_encoder import StreamingEncoderConfig, build_streaming_encoder
@@ -135,7 +157,7 @@ class SpeechLM(nn.Module):
     @property
     def family(self) -> Family:
         """The LM family, from its config's model_type."""
-        return family_of(self.lm.config.model_type)
+        return family_of(cast(_CausalLM, self.lm).config.model_type)
 
     @property
     def device(self) -> torch.device:
@@ -146,9 +168,9 @@ class SpeechLM(nn.Module):
         """LM positions a clip of `samples` 16 kHz samples takes."""
         if self._pads_to_hop:
             frames = sum(self._window_sizes(samples)) // HOP_LENGTH
-            hidden = torch.tensor([self.encoder.window_output_lengths(frames)])
+            hidden = torch.tensor([self._whisper_encoder.window_output_lengths(frames)])
         else:
-            hidden = self.encoder.output_lengths(torch.tensor([samples // HOP_LENGTH]))
+            hidden = cast(_AudioEncoder, self.encoder).output_lengths(torch.tensor([samples // HOP_LENGTH]))
         return int(self.projector.output_lengths(hidden)[0])
 
     # ---- audio ------------------------------------------------------------------------------
@@ -158,6 +180,12 @@ class SpeechLM(nn.Module):
         # A Whisper encoder reads its clips as Whisper's feature extractor gives them in Ultravox
         # and vLLM (zero-padded to a whole hop), so an exported model reads the same frames there.
         return self.config.encoder_kind == "whisper"
+
+    @property
+    def _whisper_encoder(self) -> WhisperEncoder:
+        # A "whisper" encoder_kind's encoder: a WhisperEncoder, or a peft model around one that
+        # forwards its attributes.
+        return cast(WhisperEncoder, self.encoder)
 
     def featurize(self, clips: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """16 kHz clips -> the encoder's input features [N, M, T] and valid frames [N]: log-mel
@@ -182,7 +210,7 @@ class SpeechLM(nn.Module):
     def _window_sizes(self, samples: int) -> list[int]:
         """Samples in each window `_windows` cuts from a clip of `samples` samples."""
         samples += -samples % HOP_LENGTH
-        size = self.encoder.max_frames * HOP_LENGTH
+        size = self._whisper_encoder.max_frames * HOP_LENGTH
         full, rest = divmod(samples, size)
         if not full:
             return [samples]
@@ -205,7 +233,9 @@ class SpeechLM(nn.Module):
         dtype = next(self.encoder.parameters()).dtype  # features are float32; the model may not be
         # voxtune's Whisper encoder reads a clip past its 30 s table in windows (see `featurize`);
         # with LoRA on it, peft wraps it, and its adapters sit inside the model it wraps.
-        base = self.encoder.get_base_model() if hasattr(self.encoder, "get_base_model") else self.encoder
+        base = self.encoder
+        if hasattr(base, "get_base_model"):
+            base = cast("PeftModel", base).get_base_model()
         encode = base.encode_windows if isinstance(base, WhisperEncoder) else self.encoder
         return encode(features.to(self.device, dtype), frames.to(self.device))
 
@@ -222,6 +252,8 @@ class SpeechLM(nn.Module):
         clip = self.processor.encode_messages([{"role": "user", "content": [{"type": "audio", "audio": audio}]}]).clips[
             0
         ]
+        if not isinstance(clip, Audio):  # encoded already
+            return clip
         features, frames = self.featurize([clip.samples])
         (embeddings,) = self.embed_audio(features, frames)
         return AudioEmbedding(embeddings.detach(), clip.duration)
@@ -234,7 +266,7 @@ class SpeechLM(nn.Module):
         mask = input_ids == self.processor.audio_token_id  # [B, L]
         # The placeholder may lie past the LM's embedding rows (Ultravox adds it without
         # resizing them); its rows are replaced below, so any id will do.
-        embeddings = self.lm.get_input_embeddings()(input_ids.masked_fill(mask, 0))  # [B, L, D]
+        embeddings = cast(_CausalLM, self.lm).get_input_embeddings()(input_ids.masked_fill(mask, 0))  # [B, L, D]
         clips = self.batch_clips(batch, embeddings.shape[-1])
         positions = int(mask.sum())
         if not clips:
@@ -256,7 +288,7 @@ class SpeechLM(nn.Module):
     def step_inputs(self, tokens: torch.Tensor) -> dict[str, Any]:
         """The LM's inputs for one decoding step of `tokens` [B, 1], besides the mask, the
         positions and the cache: their embeddings [B, 1, D]."""
-        return {"inputs_embeds": self.lm.get_input_embeddings()(tokens)}
+        return {"inputs_embeds": cast(_CausalLM, self.lm).get_input_embeddings()(tokens)}
 
     def new_cache(self) -> Any:
         """An empty KV cache for generation."""
@@ -320,7 +352,7 @@ class SpeechLM(nn.Module):
 
     def base_lm(self) -> Any:
         """The transformers model, inside a peft wrapper or not."""
-        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        return cast("PeftModel", self.lm).get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
     # ---- adapters ---------------------------------------------------------------------------
 
@@ -342,28 +374,29 @@ class SpeechLM(nn.Module):
     def save_adapters(self, directory: str | os.PathLike) -> None:
         """Write the adapters alone in peft's format: the LM's in `directory`, the encoder's in
         `directory/encoder`."""
-        if hasattr(self.lm, "merge_and_unload"):
-            self.lm.save_pretrained(directory)
+        if hasattr(self.lm, "merge_and_unload"):  # a peft model
+            cast("PeftModel", self.lm).save_pretrained(os.fspath(directory))
         if hasattr(self.encoder, "merge_and_unload"):
-            self.encoder.save_pretrained(os.path.join(directory, "encoder"))
+            cast("PeftModel", self.encoder).save_pretrained(os.path.join(directory, "encoder"))
 
     def merge_adapters(self) -> None:
         """Fold the adapters into the weights they adapt (the model stays as it computes); a
         4-bit LM (QLoRA) comes back in full precision, its adapters added to the dequantised
         weights."""
         merge_to_full_precision(self.lm)
-        if hasattr(self.lm, "merge_and_unload"):
-            self.lm = self.lm.merge_and_unload()
+        if hasattr(self.lm, "merge_and_unload"):  # a peft model
+            self.lm = cast("PeftModel", self.lm).merge_and_unload()
         if hasattr(self.encoder, "merge_and_unload"):
-            self.encoder = self.encoder.merge_and_unload()
+            self.encoder = cast("PeftModel", self.encoder).merge_and_unload()
 
     @contextlib.contextmanager
     def lm_adapters_disabled(self) -> Iterator[Any]:
         """The LM as it was before its adapters (the base model, adapters switched off), for
         the duration of the block."""
-        if hasattr(self.lm, "disable_adapter"):
-            with self.lm.disable_adapter():
-                yield self.lm.get_base_model()
+        if hasattr(self.lm, "disable_adapter"):  # a peft model
+            peft_lm = cast("PeftModel", self.lm)
+            with peft_lm.disable_adapter():
+                yield peft_lm.get_base_model()
         else:
             yield self.lm
 
@@ -393,6 +426,12 @@ class SpeechLM(nn.Module):
 
     # ---- generation -------------------------------------------------------------------------
 
+    @overload
+    def generate(self, messages: Sequence[dict], **sampling: Any) -> str: ...
+
+    @overload
+    def generate(self, messages: Sequence[Sequence[dict]], **sampling: Any) -> list[str]: ...
+
     def generate(self, messages: Sequence[dict] | Sequence[Sequence[dict]], **sampling: Any) -> str | list[str]:
         """Reply to one conversation (returns a string) or to several at once (a list).
 
@@ -404,7 +443,10 @@ class SpeechLM(nn.Module):
         if not messages:
             raise MessageError("no conversation to reply to")
         single = isinstance(messages[0], dict)
-        conversations = [messages] if single else list(messages)
+        if single:
+            conversations = [cast("Sequence[dict]", messages)]
+        else:
+            conversations = list(cast("Sequence[Sequence[dict]]", messages))
         texts = generate_batch(self, conversations, SamplingParams(**sampling))
         return texts[0] if single else texts
 
@@ -432,9 +474,10 @@ class SpeechLM(nn.Module):
     def transcribe(self, audio: Any, language: str | None = None, **sampling: Any) -> str:
         """The words spoken in `audio` (anything `voxtune.audio.load` reads, or an `Audio`),
         without the tags the model writes around them."""
-        return self.read_transcript(self.generate(self.transcription_messages(audio, language), **sampling))[0]
+        reply = self.generate(self.transcription_messages(audio, language), **sampling)
+        return self.read_transcript(reply)[0]
 
-    def save_pretrained(self, directory: str, *, extra_files: dict[str, str] | None = None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None) -> None:
         """Write the model: a standard causal-LM checkpoint plus `voxtune.json` and the audio
         weights (and `extra_files`, name -> text, beside them)."""
         from voxtune.model.checkpoint import save

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +189,8 @@ class CausalConv1d(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for rotary position embedding (rotate-half layout) at given positions."""
+
+    inv_freq: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
@@ -356,25 +358,32 @@ class StreamingEncoder(nn.Module):
         self.left_chunks = left_chunks
         self.config = config
 
+    # ModuleList types its items as plain Module; these give them their real types.
+    def _conv_list(self) -> list[CausalConv1d]:
+        return cast("list[CausalConv1d]", list(self.convs))
+
+    def _layer_list(self) -> list[EncoderLayer]:
+        return cast("list[EncoderLayer]", list(self.layers))
+
     @property
     def n_mels(self) -> int:
         """Mel bins expected at the input (M)."""
-        return self.convs[0].in_channels
+        return self._conv_list()[0].in_channels
 
     @property
     def dim(self) -> int:
         """Output width (D)."""
-        return self.convs[-1].out_channels
+        return self._conv_list()[-1].out_channels
 
     @property
     def frame_rate(self) -> float:
         """Output frames per second for 100 input frames per second (25.0 with two stride-2 convs)."""
-        stride = math.prod(conv.conv.stride[0] for conv in self.convs)
+        stride = math.prod(conv.conv.stride[0] for conv in self._conv_list())
         return MEL_FRAME_RATE / stride
 
     def output_lengths(self, mel_frames: torch.Tensor) -> torch.Tensor:
         """Output frames for `mel_frames` input frames: ceil(ceil(T / 2) / 2) with the default convs."""
-        for conv in self.convs:
+        for conv in self._conv_list():
             mel_frames = conv.output_lengths(mel_frames)
         return mel_frames
 
@@ -455,11 +464,12 @@ class StreamingEncoder(nn.Module):
 
     def init_state(self, batch_size: int = 1) -> EncoderStreamState:
         """A fresh stream state for `batch_size` clips advancing together (weights' device and dtype)."""
-        weight = self.convs[0].conv.weight
+        convs = self._conv_list()
+        weight = convs[0].conv.weight
         device, dtype = weight.device, weight.dtype
         return EncoderStreamState(
-            conv_buffers=[conv.init_buffer(batch_size, device, dtype) for conv in self.convs],
-            kv_caches=[layer.attn.empty_cache(batch_size, device, dtype) for layer in self.layers],
+            conv_buffers=[conv.init_buffer(batch_size, device, dtype) for conv in convs],
+            kv_caches=[layer.attn.empty_cache(batch_size, device, dtype) for layer in self._layer_list()],
             pending=torch.zeros(batch_size, 0, self.dim, device=device, dtype=dtype),
         )
 
@@ -480,7 +490,7 @@ class StreamingEncoder(nn.Module):
         self._check_open(state)
         self._check_features(features, batch=state.batch_size)
         x = features
-        for i, conv in enumerate(self.convs):
+        for i, conv in enumerate(self._conv_list()):
             y, state.conv_buffers[i] = conv.step(x, state.conv_buffers[i])
             x = F.gelu(y)
         pending = torch.cat([state.pending, x.transpose(1, 2)], dim=1)  # [B, t, D]
@@ -511,7 +521,7 @@ class StreamingEncoder(nn.Module):
         positions = torch.arange(state.position, state.position + frames, device=x.device)
         cos, sin = self.rope(positions)
         keep = self.left_chunks * self.chunk_frames
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self._layer_list()):
             x, (k, v) = layer.step(x, cos, sin, state.kv_caches[i])
             # Slice by start index: a [-0:] slice would keep everything when left_chunks is 0.
             start = max(0, k.shape[2] - keep)

@@ -66,10 +66,11 @@ def create_app(runtime: Runtime, config: ServeConfig) -> FastAPI:
     )
     install_openapi(app, with_keys=bool(config.api_keys))
     app.state.drain = Drain()
-    app.add_exception_handler(APIError, api_error_handler)
-    app.add_exception_handler(InputError, input_error_handler)
-    app.add_exception_handler(HTTPException, http_error_handler)
-    app.add_exception_handler(Exception, unexpected_error_handler)
+    # FastAPI's decorator form, as add_exception_handler's annotation wants handlers of any Exception.
+    app.exception_handler(APIError)(api_error_handler)
+    app.exception_handler(InputError)(input_error_handler)
+    app.exception_handler(HTTPException)(http_error_handler)
+    app.exception_handler(Exception)(unexpected_error_handler)
     gate = GateStats()
     app.add_middleware(
         Gate,

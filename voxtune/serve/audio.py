@@ -7,7 +7,7 @@ import base64
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Literal
+from typing import Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
@@ -217,6 +217,10 @@ def _subtitles(transcript: Transcript, *, vtt: bool) -> str:
     return ("WEBVTT\n\n" if vtt else "") + "\n".join(blocks)
 
 
+@overload
+def _field(form, name: str, *, required: Literal[True]) -> str: ...
+@overload
+def _field(form, name: str, *, required: bool = False) -> str | None: ...
 def _field(form, name: str, *, required: bool = False) -> str | None:
     value = form.get(name)
     if value is None and required:

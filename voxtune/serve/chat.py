@@ -126,13 +126,14 @@ async def chat_completions(
     speak = "audio" in modalities
     if speak and body.audio is None:
         raise APIError(400, "audio: required when modalities include 'audio' (give voice and format)", param="audio")
-    if speak and body.stream and body.audio.format != "pcm16":
+    audio = body.audio if speak else None
+    if audio is not None and body.stream and audio.format != "pcm16":
         raise APIError(
             400,
-            f"audio.format: '{body.audio.format}' is not supported when stream=true; use 'pcm16'",
+            f"audio.format: '{audio.format}' is not supported when stream=true; use 'pcm16'",
             param="audio.format",
         )
-    voice = voice_name(body.audio.voice) if speak else None
+    voice = voice_name(audio.voice) if audio is not None else None
     params = sampling(body, max_tokens)
     owner = request.scope["state"]["owner"]
     asked = body.max_completion_tokens or body.max_tokens
@@ -145,6 +146,7 @@ async def chat_completions(
         reply_tokens=params.max_new_tokens if asked else 1,
     )
     example = prepared.example
+    assert example is not None  # prepare_chat tokenises the conversation
     if not asked:  # as long as the context allows, up to the limit
         room = runtime.reply_room(example)
         if room is not None and 0 < room < params.max_new_tokens:
@@ -221,12 +223,12 @@ class _Reply:
             return "tool_calls"
         return "length" if completion.finish_reason == "length" else "stop"
 
-    async def _speak(self, text: str, heard: list[str], fmt: str) -> bytes | None:
+    async def _speak(self, text: str, heard: list[str], voice: str, fmt: str) -> bytes | None:
         spoken = strip_tags(text)
         if not spoken:
             return None
         language, style = choose_voice(text, *heard)
-        audio, _ = await asyncio.to_thread(render_reply, spoken, language, self.voice, style)
+        audio, _ = await asyncio.to_thread(render_reply, spoken, language, voice, style)
         return await asyncio.to_thread(encode, audio, fmt)
 
     async def whole(self, completion: Completion, heard: list[str]) -> dict:
@@ -235,8 +237,8 @@ class _Reply:
         message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None, "refusal": None}
         if calls:
             message["tool_calls"] = calls
-        if self.voice is not None:
-            data = await self._speak(text, heard, self.body.audio.format)
+        if self.voice is not None and self.body.audio is not None:  # a spoken reply: both are given
+            data = await self._speak(text, heard, self.voice, self.body.audio.format)
             if data is not None:
                 entry = self.runtime.remember_reply(self.owner, completion.text)
                 message["content"] = None
@@ -376,6 +378,7 @@ class _Reply:
 
     async def _audio_chunks(self, text: str, reply: str, heard: list[str], audio_id: str) -> AsyncIterator[str]:
         """`text` (sentences of `reply`, the raw text so far) spoken, as pcm16 pieces."""
+        assert self.voice is not None  # only a spoken reply has audio
         language, style = choose_voice(reply, *heard)
         audio, _ = await asyncio.to_thread(render_reply, text, language, self.voice, style)
         pcm = encode(audio, "pcm16")  # 24 kHz s16le

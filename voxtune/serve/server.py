@@ -115,7 +115,8 @@ class _Server(uvicorn.Server):
             uvicorn.Config(
                 app,
                 http=_protocol(limits.header_timeout_seconds, limits.max_connections),
-                timeout_graceful_shutdown=limits.shutdown_timeout_seconds,
+                # uvicorn annotates int but passes it to asyncio.wait_for, which takes fractions of a second too
+                timeout_graceful_shutdown=limits.shutdown_timeout_seconds,  # type: ignore[arg-type]
                 log_level="info" if config.access_log else "warning",
                 access_log=config.access_log,
             )
@@ -136,7 +137,7 @@ def _protocol(header_timeout: float, max_connections: int) -> type[H11Protocol]:
         _deadline: asyncio.TimerHandle | None = None
         _refused = False
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own override
             super().connection_made(transport)
             if len(self.connections) > max_connections:
                 # Answer, stop writing and let the client close: closing at once with its

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -63,7 +63,8 @@ def save(
     options = _options(full=True)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     # Frozen 4-bit layers (QLoRA) add their quantisation statistics, which are not parameters.
-    weights = {k: v for k, v in get_model_state_dict(model, options=options).items() if k in trainable}
+    state_dict = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))  # a model's: tensors
+    weights = {k: v for k, v in state_dict.items() if k in trainable}
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     if procs.main:
         extra = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rngs[0]}
@@ -88,7 +89,8 @@ def restore(
     """Load `checkpoint` into the model, optimizer, schedule and RNG; returns its saved state."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    set_model_state_dict(model, trained_weights(checkpoint, model), options=_options(full=False))
+    # A copy typed as torch's annotation asks (dict is invariant in its values).
+    set_model_state_dict(model, dict(trained_weights(checkpoint, model)), options=_options(full=False))
     extra = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu")  # the optimizer moves it
     set_optimizer_state_dict(model, optimizer, extra["optimizer"], options=_options(full=False))
     scheduler.load_state_dict(extra["scheduler"])

@@ -12,7 +12,7 @@ exported model.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,8 @@ class CtcHead(nn.Module):
 
 def attach_ctc_head(model: SpeechLM, chars: Sequence[str]) -> CtcHead:
     """Give `model` (a `SpeechLM`) a new CTC head over `chars` (see `alphabet`)."""
-    head = CtcHead(model.encoder.dim, chars).to(model.device)
+    width = cast(int, model.encoder.dim)  # every encoder kind has its output width as `dim`
+    head = CtcHead(width, chars).to(model.device)
     model.add_module(HEAD, head)
     return head
 
@@ -77,7 +78,7 @@ def ctc_loss(model: SpeechLM, hidden: torch.Tensor, lengths: torch.Tensor, examp
                 targets.append(ids)
         row += len(example.clips)
     if not rows:
-        return 0.0 * sum(p.sum() for p in head.parameters())
+        return cast(torch.Tensor, 0.0 * sum(p.sum() for p in head.parameters()))  # a Tensor: the head has weights
     index = torch.tensor(rows, device=hidden.device)
     log_probs = head(hidden.index_select(0, index)).transpose(0, 1)  # [T, n, classes]
     flat = torch.tensor([t for ids in targets for t in ids], device=hidden.device)

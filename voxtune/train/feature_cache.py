@@ -116,7 +116,7 @@ def clip_key(samples: np.ndarray, sample_rate: int, augmentation: dict | None, f
     record = _canonical_json(augmentation)
     digest = hashlib.sha256()
     digest.update(f"{CACHE_FORMAT}:{samples.dtype.str}:{samples.shape}:".encode())
-    digest.update(memoryview(samples).cast("B"))
+    digest.update(samples.data.cast("B"))
     digest.update(f":{int(sample_rate)}:{len(record)}:{record}:{fingerprint}".encode())
     return digest.hexdigest()
 
@@ -124,7 +124,7 @@ def clip_key(samples: np.ndarray, sample_rate: int, augmentation: dict | None, f
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor (any dtype, bfloat16 included), through a CPU copy if needed."""
     flat = tensor.to("cpu").contiguous().reshape(-1)  # reshape: a 0-d tensor cannot change dtype
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def _plain(value: Any) -> Any:
@@ -245,7 +245,7 @@ class EncoderFeatureCache:
         files is safe. Another run still using an old fingerprint loses its entries (they are
         re-encoded), nothing worse.
         """
-        removed = []
+        removed: list[str] = []
         if not self.root.is_dir():
             return removed
         for entry in sorted(self.root.iterdir()):

@@ -281,19 +281,19 @@ def _head_backward(
         grad = grad_of_logits(start, stop, capped)  # [C, V] float32
         if slope is not None:
             grad.mul_(slope)
-        if need_bias:
+        if grad_bias is not None:
             grad_bias += grad.sum(0)
         grad = grad.to(dtype)
-        if need_rows:
+        if grad_rows is not None:
             grad_rows[start:stop] = grad @ matmul_weight  # [C, D]
-        if need_weight and dtype == torch.float32:
+        if grad_weight is not None and dtype == torch.float32:
             grad_weight.addmm_(grad.T, chunk)  # [V, D], no [V, D] temporary
-        elif need_weight:
+        elif grad_weight is not None:
             grad_weight += grad.T @ chunk  # [V, D]
     return (
-        grad_rows.to(rows.dtype) if need_rows else None,
-        grad_weight.to(weight.dtype) if need_weight else None,
-        grad_bias.to(bias.dtype) if need_bias else None,
+        grad_rows.to(rows.dtype) if grad_rows is not None else None,
+        grad_weight.to(weight.dtype) if grad_weight is not None else None,
+        grad_bias.to(bias.dtype) if grad_bias is not None and bias is not None else None,  # no bias: no grad_bias
     )
 
 

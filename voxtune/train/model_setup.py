@@ -46,6 +46,7 @@ def build_model(section: ModelSection, corpus: str | None = None) -> SpeechLM:
         if pretrained is not None:
             model.encoder.load_state_dict(pretrained.state_dict())
     else:
+        assert section.lm is not None and section.encoder is not None  # ModelSection's check: lm with encoder
         model = compose(section.lm, section.encoder, projector_norm_mid=section.projector_norm_mid)
     if section.init_encoder is not None:
         load_encoder_weights(model, section.init_encoder)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -23,7 +23,7 @@ class _Failure:
         self.error = error
 
 
-def prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
+def prefetch(items: Iterator[T], depth: int) -> Generator[T, None, None]:
     """Yield what `items` yields, computed up to `depth` items ahead in a daemon thread.
 
     An exception in `items` is raised here, at the item where it happened. Closing the returned

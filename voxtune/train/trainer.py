@@ -28,10 +28,10 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -56,6 +56,10 @@ from voxtune.train.prefetch import prefetch
 from voxtune.train.provenance import TRAINING_RECORD, training_record
 from voxtune.train.recipe import DatasetSource, TrainRecipe, TrainSection
 from voxtune.train.run_log import RunLog
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -92,6 +96,7 @@ def compute_loss(
             hidden, weight, labels, chunk_tokens=chunk_tokens, lm_head_bias=bias, logit_softcap=softcap
         )
     if distiller is not None:
+        assert hidden is not None  # asked for with a distiller
         kl = distiller.loss(hidden, labels, examples or [])
         if kl is not None:
             loss = (1 - distill_weight) * loss + distill_weight * kl
@@ -142,7 +147,7 @@ class BatchLoss(torch.nn.Module):
                 distill_weight=train.distill.weight if train.distill else 0.0,
                 chunked=train.chunked_loss,
             )
-            if auxiliary is not None:
+            if auxiliary is not None and train.ctc is not None:  # only the CTC loss gives an auxiliary
                 loss = loss + train.ctc.weight * auxiliary
         return loss
 
@@ -213,7 +218,8 @@ class Trainer:
             torch.manual_seed(train.seed + self.procs.rank)
         if train.grad_checkpointing:
             # Non-reentrant: the inputs are embeddings, not leaves that require grad.
-            self.model.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            lm = cast("PreTrainedModel", self.model.lm)  # or peft's wrapper of one, which passes the call on
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.log(f"fused kernels: {fused_kernels(self.model, train)}")
         self.pack = train.pack and self.model.supports_packing
         if train.pack and not self.pack:
@@ -325,7 +331,7 @@ class Trainer:
                 yield epoch, position + 1, batches[position]
             epoch, start = epoch + 1, 0
 
-    def _batches(self) -> Iterator[tuple[dict[str, Any], list[Example], tuple[int, int]]]:
+    def _batches(self) -> Generator[tuple[dict[str, Any], list[Example], tuple[int, int]], None, None]:
         """This process's micro-batches from the current position on: (collated batch, its
         examples, the data position after it). Of every `world` batches drawn, the one at this
         process's rank; one process takes them all. Made ahead in a background thread when
@@ -486,9 +492,9 @@ class Trainer:
         synced between processes only when `sync` (the step's last micro-batch). Returns the
         unscaled loss."""
         if self.strategy == "fsdp":
-            batch_loss.set_requires_gradient_sync(sync)
-        accumulate = not sync and isinstance(batch_loss, DistributedDataParallel)
-        with batch_loss.no_sync() if accumulate else contextlib.nullcontext():
+            cast("FSDPModule", batch_loss).set_requires_gradient_sync(sync)
+        accumulating = batch_loss if not sync and isinstance(batch_loss, DistributedDataParallel) else None
+        with accumulating.no_sync() if accumulating is not None else contextlib.nullcontext():
             loss = batch_loss(batch, examples)
             (loss * weight).backward()
         return loss.detach().item()
@@ -515,31 +521,34 @@ class Trainer:
         if self.strategy != "fsdp":
             yield
             return
-        self.batch_loss.unshard()
+        root = cast("FSDPModule", self.batch_loss)
+        root.unshard()
         try:
             yield
         finally:
-            self.batch_loss.reshard()
+            root.reshard()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """On the first `eval.limit` validation examples: the loss, and every evaluated task
         asked with greedy decoding (WER/CER of transcription, `acc_<task>` for each task; see
         `voxtune.eval.tasks.evaluate_tasks`)."""
-        model, limit = self.model, self.recipe.eval.limit
+        model, limit, valid = self.model, self.recipe.eval.limit, self.valid_data
+        if valid is None:
+            raise TrainError("evaluation needs validation data: set data.valid in the recipe")
         was_training = model.training
         model.eval()
         try:
-            count = min(limit, len(self.valid_data))
+            count = min(limit, len(valid))
             losses = [
-                compute_loss(model, model.processor.collate([self.valid_data[i]]), self.recipe.train.chunk_tokens)
+                compute_loss(model, model.processor.collate([valid[i]]), self.recipe.train.chunk_tokens)
                 for i in range(count)
             ]
             result = {"eval_loss": sum(float(loss) * n for loss, n in losses) / max(1, sum(n for _, n in losses))}
             result.update(
                 evaluate_tasks(
                     model,
-                    self.valid_data.examples[:count],
+                    valid.examples[:count],
                     self.eval_tasks,
                     max_new_tokens=self.recipe.eval.max_new_tokens,
                 )

@@ -112,7 +112,7 @@ class _Engine:
         lib.espeak_SetSynthCallback(self._callback)
         self.lib = lib
 
-    def _collect(self, wav: ctypes.POINTER(ctypes.c_short), count: int, events: int) -> int:
+    def _collect(self, wav: ctypes._Pointer[ctypes.c_short], count: int, events: int) -> int:
         if count > 0:
             self._pieces.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
         return 0  # 0 = go on synthesising

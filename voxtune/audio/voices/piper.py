@@ -19,7 +19,7 @@ import difflib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -111,7 +111,12 @@ class _Model:
         config = SynthesisConfig(length_scale=length_scale)
         if not variation:
             config.noise_scale = config.noise_w_scale = 0.0
-        parts = [self.voice.phoneme_ids_to_audio(self.voice.phonemes_to_ids(p), config) for p in phonemes if p]
+        # Samples alone: piper's annotation also allows the (samples, alignments) it returns when asked for them.
+        parts = [
+            cast(np.ndarray, self.voice.phoneme_ids_to_audio(self.voice.phonemes_to_ids(p), config))
+            for p in phonemes
+            if p
+        ]
         samples = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
         peak = float(np.abs(samples).max()) if samples.size else 0.0
         return samples / peak if peak > 1e-8 else np.zeros_like(samples)

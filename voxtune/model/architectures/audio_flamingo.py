@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from voxtune.model.architectures.pretrained import (
     load_weights,
     read_config,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 # model_type -> its transformers class.
 MODEL_CLASSES = {
@@ -175,7 +178,7 @@ class AudioFlamingo3Encoder(WindowedEncoder):
     lora_targets = WHISPER_LAYERS
 
     def __init__(self, tower: nn.Module) -> None:
-        config = tower.config
+        config = cast("PreTrainedConfig", tower.config)
         # The positional table holds one window after the stride-2 convolution.
         super().__init__(tower, window=2 * config.max_source_positions, dim=config.hidden_size)
 
@@ -314,6 +317,7 @@ def load(path: Path, dtype: torch.dtype) -> FlamingoSpeechLM:
     processor = load_processor(path)
     model = load_weights(getattr(transformers, MODEL_CLASSES[model_type]), path, dtype)
     inner = model.model
+    encoder: AudioFlamingo3Encoder
     if model_type == "musicflamingo":
         encoder = MusicFlamingoEncoder(inner.audio_tower, inner.pos_emb, model.config.audio_frame_step)
     else:

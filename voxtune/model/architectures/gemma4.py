@@ -27,7 +27,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ from voxtune.model.architectures.pretrained import (
     read_config,
 )
 from voxtune.model.registry import Family
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class Gemma4AudioEncoder(nn.Module):
     def __init__(self, tower: nn.Module) -> None:
         super().__init__()
         self.tower = tower
-        self.dim = tower.config.output_proj_dims
+        self.dim: int = cast("PreTrainedConfig", tower.config).output_proj_dims
         self.max_frames = MAX_SAMPLES // 160  # 10 ms hops
 
     @staticmethod
@@ -115,10 +118,11 @@ class Gemma4SpeechLM(PretrainedSpeechLM):
         """`per_layer_inputs` [B, L, layers, P] for the token ids [B, L] (none when the text
         model has no per-layer embeddings): audio positions read the pad token's, as in
         `Gemma4Model.forward`, since their ids name no text."""
-        decoder = self.lm.get_decoder()
+        decoder = cast("PreTrainedModel", self.lm).get_decoder()  # the LM slot holds a causal_lm_view
         if not decoder.config.hidden_size_per_layer_input:
             return {}
-        text_ids = input_ids.masked_fill(input_ids == self.processor.audio_token_id, decoder.config.pad_token_id)
+        audio_id = cast(int, self.processor.audio_token_id)  # set: Gemma 4's prompts have an audio token
+        text_ids = input_ids.masked_fill(input_ids == audio_id, decoder.config.pad_token_id)
         return {"per_layer_inputs": decoder.get_per_layer_inputs(text_ids)}
 
     def lm_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:

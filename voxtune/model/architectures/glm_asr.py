@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -45,6 +45,9 @@ from voxtune.model.architectures.pretrained import (
     load_weights,
 )
 from voxtune.model.registry import Family
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 MERGE = 4  # encoder frames per token: fixed in GlmAsrProcessor's count
 
@@ -66,7 +69,7 @@ class GlmAsrAudioEncoder(WindowedEncoder):
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 
     def __init__(self, tower: nn.Module, *, window: int) -> None:
-        super().__init__(tower, window=window, dim=tower.config.intermediate_size)
+        super().__init__(tower, window=window, dim=cast("PreTrainedConfig", tower.config).intermediate_size)
 
     @staticmethod
     def conv_lengths(frames: torch.Tensor) -> torch.Tensor:
@@ -109,7 +112,7 @@ def load(path: Path, dtype: torch.dtype) -> GlmAsrSpeechLM:
     processor = load_processor(path)
     model = load_weights(GlmAsrForConditionalGeneration, path, dtype)
     inner = model.model
-    audio = model.config.audio_config
+    audio = cast("PreTrainedConfig", model.config.audio_config)  # GlmAsrConfig makes a config of a dict
     if audio.intermediate_size != MERGE * audio.hidden_size:
         raise ModelLoadError(
             f"{path}: the audio intermediate_size ({audio.intermediate_size}) must be {MERGE} x "

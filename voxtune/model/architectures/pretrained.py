@@ -17,7 +17,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,21 @@ from voxtune.files import atomic_directory
 from voxtune.model.processor import SpeechProcessor
 from voxtune.model.quantize import merge_to_full_precision
 from voxtune.model.speech_lm import SpeechLM, SpeechLMConfig, _with_lora
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    from voxtune.model.architectures.ultravox import UltravoxModel
+    from voxtune.model.speech_lm import _AudioEncoder
+
+ModelT = TypeVar("ModelT", bound="PreTrainedModel")
+
+
+class _HeadedLM(Protocol):
+    """What `PretrainedSpeechLM` sets on its `lm` (a transformers causal LM, or Whisper's decoder LM)."""
+
+    def set_output_embeddings(self, head: nn.Module) -> None: ...
 
 
 class FeatureExtractorFrontEnd:
@@ -144,12 +159,15 @@ class PretrainedSpeechLM(SpeechLM):
 
     trains_projector_by_default = False
     knows_task_tags = False
+    # Set with object.__setattr__, out of the module tree (see __init__).
+    pretrained: PreTrainedModel | UltravoxModel
+    _peft: PeftModel | None
 
     def __init__(
         self,
         *,
         architecture: str,
-        model: nn.Module,
+        model: PreTrainedModel | UltravoxModel,
         processor: Any,
         encoder: nn.Module,
         projector: nn.Module,
@@ -175,7 +193,8 @@ class PretrainedSpeechLM(SpeechLM):
             projector_hidden=0,
             n_mels=int(getattr(front_end.extractor, "feature_size", 0)),
         )
-        super().__init__(encoder, projector, lm, tokenizer, config)
+        # SpeechLM's annotation says its own Projector; any module with `output_lengths` serves.
+        super().__init__(encoder, projector, lm, tokenizer, config)  # type: ignore[arg-type]
         # Kept out of the module tree: its weights are already registered through the slots.
         object.__setattr__(self, "pretrained", model)
         self.hf_processor = processor
@@ -203,7 +222,8 @@ class PretrainedSpeechLM(SpeechLM):
     def audio_tokens(self, samples: int) -> int:
         """LM positions a clip of `samples` 16 kHz samples takes."""
         frames = torch.tensor([self.front_end.frames(samples)])
-        return int(self.projector.output_lengths(self.encoder.output_lengths(frames))[0])
+        encoder = cast("_AudioEncoder", self.encoder)
+        return int(self.projector.output_lengths(encoder.output_lengths(frames))[0])
 
     # ---- transcription: in words the checkpoint was trained on, not voxtune's task tags -------
 
@@ -240,7 +260,7 @@ class PretrainedSpeechLM(SpeechLM):
         """Point the LM view at the model's output head again: peft swaps a targeted layer on
         its parent, and the head's parent is the model, not the view (the layers inside the
         decoder have one parent, shared, and need nothing)."""
-        self.lm.set_output_embeddings(self.pretrained.get_output_embeddings())
+        cast(_HeadedLM, self.lm).set_output_embeddings(self.pretrained.get_output_embeddings())
 
     def _full_names(self, part: nn.Module, targets: Sequence[str]) -> list[str]:
         """The names, in the architecture's model, of `part`'s layers whose own (leaf) name is in
@@ -258,7 +278,7 @@ class PretrainedSpeechLM(SpeechLM):
         """Write the adapters in peft's format, named as in the architecture's model: they load
         with the architecture's transformers class and `peft.PeftModel.from_pretrained`."""
         if self._peft is not None:
-            self._peft.save_pretrained(directory)
+            self._peft.save_pretrained(os.fspath(directory))  # peft's annotation takes str alone
 
     def merge_adapters(self) -> None:
         merge_to_full_precision(self.pretrained)
@@ -277,7 +297,7 @@ class PretrainedSpeechLM(SpeechLM):
 
     # ---- saving -----------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str, *, extra_files: dict[str, str] | None = None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None) -> None:
         """Write the checkpoint in the architecture's own layout (config, weights, processor
         files), atomically, plus `extra_files` (name -> text) beside them."""
         from voxtune.model.checkpoint import ModelLoadError, check_replaceable
@@ -327,7 +347,7 @@ def load_processor(path: Path) -> Any:
         raise ModelLoadError(f"cannot load the processor of {path}: {first}") from None
 
 
-def load_weights(model_class: Any, path: Path, dtype: torch.dtype) -> nn.Module:
+def load_weights(model_class: type[ModelT], path: Path, dtype: torch.dtype) -> ModelT:
     """`model_class.from_pretrained(path)`, every weight present and expected.
 
     Raises:
@@ -335,6 +355,8 @@ def load_weights(model_class: Any, path: Path, dtype: torch.dtype) -> nn.Module:
     """
     from voxtune.model.checkpoint import check_keys
 
-    model, info = model_class.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    # With output_loading_info, from_pretrained returns (model, info), not the model it is annotated to return.
+    loaded = model_class.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    model, info = cast("tuple[ModelT, dict[str, list[str]]]", loaded)
     check_keys(type(model).__name__, sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", [])), [])
     return model.eval()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from voxtune.model.architectures.pretrained import (
     load_weights,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+
 
 class Qwen2AudioEncoder(nn.Module):
     """Qwen2-Audio's audio tower as `SpeechLM` calls an encoder: log-mel [N, M, T] (T = the full
@@ -35,8 +38,9 @@ class Qwen2AudioEncoder(nn.Module):
     def __init__(self, tower: nn.Module) -> None:
         super().__init__()
         self.tower = tower
-        self.dim = tower.config.d_model
-        self.max_frames = 2 * tower.config.max_source_positions  # the conv's stride 2 halves them
+        config = cast("PreTrainedConfig", tower.config)
+        self.dim: int = config.d_model
+        self.max_frames: int = 2 * config.max_source_positions  # the conv's stride 2 halves them
 
     @staticmethod
     def conv_lengths(frames: torch.Tensor) -> torch.Tensor:
@@ -56,7 +60,8 @@ class Qwen2AudioEncoder(nn.Module):
         valid = (positions[None] < self.conv_lengths(frames)[:, None]).long()  # [N, T/2]
         # The mask builder reads only the shape, dtype and device of the embeddings.
         dummy = torch.zeros(*valid.shape, 1, dtype=features.dtype, device=features.device)
-        mask = create_bidirectional_mask(config=self.tower.config, inputs_embeds=dummy, attention_mask=valid)
+        config = cast("PreTrainedConfig", self.tower.config)
+        mask = create_bidirectional_mask(config=config, inputs_embeds=dummy, attention_mask=valid)
         hidden = self.tower(features, attention_mask=mask).last_hidden_state  # [N, T/4, D]
         return hidden, self.output_lengths(frames)
 
@@ -133,7 +138,7 @@ def tiny(
             "max_position_embeddings": 2048,
             "tie_word_embeddings": False,
         },
-        audio_token_id=tokenizer.convert_tokens_to_ids(audio["audio_token"]),
+        audio_token_index=tokenizer.convert_tokens_to_ids(audio["audio_token"]),
     )
     extractor = WhisperFeatureExtractor(feature_size=128, chunk_length=seconds, sampling_rate=16000)
     processor = Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tokenizer)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from voxtune.model.architectures.pretrained import (
 )
 from voxtune.model.architectures.qwen_omni import ClipwiseFrontEnd, conv_lengths
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+
 
 class Qwen3ASRAudioEncoder(nn.Module):
     """Qwen3-ASR's audio tower as `SpeechLM` calls an encoder: log-mel [N, M, T] with valid
@@ -42,8 +45,9 @@ class Qwen3ASRAudioEncoder(nn.Module):
     def __init__(self, tower: nn.Module) -> None:
         super().__init__()
         self.tower = tower
-        self.dim = tower.config.d_model
-        self.chunk = 2 * tower.config.n_window  # frames the convolutions read at a time
+        config = cast("PreTrainedConfig", tower.config)
+        self.dim: int = config.d_model
+        self.chunk: int = 2 * config.n_window  # frames the convolutions read at a time
         self.max_frames = None  # chunked, windowed attention: no positional window to fit
 
     def output_lengths(self, frames: torch.Tensor) -> torch.Tensor:

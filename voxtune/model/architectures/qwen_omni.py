@@ -39,7 +39,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -58,6 +58,13 @@ from voxtune.model.architectures.pretrained import (
     read_config,
 )
 from voxtune.model.registry import FAMILIES, Family
+
+if TYPE_CHECKING:
+    from transformers import (
+        PreTrainedConfig,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +132,7 @@ class OmniAudioEncoder(nn.Module):
     def __init__(self, tower: nn.Module) -> None:
         super().__init__()
         self.tower = tower
-        self.dim = tower.config.output_dim
+        self.dim: int = cast("PreTrainedConfig", tower.config).output_dim
         self.max_frames = None  # chunked attention: no positional window to fit
 
     def output_lengths(self, frames: torch.Tensor) -> torch.Tensor:
@@ -153,7 +160,7 @@ class Qwen3OmniAudioEncoder(OmniAudioEncoder):
 
     def output_lengths(self, frames: torch.Tensor) -> torch.Tensor:
         """Each whole chunk's tokens (13 for 100 frames: 12.5 a second), then the rest's."""
-        chunk = 2 * self.tower.n_window
+        chunk = 2 * cast(int, self.tower.n_window)  # the tower's own copy of its config's n_window
         return conv_lengths(frames % chunk, 3) + frames // chunk * int(conv_lengths(torch.tensor(chunk), 3))
 
 
@@ -287,14 +294,17 @@ class OmniSpeechLM(PretrainedSpeechLM):
         return self._family
 
 
-def thinker_lm(thinker: nn.Module, lm_type: str) -> nn.Module:
+def thinker_lm(
+    thinker: Qwen2_5OmniThinkerForConditionalGeneration | Qwen3OmniMoeThinkerForConditionalGeneration, lm_type: str
+) -> nn.Module:
     """The thinker's text model and head as the standard causal LM of `lm_type` (the same
     modules): transformers has no causal-LM class for the Omni text configs. The view's config
     is the text config's fields under `lm_type`; it describes the LM to voxtune (context length,
     attention implementation), while the text model keeps its own for rotary positions."""
     from transformers import AutoConfig
 
-    fields = thinker.config.text_config.to_dict()
+    # The thinker's config makes a config of a dict: its text config is never a dict or None.
+    fields = cast("PreTrainedConfig", thinker.config.text_config).to_dict()
     for key in ("model_type", "transformers_version", "architectures"):
         fields.pop(key, None)
     # The view computes no rotary embedding; these keys only make its config warn.
@@ -417,7 +427,9 @@ def tiny(
     extractor = WhisperFeatureExtractor(
         feature_size=128, chunk_length=seconds, sampling_rate=16000, return_attention_mask=True
     )
-    extractor.processor_class = "Qwen2_5OmniProcessor" if model_type == "qwen2_5_omni" else "Qwen3OmniMoeProcessor"
+    extractor.processor_class = (  # type: ignore[attr-defined]  # a new attribute: saved, and AutoProcessor reads it
+        "Qwen2_5OmniProcessor" if model_type == "qwen2_5_omni" else "Qwen3OmniMoeProcessor"
+    )
     processor = OmniAudioProcessor(tokenizer, extractor, tokenizer.chat_template)
     return save_tiny(model_class, config, processor, directory, seed)
 

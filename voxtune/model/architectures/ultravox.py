@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,11 @@ from torch import nn
 
 from voxtune.model.architectures.pretrained import FeatureExtractorFrontEnd, PretrainedSpeechLM, read_config
 from voxtune.tags import AUDIO_TOKEN
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from voxtune.model.whisper_encoder import WhisperEncoder
 
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -62,7 +67,11 @@ class UltravoxModel(nn.Module):
     names adapters as Ultravox's own model does; `save_pretrained` writes the Hub layout."""
 
     def __init__(
-        self, config: dict[str, Any], audio_tower: nn.Module, projector: UltravoxProjector, language_model: nn.Module
+        self,
+        config: dict[str, Any],
+        audio_tower: WhisperEncoder,
+        projector: UltravoxProjector,
+        language_model: PreTrainedModel,
     ) -> None:
         super().__init__()
         self.config = config
@@ -197,7 +206,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _tied(lm: nn.Module, key: str) -> bool:
+def _tied(lm: PreTrainedModel, key: str) -> bool:
     """Whether `key` of the LM is the output head sharing the input embeddings' weight."""
     head = lm.get_output_embeddings()
     return (

@@ -34,7 +34,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ from voxtune.model.architectures.pretrained import (
 from voxtune.model.processor import IGNORE_INDEX, Clip, Example, MessageError, SpeechProcessor
 from voxtune.model.registry import FAMILIES, Family
 from voxtune.tags import strip_tags, tag, tag_values
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 AUDIO_TOKEN, BEGIN_AUDIO = "[AUDIO]", "[BEGIN_AUDIO]"
 MAX_AUDIO_SECONDS = 40 * 60  # the longest audio Voxtral is documented to understand (32k context)
@@ -165,8 +168,9 @@ class VoxtralEncoder(nn.Module):
     def __init__(self, tower: nn.Module, *, max_chunks: int) -> None:
         super().__init__()
         self.tower = tower
-        self.dim = tower.config.hidden_size
-        self.chunk_frames = 2 * tower.config.max_source_positions  # a chunk's mel frames; the conv halves them
+        config = cast("PreTrainedConfig", tower.config)
+        self.dim: int = config.hidden_size
+        self.chunk_frames: int = 2 * config.max_source_positions  # a chunk's mel frames; the conv halves them
         self.max_frames = max_chunks * self.chunk_frames
 
     def output_lengths(self, frames: torch.Tensor) -> torch.Tensor:
@@ -303,9 +307,9 @@ class VoxtralPrompts(SpeechProcessor):
     def _turn_ids(self, role: str, parts: list[str | None]) -> list[int]:
         encode = self.tokenizer.encode
         if role == "system":
-            return [self.begin_system, *encode("".join(parts)), self.end_system]
+            return [self.begin_system, *encode(_text(parts)), self.end_system]
         if role == "assistant":
-            text = "".join(parts).rstrip(" ")  # as mistral-common writes a reply
+            text = _text(parts).rstrip(" ")  # as mistral-common writes a reply
             if not text:
                 raise MessageError("an assistant turn needs text")
             return [*encode(text), self.tokenizer.eos_token_id]
@@ -333,8 +337,13 @@ class VoxtralPrompts(SpeechProcessor):
         prompt = [self.begin_inst, self.begin_audio, self.audio_token_id, self.end_inst, *named, self.transcribe]
         if len(turns) == 1:
             return [(prompt, False)]
-        words = strip_tags("".join(turns[1][1]))
+        words = strip_tags(_text(turns[1][1]))
         return [(prompt, False), ([*encode(words), self.tokenizer.eos_token_id], True)]
+
+
+def _text(parts: list[str | None]) -> str:
+    """A system or assistant turn's text: its parts joined (only user turns hold clips: `_flatten` checks)."""
+    return "".join(cast(list[str], parts))
 
 
 def _transcription_ask(text: str) -> tuple[bool, str | None]:
@@ -400,7 +409,8 @@ def load(path: Path, dtype: torch.dtype) -> VoxtralSpeechLM:
 
     processor = load_processor(path)
     model = load_weights(VoxtralForConditionalGeneration, path, dtype)
-    audio, tower_config = audio_settings(processor.tokenizer), model.config.audio_config
+    # VoxtralConfig makes configs of the dicts it is given: its audio and text configs are never dicts or None.
+    audio, tower_config = audio_settings(processor.tokenizer), cast("PreTrainedConfig", model.config.audio_config)
     if audio is None or audio.chunk_length_s is None:
         raise ModelLoadError(
             f"{path / 'tekken.json'} has no audio section with chunk_length_s: not a Voxtral tokenizer"
@@ -423,7 +433,7 @@ def load(path: Path, dtype: torch.dtype) -> VoxtralSpeechLM:
             f"whole encoder frames of {tower_config.hidden_size} within a chunk"
         )
     tokens_per_chunk = tower_config.max_source_positions // stack
-    context = model.config.text_config.max_position_embeddings
+    context = cast("PreTrainedConfig", model.config.text_config).max_position_embeddings
     max_chunks = max(1, min(int(MAX_AUDIO_SECONDS // audio.chunk_length_s), context // tokens_per_chunk))
     inner = model.model
     return VoxtralSpeechLM(
@@ -516,13 +526,8 @@ def tiny(
 ) -> Path:
     """A random Voxtral (`VoxtralForConditionalGeneration` + `VoxtralProcessor`, tekken.json written
     here) with `chunk_seconds`-long chunks (real checkpoints: 30 s), 12.5 tokens per second."""
-    from transformers import (
-        MistralCommonBackend,
-        VoxtralConfig,
-        VoxtralForConditionalGeneration,
-        VoxtralProcessor,
-        WhisperFeatureExtractor,
-    )
+    from transformers import VoxtralConfig, VoxtralForConditionalGeneration, VoxtralProcessor, WhisperFeatureExtractor
+    from transformers.tokenization_mistral_common import MistralCommonBackend
 
     from voxtune.model.architectures.tiny import save_tiny
 
@@ -554,7 +559,7 @@ def tiny(
                 "max_position_embeddings": 2048,
                 "initializer_range": init_std,
             },
-            audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+            audio_token_id=cast(int, tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)),  # one token's id
         )
         extractor = WhisperFeatureExtractor(feature_size=128, chunk_length=chunk_seconds, sampling_rate=SAMPLE_RATE)
         return save_tiny(

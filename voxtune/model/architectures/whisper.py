@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,10 @@ from voxtune.model.processor import IGNORE_INDEX, Clip, Example, MessageError, S
 from voxtune.model.registry import Family
 from voxtune.tags import strip_tags, tag_values
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+    from transformers.models.whisper.modeling_whisper import WhisperDecoder
+
 
 class WhisperEncoder(nn.Module):
     """Whisper's encoder as `SpeechLM` calls one: log-mel [N, M, T] (T = the 30 s window) -> the
@@ -47,8 +51,9 @@ class WhisperEncoder(nn.Module):
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
-        self.dim = encoder.config.d_model
-        self.positions = encoder.config.max_source_positions
+        config = cast("PreTrainedConfig", encoder.config)
+        self.dim: int = config.d_model
+        self.positions: int = config.max_source_positions
         self.max_frames = 2 * self.positions  # the second convolution has stride 2
 
     def output_lengths(self, frames: torch.Tensor) -> torch.Tensor:
@@ -65,7 +70,7 @@ class WhisperDecoderLM(nn.Module):
     call, cross-attending `encoder_hidden_states` [B, S, D] (read once at prefill, then kept in
     the cache). `labels` are the usual unshifted ones (the loss shifts them)."""
 
-    def __init__(self, decoder: nn.Module, proj_out: nn.Module, generation_config: Any) -> None:
+    def __init__(self, decoder: WhisperDecoder, proj_out: nn.Module, generation_config: Any) -> None:
         super().__init__()
         self.decoder = decoder
         self.proj_out = proj_out
@@ -189,6 +194,9 @@ class WhisperSpeechLM(PretrainedSpeechLM):
     """A Whisper checkpoint in `SpeechLM`'s slots (see the module doc)."""
 
     supports_packing = False
+    # Its slots, as `load` fills them.
+    encoder: WhisperEncoder
+    lm: WhisperDecoderLM
 
     @property
     def family(self) -> Family:
@@ -216,7 +224,8 @@ class WhisperSpeechLM(PretrainedSpeechLM):
         rows = batch["input_ids"].shape[0]
         if len(clips) != rows:
             raise ValueError(f"{rows} rows but {len(clips)} clips: a Whisper model reads one clip per row")
-        return torch.stack([clip.to(self.device, self.lm.proj_out.weight.dtype) for clip in clips])
+        dtype = cast(torch.Tensor, self.lm.proj_out.weight).dtype  # the head: a Linear, or peft's wrapper of one
+        return torch.stack([clip.to(self.device, dtype) for clip in clips])
 
     def prompt_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"inputs_embeds": self.embed(batch), "encoder_hidden_states": self.encoder_states(batch)}
@@ -238,6 +247,12 @@ class WhisperSpeechLM(PretrainedSpeechLM):
         from voxtune.model.prompts import transcribe_messages
 
         return transcribe_messages(audio, language)
+
+    @overload
+    def generate(self, messages: Sequence[dict], **sampling: Any) -> str: ...
+
+    @overload
+    def generate(self, messages: Sequence[Sequence[dict]], **sampling: Any) -> list[str]: ...
 
     def generate(self, messages: Sequence[dict] | Sequence[Sequence[dict]], **sampling: Any) -> str | list[str]:
         """The transcript of each conversation's clip (leading space trimmed, as Whisper writes one)."""

@@ -87,13 +87,12 @@ def check_session(config: dict) -> None:
         fmt = (audio.get(side) or {}).get("format")
         if fmt is None and side == "output" and config["type"] == "transcription":
             continue
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
-        if kind not in formats.FORMATS:
+        if not isinstance(fmt, dict) or fmt.get("type") not in formats.FORMATS:
             raise EventError(
                 f"audio.{side}.format.type must be one of {', '.join(formats.FORMATS)}",
                 param=f"session.audio.{side}.format",
             )
-        if kind == "audio/pcm" and fmt.get("rate", formats.PCM_RATE) != formats.PCM_RATE:
+        if fmt["type"] == "audio/pcm" and fmt.get("rate", formats.PCM_RATE) != formats.PCM_RATE:
             raise EventError("audio/pcm is 24000 Hz only, as OpenAI's", param=f"session.audio.{side}.format.rate")
     detection = audio["input"].get("turn_detection")
     if detection is not None:
@@ -124,6 +123,10 @@ def check_session(config: dict) -> None:
             raise EventError("output_modalities must be ['audio'] or ['text']", param="session.output_modalities")
         voice = audio.get("output", {}).get("voice")
         name = voice.get("id") if isinstance(voice, dict) else voice
+        if not isinstance(name, str):
+            raise EventError(
+                "audio.output.voice must be a voice name (or {'id': name})", param="session.audio.output.voice"
+            )
         from voxtune.audio import voices
 
         try:

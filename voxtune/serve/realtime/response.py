@@ -73,7 +73,7 @@ class Response:
         send = session.send
         await send("response.created", response=self._response("in_progress", []))
         audio = "audio" in self.modalities
-        item = {
+        item: dict[str, Any] = {
             "id": self.item_id,
             "type": "message",
             "object": "realtime.item",
@@ -185,7 +185,7 @@ class Response:
         await send("response.output_item.done", response_id=self.id, output_index=0, item=public)
         await send("conversation.item.done", item=public, previous_item_id=previous)
         usage = _usage(completion) if completion is not None else None
-        details = {"type": status, "reason": reason} if reason else None
+        details: dict[str, Any] | None = {"type": status, "reason": reason} if reason else None
         if failure is not None:
             details = {"type": "failed", "error": failure}
         if session.turns is not None:  # the idle timeout counts from the end of the reply
@@ -230,14 +230,16 @@ class Response:
             {"item_id": item_id, "id": clip.id, "expires_at": clip.expires_at}
             for item_id, clip in zip(audio_items, prepared.clips, strict=True)
         ]
-        room = session.runtime.reply_room(prepared.example)
+        example = prepared.example
+        assert example is not None  # prepare_chat tokenises the conversation
+        room = session.runtime.reply_room(example)
         # `rate_limits.updated`: voxtune has no per-minute quotas; its limit on tokens is the
         # model's context, of which this conversation leaves `room` for replies.
         if room is not None:
             self.rate_limits = [
                 {
                     "name": "tokens",
-                    "limit": len(prepared.example.input_ids) + room,
+                    "limit": len(example.input_ids) + room,
                     "remaining": room,
                     "reset_seconds": 0,
                 }
@@ -245,7 +247,7 @@ class Response:
         room = room or session.max_tokens
         limit = session.max_tokens if self.limit in (None, "inf") else min(int(self.limit), session.max_tokens)
         params = SamplingParams(max_new_tokens=max(1, min(limit, room)))
-        self.pending = Pending(session.runtime.engine, prepared.example, params, session.drain)
+        self.pending = Pending(session.runtime.engine, example, params, session.drain)
         # The questions that choose the spoken reply's language and style, decoded alongside.
         self.asks = [
             Pending(session.runtime.engine, q, SamplingParams(max_new_tokens=4), session.drain)

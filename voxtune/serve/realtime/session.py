@@ -289,14 +289,16 @@ class Session:
         reply ended, so the silence is committed and answered (a nudge), as OpenAI does."""
         detection = self.config["audio"]["input"].get("turn_detection") or {}
         idle = detection.get("idle_timeout_ms")
-        busy = self.turns is None or self.turns.speaking or (self.response is not None and not self.response.done())
-        if not idle or busy or self.config["type"] != "realtime":
+        turns = self.turns
+        if turns is None or turns.speaking or (self.response is not None and not self.response.done()):
+            return  # no turn detection, or busy
+        if not idle or self.config["type"] != "realtime":
             return
         if self.idle_from_ms is None:
-            self.idle_from_ms = self.turns.heard_ms
-        if self.turns.heard_ms - self.idle_from_ms < idle:
+            self.idle_from_ms = turns.heard_ms
+        if turns.heard_ms - self.idle_from_ms < idle:
             return
-        item_id, start, end = new_id("item"), self.idle_from_ms, self.turns.heard_ms
+        item_id, start, end = new_id("item"), self.idle_from_ms, turns.heard_ms
         await self.send("input_audio_buffer.timeout_triggered", audio_start_ms=start, audio_end_ms=end, item_id=item_id)
         await self._commit(item_id, end_ms=end, start_ms=start)
         self.idle_from_ms = end

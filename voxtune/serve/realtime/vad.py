@@ -58,7 +58,7 @@ class TurnDetector:
     def feed(self, samples: np.ndarray) -> list[TurnEvent]:
         """Run the new 16 kHz `samples` through the model; the turn events they cause."""
         self.pending = np.concatenate([self.pending, samples.astype(np.float32)])
-        events = []
+        events: list[TurnEvent] = []
         with torch.no_grad():
             while len(self.pending) >= FRAME:
                 frame, self.pending = self.pending[:FRAME], self.pending[FRAME:]
