@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from voxtune.train.trainer import Trainer, TrainError
 pytestmark = pytest.mark.processes
 
 STEPS = 4
+ACCELERATE_CONFIGS = Path(__file__).parents[2] / "docs" / "accelerate"
 
 
 @pytest.fixture
@@ -64,6 +66,33 @@ def _torchrun(recipe: TrainRecipe, tmp_path, *args: str, env: dict[str, str] | N
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _accelerate(config, recipe: TrainRecipe, tmp_path, *args: str) -> str:
+    """`accelerate launch --config_file CONFIG --num_processes 2 -m voxtune.cli train`; returns
+    what the processes printed."""
+    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
+    path.write_text(dump_config(recipe))
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "voxtune.cli",
+        "train",
+        str(path),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
@@ -170,7 +199,40 @@ def test_fsdp_shards_and_trains_as_one_process(corpus, tmp_path, method, reshard
     _assert_same_run(tmp_path / "two-then-one", tmp_path / "one", from_step=2)
 
 
-def test_a_deepspeed_launcher_is_refused_not_ignored(corpus, tmp_path, monkeypatch, _recipe):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed config sets
-    with pytest.raises(TrainError, match="does not run: it shards with FSDP2"):
+@pytest.mark.parametrize("stage,method", [(2, "lora"), (3, "full")])
+def test_deepspeed_zero_trains_resumes_and_exports_as_one_process(corpus, tmp_path, stage, method, _recipe):
+    """A real `accelerate launch` with the shipped DeepSpeed config: the same curve and weights
+    as one process with the same global batch, an export made by rank 0, and a resume of the
+    DeepSpeed run that goes on exactly."""
+    one = Trainer(_recipe(corpus, tmp_path / "one", f"train.method={method}", "train.grad_accum=2"), log=lambda _: None)
+    one.fit()
+    config = ACCELERATE_CONFIGS / f"deepspeed-zero{stage}.yaml"
+    two = _recipe(corpus, tmp_path / "two", f"train.method={method}", "train.grad_accum=1")
+    printed = _accelerate(config, two, tmp_path)
+    assert f"2 processes: deepspeed (ZeRO-{stage})" in printed
+    _assert_same_run(tmp_path / "two", tmp_path / "one")
+    assert (tmp_path / "two" / "checkpoints" / f"step-{STEPS:07d}" / "zero").is_dir()  # DeepSpeed's own split state
+    exported = voxtune.load(tmp_path / "two" / "model")
+    one.export()
+    expected = voxtune.load(tmp_path / "one" / "model")
+    for (name, got), (_, want) in zip(exported.named_parameters(), expected.named_parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=name)
+
+    # Killed after step 2: the same launch with --resume goes on to the same steps 3 and 4.
+    later = shutil.ignore_patterns(f"step-{STEPS:07d}", "model", "adapter")
+    shutil.copytree(tmp_path / "two", tmp_path / "two-again", ignore=later)
+    again = _recipe(corpus, tmp_path / "two-again", f"train.method={method}", "train.grad_accum=1")
+    _accelerate(config, again, tmp_path, "--resume")
+    _assert_same_run(tmp_path / "two-again", tmp_path / "one", from_step=2)
+
+    # DeepSpeed's optimizer state is split its own way: another strategy refuses it, saying why.
+    with pytest.raises(TrainError, match="written by DeepSpeed"):
+        Trainer(again, log=lambda _: None).fit(resume=True)
+
+
+def test_a_deepspeed_launch_that_offloads_is_refused_not_ignored(corpus, tmp_path, monkeypatch, _recipe):
+    # What `accelerate launch` sets for a DeepSpeed config with offload_optimizer_device: cpu.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    with pytest.raises(TrainError, match="offload"):
         Trainer(_recipe(corpus, tmp_path), log=lambda _: None)

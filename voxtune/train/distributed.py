@@ -1,8 +1,10 @@
-"""Several training processes, as `torchrun` or `accelerate launch` start them (DDP or FSDP).
+"""Several training processes, as `torchrun` or `accelerate launch` start them (DDP, FSDP or
+DeepSpeed ZeRO).
 
     torchrun --nproc_per_node 2 -m voxtune.cli train recipes/quickstart.yaml
     accelerate launch --config_file docs/accelerate/ddp.yaml -m voxtune.cli train recipes/quickstart.yaml
     accelerate launch --config_file docs/accelerate/fsdp.yaml -m voxtune.cli train recipes/quickstart.yaml
+    accelerate launch --config_file docs/accelerate/deepspeed-zero3.yaml -m voxtune.cli train recipes/quickstart.yaml
 
 Both launchers set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for each process.
 `start()` reads them: with WORLD_SIZE > 1 it joins the process group (NCCL on CUDA, Gloo on the
@@ -103,30 +105,37 @@ def start() -> Processes:
 
 
 def choose_strategy(requested: str, processes: Processes) -> str:
-    """How the processes share the work: "single" (one process), "ddp" (a whole replica each)
-    or "fsdp" (weights, gradients and optimizer state sharded, FSDP2). `requested` is the
-    recipe's `train.strategy`; "auto" follows the launcher (an accelerate FSDP config sets
-    ACCELERATE_USE_FSDP) and is DDP otherwise."""
+    """How the processes share the work: "single" (one process), "ddp" (a whole replica each),
+    "fsdp" (weights, gradients and optimizer state sharded, FSDP2) or "deepspeed" (ZeRO-2 or
+    ZeRO-3, `voxtune.train.zero`). `requested` is the recipe's `train.strategy`; "auto" follows
+    the launcher (an accelerate FSDP config sets ACCELERATE_USE_FSDP, a DeepSpeed one
+    ACCELERATE_USE_DEEPSPEED) and is DDP otherwise."""
     if processes.world == 1:
         return "single"
     if requested == "auto":
-        return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else "ddp"
+        if _flag("ACCELERATE_USE_DEEPSPEED"):
+            return "deepspeed"
+        return "fsdp" if _flag("ACCELERATE_USE_FSDP") else "ddp"
     return requested
 
 
 def unsupported_launch() -> str | None:
     """Why the launcher's settings cannot be honoured, or None when they can.
 
-    `accelerate launch` with a DeepSpeed config only sets environment variables that
-    `accelerate.Accelerator` reads; this trainer shards with FSDP2 itself, so it would quietly
-    keep a whole replica of the model and its optimizer on every GPU instead of sharding them.
+    A DeepSpeed config that offloads the optimizer or the weights to the CPU or NVMe asks for
+    DeepSpeed's compiled CPU optimizer and swapping, which voxtune does not run; ignoring it
+    would quietly keep them in GPU memory instead.
     """
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return (
-            "the launcher asks for DeepSpeed, which voxtune's trainer does not run: it shards with FSDP2 "
-            "(ZeRO-3's scheme: weights, gradients and optimizer state split over the GPUs); launch with "
-            "docs/accelerate/fsdp.yaml, or docs/accelerate/ddp.yaml / torchrun for DDP"
-        )
+    if not _flag("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    for what, variable in (("optimizer", "OPTIMIZER"), ("param", "PARAM")):
+        device = os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{variable}_DEVICE", "none")
+        if device != "none":
+            return (
+                f"the launcher asks DeepSpeed to offload the {what} to {device}, which voxtune does not run: "
+                "set offload_optimizer_device and offload_param_device to none (ZeRO-3 splits the weights, "
+                "gradients and optimizer state over the GPUs instead)"
+            )
     return None
 
 
@@ -136,11 +145,20 @@ def ignored_launch_settings() -> list[str]:
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision != "no":
         notes.append(f"the launcher's mixed_precision={precision} is ignored: the recipe's train.precision decides")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and any(
-        k.startswith("FSDP_") for k in os.environ
-    ):
+    if _flag("ACCELERATE_USE_FSDP") and any(k.startswith("FSDP_") for k in os.environ):
         notes.append(
             "the launcher's fsdp_config details are not read: voxtune shards each decoder layer and the rest as "
             "one group (FULL_SHARD), and checkpoints whole tensors"
         )
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        launcher = {
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "gradient_accumulation_steps (train.grad_accum rules)",
+            "ACCELERATE_GRADIENT_CLIPPING": "gradient_clipping (optim.grad_clip rules)",
+            "ACCELERATE_DEEPSPEED_CONFIG_FILE": "deepspeed_config_file (DeepSpeed's config is made from the recipe)",
+        }
+        notes += [f"the launcher's {what} is ignored" for variable, what in launcher.items() if variable in os.environ]
     return notes
+
+
+def _flag(variable: str) -> bool:
+    return os.environ.get(variable, "false").lower() == "true"

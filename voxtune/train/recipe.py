@@ -142,9 +142,12 @@ class TrainSection(Config):
     # thread competes with the training step for the cores (measured 0.58x there, 2 cores).
     prefetch: int | None = Field(None, ge=0)
     grad_checkpointing: bool = False  # recompute the LM's activations in backward: less memory
-    # With several processes: ddp (a replica each), fsdp (sharded, FSDP2), or auto (fsdp when
-    # `accelerate launch` uses an FSDP config, else ddp).
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    # With several processes: ddp (a replica each), fsdp (sharded, FSDP2), deepspeed (ZeRO), or
+    # auto (what an `accelerate launch` config asks for: FSDP or DeepSpeed; else ddp).
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = "auto"
+    # deepspeed: ZeRO-2 (gradients and optimizer state split) or ZeRO-3 (weights too); None:
+    # the launcher's zero_stage, else 2.
+    zero_stage: Literal[2, 3] | None = None
     # fsdp: gather each layer's weights again in backward (ZeRO-3-like, least memory); false
     # keeps them gathered from forward to backward (ZeRO-2-like, less communication).
     fsdp_reshard: bool = True

@@ -8,8 +8,9 @@ loss curve as a run that never stopped (the data order is a function of (seed, e
 position is all that needs saving).
 
 Several processes when `torchrun` or `accelerate launch` starts it (see
-`voxtune.train.distributed`): DDP, or FSDP2 with `train.strategy=fsdp` or an accelerate FSDP
-config (each decoder layer a shard group; checkpoints gathered to whole tensors):
+`voxtune.train.distributed`): DDP, FSDP2 with `train.strategy=fsdp` or an accelerate FSDP
+config (each decoder layer a shard group; checkpoints gathered to whole tensors), or DeepSpeed
+ZeRO-2/3 with `train.strategy=deepspeed` or an accelerate DeepSpeed config (`voxtune.train.zero`):
 
     torchrun --nproc_per_node 4 -m voxtune.cli train recipes/quickstart.yaml
 
@@ -56,6 +57,7 @@ from voxtune.train.prefetch import prefetch
 from voxtune.train.provenance import TRAINING_RECORD, training_record
 from voxtune.train.recipe import DatasetSource, TrainRecipe, TrainSection
 from voxtune.train.run_log import RunLog
+from voxtune.train.zero import Zero, zero_stage
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -231,7 +233,12 @@ class Trainer:
             if train.distill
             else None
         )
-        self.cache = self._encoder_cache()
+        self.strategy = distributed.choose_strategy(train.strategy, self.procs)
+        stage = zero_stage(train.zero_stage) if self.strategy == "deepspeed" else None
+        if self.strategy != "single":
+            described = f"deepspeed (ZeRO-{stage})" if stage else self.strategy
+            self.log(f"{self.procs.world} processes: {described}")
+        self.cache = self._encoder_cache(stage)
         self.train_data = self._dataset(
             train_examples, recipe.data.train, recipe.data.augment, distill=train.distill is not None
         )
@@ -244,10 +251,8 @@ class Trainer:
             window=50 if train.bucket else 1,
             seed=train.seed,
         )
-        self.strategy = distributed.choose_strategy(train.strategy, self.procs)
-        if self.strategy != "single":
-            self.log(f"{self.procs.world} processes: {self.strategy}")
-        self.batch_loss = self._wrap(BatchLoss(self.model, self.cache, train, self.distiller))
+        module = BatchLoss(self.model, self.cache, train, self.distiller)
+        self.batch_loss = self._wrap(module)
         if self.strategy == "fsdp":
             self.params = [p for p in self.model.parameters() if p.requires_grad]  # now sharded
         # The fused kernel updates every tensor in one pass (about 10x the default per-tensor
@@ -258,6 +263,20 @@ class Trainer:
             self.params, lr=recipe.optim.lr, betas=recipe.optim.betas, weight_decay=recipe.optim.weight_decay, **fused
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(recipe))
+        # DeepSpeed takes the module, optimizer and schedule over: it reduces, clips and steps.
+        self.zero: Zero | None = None
+        if stage is not None:
+            head = self.model.base_lm().get_output_embeddings()
+            self.zero = Zero(
+                module,
+                self.optimizer,
+                self.scheduler,
+                train,
+                recipe.optim,
+                stage=stage,
+                read_outside_forward=head.parameters(),
+            )
+            self.batch_loss = self.zero.engine
         self.state = TrainState()
         self._bar: Any = None  # the progress bar, while fit() runs
         self.run_log = RunLog(self.out, self._say)  # written by rank 0 only
@@ -265,9 +284,14 @@ class Trainer:
         # time epochs or count positions (benchmarks/train_throughput.py).
         self.on_batch: Callable[[dict[str, Any], list[Example], int], None] | None = None
 
-    def _encoder_cache(self) -> EncoderFeatureCache | None:
+    def _encoder_cache(self, zero_stage: int | None) -> EncoderFeatureCache | None:
         train = self.recipe.train
         if not train.cache_encoder or any(p.requires_grad for p in self.model.encoder.parameters()):
+            return None
+        if zero_stage == 3:
+            # ZeRO-3 gathers the encoder's weights from every process for each call: all must
+            # encode together, and cache hits differ between their batches.
+            self.log("encoder cache off: under ZeRO-3 every process runs the encoder for each batch")
             return None
         if self.recipe.data.augment is not None:
             self.log("encoder cache off: with augmentation every epoch hears different audio")
@@ -380,7 +404,8 @@ class Trainer:
         self._bar = self._progress_bar()
         try:
             while self.state.step < train.max_steps:
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.zero is None:  # DeepSpeed clears its own after each update
+                    self.optimizer.zero_grad(set_to_none=True)
                 micro = [next(batches) for _ in range(train.grad_accum)]
                 for batch, examples, (epoch, _) in micro:
                     if self.on_batch is not None:
@@ -396,13 +421,7 @@ class Trainer:
                     loss_sum += self._backward(batch_loss, batch, examples, weight, sync=i == len(micro) - 1) * count
                 (loss_sum,) = self.procs.all_sum([loss_sum])
                 tokens, audio_seconds = tokens + total, audio_seconds + seconds
-                # The norm before clipping (the same on every process): logged, since it shows
-                # how hard clipping works, and it checks that the gradients are scaled right.
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.recipe.optim.grad_clip or math.inf)
-                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every process
-                    grad_norm = grad_norm.full_tensor()
-                self.optimizer.step()
-                self.scheduler.step()
+                grad_norm = self._update()
                 self.state.step += 1
                 self.state.epoch, self.state.batch_in_epoch = micro[-1][2]
                 elapsed = time.perf_counter() - started
@@ -410,7 +429,7 @@ class Trainer:
                 record = {
                     "step": self.state.step,
                     "loss": loss_sum / max(1.0, total),
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm,
                     "lr": self.scheduler.get_last_lr()[0],
                     "epoch": self.state.epoch,
                     "tokens_per_s": tokens / elapsed,
@@ -445,6 +464,20 @@ class Trainer:
             self._say(f"trained steps {first_step + 1}-{self.state.step} in {time.perf_counter() - started:.1f} s")
         return record
 
+    def _update(self) -> float:
+        """Clip the step's gradients, update the weights and the schedule; returns the gradient
+        norm before clipping (the same on every process): logged, since it shows how hard
+        clipping works, and it checks that the gradients are scaled right. DeepSpeed has
+        already done all this in the last micro-batch's backward."""
+        if self.zero is not None:
+            return self.zero.grad_norm()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.recipe.optim.grad_clip or math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every process
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(grad_norm)
+
     def _progress_bar(self) -> Any:
         """A tqdm bar over the steps (loss, tokens/s, audio seconds/s, ETA) when rank 0 writes
         to a terminal and `train.progress` is on; None otherwise."""
@@ -468,9 +501,10 @@ class Trainer:
             self.log(line)
 
     def _wrap(self, module: BatchLoss) -> torch.nn.Module:
-        """The module the loop calls: `module` itself with one process, inside DDP, or sharded
-        with FSDP2 (each decoder layer its own group, the rest one group at the root)."""
-        if self.strategy == "single":
+        """The module the loop calls: `module` itself with one process (or for DeepSpeed to
+        take), inside DDP, or sharded with FSDP2 (each decoder layer its own group, the rest one
+        group at the root)."""
+        if self.strategy in ("single", "deepspeed"):
             return module
         if self.strategy == "ddp":
             # No device_ids: the model moves its inputs itself, and the batch holds more than tensors.
@@ -491,6 +525,10 @@ class Trainer:
         """Forward and backward of one micro-batch, its loss scaled by `weight`; gradients are
         synced between processes only when `sync` (the step's last micro-batch). Returns the
         unscaled loss."""
+        if self.zero is not None:  # DeepSpeed syncs at the step's last micro-batch itself
+            loss = batch_loss(batch, examples)
+            self.zero.backward(loss * weight)
+            return loss.detach().item()
         if self.strategy == "fsdp":
             cast("FSDPModule", batch_loss).set_requires_gradient_sync(sync)
         accumulating = batch_loss if not sync and isinstance(batch_loss, DistributedDataParallel) else None
@@ -504,9 +542,10 @@ class Trainer:
             self.run_log.write(record, every=every)
 
     def _evaluate_and_log(self) -> None:
-        """Evaluate on rank 0 while the other processes wait; with FSDP every process runs the
-        same evaluation (each holds only a shard of the weights) and rank 0 logs it."""
-        if self.procs.main or self.strategy == "fsdp":
+        """Evaluate on rank 0 while the other processes wait; with FSDP or ZeRO-3 every process
+        runs the same evaluation (each holds only a shard of the weights) and rank 0 logs it."""
+        sharded = self.strategy == "fsdp" or (self.zero is not None and self.zero.stage == 3)
+        if self.procs.main or sharded:
             with self._root_unsharded():
                 result = self.evaluate()
             if self.procs.main:
@@ -517,7 +556,11 @@ class Trainer:
     def _root_unsharded(self) -> Iterator[None]:
         """Under FSDP, the weights outside the decoder layers (embeddings, head, encoder,
         projector) gathered for calls that do not go through the sharded root's forward (the
-        layers gather their own); nothing otherwise."""
+        layers gather their own); under ZeRO-3, every weight; nothing otherwise."""
+        if self.zero is not None:
+            with self.zero.gathered(self.model.parameters()):
+                yield
+            return
         if self.strategy != "fsdp":
             yield
             return
@@ -577,11 +620,14 @@ class Trainer:
             self.scheduler,
             self.procs,
             self.recipe.output.keep,
+            self.zero,
         )
 
     def _resume(self) -> None:
         latest = checkpoints.latest(self.out)
-        self.state = TrainState(**checkpoints.restore(latest, self.model, self.optimizer, self.scheduler, self.procs))
+        self.state = TrainState(
+            **checkpoints.restore(latest, self.model, self.optimizer, self.scheduler, self.procs, self.zero)
+        )
         if self.procs.main:
             # What a killed run left past the checkpoint: log records of steps that will run
             # again, and half-written checkpoint folders.
@@ -596,14 +642,15 @@ class Trainer:
         adapters alone (standard peft format): the LM's in `<output>/adapter`, the encoder's in
         `<output>/adapter/encoder`. Rank 0 writes; the other processes only return the path.
 
-        Under FSDP rank 0 holds a shard only: it builds the model again, unsharded, and loads
-        the last checkpoint's trained weights into it (`fit` always ends with a checkpoint).
+        Under FSDP and DeepSpeed rank 0 may hold a shard only: it builds the model again,
+        unsharded, and loads the last checkpoint's trained weights into it (`fit` always ends
+        with a checkpoint).
         """
         target = Path(self.recipe.output.model) if self.recipe.output.model else self.out / "model"
         if not self.procs.main:
             return target
         model = self.model
-        if self.strategy == "fsdp":
+        if self.strategy in ("fsdp", "deepspeed"):
             model = build_model(self.recipe.model, self._corpus)
             prepare_trainable(model, self.recipe.train)
             trained = {name for name, p in model.named_parameters() if p.requires_grad}
