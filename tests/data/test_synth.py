@@ -11,8 +11,8 @@ import pytest
 from voxtune.audio import load
 from voxtune.audio.prosody import pitch
 from voxtune.config import ConfigError, load_config
-from voxtune.data.manifest import read_manifest
-from voxtune.data.synth import ClipPlan, SynthRecipe, plan, render_clip, synthesize_corpus
+from voxtune.data.manifest import DataError, read_manifest
+from voxtune.data.synth import ClipPlan, SynthRecipe, make_missing_corpus, plan, render_clip, synthesize_corpus
 
 SMOKE = Path(__file__).parents[2] / "recipes" / "data" / "smoke.yaml"
 
@@ -27,6 +27,18 @@ def corpus(tmp_path_factory):
         for split in recipe.splits
     }
     return recipe, out, summary, records
+
+
+def test_a_training_recipes_corpus_is_made_only_when_missing_and_fails_fast(corpus, tmp_path):
+    recipe, out, *_ = corpus
+    said: list[str] = []
+    manifests = [out / f"{split}.jsonl" for split in recipe.splits]
+    assert make_missing_corpus(SMOKE, manifests, log=said.append) is None  # all there: nothing made
+    assert said == []
+    # A missing manifest the recipe would not write fails before any synthesis.
+    with pytest.raises(DataError, match=r"no such manifest .*extra.jsonl, and data.synth .* would not make it"):
+        make_missing_corpus(SMOKE, [tmp_path / "train.jsonl", tmp_path / "extra.jsonl"], log=said.append)
+    assert said == [] and not (tmp_path / "train.jsonl").exists()
 
 
 def test_the_smoke_recipe_covers_every_kind_style_and_split(corpus):

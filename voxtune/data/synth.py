@@ -14,7 +14,7 @@ import hashlib
 import json
 import multiprocessing
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,9 +24,10 @@ from pydantic import Field, field_validator, model_validator
 
 from voxtune.audio import Audio, encode
 from voxtune.audio.voices import STYLES, EspeakBackend, Style
-from voxtune.config import Config, dump_config
+from voxtune.config import Config, dump_config, load_config
 from voxtune.data.augment import no_speech
 from voxtune.data.example import Segment, SpeechExample
+from voxtune.data.manifest import DataError
 from voxtune.data.perturb import PerturbConfig, clip_rng, draw, perturb
 from voxtune.data.phrasebook import FACT_ANSWERS, PHRASEBOOK, number_words, one_word, word_run
 from voxtune.files import write_atomic
@@ -481,6 +482,30 @@ def synthesize_corpus(
     write_atomic(out / "recipe.yaml", dump_config(recipe).encode())
     seconds = sum(r["meta"]["duration"] for _, r in records)
     return SynthSummary(len(records), seconds, wall, {s: len(r) for s, r in by_split.items()})
+
+
+def make_missing_corpus(
+    recipe_path: str | Path, manifests: Sequence[str | Path], *, log: Callable[[str], object] = print
+) -> SynthSummary | None:
+    """Render the corpus of the data recipe at `recipe_path` into the folder of the first of
+    `manifests` unless all of them exist (a training recipe's `data.synth`); None when nothing
+    was missing. Fails before any synthesis when a missing manifest is not one it would write."""
+    paths = [Path(p) for p in manifests]
+    if all(p.exists() for p in paths):
+        return None
+    recipe = load_config(SynthRecipe, recipe_path)
+    out = paths[0].parent
+    will_write = {out / f"{split}.jsonl" for split in recipe.splits}
+    missing = [p for p in paths if not p.exists() and p not in will_write]
+    if missing:
+        raise DataError(
+            f"no such manifest {missing[0]}, and data.synth ({recipe_path}) would not make it: it writes "
+            f"{', '.join(sorted(str(p) for p in will_write))}"
+        )
+    log(f"making the corpus of {recipe_path} in {out}")
+    summary = synthesize_corpus(recipe, out)
+    log(f"made {summary.clips} clips ({summary.seconds / 60:.1f} min of audio)")
+    return summary
 
 
 def all_voices() -> list[str]:

@@ -300,28 +300,15 @@ class Trainer:
         return EncoderFeatureCache(self.out / "encoder_cache", fingerprint)
 
     def _make_corpus(self) -> None:
+        """Synthesise the corpus of `data.synth` when its manifests are not there yet."""
         data = self.recipe.data
-        paths = [p for p in data.train + data.valid if isinstance(p, str)]
-        if data.synth is None or all(Path(p).exists() for p in paths):
+        if data.synth is None:
             return
         if not isinstance(data.train[0], str):
             raise TrainError("data.synth writes manifests: the first entry of data.train must be the manifest path")
-        from voxtune.config import load_config
-        from voxtune.data.synth import SynthRecipe, synthesize_corpus
+        from voxtune.data.synth import make_missing_corpus  # the voices load only when a corpus is made
 
-        recipe = load_config(SynthRecipe, data.synth)
-        out = Path(data.train[0]).parent
-        # Fail now, not after the synthesis: every missing manifest must be one it writes.
-        will_write = {out / f"{split}.jsonl" for split in recipe.splits}
-        missing = [p for p in paths if not Path(p).exists() and Path(p) not in will_write]
-        if missing:
-            raise TrainError(
-                f"no such manifest {missing[0]}, and data.synth ({data.synth}) would not make it: it writes "
-                f"{', '.join(sorted(str(p) for p in will_write))}"
-            )
-        self.log(f"making the corpus of {data.synth} in {out}")
-        summary = synthesize_corpus(recipe, out)
-        self.log(f"made {summary.clips} clips ({summary.seconds / 60:.1f} min of audio)")
+        make_missing_corpus(data.synth, [p for p in data.train + data.valid if isinstance(p, str)], log=self.log)
 
     def _dataset(
         self, examples: list[SpeechExample], sources: list[str | DatasetSource], augment: Any, *, distill: bool = False
