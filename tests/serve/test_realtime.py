@@ -298,6 +298,15 @@ def test_cancel_and_barge_in_end_the_response_with_the_reason(random_model, ques
             ),
             "invalid_value",
         ),
+        *(
+            (
+                json.dumps(
+                    {"type": "session.update", "session": {"type": "realtime", "audio": {"output": {"voice": v}}}}
+                ),
+                "invalid_value",
+            )
+            for v in (None, 7, {"id": None})
+        ),
         (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
     ],
 )
