@@ -35,15 +35,19 @@ def test_the_weights_ship_in_the_package_and_fit_the_size_limit():
 
 
 def test_the_folder_records_the_recipes_that_made_it():
+    """Two stages: train.yaml, then continue.yaml on the model it made (its record inside)."""
     record = json.loads((BUILTIN / "training.json").read_text())
     recipes = ROOT / "recipes" / "voxtune-tiny-v3"
-    train = load_config(TrainRecipe, recipes / "train.yaml")
-    # Read through TrainRecipe, so that settings added since the run come in at their defaults.
-    assert load_config(TrainRecipe, record["recipe"]).model_dump(mode="json") == train.model_dump(mode="json")
     data = load_config(SynthRecipe, recipes / "data.yaml").model_dump(mode="json")
-    assert load_config(SynthRecipe, record["data_recipe"]).model_dump(mode="json") == data
-    assert record["seed"] == train.train.seed and record["steps"] == train.train.max_steps
-    assert record["voxtune_version"] and record["training_seconds"] > 0
+    first = record["base"]["training"]
+    assert record["base"]["model"] == "out/voxtune-tiny-v3/model"
+    for stage, name in ((record, "continue.yaml"), (first, "train.yaml")):
+        train = load_config(TrainRecipe, recipes / name)
+        # Read through TrainRecipe, so that settings added since the run come in at their defaults.
+        assert load_config(TrainRecipe, stage["recipe"]).model_dump(mode="json") == train.model_dump(mode="json")
+        assert load_config(SynthRecipe, stage["data_recipe"]).model_dump(mode="json") == data
+        assert stage["seed"] == train.train.seed and stage["steps"] == train.train.max_steps
+        assert stage["voxtune_version"] and stage["training_seconds"] > 0
     figures = json.loads((BUILTIN / "eval.json").read_text())
     assert all(figures[key] is not None for key in SUMMARY_KEYS) and figures["suite"] == "default"
     natural = json.loads((BUILTIN / "eval_natural.json").read_text())

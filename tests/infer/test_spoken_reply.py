@@ -79,17 +79,15 @@ def test_other_architectures_get_no_task_tags(tmp_path):
     import voxtune
     from voxtune.audio import Audio, encode
     from voxtune.infer import Runtime
+    from voxtune.infer.conversation import Clip, Turn
     from voxtune.model.architectures.tiny import tiny_checkpoint
 
     model = voxtune.load(str(tiny_checkpoint("qwen2_audio", tmp_path / "model", seconds=2)))
     clip = Audio((0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32), 16000)
-    part = {
-        "type": "input_audio",
-        "input_audio": {"data": base64.b64encode(encode(clip, "wav")).decode(), "format": "wav"},
-    }
+    part = Clip(base64.b64encode(encode(clip, "wav")).decode(), "wav")
     runtime = Runtime(model)
     try:
-        prepared = runtime.prepare_chat([{"role": "user", "content": [part]}], "owner")
+        prepared = runtime.prepare_chat([Turn("user", (part,))], "owner")
         assert [p["type"] for p in prepared.messages[-1]["content"]] == ["audio"]  # no task tag added
         assert runtime.voice_prompts(prepared) == []
     finally:

@@ -14,6 +14,7 @@ from openai import OpenAI
 import voxtune
 from voxtune.audio import encode
 from voxtune.serve.config import ServeConfig
+from voxtune.serve.messages import parse_messages
 from voxtune.serve.server import build_runtime, running_server
 
 KEYS = ("key-alice", "key-bob")
@@ -67,12 +68,12 @@ def tool_model():
     ]
     for index, speech in enumerate(clips):
         user = {"role": "user", "content": [audio_part(encode(speech, "wav"))]}
-        first = runtime.prepare_chat([user], "teacher", tools=tools).messages
+        first = runtime.prepare_chat(parse_messages([user]), "teacher", tools=tools).messages
         conversations.append([*first, {"role": "assistant", "content": render_tool_calls([call])}])
         for result, words in (("12", "twelve."), ("13", "thirteen.")) if index < 2 else ():
             turns = [user, {"role": "assistant", "content": None, "tool_calls": [call]}]
             turns.append({"role": "tool", "content": result, "tool_call_id": "call_1"})
-            later = runtime.prepare_chat(turns, "teacher", tools=tools).messages
+            later = runtime.prepare_chat(parse_messages(turns), "teacher", tools=tools).messages
             conversations.append([*later, {"role": "assistant", "content": words}])
     runtime.close()
     batch = model.processor.collate([model.processor.encode_messages(c, with_labels=True) for c in conversations])

@@ -318,15 +318,47 @@ def test_auth(server, question):
             "audio.format",
         ),
         ({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
-        ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0]"),
+        ({"model": MODEL, "messages": ["hi"]}, 400, "messages[0]"),
         (
             {
                 "model": MODEL,
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
             },
             400,
-            None,
+            "messages[0].content[0]",
         ),
+        ({"model": MODEL, "messages": [{"role": "user", "content": []}]}, 400, "messages[0].content"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            400,
+            "messages[0].content[0].text",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {
+                        "role": "user",
+                        "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "ogv"}}],
+                    },
+                ],
+            },
+            400,
+            "messages[1].content[0].input_audio",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": [
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "function": {"name": "f"}}]}
+                ],
+            },
+            400,
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        ({"model": MODEL, "messages": [{"role": "assistant", "audio": {"id": 7}}]}, 400, "messages[0].audio.id"),
         (
             {
                 "model": MODEL,

@@ -22,6 +22,7 @@ from voxtune.audio.features import MIN_SAMPLES, SAMPLE_RATE
 from voxtune.audio.spans import speech_spans
 from voxtune.errors import echo
 from voxtune.infer.audio_store import AudioNotFoundError, AudioStore
+from voxtune.infer.conversation import Clip, StoredClip, Text, Turn
 from voxtune.infer.engine import Engine
 from voxtune.infer.tools import render_tool_calls, tools_prompt
 from voxtune.model import prompts
@@ -122,35 +123,36 @@ class Runtime:
 
     def prepare_chat(
         self,
-        messages: Sequence[Any],
+        conversation: Sequence[Turn],
         owner: str,
         *,
         tools: Sequence[dict] | None = None,
         tool_choice: Any = None,
         reply_tokens: int = 1,
     ) -> PreparedChat:
-        """The model's conversation for OpenAI-shaped `messages` sent by `owner` (an API key),
-        tokenised (`example`) with every clip encoded.
+        """The model's conversation for `conversation` sent by `owner` (an API key), tokenised
+        (`example`) with every clip encoded.
 
-        User content parts: `text`; `input_audio` with `data` (base64) and `format`, or with
-        `id` (a clip stored by an earlier request). An assistant message may carry
-        `audio: {id}` (an earlier spoken reply: its text is used) and `tool_calls`. A last
-        user turn of audio alone is a spoken request to answer. `tools` (with `tool_choice`
-        other than "none") are offered in a system message.
+        A user turn's clips come with the request (`Clip`) or are stored by an earlier one
+        (`StoredClip`); an assistant turn may name an earlier spoken reply (its text is used)
+        and carry tool calls. A last user turn of audio alone is a spoken request to answer.
+        `tools` (with `tool_choice` other than "none") are offered in a system message. The
+        turns' shapes are checked where they arrive (`voxtune.serve.messages` for the OpenAI
+        wire format); what is checked here needs the model, the store or the audio.
 
         The cheap bounds come first: the text's length before tokenising, the audio's duration
         (the request limit, and what the context holds) while decoding, the prompt's tokens
         with `reply_tokens` to follow before any clip is encoded. Only an accepted request has
         its new clips encoded and stored.
         """
-        if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-            raise MessageError("messages must be a non-empty list")
+        if not conversation:
+            raise MessageError("the conversation is empty")
         offer = tools_prompt(tools, tool_choice or "auto") if tools and tool_choice != "none" else None
-        self._check_text_length(messages, offer)
+        self._check_text_length(conversation, offer)
         prepared = PreparedChat([])
         slots: list[tuple[dict, Any]] = []  # (audio part, stored entry or _Fresh clip), in reading order
-        for index, message in enumerate(messages):
-            prepared.messages.append(self._message(message, index, owner, slots))
+        for index, turn in enumerate(conversation):
+            prepared.messages.append(self._message(turn, index, owner, slots))
         for part, item in slots:  # the decoded clips count their tokens as well as encoded ones
             part["audio"] = item.audio if isinstance(item, _Fresh) else item.embedding
         if self.model.knows_task_tags:
@@ -171,12 +173,12 @@ class Runtime:
         prepared.example = self.engine.encode(prepared.messages)
         return prepared
 
-    def _check_text_length(self, messages: Sequence[Any], offer: str | None) -> None:
+    def _check_text_length(self, conversation: Sequence[Turn], offer: str | None) -> None:
         """Refuse text that cannot fit the context whatever its tokens, before tokenising it."""
         limit = context_length(self.model)
         if limit is None:
             return
-        chars = len(offer or "") + sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
+        chars = len(offer or "") + sum(len(turn.text) for turn in conversation)
         if chars > limit * MAX_CHARS_PER_TOKEN:
             raise MessageError(
                 f"the messages hold {chars} characters of text; this model reads at most {limit} tokens "
@@ -197,83 +199,56 @@ class Runtime:
             low, high = (middle, high) if self.model.audio_tokens(middle) < limit else (low, middle - 1)
         return low / SAMPLE_RATE
 
-    def _message(self, message: Any, index: int, owner: str, slots: list[tuple[dict, Any]]) -> dict:
+    def _message(self, turn: Turn, index: int, owner: str, slots: list[tuple[dict, Any]]) -> dict:
         where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise MessageError(f"{where} must be an object")
-        role = message.get("role")
-        if role in ("system", "developer"):
-            return {"role": "system", "content": _text_content(message.get("content"), where)}
-        if role == "tool":
-            return {"role": "tool", "content": _text_content(message.get("content"), where)}
-        if role == "assistant":
-            return {"role": "assistant", "content": self._assistant_text(message, where, owner)}
-        if role != "user":
-            raise MessageError(f"{where}.role must be system, developer, user, assistant or tool, not {echo(role)}")
-        content = message.get("content")
-        if isinstance(content, str):
-            return {"role": "user", "content": content}
-        if not isinstance(content, list) or not content:
-            raise MessageError(f"{where}.content must be a string or a non-empty list of parts")
+        if turn.role != "user":
+            text = self._assistant_text(turn, where, owner) if turn.role == "assistant" else turn.text
+            return {"role": turn.role, "content": text}
+        if len(turn.parts) == 1 and isinstance(turn.parts[0], Text):
+            return {"role": "user", "content": turn.parts[0].text}
         parts: list[dict[str, Any]] = []
-        for number, part in enumerate(content):
-            at = f"{where}.content[{number}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                parts.append({"type": "text", "text": _string(part.get("text"), f"{at}.text")})
-            elif kind == "input_audio":
-                slot = {"type": "audio", "audio": None}  # filled in once the whole request is accepted
-                slots.append((slot, self._clip(part.get("input_audio"), at, owner, slots)))
-                parts.append(slot)
-            elif kind in ("image_url", "input_image", "file"):
-                raise MessageError(f"{at}: this model reads text and audio, not {kind}")
+        for number, part in enumerate(turn.parts):
+            if isinstance(part, Text):
+                parts.append({"type": "text", "text": part.text})
             else:
-                raise MessageError(f"{at}.type must be 'text' or 'input_audio', not {echo(kind)}")
+                slot = {"type": "audio", "audio": None}  # filled in once the whole request is accepted
+                slots.append((slot, self._clip(part, f"{where}.content[{number}]", owner, slots)))
+                parts.append(slot)
         return {"role": "user", "content": parts}
 
-    def _assistant_text(self, message: dict, where: str, owner: str) -> str:
-        audio = message.get("audio")
-        text = None
-        if audio is not None:
-            if not isinstance(audio, dict) or not isinstance(audio.get("id"), str):
-                raise MessageError(f"{where}.audio must be {{'id': <audio id>}}")
-            entry = self.store.get(audio["id"], owner)
+    def _assistant_text(self, turn: Turn, where: str, owner: str) -> str:
+        text = turn.text
+        if turn.reply_id is not None:
+            entry = self.store.get(turn.reply_id, owner)
             if entry.text is None:
-                raise MessageError(f"{where}.audio.id {echo(audio['id'])} is a user clip, not a spoken reply")
+                raise MessageError(f"{where}.audio.id {echo(turn.reply_id)} is a user clip, not a spoken reply")
             text = entry.text  # what the model said, tags and all
-        if text is None:
-            content = message.get("content")
-            text = "" if content is None else _text_content(content, where)
-        if message.get("tool_calls"):
-            text = "\n".join(t for t in (text, render_tool_calls(message["tool_calls"])) if t)
+        if turn.tool_calls:
+            text = "\n".join(t for t in (text, render_tool_calls(list(turn.tool_calls))) if t)
         return text
 
-    def _clip(self, payload: Any, where: str, owner: str, slots: list[tuple[dict, Any]]) -> Any:
+    def _clip(self, part: Clip | StoredClip, where: str, owner: str, slots: list[tuple[dict, Any]]) -> Any:
         """A clip's stored entry (by id or content), else the decoded clip (`_Fresh`); raises
         `AudioTooLongError` as soon as the request's audio passes the limit."""
-        if not isinstance(payload, dict):
-            raise MessageError(f"{where}.input_audio must be an object with 'data' and 'format' (or 'id')")
         used = sum(
             item.embedding.duration if not isinstance(item, _Fresh) else item.audio.duration for _, item in slots
         )
-        if "id" in payload and "data" not in payload:
-            entry = self.store.get(_string(payload["id"], f"{where}.input_audio.id"), owner)
+        if isinstance(part, StoredClip):
+            entry = self.store.get(part.id, owner)
             if entry.embedding is None:
-                raise MessageError(f"{where}.input_audio.id {echo(payload['id'])} is a spoken reply, not a user clip")
+                raise MessageError(f"{where}.input_audio.id {echo(part.id)} is a spoken reply, not a user clip")
             self._check_budget(used + entry.embedding.duration)
             return entry
-        data = _string(payload.get("data"), f"{where}.input_audio.data")
-        fmt = payload.get("format")
-        if fmt is not None and fmt not in INPUT_FORMATS:
-            raise MessageError(f"{where}.input_audio.format must be one of {', '.join(INPUT_FORMATS)}, not {echo(fmt)}")
-        digest = self.store.digest(f"{fmt}:{data}")
+        digest = self.store.digest(f"{part.format}:{part.data}")
         found = self.store.find_clip(owner, digest)
         if found is not None:
             assert found.embedding is not None  # found by its content hash: a user clip
             self._check_budget(used + found.embedding.duration)
             return found
         try:  # decoding stops as soon as the clip passes what is left of the budget
-            audio = self.decode(data, fmt, where=f"{where}.input_audio", max_seconds=self.context_audio_seconds - used)
+            audio = self.decode(
+                part.data, part.format, where=f"{where}.input_audio", max_seconds=self.context_audio_seconds - used
+            )
         except AudioTooLongError:
             raise self._over_budget() from None
         return _Fresh(audio, digest)
@@ -408,36 +383,6 @@ class TranscriptionPlan:
             duration=self.duration,
             segments=segments,
         )
-
-
-def _text_chars(content: Any) -> int:
-    """Characters of text in a message's content (a string, or text parts), counted without
-    checking it: the checks come later."""
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        return sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return 0
-
-
-def _string(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise MessageError(f"{where} must be a string")
-    return value
-
-
-def _text_content(content: Any, where: str) -> str:
-    """A message's text: a string, or a list of text parts joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for number, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
-                raise MessageError(f"{where}.content[{number}] must be a text part in this role")
-            texts.append(_string(part.get("text", part.get("refusal")), f"{where}.content[{number}].text"))
-        return "".join(texts)
-    raise MessageError(f"{where}.content must be a string or a list of text parts")
 
 
 __all__ = ["AudioNotFoundError", "InputClip", "PreparedChat", "Runtime", "Segment", "Transcript", "TranscriptionPlan"]

@@ -32,6 +32,7 @@ from voxtune.infer.tools import parse_tool_calls
 from voxtune.model.generation import SamplingParams
 from voxtune.serve.bridge import ClientGone, Pending, ShuttingDown, cancel_all
 from voxtune.serve.errors import APIError, from_validation_error, read_json
+from voxtune.serve.messages import parse_messages
 from voxtune.tags import strip_tags
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True)
     model: str
-    messages: list[Any] = Field(min_length=1)
+    messages: list[Any] = Field(min_length=1)  # checked by voxtune.serve.messages
     modalities: list[Literal["text", "audio"]] | None = None
     audio: AudioRequest | None = None
     stream: bool = False
@@ -137,9 +138,10 @@ async def chat_completions(
     params = sampling(body, max_tokens)
     owner = request.scope["state"]["owner"]
     asked = body.max_completion_tokens or body.max_tokens
+    conversation = parse_messages(body.messages)
     prepared: PreparedChat = await asyncio.to_thread(
         runtime.prepare_chat,
-        body.messages,
+        conversation,
         owner,
         tools=body.tools,
         tool_choice=body.tool_choice,

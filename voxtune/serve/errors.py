@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import ValidationError
@@ -61,15 +62,23 @@ def from_input_error(error: InputError, param: str | None = None) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
-def from_validation_error(error: ValidationError, prefix: str = "") -> APIError:
-    """A 400 naming the first bad field, in words (never the raw pydantic dump)."""
+def from_validation_error(error: ValidationError, prefix: str = "", tags: Collection[str] = ()) -> APIError:
+    """A 400 naming the first bad field, in words (never the raw pydantic dump). `tags`: the
+    values of the tagged unions in lists, which pydantic writes after the index
+    ("messages.0.user.content"): not fields either."""
     first = error.errors(include_url=False, include_input=False)[0]
-    # pydantic puts the union member it tried into the location ("voice.str"): not a field.
-    parts = [part for part in first["loc"] if isinstance(part, int) or not _TYPE_TAG.match(part)]
-    if not parts:
+    loc = first["loc"]
+    parts: list[int | str] = []
+    for index, part in enumerate(loc):
+        # pydantic puts the union member it tried into the location ("voice.str"): not a field.
+        tag = part in tags and index > 0 and isinstance(loc[index - 1], int)
+        if isinstance(part, str) and (_TYPE_TAG.match(part) or tag):
+            continue
+        parts.append(part)
+    if not parts and not prefix:
         return APIError(400, "the request body must be a JSON object", code="invalid_value")
     location = prefix + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts).lstrip(".")
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"
     elif first["type"] == "missing":

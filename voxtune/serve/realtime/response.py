@@ -13,6 +13,8 @@ from voxtune.infer.spoken_reply import SpokenText, choose_voice, render_reply
 from voxtune.infer.tools import parse_tool_calls
 from voxtune.model.generation import SamplingParams
 from voxtune.serve.bridge import Pending, ShuttingDown, cancel_all
+from voxtune.serve.errors import APIError
+from voxtune.serve.messages import parse_messages
 from voxtune.serve.realtime import formats
 from voxtune.serve.realtime.protocol import new_id
 from voxtune.tags import strip_tags
@@ -218,9 +220,13 @@ class Response:
         messages, audio_items = session.chat_messages(self.instructions, history, clips)
         if not messages:
             raise InputError("the conversation is empty: add an item before asking for a response")
+        try:
+            conversation = parse_messages(messages)
+        except APIError as error:  # an item the session took that the chat format refuses
+            raise InputError(error.message) from None
         prepared = await asyncio.to_thread(
             session.runtime.prepare_chat,
-            messages,
+            conversation,
             session.owner,
             tools=tools or None,
             tool_choice=self.tool_choice if tools else None,
