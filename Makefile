@@ -22,8 +22,7 @@ test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not processes"
-	$(BIN)/python -m pytest -q -m processes
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The playground's browser test drives Debian's chromium: installed here when running as root
 # (as CI does); elsewhere that test skips and says why.

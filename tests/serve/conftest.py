@@ -38,12 +38,24 @@ def builtin_model():
 
 
 @pytest.fixture(scope="session")
-def tool_model():
+def tool_model(tmp_path_factory):
     """A tiny model taught to call a tool, so that a real call runs end to end: offered `add`,
     it answers a spoken turn with add(a=7, b=5), and the call's result "12" with "twelve."
-    ("13" with "thirteen.": it reads the result). Taught on the prompts the server builds (the
-    tools offer, the spoken request) with two voices and four silences around them, in about
-    ten seconds on 2 cores."""
+    ("13" with "thirteen.": it reads the result). Taught once per run (the test processes
+    share it through a folder: about ten seconds on 2 cores), then loaded."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the same for every pytest-xdist worker
+    folder = shared / "tool-model"
+    with FileLock(str(shared / "tool-model.lock")):
+        if not (folder / "voxtune.json").is_file():
+            _teach_tool_call().save_pretrained(folder)
+    return voxtune.load(folder)
+
+
+def _teach_tool_call():
+    """The tiny model of `tool_model`, taught on the prompts the server builds (the tools
+    offer, the spoken request) with two voices and four silences around them."""
     import torch
 
     from voxtune.audio import Audio, voices
