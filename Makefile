@@ -12,11 +12,10 @@ TEST_WORKERS ?= 2
 
 install: $(STAMP)
 
-# Reinstall only when the project's own dependency files change. No byte-compiling of the whole
-# environment: Python compiles what it imports, a small part of it, on first use.
+# Reinstall only when the project's own dependency files change.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 test: install browser
