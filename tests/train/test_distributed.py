@@ -44,55 +44,26 @@ def _recipe(tiny_recipe):
 
 def _torchrun(recipe: TrainRecipe, tmp_path, *args: str, env: dict[str, str] | None = None) -> str:
     """`voxtune train` in two processes on this machine; returns what they printed."""
-    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
-    path.write_text(dump_config(recipe))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "voxtune.cli",
-        "train",
-        str(path),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr
+    port = ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    launcher = ["torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", *port]
+    return _launch(launcher, recipe, tmp_path, *args, env=env)
 
 
 def _accelerate(config, recipe: TrainRecipe, tmp_path, *args: str) -> str:
     """`accelerate launch --config_file CONFIG --num_processes 2 -m voxtune.cli train`; returns
     what the processes printed."""
+    launcher = ["accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2"]
+    return _launch([*launcher, "--main_process_port", str(_free_port())], recipe, tmp_path, *args)
+
+
+def _launch(launcher: list[str], recipe: TrainRecipe, tmp_path, *args: str, env: dict[str, str] | None = None) -> str:
+    """`python -m LAUNCHER... -m voxtune.cli train RECIPE ARGS`, which must succeed."""
     path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
     path.write_text(dump_config(recipe))
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(config),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "voxtune.cli",
-        "train",
-        str(path),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    command = [sys.executable, "-m", *launcher, "-m", "voxtune.cli", "train", str(path), *args]
+    done = subprocess.run(
+        command, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
