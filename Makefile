@@ -20,13 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 # mypy runs beside the tests, which leave a core idle at times (audio streamed at real-time
 # pace, servers starting): its report comes after theirs, and either failing fails the target.
-# So does the build of DeepSpeed's CPU collective op, which its first launch in a new
-# environment would otherwise compile (about 20 s), and which its tests then find made.
 test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	@($(BIN)/python -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()' \
-		> /dev/null 2>&1 || true) &
 	@types=$$(mktemp); ($(BIN)/python -m mypy > $$types 2>&1; echo $$? >> $$types) & \
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile; tests=$$?; wait; \
 	echo "mypy:"; head -n -1 $$types; status=$$(tail -n 1 $$types); rm -f $$types; \
