@@ -302,13 +302,14 @@ class Trainer:
     def _make_corpus(self) -> None:
         """Synthesise the corpus of `data.synth` when its manifests are not there yet."""
         data = self.recipe.data
-        if data.synth is None:
+        paths = [p for p in data.train + data.valid if isinstance(p, str)]
+        if data.synth is None or all(Path(p).exists() for p in paths):
             return
         if not isinstance(data.train[0], str):
             raise TrainError("data.synth writes manifests: the first entry of data.train must be the manifest path")
         from voxtune.data.synth import make_missing_corpus  # the voices load only when a corpus is made
 
-        make_missing_corpus(data.synth, [p for p in data.train + data.valid if isinstance(p, str)], log=self.log)
+        make_missing_corpus(data.synth, paths, log=self.log)
 
     def _dataset(
         self, examples: list[SpeechExample], sources: list[str | DatasetSource], augment: Any, *, distill: bool = False
