@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,35 @@ def clip(seconds: float, seed: int = 0) -> Audio:
 def make_clip():
     """The `clip` helper as a fixture."""
     return clip
+
+
+@dataclass
+class Ran:
+    """What a `voxtune` command left: its exit status and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capfd) -> Callable[..., Ran]:
+    """`voxtune ARGS` run in this process: the same parser and error handling as the console
+    script, without a new interpreter importing torch for each bad argument. Output is read at
+    the file descriptors, so what a library prints from C shows too. Each test module keeps one
+    case through the real console script for the entry point itself."""
+    from voxtune.cli import main
+
+    def run(*args: object) -> Ran:
+        capfd.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as stop:  # argparse's --help and --version
+            code = stop.code if isinstance(stop.code, int) else 1
+        out, err = capfd.readouterr()
+        return Ran(code, out, err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

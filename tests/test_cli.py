@@ -120,12 +120,12 @@ def test_demo_speaks_every_language(tmp_path, capsys):
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
-def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, args, words):
+def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, cli, args, words):
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"not audio, just some words" * 3)
     out = tmp_path / "out.wav"
     out.write_bytes(b"previous contents")
-    result = run(*(a.format(garbage=garbage, out=out, garbage_dir=tmp_path) for a in args))
+    result = cli(*(a.format(garbage=garbage, out=out, garbage_dir=tmp_path) for a in args))
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -170,13 +170,13 @@ def test_data_synth_makes_a_corpus_and_reports_its_rate(tmp_path):
         (["data", "synth", "{recipe}", "--out", "{out}", "--frobnicate"], "unrecognized arguments"),
     ],
 )
-def test_data_synth_bad_input_is_one_line(tmp_path, args, words):
+def test_data_synth_bad_input_is_one_line(tmp_path, cli, args, words):
     fill = {
         "recipe": Path(__file__).parents[1] / "recipes" / "data" / "smoke.yaml",
         "out": tmp_path / "o",
         "missing": tmp_path / "none.yaml",
     }
-    result = run(*(a.format(**fill) for a in args))
+    result = cli(*(a.format(**fill) for a in args))
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], result.stderr

@@ -73,15 +73,15 @@ def test_chat_with_audio_and_text_streamed_or_not(saved):
         (["chat", "--model", "{model}", "--text", "hi", "--temperature", "-1"], "temperature"),
     ],
 )
-def test_bad_input_is_one_line(saved, args, words):
+def test_bad_input_is_one_line(saved, cli, args, words):
     fill = {"wav": saved / "hello.wav", "model": saved / "model", "missing": saved / "nope"}
-    result = run(*(a.format(**fill) for a in args))
+    result = cli(*(a.format(**fill) for a in args))
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("voxtune: error:") and words in lines[0], result.stderr
 
 
-def test_train_runs_a_recipe_end_to_end_and_resumes(tmp_path):
+def test_train_runs_a_recipe_end_to_end_and_resumes(tmp_path, cli):
     recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
     overrides = [
         f"output.dir={tmp_path / 'run'}",
@@ -94,10 +94,10 @@ def test_train_runs_a_recipe_end_to_end_and_resumes(tmp_path):
         "model.tiny.hidden=32",
         f"data.synth={recipe.parent / 'data' / 'smoke.yaml'}",  # the quickstart's own corpus takes longer
     ]
-    first = run("train", str(recipe), *overrides, "--stop-after", "2")
+    first = cli("train", recipe, *overrides, "--stop-after", "2")
     assert first.returncode == 0, first.stderr
     assert "stopped at step 2; go on with --resume" in first.stdout
-    second = run("train", str(recipe), *overrides, "--resume")
+    second = cli("train", recipe, *overrides, "--resume")
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "wer=" in second.stdout
     assert voxtune.load(tmp_path / "run" / "model").config.encoder_kind == "streaming"
@@ -114,13 +114,13 @@ def test_train_runs_a_recipe_end_to_end_and_resumes(tmp_path):
         (["train", "{recipe}", "--resume", "output.dir={empty}", "data.train=[{missing}]"], "no such manifest"),
     ],
 )
-def test_train_bad_input_is_one_line(tmp_path, args, words):
+def test_train_bad_input_is_one_line(tmp_path, cli, args, words):
     fill = {
         "recipe": Path(__file__).parents[1] / "recipes" / "quickstart.yaml",
         "empty": tmp_path / "e",
         "missing": tmp_path / "none.jsonl",
     }
-    result = run(*(a.format(**fill) for a in args))
+    result = cli(*(a.format(**fill) for a in args))
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], result.stderr

@@ -229,11 +229,11 @@ def test_the_command_prints_the_table_and_writes_json(rendered, suite_file, tmp_
         (["eval", "--model", "{missing}"], 1, "no model directory"),
     ],
 )
-def test_bad_arguments_get_one_line(tmp_path, args, code, words):
+def test_bad_arguments_get_one_line(tmp_path, cli, args, code, words):
     model = tmp_path / "model"
     tiny("llama", "streaming").save_pretrained(model)
     args = [a.format(model=model, missing=tmp_path / "missing") for a in args]
-    result = subprocess.run([VOXTUNE, *args], capture_output=True, text=True, timeout=120)
+    result = cli(*args)
     assert result.returncode == code and words in result.stderr and len(result.stderr.splitlines()) == 1
 
 

@@ -192,18 +192,13 @@ def test_an_existing_folder_is_replaced_only_when_asked(whisper_model, tmp_path)
         (["{broken}", "--to", "ultravox", "--out", "{out}"], "model.safetensors"),
     ],
 )
-def test_bad_exports_are_one_line(whisper_model, tmp_path, args, words):
+def test_bad_exports_are_one_line(whisper_model, tmp_path, cli, args, words):
     (tmp_path / "empty").mkdir()
     broken = tmp_path / "broken"
     tiny("llama", "whisper").save_pretrained(broken)
     (broken / "model.safetensors").unlink()
     fill = {"model": whisper_model, "out": tmp_path / "out", "empty": tmp_path / "empty", "broken": broken}
-    done = subprocess.run(
-        [sys.executable, "-m", "voxtune.cli", "export", *(a.format(**fill) for a in args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = cli("export", *(a.format(**fill) for a in args))
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1 and words in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
