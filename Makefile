@@ -8,7 +8,7 @@ OUT ?= out
 # staying together so that its module fixtures are built once.
 TEST_WORKERS ?= 2
 
-.PHONY: install test run clean browser
+.PHONY: install test run clean browser gpu-check
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ browser:
 	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
 		(apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null 2>&1 \
 		|| echo "could not install chromium: the browser test will skip"; fi
+
+# On a machine with a CUDA GPU: the tests that need one (-m gpu: CUDA against the CPU, bf16,
+# QLoRA, Liger, packed rows), then the training benchmark on the 0.5B model, LoRA, QLoRA and full.
+gpu-check: install
+	$(BIN)/python -m pytest -q -m gpu
+	$(BIN)/python benchmarks/train_throughput.py --lm 0.5b --device cuda --configs voxtune,qlora,full
 
 run: install
 	$(BIN)/voxtune serve

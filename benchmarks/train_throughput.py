@@ -33,7 +33,9 @@ configuration in a fresh process of its own:
   resident weights, so compare peak MiB, not +MiB), and activation checkpointing
   (`train.grad_checkpointing=true`: the LM's activations recomputed in backward, memory for
   time), and full fine-tuning (`train.method=full`: every weight of the LM and the projector
-  trains, the encoder stays frozen and cached).
+  trains, the encoder stays frozen and cached), bf16 autocast (`train.precision=bf16-autocast`),
+  and the projector alone (`train.method=projector`: no adapters, the LM frozen; what LoRA's
+  own compute costs, and so the most a faster LoRA could give).
 
 Each configuration trains `--epochs` epochs; an epoch is every training example once. What the
 table shows:
@@ -74,6 +76,16 @@ vocabulary trained on the synthesiser's text (so the logits are [tokens, 8056]),
 256-wide streaming encoder (random weights, frozen: its cost is what matters here). How much
 each feature pays depends on that balance: a larger encoder makes the cache worth more, longer
 answers (more scored tokens) make the chunked cross-entropy's share smaller.
+
+`--lm 0.5b` keeps voxtune's architecture at a size users fine-tune: an LM of Qwen2.5-0.5B's
+shape (24 layers, 896 wide, 14 query and 2 key/value heads, a 4864-wide MLP, its 151,936-row
+vocabulary with tied embeddings: 494M parameters, random weights) over a frozen encoder of
+Whisper base's shape (6 layers, 512 wide, 30 s windows). It is made for a GPU:
+
+    .venv/bin/python benchmarks/train_throughput.py --lm 0.5b --device cuda --configs voxtune,qlora,full
+
+On the CPU it runs too (`--device cpu`, with a GPU hidden from both trainers), at several
+seconds a step: use a small `--clips` there.
 """
 
 from __future__ import annotations
@@ -107,6 +119,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "qlora": ("voxtune, QLoRA (4-bit LM)", {"method": "qlora"}),
     "checkpointing": ("voxtune, act. checkpointing", {"grad_checkpointing": True}),
     "full": ("voxtune, full fine-tuning", {"method": "full"}),
+    "bf16": ("voxtune, bf16 autocast", {"precision": "bf16-autocast"}),
+    "no_lora": ("voxtune, projector only", {"method": "projector"}),
 }
 LANGUAGES = ["en", "de", "fr", "es", "ru", "zh"]
 MIXTURE = {"transcribe": 2.0, "language": 1.0, "describe": 1.0, "answer": 1.0}
@@ -139,27 +153,58 @@ def make_data(folder: Path, clips: int) -> None:
     )
 
 
-def make_model(folder: Path, vocab: int, arch: str) -> Any:
+# The larger LM of `--lm 0.5b`: Qwen2.5-0.5B's shape (494M parameters with its tied embeddings),
+# its vocabulary's size included, so the logits cost what they cost a user of that model (the
+# BPE trained here fills the first few thousand rows; the others are never a target).
+LM_05B = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 4096,
+}
+# Its frozen encoder: Whisper base's shape (6 layers, 512 wide, 30 s windows).
+ENCODER_05B = {"n_mels": 80, "dim": 512, "layers": 6, "heads": 8}
+
+
+def make_model(folder: Path, vocab: int, arch: str, lm_size: str = "small") -> Any:
     """Build the benchmark `SpeechLM` (seeded) and save it to `folder`; returns it."""
     if arch == "qwen2_audio":
         return make_qwen2_audio(folder, vocab)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     from voxtune.config import load_config
     from voxtune.data.synth import SynthRecipe, plan
     from voxtune.model import build_speech_lm, prepare_tokenizer
-    from voxtune.model.tiny import tiny_lm_config, train_tokenizer
+    from voxtune.model.tiny import tiny_encoder_config, tiny_lm_config, train_tokenizer
 
     # The synthesiser's planner writes the text without rendering audio: a large corpus for BPE.
     texts = [
         p.text for p in plan(load_config(SynthRecipe, {"seed": 1, "clips": 20000, "languages": LANGUAGES}), ["a", "b"])
     ]
-    tokenizer = prepare_tokenizer(train_tokenizer("llama", vocab_size=vocab, corpus="\n".join(texts)), "llama")
+    family = "llama" if lm_size == "small" else "qwen2"
+    tokenizer = prepare_tokenizer(train_tokenizer(family, vocab_size=vocab, corpus="\n".join(texts)), family)
     torch.manual_seed(SEED)
-    lm = AutoModelForCausalLM.from_config(tiny_lm_config("llama", tokenizer, hidden=256, layers=4))
-    encoder = {"n_mels": 80, "dim": 256, "layers": 4, "heads": 4, "chunk_frames": 4, "left_chunks": 8}
-    model = build_speech_lm(lm, tokenizer, encoder_kind="streaming", encoder_config=encoder)
+    if lm_size == "small":
+        lm = AutoModelForCausalLM.from_config(tiny_lm_config("llama", tokenizer, hidden=256, layers=4))
+        encoder = {"n_mels": 80, "dim": 256, "layers": 4, "heads": 4, "chunk_frames": 4, "left_chunks": 8}
+        model = build_speech_lm(lm, tokenizer, encoder_kind="streaming", encoder_config=encoder)
+    else:
+        special = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **LM_05B, **special))
+        encoder_config = tiny_encoder_config(
+            "whisper",
+            dim=ENCODER_05B["dim"],
+            layers=ENCODER_05B["layers"],
+            heads=ENCODER_05B["heads"],
+            n_mels=ENCODER_05B["n_mels"],
+        )
+        encoder_config["encoder_ffn_dim"] = 4 * ENCODER_05B["dim"]  # Whisper's MLP ratio
+        model = build_speech_lm(lm, tokenizer, encoder_kind="whisper", encoder_config=encoder_config)
     transformers_logging.disable_progress_bar()
     model.save_pretrained(str(folder))
     return model
@@ -499,9 +544,16 @@ def run_child(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
         str(args.batch),
         "--arch",
         args.arch,
+        "--lm",
+        args.lm,
+        "--device",
+        args.device,
     ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # both trainers take a GPU they can see
     busy, ours, started = _busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
@@ -570,6 +622,19 @@ def main() -> None:
         help="the model: voxtune's own (default) or a Qwen2-Audio-shaped checkpoint of about 100M parameters",
     )
     parser.add_argument(
+        "--lm",
+        choices=["small", "0.5b"],
+        default="small",
+        help="with --arch voxtune: the 6.5M-parameter LM (default) or Qwen2.5-0.5B's shape (494M) over a "
+        "Whisper-base-shaped frozen encoder",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where both trainers run (default: the GPU when there is one)",
+    )
+    parser.add_argument(
         "--configs", default=",".join(CONFIGS), help="which configurations to run (baseline and voxtune always)"
     )
     parser.add_argument(
@@ -582,11 +647,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the encoder cache pays from epoch 2 on")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    if args.lm != "small" and args.arch != "voxtune":
+        parser.error("--lm goes with --arch voxtune")
     if args.only:
         child(args)
         return
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, device {DEVICE}")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, device {device}")
     args.data.mkdir(parents=True, exist_ok=True)
     make_data(args.data, args.clips)
     names = ["baseline", "voxtune"] + [
@@ -594,12 +664,13 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory(prefix="voxtune-bench-") as temporary:
         work = args.work or Path(temporary)
-        model = make_model(work / "model", args.vocab, args.arch)
+        model = make_model(work / "model", args.vocab, args.arch, args.lm)
         batching = batch_plan(model, args.data / "train.jsonl", args.batch, args.epochs)
         (work / "plan.json").write_text(json.dumps(batching))
         count = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
         print(
-            f"model: LM {count(model.lm):.2f}M parameters (vocabulary {len(model.tokenizer)}), "
+            f"model: LM {count(model.lm):.2f}M parameters (vocabulary {len(model.tokenizer)} tokens, "
+            f"{model.lm.get_input_embeddings().num_embeddings} rows), "
             f"encoder {count(model.encoder):.2f}M (frozen), projector {count(model.projector):.2f}M"
         )
         records = [json.loads(line) for line in (args.data / "train.jsonl").read_text().splitlines()]
