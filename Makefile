@@ -42,8 +42,8 @@ browser:
 # On a machine with a CUDA GPU: the tests that need one (-m gpu: CUDA against the CPU, bf16,
 # QLoRA, Liger, packed rows), then the training benchmark on the 0.5B model, LoRA, QLoRA and full.
 gpu-check: install
-	$(BIN)/python -m pytest -q -m gpu
-	$(BIN)/python benchmarks/train_throughput.py --lm 0.5b --device cuda --configs voxtune,qlora,full
+	$(BIN)/python -m pytest -q -m gpu tests/train/test_cuda.py tests/audio/test_features.py
+	$(BIN)/python benchmarks/train_throughput.py --lm 0.5b --device cuda --clips 200 --configs voxtune,full,qlora
 
 run: install
 	$(BIN)/voxtune serve

@@ -91,6 +91,7 @@ seconds a step: use a small `--clips` there.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -662,6 +663,9 @@ def main() -> None:
     names = ["baseline", "voxtune"] + [
         n for n in args.configs.split(",") if n in CONFIGS and n not in ("baseline", "voxtune")
     ]
+    if "qlora" in names and importlib.util.find_spec("bitsandbytes") is None:
+        print("skipping qlora: its 4-bit layers need bitsandbytes (pip install 'voxtune[qlora]')")
+        names.remove("qlora")
     with tempfile.TemporaryDirectory(prefix="voxtune-bench-") as temporary:
         work = args.work or Path(temporary)
         model = make_model(work / "model", args.vocab, args.arch, args.lm)
