@@ -35,7 +35,8 @@ configuration in a fresh process of its own:
   time), and full fine-tuning (`train.method=full`: every weight of the LM and the projector
   trains, the encoder stays frozen and cached), bf16 autocast (`train.precision=bf16-autocast`),
   and the projector alone (`train.method=projector`: no adapters, the LM frozen; what LoRA's
-  own compute costs, and so the most a faster LoRA could give).
+  own compute costs, and so the most a faster LoRA could give), and compiled decoder layers
+  (`train.compile=true`: `torch.compile` compiles in epoch 1, so look at epochs 2+).
 
 Each configuration trains `--epochs` epochs; an epoch is every training example once. What the
 table shows:
@@ -122,6 +123,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "full": ("voxtune, full fine-tuning", {"method": "full"}),
     "bf16": ("voxtune, bf16 autocast", {"precision": "bf16-autocast"}),
     "no_lora": ("voxtune, projector only", {"method": "projector"}),
+    "compile": ("voxtune, compiled layers", {"compile": True}),
 }
 LANGUAGES = ["en", "de", "fr", "es", "ru", "zh"]
 MIXTURE = {"transcribe": 2.0, "language": 1.0, "describe": 1.0, "answer": 1.0}

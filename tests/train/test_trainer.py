@@ -445,3 +445,29 @@ def test_a_pretrained_encoder_under_a_tiny_lm_is_checked_before_anything_loads(t
 
     with pytest.raises(ConfigError, match=words):
         tiny_recipe(tmp_path, *overrides)
+
+
+def test_compiled_layers_train_on_the_same_curve_and_evaluate_uncompiled(corpus, tmp_path, _recipe):
+    steps = ["train.max_steps=3", "train.log_every=1", "eval.every=3"]
+    Trainer(_recipe(corpus, tmp_path / "eager", *steps), log=lambda _: None).fit()
+    lines: list[str] = []
+    trainer = Trainer(_recipe(corpus, tmp_path / "compiled", *steps, "train.compile=true"), log=lines.append)
+    layers = trainer.model.base_lm().get_decoder().layers
+    assert f"compiled: {len(layers)} decoder layers (torch.compile, dynamic shapes)" in lines
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    traced: list[bool] = []
+    layers[0].mlp.register_forward_pre_hook(lambda module, args: traced.append(torch.compiler.is_compiling()))
+    trainer.fit()
+    assert True in traced  # the layers ran through torch.compile
+    eager, compiled = (
+        [json.loads(line) for line in (tmp_path / run / "run" / "log.jsonl").read_text().splitlines()]
+        for run in ("eager", "compiled")
+    )
+    for key in ("loss", "eval_loss", "wer"):
+        got, want = [r[key] for r in compiled if key in r], [r[key] for r in eager if key in r]
+        assert got and got == pytest.approx(want, rel=1e-4), key
+
+
+def test_compile_with_recomputed_activations_is_refused(corpus, tmp_path, _recipe):
+    with pytest.raises(ValueError, match="compile and grad_checkpointing do not go together yet"):
+        _recipe(corpus, tmp_path, "train.compile=true", "train.grad_checkpointing=true")

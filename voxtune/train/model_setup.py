@@ -159,3 +159,15 @@ def fused_kernels(model: SpeechLM, train: TrainSection) -> str:
         swapped[label] += 1
     chosen = ", ".join(f"{kind} x{count}" for kind, count in swapped.items() if count)
     return f"liger ({chosen})" if chosen else "none (no module this LM has is one Liger fuses)"
+
+
+def compile_layers(model: SpeechLM) -> str:
+    """Compile each of the LM's decoder layers in place (`torch.compile`, dynamic shapes, since
+    packed rows change length every step); returns what was compiled, for the start-up log.
+    The layers keep their names and weights, so checkpoints and exports are unchanged."""
+    layers = getattr(model.base_lm().get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        return "nothing (the LM has no decoder layers to compile)"
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return f"{len(layers)} decoder layers (torch.compile, dynamic shapes)"

@@ -153,6 +153,9 @@ class TrainSection(Config):
     fsdp_reshard: bool = True
     precision: Literal["float32", "bf16-autocast"] = "float32"
     fused_kernels: bool = True  # Liger Kernel's fused modules, where they run (CUDA, liger-kernel installed)
+    # torch.compile each of the LM's decoder layers for training (one process or DDP): the first
+    # steps pay the compilation, later ones run fused code (measured 1.15x on 2 CPU cores).
+    compile: bool = False
     seed: int = 0
     log_every: int = Field(10, ge=1)
     progress: bool = True  # a progress bar on a terminal (the log lines are written either way)
@@ -163,6 +166,12 @@ class TrainSection(Config):
             raise ValueError(
                 "method qlora puts the LM in 4 bits under its adapters: with lora.lm=false use method lora"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _compile_without_recompute(self) -> TrainSection:
+        if self.compile and self.grad_checkpointing:
+            raise ValueError("compile and grad_checkpointing do not go together yet: choose one")
         return self
 
 

@@ -52,7 +52,14 @@ from voxtune.train.ctc import alphabet, attach_ctc_head, ctc_loss
 from voxtune.train.distill import Distiller
 from voxtune.train.feature_cache import EncoderFeatureCache, encoder_fingerprint, with_cached_audio
 from voxtune.train.losses import chunked_cross_entropy
-from voxtune.train.model_setup import TrainError, build_model, fused_kernels, prepare_trainable, training_text
+from voxtune.train.model_setup import (
+    TrainError,
+    build_model,
+    compile_layers,
+    fused_kernels,
+    prepare_trainable,
+    training_text,
+)
 from voxtune.train.prefetch import prefetch
 from voxtune.train.provenance import TRAINING_RECORD, training_record
 from voxtune.train.recipe import DatasetSource, TrainRecipe, TrainSection
@@ -234,6 +241,10 @@ class Trainer:
             else None
         )
         self.strategy = distributed.choose_strategy(train.strategy, self.procs)
+        if train.compile:
+            if self.strategy in ("fsdp", "deepspeed"):
+                raise TrainError(f"train.compile runs with one process or DDP, not with {self.strategy}")
+            self.log(f"compiled: {compile_layers(self.model)}")
         stage = zero_stage(train.zero_stage) if self.strategy == "deepspeed" else None
         if self.strategy != "single":
             described = f"deepspeed (ZeRO-{stage})" if stage else self.strategy
@@ -569,21 +580,25 @@ class Trainer:
             raise TrainError("evaluation needs validation data: set data.valid in the recipe")
         was_training = model.training
         model.eval()
+        # Compiled layers (train.compile) were compiled for training's shapes; generation's
+        # one-token steps with a cache would only make them compile again.
+        stance = torch.compiler.set_stance("force_eager") if self.recipe.train.compile else contextlib.nullcontext()
         try:
-            count = min(limit, len(valid))
-            losses = [
-                compute_loss(model, model.processor.collate([valid[i]]), self.recipe.train.chunk_tokens)
-                for i in range(count)
-            ]
-            result = {"eval_loss": sum(float(loss) * n for loss, n in losses) / max(1, sum(n for _, n in losses))}
-            result.update(
-                evaluate_tasks(
-                    model,
-                    valid.examples[:count],
-                    self.eval_tasks,
-                    max_new_tokens=self.recipe.eval.max_new_tokens,
+            with stance:
+                count = min(limit, len(valid))
+                losses = [
+                    compute_loss(model, model.processor.collate([valid[i]]), self.recipe.train.chunk_tokens)
+                    for i in range(count)
+                ]
+                result = {"eval_loss": sum(float(loss) * n for loss, n in losses) / max(1, sum(n for _, n in losses))}
+                result.update(
+                    evaluate_tasks(
+                        model,
+                        valid.examples[:count],
+                        self.eval_tasks,
+                        max_new_tokens=self.recipe.eval.max_new_tokens,
+                    )
                 )
-            )
         finally:
             model.train(was_training)
         return result
