@@ -153,7 +153,7 @@ class TrainSection(Config):
     fsdp_reshard: bool = True
     precision: Literal["float32", "bf16-autocast"] = "float32"
     fused_kernels: bool = True  # Liger Kernel's fused modules, where they run (CUDA, liger-kernel installed)
-    # torch.compile each of the LM's decoder layers for training (one process or DDP): the first
+    # torch.compile each of the LM's decoder layers for training (one process): the first
     # steps pay the compilation, later ones run fused code (measured 1.15x on 2 CPU cores).
     compile: bool = False
     seed: int = 0

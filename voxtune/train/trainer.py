@@ -242,8 +242,8 @@ class Trainer:
         )
         self.strategy = distributed.choose_strategy(train.strategy, self.procs)
         if train.compile:
-            if self.strategy in ("fsdp", "deepspeed"):
-                raise TrainError(f"train.compile runs with one process or DDP, not with {self.strategy}")
+            if self.strategy != "single":
+                raise TrainError(f"train.compile runs in one process for now, not with {self.strategy}")
             self.log(f"compiled: {compile_layers(self.model)}")
         stage = zero_stage(train.zero_stage) if self.strategy == "deepspeed" else None
         if self.strategy != "single":
