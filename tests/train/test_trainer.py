@@ -448,7 +448,7 @@ def test_a_pretrained_encoder_under_a_tiny_lm_is_checked_before_anything_loads(t
 
 
 def test_compiled_layers_train_on_the_same_curve_and_evaluate_uncompiled(corpus, tmp_path, _recipe):
-    steps = ["train.max_steps=3", "train.log_every=1", "eval.every=3"]
+    steps = ["train.max_steps=2", "train.log_every=1", "eval.every=2", "eval.limit=1", "eval.max_new_tokens=2"]
     Trainer(_recipe(corpus, tmp_path / "eager", *steps), log=lambda _: None).fit()
     lines: list[str] = []
     trainer = Trainer(_recipe(corpus, tmp_path / "compiled", *steps, "train.compile=true"), log=lines.append)
