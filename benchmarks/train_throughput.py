@@ -83,7 +83,9 @@ shape (24 layers, 896 wide, 14 query and 2 key/value heads, a 4864-wide MLP, its
 vocabulary with tied embeddings: 494M parameters, random weights) over a frozen encoder of
 Whisper base's shape (6 layers, 512 wide, 30 s windows). It is made for a GPU:
 
-    .venv/bin/python benchmarks/train_throughput.py --lm 0.5b --device cuda --configs voxtune,qlora,full
+    .venv/bin/python benchmarks/train_throughput.py --lm 0.5b --device cuda --clips 200 --configs voxtune,full,qlora
+
+(what `make gpu-check` runs after the GPU tests).
 
 On the CPU it runs too (`--device cpu`, with a GPU hidden from both trainers), at several
 seconds a step: use a small `--clips` there.
@@ -199,13 +201,7 @@ def make_model(folder: Path, vocab: int, arch: str, lm_size: str = "small") -> A
     else:
         special = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **LM_05B, **special))
-        encoder_config = tiny_encoder_config(
-            "whisper",
-            dim=ENCODER_05B["dim"],
-            layers=ENCODER_05B["layers"],
-            heads=ENCODER_05B["heads"],
-            n_mels=ENCODER_05B["n_mels"],
-        )
+        encoder_config = tiny_encoder_config("whisper", **ENCODER_05B)
         encoder_config["encoder_ffn_dim"] = 4 * ENCODER_05B["dim"]  # Whisper's MLP ratio
         model = build_speech_lm(lm, tokenizer, encoder_kind="whisper", encoder_config=encoder_config)
     transformers_logging.disable_progress_bar()
