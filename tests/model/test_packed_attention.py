@@ -67,3 +67,17 @@ def test_a_dense_mask_cannot_hold_a_sliding_window(make_clip):
     assert not use_packed_attention(model.lm)
     with pytest.raises(ValueError, match="sliding window"):
         model.lm_inputs(model.processor.pack(_examples(model, make_clip)))
+
+
+def test_under_cpu_autocast_packed_rows_attend_in_float32(make_clip):
+    model = tiny("llama").train()
+    assert use_packed_attention(model.lm)
+    packed = model.processor.pack(_examples(model, make_clip))
+    seen: list[torch.dtype] = []
+    attention = model.lm.model.layers[0].self_attn
+    attention.o_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = compute_loss(model, packed, chunk_tokens=16)
+    assert seen == [torch.float32]  # attention's output: computed in float32 (bf16 q/k/v went in)
+    full, _ = compute_loss(model, packed, chunk_tokens=16)
+    assert loss.item() == pytest.approx(full.item(), rel=0.02)

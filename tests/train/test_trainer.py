@@ -133,6 +133,49 @@ def test_checkpointing_and_bf16_autocast_train_as_well(corpus, tmp_path, _recipe
     assert _losses(tmp_path / "bf16" / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=0.05)
 
 
+def test_bf16_weights_train_close_to_float32_and_export_in_full_precision(corpus, tmp_path, _recipe):
+    steps = ["train.max_steps=3", "eval.limit=1", "eval.max_new_tokens=2"]
+    reference = Trainer(_recipe(corpus, tmp_path / "ref", *steps), log=lambda _: None)
+    reference.fit()
+    lines: list[str] = []
+    trainer = Trainer(_recipe(corpus, tmp_path / "bf16", *steps, "train.precision=bf16"), log=lines.append)
+    lm = trainer.model.base_lm()
+    frozen = [p for p in lm.parameters() if not p.requires_grad]
+    assert f"precision: bf16 ({len(frozen)} frozen LM weights held in bf16)" in lines
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.params} == {torch.float32}  # adapters and projector: master weights
+    assert all(p.dtype == torch.float32 for p in trainer.model.encoder.parameters())
+    trainer.fit()
+    assert _losses(tmp_path / "bf16" / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=0.05)
+    # Evaluation runs under the same autocast (float32 inputs would not meet bf16 weights).
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(reference.evaluate()["eval_loss"], rel=0.05)
+    exported = voxtune.load(trainer.export())
+    embeddings = exported.lm.get_input_embeddings().weight
+    assert embeddings.dtype == torch.float32
+    # Built again in full precision: the merged weights were never rounded to bf16.
+    assert not torch.equal(embeddings.to(torch.bfloat16).float(), embeddings)
+    torch.testing.assert_close(embeddings, reference.model.base_lm().get_input_embeddings().weight)
+
+
+def test_bf16_weights_under_qlora_compute_in_bf16(corpus, tmp_path, _recipe):
+    pytest.importorskip("bitsandbytes", reason="QLoRA's 4-bit layers need bitsandbytes")
+    steps = ["train.max_steps=3", "train.method=qlora"]
+    Trainer(_recipe(corpus, tmp_path / "fp32", *steps), log=lambda _: None).fit()
+    trainer = Trainer(_recipe(corpus, tmp_path / "bf16", *steps, "train.precision=bf16"), log=lambda _: None)
+    quantized = [m for m in trainer.model.base_lm().modules() if type(m).__name__ == "Linear4bit"]
+    assert quantized and {m.compute_dtype for m in quantized} == {torch.bfloat16}
+    trainer.fit()
+    assert _losses(tmp_path / "bf16" / "run") == pytest.approx(_losses(tmp_path / "fp32" / "run"), rel=0.05)
+
+
+def test_bf16_weights_in_several_processes_are_refused(corpus, tmp_path, _recipe, monkeypatch):
+    from voxtune.train import distributed
+
+    monkeypatch.setattr(distributed, "choose_strategy", lambda strategy, procs: "ddp")
+    with pytest.raises(TrainError, match="train.precision=bf16 runs in one process for now, not with ddp"):
+        Trainer(_recipe(corpus, tmp_path, "train.precision=bf16"), log=lambda _: None)
+
+
 def test_lora_on_the_encoder_trains_it_and_exports_both_adapters(corpus, tmp_path, _recipe):
     trainer = Trainer(
         _recipe(corpus, tmp_path, "train.max_steps=3", "train.lora.encoder=true", "train.lora.lm=false"),

@@ -57,6 +57,7 @@ from voxtune.train.model_setup import (
     build_model,
     compile_layers,
     fused_kernels,
+    hold_frozen_in_bf16,
     prepare_trainable,
     training_text,
 )
@@ -112,6 +113,11 @@ def compute_loss(
     return loss, trained_tokens(batch)
 
 
+def autocast(model: SpeechLM, precision: str) -> torch.autocast:
+    """The autocast context of `train.precision`: bf16 matrix products unless it is float32."""
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision != "float32")
+
+
 def trained_tokens(batch: dict[str, Any]) -> int:
     """How many tokens of `batch` the loss is over (known before the forward pass)."""
     return int((batch["labels"][:, 1:] != -100).sum())
@@ -143,7 +149,7 @@ class BatchLoss(torch.nn.Module):
         if self.cache is not None:
             # In full precision: what goes into the cache must not depend on the recipe's precision.
             batch = with_cached_audio(batch, self.model, examples, self.cache)
-        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16-autocast"):
+        with autocast(self.model, train.precision):
             auxiliary = None
             if train.ctc is not None:
                 batch, auxiliary = self._encode_with_ctc(batch, examples)
@@ -241,6 +247,10 @@ class Trainer:
             else None
         )
         self.strategy = distributed.choose_strategy(train.strategy, self.procs)
+        if train.precision == "bf16":
+            if self.strategy != "single":
+                raise TrainError(f"train.precision=bf16 runs in one process for now, not with {self.strategy}")
+            self.log(f"precision: bf16 ({hold_frozen_in_bf16(self.model)} frozen LM weights held in bf16)")
         if train.compile:
             if self.strategy != "single":
                 raise TrainError(f"train.compile runs in one process for now, not with {self.strategy}")
@@ -584,7 +594,8 @@ class Trainer:
         # one-token steps with a cache would only make them compile again.
         stance = torch.compiler.set_stance("force_eager") if self.recipe.train.compile else contextlib.nullcontext()
         try:
-            with stance:
+            # In the precision training runs in (with bf16 weights, float32 inputs would not do).
+            with stance, autocast(model, self.recipe.train.precision):
                 count = min(limit, len(valid))
                 losses = [
                     compute_loss(model, model.processor.collate([valid[i]]), self.recipe.train.chunk_tokens)
@@ -645,15 +656,17 @@ class Trainer:
         adapters alone (standard peft format): the LM's in `<output>/adapter`, the encoder's in
         `<output>/adapter/encoder`. Rank 0 writes; the other processes only return the path.
 
-        Under FSDP and DeepSpeed rank 0 may hold a shard only: it builds the model again,
-        unsharded, and loads the last checkpoint's trained weights into it (`fit` always ends
-        with a checkpoint).
+        Under FSDP and DeepSpeed rank 0 may hold a shard only, and with `train.precision=bf16`
+        the LM's frozen weights are held in bf16: then it builds the model again, unsharded and
+        in full precision, and loads the last checkpoint's trained weights into it (`fit` always
+        ends with a checkpoint).
         """
         target = Path(self.recipe.output.model) if self.recipe.output.model else self.out / "model"
         if not self.procs.main:
             return target
         model = self.model
-        if self.strategy in ("fsdp", "deepspeed"):
+        # Rebuilt unsharded, or in full precision (the LM's frozen weights were held in bf16).
+        if self.strategy in ("fsdp", "deepspeed") or self.recipe.train.precision == "bf16":
             model = build_model(self.recipe.model, self._corpus)
             prepare_trainable(model, self.recipe.train)
             trained = {name for name, p in model.named_parameters() if p.requires_grad}
