@@ -36,7 +36,12 @@ configuration in a fresh process of its own:
   trains, the encoder stays frozen and cached), bf16 autocast (`train.precision=bf16-autocast`),
   and the projector alone (`train.method=projector`: no adapters, the LM frozen; what LoRA's
   own compute costs, and so the most a faster LoRA could give), and compiled decoder layers
-  (`train.compile=true`: `torch.compile` compiles in epoch 1, so look at epochs 2+).
+  (`train.compile=true`: `torch.compile` compiles in epoch 1, so look at epochs 2+), and bf16
+  weights (`train.precision=bf16`: the LM's frozen weights held in bf16 under autocast; like
+  QLoRA's, its saving is in the resident weights, so compare peak MiB).
+- baseline_bf16: the baseline with `TrainingArguments(bf16=True)` (autocast, float32 weights),
+  the one switch a transformers user flips for bf16; with it and bf16_weights both run, a line
+  under the table compares the two bf16 runs.
 
 Each configuration trains `--epochs` epochs; an epoch is every training example once. What the
 table shows:
@@ -113,6 +118,7 @@ import torch
 # for the transformers baseline).
 CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "baseline": ("transformers.Trainer + peft", None),
+    "baseline_bf16": ("transformers.Trainer + peft, bf16", None),
     "voxtune": ("voxtune (all on)", {}),
     "no_pack": ("voxtune, pack off", {"pack": False}),
     "no_cache": ("voxtune, encoder cache off", {"cache_encoder": False}),
@@ -126,6 +132,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "bf16": ("voxtune, bf16 autocast", {"precision": "bf16-autocast"}),
     "no_lora": ("voxtune, projector only", {"method": "projector"}),
     "compile": ("voxtune, compiled layers", {"compile": True}),
+    "bf16_weights": ("voxtune, bf16 weights", {"precision": "bf16"}),
 }
 LANGUAGES = ["en", "de", "fr", "es", "ru", "zh"]
 MIXTURE = {"transcribe": 2.0, "language": 1.0, "describe": 1.0, "answer": 1.0}
@@ -367,6 +374,7 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
         seed=SEED,
         data_seed=SEED,
         use_cpu=DEVICE == "cpu",
+        bf16=args.only == "baseline_bf16",  # autocast, as TrainingArguments(bf16=True) gives a user
     )
     trainer = Trainer(
         model=trained,
@@ -520,7 +528,7 @@ def run_voxtune(args: argparse.Namespace, name: str, batching: dict[str, Any]) -
 def child(args: argparse.Namespace) -> None:
     """Run one configuration and write its numbers to <work>/<name>.json."""
     batching = json.loads((args.work / "plan.json").read_text())
-    result = run_baseline(args) if args.only == "baseline" else run_voxtune(args, args.only, batching)
+    result = run_baseline(args) if CONFIGS[args.only][1] is None else run_voxtune(args, args.only, batching)
     (args.work / f"{args.only}.json").write_text(json.dumps(result))
 
 
@@ -590,7 +598,7 @@ def table(results: dict[str, dict[str, Any]], epochs: int) -> tuple[float, float
     base_rate = rates(base)[1]
     base_growth = base["peak_bytes"] - base["setup_bytes"]
     header = (
-        f"{'configuration':<29} {'ep1 ex/s':>8} {'ep2+ ex/s':>9} {'ep2+ audio s/s':>14} {'steps/ep':>8} "
+        f"{'configuration':<33} {'ep1 ex/s':>8} {'ep2+ ex/s':>9} {'ep2+ audio s/s':>14} {'steps/ep':>8} "
         f"{'pos/ep':>7} {'peak MiB':>8} {'+MiB':>5} {'loss':>5} {'speed':>6} {'memory':>6}"
     )
     print(header)
@@ -599,9 +607,16 @@ def table(results: dict[str, dict[str, Any]], epochs: int) -> tuple[float, float
         first, later, audio = rates(result)
         growth = result["peak_bytes"] - result["setup_bytes"]
         print(
-            f"{CONFIGS[name][0]:<29} {first:>8.1f} {later:>9.1f} {audio:>14.1f} {result['steps'] / epochs:>8.1f} "
+            f"{CONFIGS[name][0]:<33} {first:>8.1f} {later:>9.1f} {audio:>14.1f} {result['steps'] / epochs:>8.1f} "
             f"{result['positions'] / epochs:>7.0f} {result['peak_bytes'] / mib:>8.0f} {growth / mib:>5.0f} "
             f"{result['loss']:>5.2f} {later / base_rate:>5.2f}x {growth / base_growth:>5.2f}x"
+        )
+    if "baseline_bf16" in results and "bf16_weights" in results:
+        half, ours_half = results["baseline_bf16"], results["bf16_weights"]
+        print(
+            f"bf16 against bf16: {CONFIGS['bf16_weights'][0]} {rates(ours_half)[1] / rates(half)[1]:.2f}x the "
+            f"examples/s of {CONFIGS['baseline_bf16'][0]}, at {ours_half['peak_bytes'] / half['peak_bytes']:.2f}x "
+            "its peak MiB"
         )
     ours = results["voxtune"]
     return rates(ours)[1] / base_rate, (ours["peak_bytes"] - ours["setup_bytes"]) / base_growth

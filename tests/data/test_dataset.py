@@ -111,3 +111,23 @@ def test_a_dataloader_gives_batches_the_model_trains_on(model, make_signal, pack
         assert torch.isfinite(loss)
         seen += len(batch["tasks"])
     assert seen == len(dataset)
+
+
+def test_a_packed_row_made_up_to_a_multiple_scores_the_same_tokens(model, make_signal):
+    from voxtune.model.packed_attention import use_packed_attention
+    from voxtune.train.trainer import compute_loss, trained_tokens
+
+    dataset = SpeechDataset(_examples(make_signal, count=3), model.processor, {"transcribe": 1})
+    examples = [dataset[i] for i in range(3)]
+    exact = collator(model.processor, pack=True)(examples)
+    padded = collator(model.processor, pack=True, row_multiple=64)(examples)
+    length = exact["input_ids"].shape[1]
+    assert length % 64 and padded["input_ids"].shape[1] == length + (-length % 64)
+    assert padded["sequence_lengths"].tolist() == [*exact["sequence_lengths"].tolist(), -length % 64]
+    assert trained_tokens(padded) == trained_tokens(exact)
+    assert padded["tasks"] == exact["tasks"] and len(padded["clips"]) == len(exact["clips"])
+    use_packed_attention(model.lm)  # the filler attends only to itself
+    with torch.no_grad():
+        assert compute_loss(model, padded, 16)[0].item() == pytest.approx(
+            compute_loss(model, exact, 16)[0].item(), rel=1e-5
+        )

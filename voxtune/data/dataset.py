@@ -20,7 +20,7 @@ from voxtune.audio.features import SAMPLE_RATE
 from voxtune.data.augment import Augmenter
 from voxtune.data.example import Segment, SpeechExample
 from voxtune.data.tasks import choose_task, make_conversation, text_conversation
-from voxtune.model.processor import Example, SpeechProcessor
+from voxtune.model.processor import IGNORE_INDEX, Example, SpeechProcessor
 
 
 class SpeechDataset(Dataset):
@@ -162,13 +162,22 @@ class LengthBucketSampler(Sampler[list[int]]):
 
 
 def collator(
-    processor: SpeechProcessor, *, pack: bool = False, features: bool = True
+    processor: SpeechProcessor, *, pack: bool = False, features: bool = True, row_multiple: int = 1
 ) -> Callable[[list[Example]], dict[str, Any]]:
     """A DataLoader `collate_fn`: padded batches, or one packed row (padding-free).
-    `features=False` skips the log-mel (when the encoder's outputs come from a cache)."""
+    `features=False` skips the log-mel (when the encoder's outputs come from a cache).
+    `row_multiple`: a packed row is made up to a multiple of this many positions by one filler
+    example (pad tokens, never scored, attending only to itself), so that rows come in fewer
+    lengths: kernels that cache per shape then hit their caches."""
 
     def collate(examples: list[Example]) -> dict[str, Any]:
-        batch = processor.pack(examples, features=features) if pack else processor.collate(examples, features=features)
+        rows = examples
+        if pack and row_multiple > 1:
+            filler = -sum(len(e.input_ids) for e in examples) % row_multiple
+            if filler:
+                labels = None if examples[0].labels is None else [IGNORE_INDEX] * filler
+                rows = [*examples, Example([processor.tokenizer.pad_token_id] * filler, labels)]
+        batch = processor.pack(rows, features=features) if pack else processor.collate(examples, features=features)
         batch["tasks"] = [e.info.get("task") for e in examples]
         batch["clips"] = [clip for e in examples for clip in e.clips]  # for audio-seconds counts
         return batch

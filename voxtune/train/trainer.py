@@ -113,6 +113,10 @@ def compute_loss(
     return loss, trained_tokens(batch)
 
 
+# Packed rows under bf16 on the CPU are made up to a multiple of this many positions.
+BF16_CPU_ROW_MULTIPLE = 64
+
+
 def autocast(model: SpeechLM, precision: str) -> torch.autocast:
     """The autocast context of `train.precision`: bf16 matrix products unless it is float32."""
     return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision != "float32")
@@ -241,6 +245,15 @@ class Trainer:
             self.log("packing: off (each row of this model cross-attends one clip)")
         if self.pack and use_packed_attention(self.model.base_lm()):
             self.log("attention: per example in packed rows (no [L, L] mask)")
+        # oneDNN, which runs bf16 matmuls on the CPU, makes and caches a kernel for each new
+        # shape; rows of a few lengths hit that cache (and keep it small) instead of growing it.
+        self.row_multiple = (
+            BF16_CPU_ROW_MULTIPLE
+            if self.pack and train.precision != "float32" and self.model.device.type == "cpu"
+            else 1
+        )
+        if self.row_multiple > 1:
+            self.log(f"packed rows: made up to a multiple of {self.row_multiple} positions (bf16 on the CPU)")
         self.distiller = (
             Distiller(self.model, temperature=train.distill.temperature, chunk_tokens=train.chunk_tokens)
             if train.distill
@@ -370,7 +383,9 @@ class Trainer:
         process's rank; one process takes them all. Made ahead in a background thread when
         `train.prefetch` says so; `self.state` is only moved by the loop, as it consumes them."""
         # With the cache, the clips' encoder outputs come from it: no log-mel needed here.
-        collate = collator(self.train_data.processor, pack=self.pack, features=self.cache is None)
+        collate = collator(
+            self.train_data.processor, pack=self.pack, features=self.cache is None, row_multiple=self.row_multiple
+        )
         stream = self._stream(self.state.epoch, self.state.batch_in_epoch)
 
         def make() -> Iterator[tuple[dict[str, Any], list[Example], tuple[int, int]]]:
