@@ -43,7 +43,7 @@ browser:
 # QLoRA, Liger, packed rows), then the training benchmark on the 0.5B model, LoRA, QLoRA and full.
 gpu-check: install
 	$(BIN)/python -m pytest -q -m gpu tests/train/test_cuda.py tests/audio/test_features.py
-	$(BIN)/python benchmarks/train_throughput.py --lm 0.5b --device cuda --clips 200 --configs voxtune,full,qlora
+	$(BIN)/python benchmarks/train_throughput.py --lm 0.5b --device cuda --clips 200 --configs voxtune,baseline_bf16,bf16_weights,full,qlora
 
 run: install
 	$(BIN)/voxtune serve

@@ -88,7 +88,8 @@ shape (24 layers, 896 wide, 14 query and 2 key/value heads, a 4864-wide MLP, its
 vocabulary with tied embeddings: 494M parameters, random weights) over a frozen encoder of
 Whisper base's shape (6 layers, 512 wide, 30 s windows). It is made for a GPU:
 
-    .venv/bin/python benchmarks/train_throughput.py --lm 0.5b --device cuda --clips 200 --configs voxtune,full,qlora
+    .venv/bin/python benchmarks/train_throughput.py --lm 0.5b --device cuda --clips 200 \
+        --configs voxtune,baseline_bf16,bf16_weights,full,qlora
 
 (what `make gpu-check` runs after the GPU tests).
 

@@ -62,7 +62,7 @@ def test_a_cuda_run_follows_the_cpu_run_and_reads_its_cache_on_the_gpu(tmp_path,
     assert gpu_losses == pytest.approx(cpu_losses, rel=1e-3)
 
 
-def test_bf16_autocast_trains_close_to_float32(tmp_path, _recipe):
+def test_bf16_autocast_and_bf16_weights_train_close_to_float32(tmp_path, _recipe):
     _fit(_recipe(tmp_path / "fp32"))
     trainer = Trainer(_recipe(tmp_path / "bf16", "train.precision=bf16-autocast"), log=lambda _: None)
     dtypes: set[torch.dtype] = set()
@@ -73,6 +73,12 @@ def test_bf16_autocast_trains_close_to_float32(tmp_path, _recipe):
     full, half = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
     assert half == pytest.approx(full, rel=0.05)
     assert half[-1] < half[0]
+    # bf16 weights: the LM's frozen weights held in bf16 on the GPU, the same curve.
+    weights = Trainer(_recipe(tmp_path / "weights", "train.precision=bf16"), log=lambda _: None)
+    frozen = [p for p in weights.model.base_lm().parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 and p.device.type == "cuda" for p in frozen)
+    weights.fit()
+    assert _losses(tmp_path / "weights") == pytest.approx(full, rel=0.05)
 
 
 def test_qlora_runs_its_4_bit_kernels_on_the_gpu_and_exports_what_it_computes(tmp_path, _recipe):
