@@ -146,9 +146,12 @@ def test_bf16_weights_train_close_to_float32_and_export_in_full_precision(corpus
     assert {p.dtype for p in frozen} == {torch.bfloat16}
     assert {p.dtype for p in trainer.params} == {torch.float32}  # adapters and projector: master weights
     assert all(p.dtype == torch.float32 for p in trainer.model.encoder.parameters())
+    rows: list[int] = []
+    trainer.on_batch = lambda batch, examples, epoch: rows.append(batch["input_ids"].shape[1])
     trainer.fit()
+    assert rows and all(length % 64 == 0 for length in rows)  # made up to a multiple on the CPU
     assert _losses(tmp_path / "bf16" / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=0.05)
-    # Evaluation runs under the same autocast (float32 inputs would not meet bf16 weights).
+    # Evaluation runs under the same autocast as training.
     assert trainer.evaluate()["eval_loss"] == pytest.approx(reference.evaluate()["eval_loss"], rel=0.05)
     exported = voxtune.load(trainer.export())
     embeddings = exported.lm.get_input_embeddings().weight
@@ -156,6 +159,23 @@ def test_bf16_weights_train_close_to_float32_and_export_in_full_precision(corpus
     # Built again in full precision: the merged weights were never rounded to bf16.
     assert not torch.equal(embeddings.to(torch.bfloat16).float(), embeddings)
     torch.testing.assert_close(embeddings, reference.model.base_lm().get_input_embeddings().weight)
+
+
+def test_bf16_weights_with_ctc_export_without_its_head(corpus, tmp_path, _recipe):
+    overrides = ("train.max_steps=2", "train.lora.encoder=true", "train.ctc={weight: 0.5}", "train.precision=bf16")
+    trainer = Trainer(_recipe(corpus, tmp_path, *overrides), log=lambda _: None)
+    trainer.fit()
+    exported = voxtune.load(trainer.export())  # rebuilt in float32, the head's trained weights loaded
+    assert not any(name.startswith("ctc_head") for name in exported.state_dict())
+    assert {p.dtype for p in exported.parameters()} == {torch.float32}
+
+
+def test_bf16_weights_hold_a_full_fine_tunes_teacher_in_bf16(corpus, tmp_path, _recipe):
+    overrides = ("train.method=full", "train.distill={weight: 0.5}", "train.precision=bf16")
+    trainer = Trainer(_recipe(corpus, tmp_path, *overrides), log=lambda _: None)
+    teacher = trainer.distiller.frozen_copy
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.model.lm.parameters()} == {torch.float32}  # it all trains
 
 
 def test_bf16_weights_under_qlora_compute_in_bf16(corpus, tmp_path, _recipe):

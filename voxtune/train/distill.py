@@ -50,6 +50,12 @@ class Distiller:
         self._copy = copy.deepcopy(model.base_lm()).requires_grad_(False).eval() if trains_lm else None
         self._model = model
 
+    @property
+    def frozen_copy(self) -> Any:
+        """The teacher's own frozen copy of the LM (a full fine-tune), or None (LoRA: the
+        trained model with its adapters off)."""
+        return self._copy
+
     @contextlib.contextmanager
     def teacher(self) -> Iterator[Any]:
         """The teacher LM (a transformers causal LM), for the duration of the block."""

@@ -2,7 +2,7 @@
 
 model = build_model(recipe.model)
 params = prepare_trainable(model, recipe.train)    # full, lora, qlora or projector
-hold_frozen_in_bf16(model)                          # train.precision=bf16
+hold_frozen_in_bf16(model.lm)                       # train.precision=bf16
 """
 
 from __future__ import annotations
@@ -97,18 +97,18 @@ def prepare_trainable(model: SpeechLM, train: TrainSection) -> list[torch.nn.Par
     return params
 
 
-def hold_frozen_in_bf16(model: SpeechLM) -> int:
-    """Cast the LM's frozen floating-point weights to bfloat16 in place, for
-    `train.precision=bf16`; returns how many tensors were cast. The trained weights (adapters,
-    projector, a fully trained LM) stay float32, as the optimizer's master copies must, and so
-    does the encoder, whose outputs the cache keeps in full precision. Tied weights stay tied (the
-    parameter objects are kept). A 4-bit LM (QLoRA) computes in bf16 from then on."""
+def hold_frozen_in_bf16(lm: torch.nn.Module) -> int:
+    """Cast the frozen floating-point weights of `lm` (a `SpeechLM`'s LM, or a distillation
+    teacher's frozen copy of one) to bfloat16 in place, for `train.precision=bf16`; returns how
+    many tensors were cast. Trained weights (adapters, a fully trained LM) stay float32, as the
+    optimizer's master copies must. Tied weights stay tied (the parameter objects are kept).
+    A 4-bit LM (QLoRA) computes in bf16 from then on."""
     count = 0
-    for parameter in model.lm.parameters():
+    for parameter in lm.parameters():
         if not parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != torch.bfloat16:
             parameter.data = parameter.data.to(torch.bfloat16)
             count += 1
-    for module in model.lm.modules():
+    for module in lm.modules():
         if type(module).__name__ == "Linear4bit":  # bitsandbytes' layer: its matmul dtype
             cast(Any, module).compute_dtype = torch.bfloat16
     return count

@@ -229,8 +229,8 @@ class Trainer:
         if train.ctc is not None:
             if not any(p.requires_grad for p in self.model.encoder.parameters()):
                 raise TrainError("train.ctc trains the encoder: set train.train_encoder (full) or train.lora.encoder")
-            transcripts = [e.text for e in train_examples if e.text]
-            self.params += list(attach_ctc_head(self.model, alphabet(transcripts)).parameters())
+            self._ctc_chars = alphabet([e.text for e in train_examples if e.text])
+            self.params += list(attach_ctc_head(self.model, self._ctc_chars).parameters())
         self.model.train()
         if self.procs.world > 1:
             # The weights are the same everywhere (and DDP copies rank 0's); dropout should not be.
@@ -263,7 +263,10 @@ class Trainer:
         if train.precision == "bf16":
             if self.strategy != "single":
                 raise TrainError(f"train.precision=bf16 runs in one process for now, not with {self.strategy}")
-            self.log(f"precision: bf16 ({hold_frozen_in_bf16(self.model)} frozen LM weights held in bf16)")
+            held = hold_frozen_in_bf16(self.model.lm)
+            if self.distiller is not None and self.distiller.frozen_copy is not None:
+                held += hold_frozen_in_bf16(self.distiller.frozen_copy)
+            self.log(f"precision: bf16 ({held} frozen LM weights held in bf16)")
         if train.compile:
             if self.strategy != "single":
                 raise TrainError(f"train.compile runs in one process for now, not with {self.strategy}")
@@ -609,7 +612,7 @@ class Trainer:
         # one-token steps with a cache would only make them compile again.
         stance = torch.compiler.set_stance("force_eager") if self.recipe.train.compile else contextlib.nullcontext()
         try:
-            # In the precision training runs in (with bf16 weights, float32 inputs would not do).
+            # In the precision training runs in, so that the two losses compare.
             with stance, autocast(model, self.recipe.train.precision):
                 count = min(limit, len(valid))
                 losses = [
@@ -684,6 +687,8 @@ class Trainer:
         if self.strategy in ("fsdp", "deepspeed") or self.recipe.train.precision == "bf16":
             model = build_model(self.recipe.model, self._corpus)
             prepare_trainable(model, self.recipe.train)
+            if self.recipe.train.ctc is not None:  # its trained head is in the checkpoint (not in the export)
+                attach_ctc_head(model, self._ctc_chars)
             trained = {name for name, p in model.named_parameters() if p.requires_grad}
             weights = checkpoints.trained_weights(checkpoints.latest(self.out), model)
             if trained - set(weights):
