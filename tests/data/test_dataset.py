@@ -106,7 +106,9 @@ def test_a_dataloader_gives_batches_the_model_trains_on(model, make_signal, pack
         rows = batch["input_ids"].shape[0]
         assert rows == (1 if pack else len(batch["tasks"]))
         if pack:
-            assert batch["attention_mask"].dim() == 4 and batch["position_ids"].shape == batch["input_ids"].shape
+            # No [L, L] mask on the host: the examples' lengths keep them apart.
+            assert batch["attention_mask"].shape == batch["position_ids"].shape == batch["input_ids"].shape
+            assert int(batch["sequence_lengths"].sum()) == batch["input_ids"].shape[1]
         loss = model(batch).loss
         assert torch.isfinite(loss)
         seen += len(batch["tasks"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from voxtune.model import tiny
-from voxtune.model.packed_attention import PACKED_ATTENTION, use_packed_attention
+from voxtune.model.packed_attention import PACKED_ATTENTION, block_causal_mask, use_packed_attention
 from voxtune.train.trainer import compute_loss
 
 
@@ -81,3 +81,20 @@ def test_under_cpu_autocast_packed_rows_attend_in_float32(make_clip):
     assert seen == [torch.float32]  # attention's output: computed in float32 (bf16 q/k/v went in)
     full, _ = compute_loss(model, packed, chunk_tokens=16)
     assert loss.item() == pytest.approx(full.item(), rel=0.02)
+
+
+def test_the_dense_mask_of_a_packed_row_is_block_diagonal_and_causal():
+    mask = block_causal_mask(torch.tensor([2, 3]), torch.float32, torch.device("cpu"))
+    allowed = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],
+            [0, 0, 1, 1, 0],
+            [0, 0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert mask.shape == (1, 1, 5, 5)
+    assert torch.equal(mask[0, 0] == 0, allowed)
+    assert torch.all(mask[0, 0][~allowed] == torch.finfo(torch.float32).min)

@@ -97,3 +97,17 @@ def varlen_inputs(sequence_lengths: torch.Tensor, device: torch.device) -> dict[
     bounds = bounds.to(device)
     longest = int(sequence_lengths.max())
     return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
+
+
+def block_causal_mask(sequence_lengths: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The additive [1, 1, L, L] mask of a packed row of examples of `sequence_lengths` [n]:
+    0 where a position may attend (itself and earlier positions of its own example), the
+    dtype's lowest value elsewhere. Additive, because every attention implementation reads
+    that the same way (eager ones misread booleans); made on `device`, where it is used."""
+    lengths = sequence_lengths.to(device)
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)  # [L]: example of each
+    length = segment.shape[0]
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril_()
+    allowed &= segment[:, None] == segment[None, :]
+    mask = torch.zeros(length, length, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]

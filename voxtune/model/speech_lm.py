@@ -316,7 +316,12 @@ class SpeechLM(nn.Module):
         audio spliced in, `attention_mask` and `position_ids`; for a packed batch on an LM with
         variable-length attention (`voxtune.model.packed_attention`), the examples' bounds
         instead of the [L, L] mask."""
-        from voxtune.model.packed_attention import PACKED_ATTENTION, VARLEN_ATTENTION, varlen_inputs
+        from voxtune.model.packed_attention import (
+            PACKED_ATTENTION,
+            VARLEN_ATTENTION,
+            block_causal_mask,
+            varlen_inputs,
+        )
 
         embeddings = self.embed(batch)
         positions = batch.get("position_ids")
@@ -341,13 +346,10 @@ class SpeechLM(nn.Module):
                 f"a packed example of {int(lengths.max())} tokens is longer than the LM's sliding window "
                 f"({window}); this needs SDPA attention (packed per example) or unpacked batches"
             )
-        mask = batch["attention_mask"].to(self.device)
-        if mask.dim() == 4 and mask.dtype == torch.bool:
-            # A packed batch's [B, 1, L, L] mask goes in additive form: every attention
-            # implementation reads that the same way (eager ones misread booleans).
-            mask = torch.zeros(mask.shape, dtype=embeddings.dtype, device=self.device).masked_fill(
-                ~mask, torch.finfo(embeddings.dtype).min
-            )
+        if lengths is not None:
+            mask = block_causal_mask(lengths, embeddings.dtype, self.device)  # [1, 1, L, L]
+        else:
+            mask = batch["attention_mask"].to(self.device)
         return {"inputs_embeds": embeddings, "attention_mask": mask, "position_ids": positions}
 
     def base_lm(self) -> Any:
