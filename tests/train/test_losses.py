@@ -57,14 +57,21 @@ def _value_and_grads(loss_fn, *leaves):
 @pytest.mark.parametrize("softcap", [None, 2.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 1000], ids=lambda c: f"chunk{c}")
-def test_chunked_cross_entropy_matches_full_logits(chunk_tokens, bias, softcap):
+@pytest.mark.parametrize("row_multiple", [1, 16], ids=lambda m: f"rows{m}")
+def test_chunked_cross_entropy_matches_full_logits(chunk_tokens, bias, softcap, row_multiple):
     hidden, weight, lm_bias, labels = _head_inputs(bias=bias)
     want, want_grads = _value_and_grads(
         lambda: _full_cross_entropy(hidden, weight, labels, bias=lm_bias, softcap=softcap), hidden, weight, lm_bias
     )
     got, got_grads = _value_and_grads(
         lambda: chunked_cross_entropy(
-            hidden, weight, labels, chunk_tokens=chunk_tokens, lm_head_bias=lm_bias, logit_softcap=softcap
+            hidden,
+            weight,
+            labels,
+            chunk_tokens=chunk_tokens,
+            lm_head_bias=lm_bias,
+            logit_softcap=softcap,
+            row_multiple=row_multiple,  # 16: zero rows added, which count for nothing
         ),
         hidden,
         weight,
@@ -215,6 +222,8 @@ def test_bad_arguments_are_refused():
         chunked_cross_entropy(hidden, weight, labels, chunk_tokens=0)
     with pytest.raises(ValueError, match="reduction"):
         chunked_cross_entropy(hidden, weight, labels, reduction="none")
+    with pytest.raises(ValueError, match="row_multiple"):
+        chunked_cross_entropy(hidden, weight, labels, row_multiple=0)
     with pytest.raises(ValueError, match="lm_head_weight"):
         chunked_cross_entropy(hidden, weight[:, :-1], labels)
     with pytest.raises(ValueError, match="labels"):

@@ -143,6 +143,7 @@ def test_bf16_weights_train_close_to_float32_and_export_in_full_precision(corpus
     frozen = [p for p in lm.parameters() if not p.requires_grad]
     assert f"precision: bf16 ({len(frozen)} frozen LM weights held in bf16)" in lines
     assert "packed rows: made up to a multiple of 64 positions (bf16 on the CPU)" in lines
+    assert trainer.batch_loss.head_rows == 16  # the loss head's rows too
     assert {p.dtype for p in frozen} == {torch.bfloat16}
     assert {p.dtype for p in trainer.params} == {torch.float32}  # adapters and projector: master weights
     assert all(p.dtype == torch.float32 for p in trainer.model.encoder.parameters())

@@ -61,6 +61,7 @@ def chunked_cross_entropy(
     logit_softcap: float | None = None,
     ignore_index: int = IGNORE_INDEX,
     reduction: Literal["mean", "sum"] = "mean",
+    row_multiple: int = 1,
 ) -> Tensor:
     """Next-token cross-entropy of `hidden @ lm_head_weight.T`, a chunk of rows at a time.
 
@@ -79,20 +80,31 @@ def chunked_cross_entropy(
         logit_softcap: Gemma 2's `final_logit_softcapping`: logits become `cap * tanh(logits / cap)`.
         ignore_index: the label of unscored positions.
         reduction: "mean" over scored tokens (0 when there are none) or "sum".
+        row_multiple: the scored rows are made up to a multiple of this with zero rows, which
+            add nothing to the loss or its gradients: the head's matmuls then come in fewer
+            shapes (on the CPU, bf16 kernels are built and cached per shape).
 
     Returns:
         A float32 scalar.
 
     Raises:
-        ValueError: on mismatched shapes, a `chunk_tokens` below 1 or an unknown reduction.
+        ValueError: on mismatched shapes, a `chunk_tokens` or `row_multiple` below 1, or an
+            unknown reduction.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+    if row_multiple < 1:
+        raise ValueError(f"row_multiple must be at least 1, got {row_multiple}")
     _check_head(hidden, lm_head_weight, lm_head_bias, chunk_tokens)
     rows, targets = select_predictions(hidden, labels, ignore_index=ignore_index)  # [N, D], [N]
-    total = _LinearCrossEntropy.apply(rows, lm_head_weight, lm_head_bias, targets, logit_softcap, chunk_tokens)
+    scored = rows.shape[0]
+    extra = -scored % row_multiple
+    if extra and scored:
+        rows = torch.cat([rows, rows.new_zeros(extra, rows.shape[1])])  # [N', D], N' a multiple
+        targets = torch.cat([targets, targets.new_zeros(extra)])  # [N'], any valid id
+    total = _LinearCrossEntropy.apply(rows, lm_head_weight, lm_head_bias, targets, logit_softcap, chunk_tokens, scored)
     # Dividing by at least 1 makes a batch with nothing scored a 0 loss that still backpropagates.
-    return total / max(rows.shape[0], 1) if reduction == "mean" else total
+    return total / max(scored, 1) if reduction == "mean" else total
 
 
 def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
@@ -172,22 +184,23 @@ def chunked_kl_divergence(
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `rows @ weight.T (+ bias)` against `targets`.
+    """Summed cross-entropy of `rows @ weight.T (+ bias)` against `targets`, over the first
+    `scored` rows (the others are padding: computed with, never counted).
 
     Saves the inputs (no copies) and one float32 log-sum-exp per row: O(N*D + V*D), nothing [N, V].
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, targets, softcap, chunk_tokens):
+    def forward(ctx, rows, weight, bias, targets, softcap, chunk_tokens, scored):
         lse = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)  # [N]
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         for start, stop in _chunks(rows.shape[0], chunk_tokens):
             logits = _capped(_logits(rows[start:stop], weight, bias), softcap)  # [C, V] float32
             lse[start:stop] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[start:stop, None]).squeeze(1)  # [C]
-            total += (lse[start:stop] - picked).sum()
+            total += (lse[start:stop] - picked)[: max(0, scored - start)].sum()
         ctx.save_for_backward(rows, weight, bias, targets, lse)
-        ctx.softcap, ctx.chunk_tokens = softcap, chunk_tokens
+        ctx.softcap, ctx.chunk_tokens, ctx.scored = softcap, chunk_tokens, scored
         return total
 
     @staticmethod
@@ -198,10 +211,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d/dlogits of (lse - logits[target]) = softmax - one_hot(target); built in place.
             grad = logits.sub_(lse[start:stop, None]).exp_()  # [C, V]
             grad[torch.arange(stop - start, device=grad.device), targets[start:stop]] -= 1
+            grad[max(0, ctx.scored - start) :] = 0  # padding rows: no gradient
             return grad.mul_(grad_total)
 
         grads = _head_backward(ctx, rows, weight, bias, grad_of_logits)
-        return *grads, None, None, None
+        return *grads, None, None, None, None
 
 
 class _LinearKL(torch.autograd.Function):

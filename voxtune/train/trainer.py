@@ -91,10 +91,12 @@ def compute_loss(
     examples: list[Example] | None = None,
     distill_weight: float = 0.0,
     chunked: bool = True,
+    head_rows: int = 1,
 ) -> tuple[torch.Tensor, int]:
     """Next-token loss over the batch's trained tokens, without the full logits tensor (unless
     `chunked=False`: the LM's own loss over full logits, the plain way); and the number of those
-    tokens. With a `distiller`, (1 - distill_weight) * CE + distill_weight * KL to the teacher."""
+    tokens. With a `distiller`, (1 - distill_weight) * CE + distill_weight * KL to the teacher.
+    `head_rows`: the chunked loss scores its rows in multiples of this (zero rows added)."""
     labels = batch["labels"].to(model.device)
     if not chunked:
         output = model.lm(**model.lm_inputs(batch), labels=labels, output_hidden_states=distiller is not None)
@@ -103,7 +105,13 @@ def compute_loss(
         hidden = model.base_lm().get_decoder()(**model.lm_inputs(batch)).last_hidden_state  # [B, L, D]
         weight, bias, softcap = model.output_head()
         loss = chunked_cross_entropy(
-            hidden, weight, labels, chunk_tokens=chunk_tokens, lm_head_bias=bias, logit_softcap=softcap
+            hidden,
+            weight,
+            labels,
+            chunk_tokens=chunk_tokens,
+            lm_head_bias=bias,
+            logit_softcap=softcap,
+            row_multiple=head_rows,
         )
     if distiller is not None:
         assert hidden is not None  # asked for with a distiller
@@ -113,8 +121,10 @@ def compute_loss(
     return loss, trained_tokens(batch)
 
 
-# Packed rows under bf16 on the CPU are made up to a multiple of this many positions.
+# Under bf16 on the CPU, packed rows are made up to a multiple of this many positions, and the
+# loss head's scored rows to a multiple of BF16_CPU_HEAD_ROWS.
 BF16_CPU_ROW_MULTIPLE = 64
+BF16_CPU_HEAD_ROWS = 16
 
 
 def autocast(model: SpeechLM, precision: str) -> torch.autocast:
@@ -147,6 +157,9 @@ class BatchLoss(torch.nn.Module):
         self.cache = cache
         self.train_section = train
         self.distiller = distiller
+        # Fewer shapes for the CPU's bf16 kernels (see BF16_CPU_ROW_MULTIPLE).
+        bf16_on_cpu = train.precision != "float32" and model.device.type == "cpu"
+        self.head_rows = BF16_CPU_HEAD_ROWS if bf16_on_cpu else 1
 
     def forward(self, batch: dict[str, Any], examples: list[Example]) -> torch.Tensor:
         train = self.train_section
@@ -165,6 +178,7 @@ class BatchLoss(torch.nn.Module):
                 examples=examples,
                 distill_weight=train.distill.weight if train.distill else 0.0,
                 chunked=train.chunked_loss,
+                head_rows=self.head_rows,
             )
             if auxiliary is not None and train.ctc is not None:  # only the CTC loss gives an auxiliary
                 loss = loss + train.ctc.weight * auxiliary
