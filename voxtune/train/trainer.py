@@ -122,9 +122,16 @@ def compute_loss(
 
 
 # Under bf16 on the CPU, packed rows are made up to a multiple of this many positions, and the
-# loss head's scored rows to a multiple of BF16_CPU_HEAD_ROWS.
+# loss head's scored rows to a multiple of BF16_CPU_HEAD_ROWS: oneDNN, which runs bf16 matmuls
+# there, makes and caches a kernel for each new shape (about 0.7 MB each, measured); a few row
+# counts hit that cache (and keep it small) instead of growing it every step.
 BF16_CPU_ROW_MULTIPLE = 64
 BF16_CPU_HEAD_ROWS = 16
+
+
+def bf16_on_cpu(model: SpeechLM, precision: str) -> bool:
+    """Whether `train.precision` puts the matrix products in bf16 on the CPU."""
+    return precision != "float32" and model.device.type == "cpu"
 
 
 def autocast(model: SpeechLM, precision: str) -> torch.autocast:
@@ -157,9 +164,7 @@ class BatchLoss(torch.nn.Module):
         self.cache = cache
         self.train_section = train
         self.distiller = distiller
-        # Fewer shapes for the CPU's bf16 kernels (see BF16_CPU_ROW_MULTIPLE).
-        bf16_on_cpu = train.precision != "float32" and model.device.type == "cpu"
-        self.head_rows = BF16_CPU_HEAD_ROWS if bf16_on_cpu else 1
+        self.head_rows = BF16_CPU_HEAD_ROWS if bf16_on_cpu(model, train.precision) else 1
 
     def forward(self, batch: dict[str, Any], examples: list[Example]) -> torch.Tensor:
         train = self.train_section
@@ -259,13 +264,7 @@ class Trainer:
             self.log("packing: off (each row of this model cross-attends one clip)")
         if self.pack and use_packed_attention(self.model.base_lm()):
             self.log("attention: per example in packed rows (no [L, L] mask)")
-        # oneDNN, which runs bf16 matmuls on the CPU, makes and caches a kernel for each new
-        # shape; rows of a few lengths hit that cache (and keep it small) instead of growing it.
-        self.row_multiple = (
-            BF16_CPU_ROW_MULTIPLE
-            if self.pack and train.precision != "float32" and self.model.device.type == "cpu"
-            else 1
-        )
+        self.row_multiple = BF16_CPU_ROW_MULTIPLE if self.pack and bf16_on_cpu(self.model, train.precision) else 1
         if self.row_multiple > 1:
             self.log(f"packed rows: made up to a multiple of {self.row_multiple} positions (bf16 on the CPU)")
         self.distiller = (
