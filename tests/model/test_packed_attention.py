@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from voxtune.model import tiny
 from voxtune.model.packed_attention import PACKED_ATTENTION, block_causal_mask, use_packed_attention
@@ -80,6 +82,35 @@ def test_under_cpu_autocast_packed_rows_attend_in_float32(make_clip):
         loss, _ = compute_loss(model, packed, chunk_tokens=16)
     assert seen == [torch.float32]  # attention's output: computed in float32 (bf16 q/k/v went in)
     full, _ = compute_loss(model, packed, chunk_tokens=16)
+    assert loss.item() == pytest.approx(full.item(), rel=0.02)
+
+
+class _AttentionDtypes(TorchFunctionMode):
+    """Records the query dtype of every SDPA call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.dtype] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.seen.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_lm_in_bf16_attends_packed_rows_in_float32_and_gets_bf16_back(make_clip):
+    model = tiny("llama").train()
+    assert use_packed_attention(model.lm)
+    packed = model.processor.pack(_examples(model, make_clip))
+    full, _ = compute_loss(model, packed, chunk_tokens=16)
+    model.lm.to(torch.bfloat16)  # no autocast: the LM computes in bf16 itself
+    out: list[torch.dtype] = []
+    model.lm.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda module, args: out.append(args[0].dtype))
+    with _AttentionDtypes() as attention:
+        loss, _ = compute_loss(model, packed, chunk_tokens=16)
+    # The encoder's two layers, then each of the 3 examples in each of the LM's two: bf16 q/k/v went in.
+    assert len(attention.seen) == 2 + 3 * 2 and set(attention.seen) == {torch.float32}
+    assert out == [torch.bfloat16]  # and o_proj, a bf16 layer, gets its own dtype
     assert loss.item() == pytest.approx(full.item(), rel=0.02)
 
 

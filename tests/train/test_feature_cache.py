@@ -97,6 +97,18 @@ def test_uncached_path_and_repeated_clip(model, clips, tmp_path):
     assert not any(t.requires_grad for t in cached)
 
 
+def test_clips_at_their_own_length_skip_onednn_on_the_cpu(model, clips):
+    # oneDNN would build kernels for each new clip length; Whisper's fixed windows reuse them.
+    seen: list[bool] = []
+    handle = model.encoder.register_forward_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
+    try:
+        encode_with_cache(model, clips, [None] * 3, None)
+    finally:
+        handle.remove()
+    assert seen == [model.config.encoder_kind != "streaming"] * 3
+    assert torch.backends.mkldnn.enabled  # on again after
+
+
 def test_keys_follow_audio_augmentation_and_fingerprint(clips):
     samples, fingerprint = clips[0].samples, "a" * 64
     record = {"channel": "clean", "snr_db": 10.0, "noise": "pink"}

@@ -141,7 +141,8 @@ def test_bf16_weights_train_close_to_float32_and_export_in_full_precision(corpus
     trainer = Trainer(_recipe(corpus, tmp_path / "bf16", *steps, "train.precision=bf16"), log=lines.append)
     lm = trainer.model.base_lm()
     frozen = [p for p in lm.parameters() if not p.requires_grad]
-    assert f"precision: bf16 ({len(frozen)} frozen LM weights held in bf16)" in lines
+    computes = "the LM computes in bf16, its adapters in float32"
+    assert f"precision: bf16 ({len(frozen)} frozen LM weights held in bf16; {computes})" in lines
     assert "packed rows: made up to a multiple of 64 positions (bf16 on the CPU)" in lines
     assert trainer.batch_loss.head_rows == 16  # the loss head's rows too
     assert {p.dtype for p in frozen} == {torch.bfloat16}
@@ -149,8 +150,16 @@ def test_bf16_weights_train_close_to_float32_and_export_in_full_precision(corpus
     assert all(p.dtype == torch.float32 for p in trainer.model.encoder.parameters())
     rows: list[int] = []
     trainer.on_batch = lambda batch, examples, epoch: rows.append(batch["input_ids"].shape[1])
+    # No autocast: the frozen layers take and give bf16, each adapter gets a float32 copy.
+    seen: list[tuple[str, torch.dtype, bool]] = []
+    q_proj = trainer.model.lm.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    for name, module in (("base", q_proj.base_layer), ("lora_A", q_proj.lora_A["default"])):
+        module.register_forward_hook(
+            lambda module, args, out, name=name: seen.append((name, args[0].dtype, torch.is_autocast_enabled("cpu")))
+        )
     trainer.fit()
     assert rows and all(length % 64 == 0 for length in rows)  # made up to a multiple on the CPU
+    assert set(seen) == {("base", torch.bfloat16, False), ("lora_A", torch.float32, False)}
     assert _losses(tmp_path / "bf16" / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=0.05)
     # Evaluation runs under the same autocast as training.
     assert trainer.evaluate()["eval_loss"] == pytest.approx(reference.evaluate()["eval_loss"], rel=0.05)

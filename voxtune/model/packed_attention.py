@@ -48,13 +48,16 @@ def packed_sdpa_forward(
         raise ValueError(f"a packed batch is one row, got {query.shape[0]}")
     if kwargs.get("softcap") is not None:
         raise ValueError("packed attention runs on SDPA, which has no logit soft-capping; use eager attention")
-    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    autocasting = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    if query.device.type == "cpu" and (autocasting or query.dtype == torch.bfloat16):
         # On the CPU, SDPA's bf16 backward took 4.4x its float32 time (2 cores, torch 2.13):
-        # there attention runs in float32, and the next matmul (o_proj) casts back under autocast.
+        # there attention runs in float32, and the next matmul (o_proj) casts back under
+        # autocast; an LM computing in bf16 itself gets its dtype back here.
         with torch.autocast("cpu", enabled=False):
-            return packed_sdpa_forward(
+            output, weights = packed_sdpa_forward(
                 module, query.float(), key.float(), value.float(), attention_mask, dropout, scaling, **kwargs
             )
+        return (output if autocasting else output.to(query.dtype)), weights
     window = kwargs.get("sliding_window")
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0

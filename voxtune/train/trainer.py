@@ -134,9 +134,27 @@ def bf16_on_cpu(model: SpeechLM, precision: str) -> bool:
     return precision != "float32" and model.device.type == "cpu"
 
 
-def autocast(model: SpeechLM, precision: str) -> torch.autocast:
-    """The autocast context of `train.precision`: bf16 matrix products unless it is float32."""
-    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision != "float32")
+def lm_computes_in_bf16(model: SpeechLM, precision: str) -> bool:
+    """Whether the LM computes in bf16 itself, without autocast: under `train.precision=bf16`
+    when all it trains are LoRA adapters (or nothing). Its frozen weights are bf16 then, and
+    peft runs each float32 adapter on a float32 copy of its input and casts the sum back, so
+    the adapters' small products stay in float32 (and off oneDNN's per-shape bf16 kernels on
+    the CPU). An LM with other trained weights (full fine-tuning) needs autocast."""
+    return precision == "bf16" and all(
+        not parameter.requires_grad or "lora_" in name for name, parameter in model.lm.named_parameters()
+    )
+
+
+def autocasts(model: SpeechLM, precision: str) -> bool:
+    """Whether `train.precision` runs training under bf16 autocast: unless it is float32 or
+    the LM computes in bf16 itself (`lm_computes_in_bf16`). Decided once, after the model is
+    set up: walking the LM's parameters on every step showed in the benchmark's profile."""
+    return precision != "float32" and not lm_computes_in_bf16(model, precision)
+
+
+def autocast(model: SpeechLM, enabled: bool) -> torch.autocast:
+    """bf16 autocast on the model's device, when `enabled` (see `autocasts`)."""
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def trained_tokens(batch: dict[str, Any]) -> int:
@@ -165,13 +183,14 @@ class BatchLoss(torch.nn.Module):
         self.train_section = train
         self.distiller = distiller
         self.head_rows = BF16_CPU_HEAD_ROWS if bf16_on_cpu(model, train.precision) else 1
+        self.autocast = autocasts(model, train.precision)
 
     def forward(self, batch: dict[str, Any], examples: list[Example]) -> torch.Tensor:
         train = self.train_section
         if self.cache is not None:
             # In full precision: what goes into the cache must not depend on the recipe's precision.
             batch = with_cached_audio(batch, self.model, examples, self.cache)
-        with autocast(self.model, train.precision):
+        with autocast(self.model, self.autocast):
             auxiliary = None
             if train.ctc is not None:
                 batch, auxiliary = self._encode_with_ctc(batch, examples)
@@ -279,7 +298,12 @@ class Trainer:
             held = hold_frozen_in_bf16(self.model.lm)
             if self.distiller is not None and self.distiller.frozen_copy is not None:
                 held += hold_frozen_in_bf16(self.distiller.frozen_copy)
-            self.log(f"precision: bf16 ({held} frozen LM weights held in bf16)")
+            computes = (
+                "the LM computes in bf16, its adapters in float32"
+                if lm_computes_in_bf16(self.model, train.precision)
+                else "under bf16 autocast"
+            )
+            self.log(f"precision: bf16 ({held} frozen LM weights held in bf16; {computes})")
         if train.compile:
             if self.strategy != "single":
                 raise TrainError(f"train.compile runs in one process for now, not with {self.strategy}")
@@ -626,7 +650,7 @@ class Trainer:
         stance = torch.compiler.set_stance("force_eager") if self.recipe.train.compile else contextlib.nullcontext()
         try:
             # In the precision training runs in, so that the two losses compare.
-            with stance, autocast(model, self.recipe.train.precision):
+            with stance, autocast(model, autocasts(model, self.recipe.train.precision)):
                 count = min(limit, len(valid))
                 losses = [
                     compute_loss(model, model.processor.collate([valid[i]]), self.recipe.train.chunk_tokens)
