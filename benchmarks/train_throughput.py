@@ -65,7 +65,10 @@ table shows:
 
 The CPU is shared with whatever else runs: after each run the script says how many cores
 other processes kept busy meanwhile, and runs a configuration again (--retries) when that
-was over 0.25, keeping the quietest run.
+was over 0.25, keeping the quietest run. Even on an idle machine the same configuration's
+epochs 2+ rate drifts by 10-15% over minutes (a virtual machine's CPU); `--rounds N` runs every
+configuration N times in turn (baseline, voxtune, ..., then again) and reports each one's
+median run, and the rates of every round under the table.
 
 The last line is `throughput_ratio=<x> peak_memory_ratio=<y>`: voxtune over the baseline,
 epochs 2+ examples/s and training-phase memory (+MiB).
@@ -569,6 +572,25 @@ def run_child(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
     return {**json.loads((work / f"{name}.json").read_text()), "others": max(0.0, others), "wall": wall}
 
 
+def quietest_run(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Run configuration `name`, again (up to --retries times) while other processes kept more
+    than BUSY cores busy; the run they disturbed least."""
+    done = []
+    for attempt in range(args.retries + 1):
+        result = run_child(name, args, work)
+        cache = result.get("cache")
+        print(
+            f"  ran {name} in {result['wall']:.0f} s; other processes kept {result['others']:.2f} cores busy"
+            + (f"; encoder cache: {cache['misses']} misses, {cache['hits']} hits" if cache else "")
+        )
+        done.append(result)
+        if result["others"] <= BUSY:
+            break
+        if attempt < args.retries:
+            print(f"    the machine was busy (over {BUSY} cores used by others): running {name} again")
+    return min(done, key=lambda r: r["others"])
+
+
 def _busy_cpu_seconds() -> float:
     """CPU seconds the whole machine has spent busy (all processes), from /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -656,12 +678,20 @@ def main() -> None:
         "--retries", type=int, default=1, help="runs of a configuration again while other processes use the CPU"
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every configuration this many times, in turn, and report each one's median run",
+    )
+    parser.add_argument(
         "--work", type=Path, help="keep the model, checkpoints and logs here (default: a temporary folder)"
     )
     parser.add_argument("--only", choices=list(CONFIGS), help="run one configuration in this process (internal)")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the encoder cache pays from epoch 2 on")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     if args.lm != "small" and args.arch != "voxtune":
@@ -698,23 +728,20 @@ def main() -> None:
             f"batches of {args.batch} (voxtune: at most {args.batch} and {batching['max_tokens']} tokens)"
         )
         del model
-        results = {}
-        for name in names:
-            for attempt in range(args.retries + 1):
-                result = run_child(name, args, work)
-                cache = result.get("cache")
-                print(
-                    f"  ran {name} in {result['wall']:.0f} s; other processes kept {result['others']:.2f} cores busy"
-                    + (f"; encoder cache: {cache['misses']} misses, {cache['hits']} hits" if cache else "")
-                )
-                if name not in results or result["others"] < results[name]["others"]:
-                    results[name] = result
-                if result["others"] <= BUSY:
-                    break
-                if attempt < args.retries:
-                    print(f"    the machine was busy (over {BUSY} cores used by others): running {name} again")
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for turn in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {turn + 1} of {args.rounds}")
+            for name in names:
+                runs[name].append(quietest_run(name, args, work))
     print()
+    # Each configuration's median run by epochs 2+ examples/s (its memory comes with it).
+    results = {name: sorted(done, key=lambda r: rates(r)[1])[(len(done) - 1) // 2] for name, done in runs.items()}
     speed, memory = table(results, args.epochs)
+    if args.rounds > 1:
+        print("epochs 2+ examples/s of each round (the table shows the median run):")
+        for name, done in runs.items():
+            print(f"  {CONFIGS[name][0]:<33} " + ", ".join(f"{rates(r)[1]:.1f}" for r in done))
     print(f"memory: {results['voxtune']['memory_basis']}; ratio of the training-phase increase (+MiB)")
     print(f"throughput_ratio={speed:.2f} peak_memory_ratio={memory:.2f}")
 

@@ -7,12 +7,13 @@ import resource
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import voxtune
-from voxtune.train.trainer import Trainer, TrainError
+from voxtune.train.trainer import Trainer, TrainError, autocasts
 
 
 @pytest.fixture
@@ -160,6 +161,8 @@ def test_bf16_weights_train_close_to_float32_and_export_in_full_precision(corpus
     trainer.fit()
     assert rows and all(length % 64 == 0 for length in rows)  # made up to a multiple on the CPU
     assert set(seen) == {("base", torch.bfloat16, False), ("lora_A", torch.float32, False)}
+    # On a GPU, which builds no kernel per shape, the same LM would train under autocast.
+    assert autocasts(SimpleNamespace(lm=trainer.model.lm, device=torch.device("cuda")), "bf16")
     assert _losses(tmp_path / "bf16" / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=0.05)
     # Evaluation runs under the same autocast as training.
     assert trainer.evaluate()["eval_loss"] == pytest.approx(reference.evaluate()["eval_loss"], rel=0.05)
@@ -186,6 +189,7 @@ def test_bf16_weights_hold_a_full_fine_tunes_teacher_in_bf16(corpus, tmp_path, _
     teacher = trainer.distiller.frozen_copy
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in trainer.model.lm.parameters()} == {torch.float32}  # it all trains
+    assert autocasts(trainer.model, "bf16")  # so its products run under autocast
 
 
 def test_bf16_weights_under_qlora_compute_in_bf16(corpus, tmp_path, _recipe):

@@ -389,9 +389,11 @@ def _onednn(*, enabled: bool) -> Iterator[None]:
     """oneDNN on or off for the CPU's convolutions and activations, the other flags unchanged.
 
     oneDNN builds and caches kernels for every new input shape. An encoder that reads each clip
-    at its own length meets a new shape with almost every clip: over the benchmark's first epoch
-    (908 clips, `benchmarks/train_throughput.py`) that kept 22 MiB more and took 14.7 s against
-    13.1 s without it. With fixed windows its kernels are reused (Whisper tiny.en: 6% faster).
+    at its own length meets a new shape with almost every clip: in the benchmark's first epoch
+    (908 clips, `benchmarks/train_throughput.py`) that kept 40-50 MiB more in float32 training
+    (22 MiB under bf16) and made the epoch about 1.1x slower. With fixed windows its kernels
+    are reused (Whisper tiny.en: 6% faster with oneDNN). A process-wide switch, held only for
+    the encoder's pass.
     """
     mkldnn = torch.backends.mkldnn
     with mkldnn.flags(
