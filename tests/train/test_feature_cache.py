@@ -68,10 +68,16 @@ def test_cached_equals_embed_audio_and_second_call_hits(model, clips, tmp_path):
     cache = EncoderFeatureCache(tmp_path, fingerprint_of(model))
     augmentations = [None, {"channel": "clean", "gain_db": 3.0}, None]
     features, frames = log_mel_batch(clips, model.config.n_mels)
+    shapes: list[tuple[int, ...]] = []
     with torch.no_grad():
         expected = model.embed_audio(features, frames)
+        handle = model.projector.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
         first = project(model, encode_with_cache(model, clips, augmentations, cache))
+        handle.remove()
     assert (cache.hits, cache.misses, cache.writes) == (0, 3, 3)
+    # One row of the clips' frames end to end, each padded to whole stacks only: no batch padding.
+    stack = model.projector.stack
+    assert shapes == [(1, stack * sum(len(e) for e in expected), model.encoder.dim)]
     for got, want in zip(first, expected, strict=True):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # clip by clip vs one padded batch

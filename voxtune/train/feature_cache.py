@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -44,6 +45,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from voxtune.audio.audio import Audio
 from voxtune.files import write_atomic
+from voxtune.model.projector import Projector
 
 if TYPE_CHECKING:
     from voxtune.model.processor import Example
@@ -430,9 +432,16 @@ def project(model: SpeechLM, encoder_outputs: Sequence[torch.Tensor]) -> list[to
     device, dtype = (weight.device, weight.dtype) if weight is not None else (model.device, encoder_outputs[0].dtype)
     lengths = torch.tensor([o.shape[0] for o in encoder_outputs])
     outputs = [o.to(device, dtype) for o in encoder_outputs]
+    counts = model.projector.output_lengths(lengths).tolist()
+    if isinstance(model.projector, Projector):
+        # After stacking, voxtune's projector works row by row: each clip's frames, zero-padded
+        # to whole groups of k as in a padded batch, laid end to end give exactly the audio
+        # tokens wanted. A padded batch spent 31% of its rows on padding in the benchmark.
+        k = model.projector.stack
+        frames = torch.cat([F.pad(o, (0, 0, 0, -o.shape[0] % k)) for o in outputs])  # [k * sum n_i, D_enc]
+        return list(model.projector(frames[None])[0].split(counts))  # [sum n_i, D] -> [n_i, D] each
     hidden = pad_sequence(outputs, batch_first=True)  # [N, T', D_enc], zeros past each clip
     tokens = model.projector(hidden)  # [N, ceil(T'/k), D]
-    counts = model.projector.output_lengths(lengths).tolist()
     return [tokens[i, :n] for i, n in enumerate(counts)]
 
 
