@@ -103,6 +103,13 @@ def test_uncached_path_and_repeated_clip(model, clips, tmp_path):
     assert not any(t.requires_grad for t in cached)
 
 
+def test_uncached_outputs_carry_no_gradient_even_from_a_trainable_encoder(clips):
+    trainable = tiny("llama", "streaming")
+    assert any(p.requires_grad for p in trainable.encoder.parameters())
+    outputs = encode_with_cache(trainable, clips, [None] * 3, None)
+    assert outputs and not any(t.requires_grad for t in outputs)
+
+
 def test_clips_at_their_own_length_skip_onednn_on_the_cpu(model, clips):
     # oneDNN would build kernels for each new clip length; Whisper's fixed windows reuse them.
     seen: list[bool] = []

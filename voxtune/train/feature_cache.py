@@ -379,7 +379,6 @@ def encode_with_cache(
     return [found[key] for key in keys]
 
 
-@torch.no_grad()
 def _reads_clips_at_their_length(model: SpeechLM) -> bool:
     """Whether the encoder takes each clip at its own length (voxtune's streaming encoder), not
     in fixed windows (Whisper's 30 s, and the pretrained architectures')."""
@@ -407,6 +406,7 @@ def _onednn(*, enabled: bool) -> Iterator[None]:
         yield
 
 
+@torch.no_grad()
 def _encode(model: SpeechLM, clips: list[Audio]) -> list[torch.Tensor]:
     """Run the encoder on a batch of clips, as `SpeechLM.embed_audio` does: one [T'_i, D_enc] each."""
     features, frames = model.featurize([clip.samples for clip in clips])  # [N, M, T], [N]
