@@ -140,7 +140,7 @@ def lm_computes_in_bf16(model: SpeechLM, precision: str) -> bool:
     then, and peft runs each float32 adapter on a float32 copy of its input and casts the sum
     back, so the adapters' small products stay in float32, off oneDNN's bf16 kernels, which it
     builds and caches for every new shape: on the benchmark's small model that took training's
-    own memory from 0.71x to 0.55-0.59x the baseline's. The float32 copies are kept for
+    own memory from 0.71x to 0.53-0.58x the baseline's. The float32 copies are kept for
     backward, though: on the 0.5B model they cost 485 MiB (0.49x the bf16 baseline's peak
     against 0.42x under autocast). So on a GPU, with no per-shape kernels, training stays under
     autocast, as it does for an LM with other trained weights (full fine-tuning)."""
