@@ -192,6 +192,14 @@ def test_bf16_weights_hold_a_full_fine_tunes_teacher_in_bf16(corpus, tmp_path, _
     assert autocasts(trainer.model, "bf16")  # so its products run under autocast
 
 
+def test_bf16_weights_with_adapters_on_the_output_head_run_under_autocast(corpus, tmp_path, _recipe):
+    # Natively the head's merged weight would come out float32, at the vocabulary's size.
+    overrides = ("train.lora.targets=[q_proj, v_proj, lm_head]", "train.precision=bf16")
+    trainer = Trainer(_recipe(corpus, tmp_path, *overrides), log=lambda _: None)
+    assert any("lm_head" in name and p.requires_grad for name, p in trainer.model.lm.named_parameters())
+    assert autocasts(trainer.model, "bf16")
+
+
 def test_bf16_weights_under_qlora_compute_in_bf16(corpus, tmp_path, _recipe):
     pytest.importorskip("bitsandbytes", reason="QLoRA's 4-bit layers need bitsandbytes")
     steps = ["train.max_steps=3", "train.method=qlora"]

@@ -380,21 +380,23 @@ def encode_with_cache(
 
 
 def _reads_clips_at_their_length(model: SpeechLM) -> bool:
-    """Whether the encoder takes each clip at its own length (voxtune's streaming encoder), not
-    in fixed windows (Whisper's 30 s, and the pretrained architectures')."""
+    """Whether the encoder is voxtune's streaming one, which takes each clip at its own length
+    (Whisper's reads fixed 30 s windows). Pretrained architectures that also read clips at
+    their own length keep oneDNN: not measured there."""
     return model.config.encoder_kind == "streaming"
 
 
 @contextlib.contextmanager
 def _onednn(*, enabled: bool) -> Iterator[None]:
-    """oneDNN on or off for the CPU's convolutions and activations, the other flags unchanged.
+    """oneDNN on or off (`torch.backends.mkldnn.enabled`), the other flags unchanged.
 
     oneDNN builds and caches kernels for every new input shape. An encoder that reads each clip
     at its own length meets a new shape with almost every clip: in the benchmark's first epoch
     (908 clips, `benchmarks/train_throughput.py`) that kept 40-50 MiB more in float32 training
     (22 MiB under bf16) and made the epoch about 1.1x slower. With fixed windows its kernels
-    are reused (Whisper tiny.en: 6% faster with oneDNN). A process-wide switch, held only for
-    the encoder's pass.
+    are reused (Whisper tiny.en: 6% faster with oneDNN). A process-wide switch (it gates the
+    bf16 matmuls too), held only for the encoder's pass on the training thread; not for
+    concurrent use.
     """
     mkldnn = torch.backends.mkldnn
     with mkldnn.flags(
@@ -422,9 +424,10 @@ def _encode(model: SpeechLM, clips: list[Audio]) -> list[torch.Tensor]:
 def project(model: SpeechLM, encoder_outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Run the (trainable) projector on per-clip encoder outputs: one [n_i, D] tensor per clip.
 
-    Equals `model.embed_audio(features, frames)` for the same clips: the outputs are
-    zero-padded into a batch, as the encoder's own padded output is, and each clip is cut to
-    `projector.output_lengths` of its frames. Gradients flow to the projector.
+    Equals `model.embed_audio(features, frames)` for the same clips: each clip gets
+    `projector.output_lengths` of its frames, its last stack zero-padded as in the encoder's
+    padded output. voxtune's `Projector` runs over the clips end to end in one row; other
+    projectors over a zero-padded batch. Gradients flow to the projector.
     """
     if not encoder_outputs:
         return []

@@ -153,9 +153,9 @@ class TrainSection(Config):
     fsdp_reshard: bool = True
     # bf16-autocast: the matrix products in bf16, every weight kept in float32. bf16: the
     # LM's frozen weights held in bf16 (half their memory, no cast each step); on the CPU,
-    # when all the LM trains are adapters, it computes in bf16 itself and they in float32,
-    # else under autocast; trained weights and the encoder stay float32, the export is merged
-    # in float32.
+    # when all the LM trains are adapters (not on lm_head), it computes in bf16 itself and
+    # they, the encoder and the projector in float32, else all under autocast; trained weights
+    # and the encoder stay float32, the export is merged in float32.
     precision: Literal["float32", "bf16-autocast", "bf16"] = "float32"
     fused_kernels: bool = True  # Liger Kernel's fused modules, where they run (CUDA, liger-kernel installed)
     # torch.compile each of the LM's decoder layers for training (one process): the first

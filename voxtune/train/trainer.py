@@ -143,11 +143,14 @@ def lm_computes_in_bf16(model: SpeechLM, precision: str) -> bool:
     own memory from 0.71x to 0.53-0.58x the baseline's. The float32 copies are kept for
     backward, though: on the 0.5B model they cost 485 MiB (0.49x the bf16 baseline's peak
     against 0.42x under autocast). So on a GPU, with no per-shape kernels, training stays under
-    autocast, as it does for an LM with other trained weights (full fine-tuning)."""
+    autocast, as it does for an LM with other trained weights (full fine-tuning) and for
+    adapters on the output head (its merged weight would come out float32, at the vocabulary's
+    size). The encoder, projector and a CTC head then run in float32 as well."""
+    trained = [name for name, parameter in model.lm.named_parameters() if parameter.requires_grad]
     return (
         precision == "bf16"
         and model.device.type == "cpu"
-        and all(not parameter.requires_grad or "lora_" in name for name, parameter in model.lm.named_parameters())
+        and all("lora_" in name and "lm_head" not in name for name in trained)
     )
 
 
