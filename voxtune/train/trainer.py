@@ -184,6 +184,7 @@ class BatchLoss(torch.nn.Module):
         model: SpeechLM,
         cache: EncoderFeatureCache | None,
         train: TrainSection,
+        autocasting: bool,
         distiller: Distiller | None = None,
     ) -> None:
         super().__init__()
@@ -192,7 +193,7 @@ class BatchLoss(torch.nn.Module):
         self.train_section = train
         self.distiller = distiller
         self.head_rows = BF16_CPU_HEAD_ROWS if bf16_on_cpu(model, train.precision) else 1
-        self.autocast = autocasts(model, train.precision)
+        self.autocast = autocasting  # `autocasts(model, train.precision)`, decided once by the trainer
 
     def forward(self, batch: dict[str, Any], examples: list[Example]) -> torch.Tensor:
         train = self.train_section
@@ -301,17 +302,14 @@ class Trainer:
             else None
         )
         self.strategy = distributed.choose_strategy(train.strategy, self.procs)
+        self.autocast = autocasts(self.model, train.precision)  # what trains is settled by now
         if train.precision == "bf16":
             if self.strategy != "single":
                 raise TrainError(f"train.precision=bf16 runs in one process for now, not with {self.strategy}")
             held = hold_frozen_in_bf16(self.model.lm)
             if self.distiller is not None and self.distiller.frozen_copy is not None:
                 held += hold_frozen_in_bf16(self.distiller.frozen_copy)
-            computes = (
-                "the LM computes in bf16, its adapters in float32"
-                if lm_computes_in_bf16(self.model, train.precision)
-                else "under bf16 autocast"
-            )
+            computes = "under bf16 autocast" if self.autocast else "the LM computes in bf16, its adapters in float32"
             self.log(f"precision: bf16 ({held} frozen LM weights held in bf16; {computes})")
         if train.compile:
             if self.strategy != "single":
@@ -334,7 +332,7 @@ class Trainer:
             window=50 if train.bucket else 1,
             seed=train.seed,
         )
-        module = BatchLoss(self.model, self.cache, train, self.distiller)
+        module = BatchLoss(self.model, self.cache, train, self.autocast, self.distiller)
         self.batch_loss = self._wrap(module)
         if self.strategy == "fsdp":
             self.params = [p for p in self.model.parameters() if p.requires_grad]  # now sharded
@@ -659,7 +657,7 @@ class Trainer:
         stance = torch.compiler.set_stance("force_eager") if self.recipe.train.compile else contextlib.nullcontext()
         try:
             # In the precision training runs in, so that the two losses compare.
-            with stance, autocast(model, autocasts(model, self.recipe.train.precision)):
+            with stance, autocast(model, self.autocast):
                 count = min(limit, len(valid))
                 losses = [
                     compute_loss(model, model.processor.collate([valid[i]]), self.recipe.train.chunk_tokens)
