@@ -151,16 +151,16 @@ def test_bf16_weights_train_close_to_float32_and_export_in_full_precision(corpus
     assert all(p.dtype == torch.float32 for p in trainer.model.encoder.parameters())
     rows: list[int] = []
     trainer.on_batch = lambda batch, examples, epoch: rows.append(batch["input_ids"].shape[1])
-    # No autocast: the frozen layers take and give bf16, each adapter gets a float32 copy.
+    # No autocast: the frozen layers take and give bf16, the adapters compute in float32.
     seen: list[tuple[str, torch.dtype, bool]] = []
     q_proj = trainer.model.lm.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
-    for name, module in (("base", q_proj.base_layer), ("lora_A", q_proj.lora_A["default"])):
+    for name, module in (("base", q_proj.base_layer), ("lora_B", q_proj.lora_B["default"])):
         module.register_forward_hook(
             lambda module, args, out, name=name: seen.append((name, args[0].dtype, torch.is_autocast_enabled("cpu")))
         )
     trainer.fit()
     assert rows and all(length % 64 == 0 for length in rows)  # made up to a multiple on the CPU
-    assert set(seen) == {("base", torch.bfloat16, False), ("lora_A", torch.float32, False)}
+    assert set(seen) == {("base", torch.bfloat16, False), ("lora_B", torch.float32, False)}
     # On a GPU, which builds no kernel per shape, the same LM would train under autocast.
     assert autocasts(SimpleNamespace(lm=trainer.model.lm, device=torch.device("cuda")), "bf16")
     assert _losses(tmp_path / "bf16" / "run") == pytest.approx(_losses(tmp_path / "ref" / "run"), rel=0.05)

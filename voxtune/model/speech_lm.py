@@ -488,11 +488,21 @@ class SpeechLM(nn.Module):
 
 
 def _with_lora(module: nn.Module, targets: list[str] | str, settings: dict[str, Any]) -> nn.Module:
-    """`module` inside a peft model with LoRA adapters on the linear layers `targets` names."""
+    """`module` inside a peft model with LoRA adapters on the linear layers `targets` names;
+    sibling layers that read one input (q/k/v, gate/up) share its down-projection in training
+    (`voxtune.model.lora`). A 4-bit LM's (QLoRA) layers are peft's bitsandbytes ones."""
     from peft import LoraConfig, get_peft_model
 
+    from voxtune.model.lora import SharedInputLoraLinear, link_siblings
+
+    config = LoraConfig(target_modules=targets, **settings)
+    quantized = any(type(layer).__module__.startswith("bitsandbytes") for layer in module.modules())
+    if not quantized:
+        config._register_custom_module({nn.Linear: SharedInputLoraLinear})
     with warnings.catch_warnings():
         # peft reads a transformers property that transformers 5 marks deprecated; the
         # warning is about peft's code, not the user's, so it is not shown to them.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(module, LoraConfig(target_modules=targets, **settings))
+        adapted = get_peft_model(module, config)
+    link_siblings(adapted)
+    return adapted

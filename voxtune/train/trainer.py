@@ -45,6 +45,7 @@ from voxtune.data.sources import read_source
 from voxtune.eval.tasks import evaluate_tasks
 from voxtune.files import WriteError, reported_writes
 from voxtune.model import SpeechLM
+from voxtune.model.lora import unlink_siblings
 from voxtune.model.packed_attention import use_packed_attention
 from voxtune.model.processor import Example
 from voxtune.train import checkpoints, distributed
@@ -316,6 +317,10 @@ class Trainer:
                 raise TrainError(f"train.compile runs in one process for now, not with {self.strategy}")
             self.log(f"compiled: {compile_layers(self.model)}")
         stage = zero_stage(train.zero_stage) if self.strategy == "deepspeed" else None
+        if stage == 3:
+            # ZeRO-3 gathers a layer's weights for its own call only: a LoRA layer cannot read
+            # its siblings' adapters to share their input's down-projection.
+            unlink_siblings(self.model)
         if self.strategy != "single":
             described = f"deepspeed (ZeRO-{stage})" if stage else self.strategy
             self.log(f"{self.procs.world} processes: {described}")
