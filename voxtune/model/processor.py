@@ -188,7 +188,8 @@ class SpeechProcessor:
             if message["role"] != "assistant":
                 continue
             before = self._render(messages[:i], add_generation_prompt=True)
-            through = self._render(messages[: i + 1], add_generation_prompt=False)
+            last = i + 1 == len(messages) and not add_generation_prompt
+            through = text if last else self._render(messages[: i + 1], add_generation_prompt=False)
             if not (through.startswith(before) and text.startswith(through) and len(before) >= cursor):
                 raise MessageError("the chat template does not render conversations prefix-consistently")
             end = len(through)
