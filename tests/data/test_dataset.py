@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from torch.utils.data import DataLoader
 
-from voxtune.audio import Audio
+from voxtune.audio import Audio, AudioError, file_audio
+from voxtune.audio.file_audio import FileAudio, samples_digest
 from voxtune.data.augment import AugmentConfig, Augmenter
 from voxtune.data.dataset import LengthBucketSampler, SpeechDataset, collator
 from voxtune.data.example import Segment, SpeechExample
@@ -133,3 +137,34 @@ def test_a_packed_row_made_up_to_a_multiple_scores_the_same_tokens(model, make_s
         assert compute_loss(model, padded, 16)[0].item() == pytest.approx(
             compute_loss(model, exact, 16)[0].item(), rel=1e-5
         )
+
+
+def test_files_read_before_are_not_decoded_again(model, make_signal, tmp_path, monkeypatch):
+    examples = []
+    for i, example in enumerate(_examples(make_signal, count=3)):
+        path = tmp_path / f"{i}.wav"
+        sf.write(path, example.audio.samples, 16000, subtype="FLOAT")
+        examples.append(dataclasses.replace(example, audio=str(path)))
+    dataset = SpeechDataset(examples, model.processor, {"transcribe": 1}, reread=True)
+    first = [dataset[i] for i in range(3)]
+    decoded: list[str] = []
+    real_load = file_audio.load
+    monkeypatch.setattr(file_audio, "load", lambda path, rate: decoded.append(path) or real_load(path, rate))
+    dataset.set_epoch(1)
+    later = [dataset[i] for i in range(3)]
+    assert decoded == []  # known by their length and digest
+    assert [e.input_ids for e in later] == [e.input_ids for e in first]  # as many audio tokens
+    clip = later[0].clips[0]
+    assert isinstance(clip, FileAudio) and clip.digest == samples_digest(first[0].clips[0].samples)
+    np.testing.assert_array_equal(clip.samples, first[0].clips[0].samples)  # read: decoded again
+    assert decoded == [str(tmp_path / "0.wav")]
+    # A file that changed is read again; one that changed under a FileAudio is refused.
+    sf.write(tmp_path / "1.wav", np.zeros(20000, np.float32), 16000, subtype="FLOAT")
+    assert len(dataset[1].clips[0]) == 20000
+    sf.write(tmp_path / "0.wav", np.zeros(20000, np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="changed while it was in use"):
+        _ = clip.samples
+    # Without reread every item is decoded.
+    plain = SpeechDataset(examples, model.processor, {"transcribe": 1})
+    plain[2]
+    assert not isinstance(plain[2].clips[0], FileAudio)

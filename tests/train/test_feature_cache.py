@@ -8,10 +8,12 @@ import threading
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from voxtune.audio import Audio
 from voxtune.audio.features import log_mel_batch
+from voxtune.audio.file_audio import FileAudio
 from voxtune.model import tiny
 from voxtune.train.feature_cache import (
     EncoderFeatureCache,
@@ -122,20 +124,25 @@ def test_clips_at_their_own_length_skip_onednn_on_the_cpu(model, clips):
     assert torch.backends.mkldnn.enabled  # on again after
 
 
-def test_keys_follow_audio_augmentation_and_fingerprint(clips):
+def test_keys_follow_audio_augmentation_and_fingerprint(clips, tmp_path):
     samples, fingerprint = clips[0].samples, "a" * 64
     record = {"channel": "clean", "snr_db": 10.0, "noise": "pink"}
-    key = clip_key(samples, RATE, record, fingerprint)
+    key = clip_key(clips[0], record, fingerprint)
     reordered = {"noise": "pink", "snr_db": np.float64(10.0), "channel": "clean"}
-    assert clip_key(samples, RATE, reordered, fingerprint) == key  # canonical JSON
-    assert clip_key(samples.copy(), RATE, dict(record), fingerprint) == key
+    assert clip_key(clips[0], reordered, fingerprint) == key  # canonical JSON
+    assert clip_key(Audio(samples.copy(), RATE), dict(record), fingerprint) == key
+    # A file's audio, held or let go, keys as its samples do: it need not be decoded again.
+    path = tmp_path / "clip.wav"
+    sf.write(path, samples, RATE, subtype="FLOAT")
+    read = FileAudio.read(path, RATE)
+    assert clip_key(read, record, fingerprint) == clip_key(read.without_samples(), record, fingerprint) == key
     others = [
-        clip_key(samples, RATE, {**record, "snr_db": 11.0}, fingerprint),
-        clip_key(samples, RATE, None, fingerprint),
-        clip_key(clips[1].samples, RATE, record, fingerprint),
-        clip_key(samples[:-1], RATE, record, fingerprint),
-        clip_key(samples, 8000, record, fingerprint),
-        clip_key(samples, RATE, record, "b" * 64),
+        clip_key(clips[0], {**record, "snr_db": 11.0}, fingerprint),
+        clip_key(clips[0], None, fingerprint),
+        clip_key(clips[1], record, fingerprint),
+        clip_key(Audio(samples[:-1], RATE), record, fingerprint),
+        clip_key(Audio(samples, 8000), record, fingerprint),
+        clip_key(clips[0], record, "b" * 64),
     ]
     assert len({key, *others}) == 1 + len(others)
 
@@ -166,7 +173,7 @@ def test_changed_encoder_changes_fingerprint_and_misses(model, clips, tmp_path):
 def test_bad_file_is_a_miss_and_is_rewritten(model, clips, tmp_path, damage):
     cache = EncoderFeatureCache(tmp_path, fingerprint_of(model))
     (expected,) = encode_with_cache(model, clips[:1], [None], cache)
-    key = clip_key(clips[0].samples, RATE, None, cache.fingerprint)
+    key = clip_key(clips[0], None, cache.fingerprint)
     path = cache.path(key)
     data = path.read_bytes()
     if damage == "truncate":
@@ -176,7 +183,7 @@ def test_bad_file_is_a_miss_and_is_rewritten(model, clips, tmp_path, damage):
     elif damage == "flip":  # a valid file with one wrong byte in the tensor data
         path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     else:  # a whole, valid entry, but for another clip
-        other = clip_key(clips[1].samples, RATE, None, cache.fingerprint)
+        other = clip_key(clips[1], None, cache.fingerprint)
         encode_with_cache(model, clips[1:2], [None], cache)
         path.write_bytes(cache.path(other).read_bytes())
 

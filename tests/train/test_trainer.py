@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import voxtune
+from voxtune.audio.file_audio import FileAudio
 from voxtune.train.trainer import Trainer, TrainError, autocasts
 
 
@@ -104,9 +105,15 @@ def test_the_encoder_cache_changes_nothing_but_skips_the_encoder(corpus, tmp_pat
     assert cached.cache is not None
     calls = []
     cached.model.encoder.register_forward_hook(lambda *args: calls.append(1))
+    on_file: dict[int, set[bool]] = {}  # epoch -> whether its clips were left undecoded
+    cached.on_batch = lambda batch, examples, epoch: on_file.setdefault(epoch, set()).update(
+        isinstance(clip, FileAudio) and not clip.holds_samples for clip in batch["clips"]
+    )
     cached.fit()
     assert _losses(tmp_path / "cached" / "run") == pytest.approx(_losses(tmp_path / "plain" / "run"), rel=1e-5)
     assert cached.cache.hits > 0  # later epochs read what the first one wrote
+    # Later epochs know each file's clip by its length and digest, without decoding it.
+    assert on_file[0] == {False} and on_file[max(on_file)] == {True}
     # The encoder ran once per distinct clip (clip by clip on the CPU), never for a hit.
     assert len(calls) == cached.cache.misses <= len(cached.train_data)
 

@@ -8,6 +8,7 @@ sees other draws of the same data.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset, Sampler
 
 from voxtune.audio import Audio, AudioError, load
 from voxtune.audio.features import SAMPLE_RATE
+from voxtune.audio.file_audio import FileAudio
 from voxtune.data.augment import Augmenter
 from voxtune.data.example import Segment, SpeechExample
 from voxtune.data.tasks import choose_task, make_conversation, text_conversation
@@ -34,6 +36,10 @@ class SpeechDataset(Dataset):
         seed: fixes every draw.
         distill: also tokenise, for each example with a transcript, the same conversation with
             the transcript in place of the audio (`info["teacher"]`, for distillation).
+        reread: a file read before, unchanged since (same size and modification time), comes
+            back as `FileAudio` without its samples (decoded again only if they are read): for
+            a trainer whose encoder outputs come from a cache, which needs only each clip's
+            length and digest. Without an augmenter only: augmented audio differs each time.
     """
 
     def __init__(
@@ -45,6 +51,7 @@ class SpeechDataset(Dataset):
         augmenter: Augmenter | None = None,
         seed: int = 0,
         distill: bool = False,
+        reread: bool = False,
     ) -> None:
         self.examples = list(examples)
         self.distill = distill
@@ -54,6 +61,8 @@ class SpeechDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self._durations: list[float] | None = None
+        self.reread = reread and augmenter is None
+        self._read: dict[int, tuple[tuple[int, int], FileAudio]] = {}  # index -> (size, mtime), audio
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -65,7 +74,7 @@ class SpeechDataset(Dataset):
     def __getitem__(self, index: int) -> Example:
         source = self.examples[index]
         draw = (self.seed, self.epoch, index)
-        audio = load(source.audio, SAMPLE_RATE)  # paths, bytes and Audio alike, at 16 kHz
+        audio = self._audio(index, source.audio)
         info: dict[str, Any] = {"index": index}
         segments = source.segments
         if self.augmenter is not None:
@@ -85,6 +94,23 @@ class SpeechDataset(Dataset):
             info["transcript"] = example.text  # what an auxiliary loss on the audio alone can use (CTC)
         encoded.info.update(info, task=task)
         return encoded
+
+    def _audio(self, index: int, source: Any) -> Audio:
+        """Example `index`'s audio at 16 kHz: from paths, bytes and `Audio` alike; a file read
+        before, unchanged, without decoding it (`reread`)."""
+        if not self.reread or not isinstance(source, (str, os.PathLike)):
+            return load(source, SAMPLE_RATE)
+        try:
+            status = os.stat(source)
+        except OSError:
+            return load(source, SAMPLE_RATE)  # says what is wrong with the path
+        stamp = (status.st_size, status.st_mtime_ns)
+        known = self._read.get(index)
+        if known is not None and known[0] == stamp:
+            return known[1]
+        audio = FileAudio.read(source, SAMPLE_RATE)
+        self._read[index] = (stamp, audio.without_samples())
+        return audio
 
     def durations(self) -> list[float]:
         """Each example's duration in seconds, from its labels, its file header, or by decoding."""

@@ -18,6 +18,7 @@ from jinja2 import TemplateError
 
 from voxtune.audio import Audio, AudioError, AudioTooLongError, load
 from voxtune.audio.features import MIN_SAMPLES, SAMPLE_RATE
+from voxtune.audio.file_audio import FileAudio
 from voxtune.errors import InputError, echo
 from voxtune.tags import AUDIO_TOKEN
 
@@ -314,7 +315,8 @@ def as_audio(value: Any) -> Audio:
     """16 kHz `Audio` from anything `voxtune.audio.load` reads, long enough to hear."""
     if not isinstance(value, (str, bytes, bytearray, os.PathLike, Audio)) and not hasattr(value, "__array__"):
         raise MessageError(f"audio must be a path, bytes, base64, an array or Audio, not {type(value).__name__}")
-    audio = load(value, SAMPLE_RATE)
+    # A FileAudio came from `load` already, and need not be decoded again to be measured.
+    audio = value if isinstance(value, FileAudio) and value.sample_rate == SAMPLE_RATE else load(value, SAMPLE_RATE)
     if len(audio) < MIN_SAMPLES:
         raise AudioError(f"audio clip is {audio.duration * 1000:.0f} ms, too short to hear")
     return audio

@@ -6,8 +6,9 @@ encoder's weights, so later epochs can skip it. What is cached is the ENCODER ou
 
 - `encoder_fingerprint(encoder)` hashes the weights (and config) once per run; the cache keeps
   each fingerprint in its own folder, so a changed encoder never reads another encoder's entries.
-- `clip_key(samples, rate, augmentation, fingerprint)` names one clip's entry: the audio the
-  encoder sees, its rate, the augmentation record and the fingerprint.
+- `clip_key(clip, augmentation, fingerprint)` names one clip's entry: the audio the encoder
+  sees (the digest of its samples; a `FileAudio` knows its own, so it is not decoded to be
+  looked up), its rate, the augmentation record and the fingerprint.
 - `EncoderFeatureCache` stores entries as safetensors files, written atomically; a corrupt
   entry is a miss, never a crash.
 - `encode_with_cache` runs the encoder on the misses only; `project` runs the trainable
@@ -44,6 +45,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from voxtune.audio.audio import Audio
+from voxtune.audio.file_audio import FileAudio, samples_digest
 from voxtune.files import write_atomic
 from voxtune.model.projector import Projector
 
@@ -62,7 +64,8 @@ __all__ = [
 
 # Bump when what an entry means changes without the encoder changing: the log-mel features,
 # the file layout, or what is stored. Both hashes include it, so old entries simply miss.
-CACHE_FORMAT = 1
+# 2: clip keys hash the digest of the samples, not the samples.
+CACHE_FORMAT = 2
 
 _TENSOR = "encoder_output"
 _SUFFIX = ".safetensors"
@@ -105,23 +108,23 @@ def encoder_fingerprint(module: nn.Module, *, config: Any = None) -> str:
     return digest.hexdigest()
 
 
-def clip_key(samples: np.ndarray, sample_rate: int, augmentation: dict | None, fingerprint: str) -> str:
-    """The cache key of one clip: sha256 of its samples, rate, augmentation record and encoder.
+def clip_key(clip: Audio, augmentation: dict | None, fingerprint: str) -> str:
+    """The cache key of one clip: sha256 of its samples' digest, rate, augmentation record and
+    encoder.
 
-    `samples` are what the encoder sees (after augmentation). The record is hashed as well, as
-    canonical JSON (sorted keys), so that two draws that happen to give the same samples but
-    were recorded differently stay apart, and numpy scalars in it hash like Python numbers.
+    `clip` is what the encoder sees (after augmentation); its samples are hashed
+    (`samples_digest`) unless it is a `FileAudio`, which carries their digest. The record is
+    hashed as well, as canonical JSON (sorted keys), so that two draws that happen to give the
+    same samples but were recorded differently stay apart, and numpy scalars in it hash like
+    Python numbers.
 
     Returns:
         64 lowercase hex characters.
     """
-    samples = np.ascontiguousarray(samples)
+    samples = clip.digest if isinstance(clip, FileAudio) else samples_digest(clip.samples)
     record = _canonical_json(augmentation)
-    digest = hashlib.sha256()
-    digest.update(f"{CACHE_FORMAT}:{samples.dtype.str}:{samples.shape}:".encode())
-    digest.update(samples.data.cast("B"))
-    digest.update(f":{int(sample_rate)}:{len(record)}:{record}:{fingerprint}".encode())
-    return digest.hexdigest()
+    text = f"{CACHE_FORMAT}:{samples}:{int(clip.sample_rate)}:{len(record)}:{record}:{fingerprint}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -350,9 +353,7 @@ def encode_with_cache(
     if cache is None:
         keys = [str(i) for i in range(len(clips))]
     else:
-        keys = [
-            clip_key(c.samples, c.sample_rate, a, cache.fingerprint) for c, a in zip(clips, augmentations, strict=True)
-        ]
+        keys = [clip_key(c, a, cache.fingerprint) for c, a in zip(clips, augmentations, strict=True)]
     found: dict[str, torch.Tensor] = {}
     missing: dict[str, Audio] = {}
     for key, clip in zip(keys, clips, strict=True):

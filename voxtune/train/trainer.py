@@ -326,7 +326,11 @@ class Trainer:
             self.log(f"{self.procs.world} processes: {described}")
         self.cache = self._encoder_cache(stage)
         self.train_data = self._dataset(
-            train_examples, recipe.data.train, recipe.data.augment, distill=train.distill is not None
+            train_examples,
+            recipe.data.train,
+            recipe.data.augment,
+            distill=train.distill is not None,
+            reread=self.cache is not None,  # cached clips are known by their length and digest
         )
         valid = recipe.data.valid
         self.valid_data = self._dataset([e for s in valid for e in _read(s)], valid, None) if valid else None
@@ -398,7 +402,13 @@ class Trainer:
         make_missing_corpus(data.synth, paths, log=self.log)
 
     def _dataset(
-        self, examples: list[SpeechExample], sources: list[str | DatasetSource], augment: Any, *, distill: bool = False
+        self,
+        examples: list[SpeechExample],
+        sources: list[str | DatasetSource],
+        augment: Any,
+        *,
+        distill: bool = False,
+        reread: bool = False,
     ) -> SpeechDataset:
         """A `SpeechDataset` of `examples` (read from `sources`, named when they hold none)."""
         if not examples:
@@ -415,6 +425,7 @@ class Trainer:
             augmenter=augmenter,
             seed=self.recipe.train.seed,
             distill=distill,
+            reread=reread,
         )
 
     # ---- data ---------------------------------------------------------------------------------
