@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from voxtune.audio import Audio, AudioError, file_audio
 from voxtune.audio.file_audio import FileAudio, samples_digest
+from voxtune.data import dataset as dataset_module
 from voxtune.data.augment import AugmentConfig, Augmenter
 from voxtune.data.dataset import LengthBucketSampler, SpeechDataset, collator
 from voxtune.data.example import Segment, SpeechExample
@@ -148,8 +149,9 @@ def test_files_read_before_are_not_decoded_again(model, make_signal, tmp_path, m
     dataset = SpeechDataset(examples, model.processor, {"transcribe": 1}, reread=True)
     first = [dataset[i] for i in range(3)]
     decoded: list[str] = []
-    real_load = file_audio.load
-    monkeypatch.setattr(file_audio, "load", lambda path, rate: decoded.append(path) or real_load(path, rate))
+    for module in (file_audio, dataset_module):
+        real = module.load
+        monkeypatch.setattr(module, "load", lambda path, rate, real=real: decoded.append(str(path)) or real(path, rate))
     dataset.set_epoch(1)
     later = [dataset[i] for i in range(3)]
     assert decoded == []  # known by their length and digest
@@ -166,5 +168,9 @@ def test_files_read_before_are_not_decoded_again(model, make_signal, tmp_path, m
         _ = clip.samples
     # Without reread every item is decoded.
     plain = SpeechDataset(examples, model.processor, {"transcribe": 1})
-    plain[2]
-    assert not isinstance(plain[2].clips[0], FileAudio)
+    decoded.clear()
+    items = [plain[2], plain[2]]
+    assert not any(isinstance(item.clips[0], FileAudio) for item in items)
+    assert decoded == [str(tmp_path / "2.wav")] * 2
+    with pytest.raises(ValueError, match="unaugmented"):
+        SpeechDataset(examples, model.processor, {"transcribe": 1}, augmenter=Augmenter(AugmentConfig()), reread=True)

@@ -83,45 +83,100 @@ def test_siblings_share_one_down_projection():
     assert len(counts["peft"]) - len(counts["linked"]) == 3 * layers
 
 
-def test_the_same_input_twice_computes_afresh():
-    # A group holds its product only until every sibling took its slice; the same tensor in
-    # the next forward gets a new product (and a graph that backward has not freed).
-    linked, peft_only = _adapted()
-    embeddings = linked.get_input_embeddings()(torch.randint(0, 100, (1, 6))).detach().requires_grad_()
-    for lm in (linked, peft_only):
-        for _ in range(2):
-            lm(inputs_embeds=embeddings).logits.sum().backward()
-    peft_grads = dict(peft_only.named_parameters())
-    for name, parameter in linked.named_parameters():
-        if parameter.grad is not None:
-            # Summed logits make large gradients: the products' order moves them by ~1e-6.
-            torch.testing.assert_close(parameter.grad, peft_grads[name].grad, rtol=1e-4, atol=1e-4)
-
-
-class _CrossAttention(nn.Module):
-    """q reads one input, k and v another: named like siblings, but not."""
+class _Attention(nn.Module):
+    """q/k/v and an output layer; q reads `x`, k and v read `memory` (itself when None)."""
 
     def __init__(self):
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(8, 8) for _ in range(3))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(8, 8) for _ in range(4))
 
-    def forward(self, x, memory):
-        return self.q_proj(x) * self.k_proj(memory) + self.v_proj(memory)
+    def forward(self, x, memory=None):
+        memory = x if memory is None else memory
+        return self.o_proj(self.q_proj(x) * self.k_proj(memory) + self.v_proj(memory))
 
 
-def test_layers_reading_different_inputs_unlink_and_compute_alike():
+def _linked_and_peft(module: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"), **settings):
+    """`module` with LoRA (B random) on `targets`, linked, and a copy on peft's forward."""
     torch.manual_seed(0)
-    linked = _with_lora(_CrossAttention(), ["q_proj", "k_proj", "v_proj"], {"r": 2, "lora_alpha": 4})
+    linked = _with_lora(module, list(targets), {"r": 2, "lora_alpha": 4, **settings})
     for name, parameter in linked.named_parameters():
         if "lora_B" in name:
-            nn.init.normal_(parameter)
+            nn.init.normal_(parameter, std=0.5)
     peft_only = copy.deepcopy(linked)
     unlink_siblings(peft_only)
-    x, memory = torch.randn(3, 8), torch.randn(3, 8)
-    for _ in range(2):
-        torch.testing.assert_close(linked(x, memory), peft_only(x, memory))
-    q_proj = linked.get_submodule("base_model.model.q_proj")
-    assert q_proj.group is not None and q_proj.group.layers == [q_proj]  # on its own now
+    return linked, peft_only
+
+
+def _assert_same_grads(linked, peft_only):
+    grads = {n: p.grad for n, p in peft_only.named_parameters() if p.grad is not None}
+    assert grads and grads.keys() == {n for n, p in linked.named_parameters() if p.grad is not None}
+    for name, parameter in linked.named_parameters():
+        if parameter.grad is not None:
+            torch.testing.assert_close(parameter.grad, grads[name], msg=name)
+
+
+def test_the_same_input_again_gets_a_new_product():
+    # A group holds its product only until every sibling took its slice: the same tensor in
+    # the next forward, or the same tensor changed in place, gets a new one (and a graph that
+    # backward has not freed).
+    linked, peft_only = _linked_and_peft(_Attention())
+    x = torch.randn(3, 8)
+    for model in (linked, peft_only):
+        for _ in range(2):
+            model(x).sum().backward()
+        x.mul_(2)
+        model(x).sum().backward()
+        x.div_(2)
+    _assert_same_grads(linked, peft_only)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_siblings_reading_different_inputs_compute_like_peft(checkpointed):
+    # Cross-attention: q reads the decoder, k and v the encoder. Each mismatch makes a new
+    # product for the group; under activation checkpointing the recomputed layers too.
+    linked, peft_only = _linked_and_peft(_Attention())
+    x, memory = torch.randn(3, 8), torch.randn(5, 8)[:3]
+    for model in (linked, peft_only):
+        for _ in range(2):
+            if checkpointed:
+                out = torch.utils.checkpoint.checkpoint(model, x, memory, use_reentrant=False)
+            else:
+                out = model(x, memory)
+            out.sum().backward()
+    torch.testing.assert_close(linked(x, memory), peft_only(x, memory))
+    _assert_same_grads(linked, peft_only)
+
+
+def test_siblings_of_different_ranks_take_their_own_columns():
+    linked, peft_only = _linked_and_peft(_Attention(), rank_pattern={"k_proj": 3, "v_proj": 1})
+    with _Linears() as seen:
+        linked(torch.randn(4, 8)).sum().backward()
+    assert (6, 8) in seen.shapes  # q (2) + k (3) + v (1) in one product
+    x = torch.randn(4, 8)
+    for model in (linked, peft_only):
+        model.zero_grad()
+        model(x).sum().backward()
+    _assert_same_grads(linked, peft_only)
+
+
+def test_a_merged_or_biased_sibling_leaves_the_others_computing_alone():
+    linked, peft_only = _linked_and_peft(_Attention())
+    for model in (linked, peft_only):
+        model.get_submodule("base_model.model.q_proj").merge()
+    x = torch.randn(3, 8)
+    for model in (linked, peft_only):
+        model(x).sum().backward()
+    _assert_same_grads(linked, peft_only)
+    # A LoRA bias is scaled with B's output in peft: those layers run peft's forward.
+    biased, peft_biased = _linked_and_peft(_Attention(), lora_bias=True)
+    torch.testing.assert_close(biased(x), peft_biased(x))
+    # Switched off, with gradients on: the base layers alone.
+    fresh, _ = _linked_and_peft(_Attention())
+    m = fresh.get_base_model()
+    base = m.o_proj.base_layer(m.q_proj.base_layer(x) * m.k_proj.base_layer(x) + m.v_proj.base_layer(x))
+    assert not torch.allclose(fresh(x), base)
+    with fresh.disable_adapter():
+        torch.testing.assert_close(fresh(x), base)
 
 
 def test_siblings_with_dropout_compute_alone_with_peft_masks():
@@ -152,13 +207,14 @@ def test_bf16_base_with_float32_adapters_stays_close_to_peft():
         torch.testing.assert_close(grads[name], peft_grads[name], rtol=0.1, atol=2e-3, msg=name)
 
 
-def test_without_gradients_the_layers_are_peft_and_hold_nothing():
+def test_without_gradients_the_layers_run_peft_forward():
     linked, peft_only = _adapted()
+    hidden = linked.get_base_model().config.hidden_size
     ids = torch.randint(0, 100, (1, 8))
-    with torch.no_grad():
-        torch.testing.assert_close(linked(input_ids=ids).logits, peft_only(input_ids=ids).logits)
-    q_proj = linked.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
-    assert q_proj.group is not None and len(q_proj.group.layers) == 3 and q_proj.group._input is None
+    with torch.no_grad(), _Linears() as seen:
+        logits = linked(input_ids=ids).logits
+    torch.testing.assert_close(logits, peft_only(input_ids=ids).logits)
+    assert (3 * R, hidden) not in seen.shapes and (R, hidden) in seen.shapes  # each layer its own A
 
 
 def test_adapters_save_as_peft_and_merge_to_what_they_compute(tmp_path):

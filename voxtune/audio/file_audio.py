@@ -30,9 +30,10 @@ def samples_digest(samples: np.ndarray) -> str:
 
 class FileAudio(Audio):
     """`Audio` decoded from `path` by `voxtune.audio.load` at `sample_rate`, with its length and
-    `digest` (`samples_digest`) known. It may hold its samples or not (`without_samples`); one
-    that does not decodes the file again whenever `samples` is read, and raises `AudioError`
-    if the file no longer gives the same samples."""
+    `digest` (`samples_digest`) known. It may hold its samples (read-only) or not
+    (`without_samples`); one that does not decodes the file again whenever `samples` is read,
+    and raises `AudioError` if the file no longer gives the same samples. Made by `read` and
+    `without_samples` only (not `dataclasses.replace`); comparing two decodes them."""
 
     path: str
     digest: str
@@ -52,8 +53,9 @@ class FileAudio(Audio):
     @classmethod
     def read(cls, path: str | os.PathLike, sample_rate: int) -> FileAudio:
         """Decode `path` now (as `load(path, sample_rate)`), keeping the samples."""
-        audio = load(path, sample_rate)
-        return cls(path, sample_rate, len(audio), samples_digest(audio.samples), audio.samples)
+        samples = load(path, sample_rate).samples
+        samples.flags.writeable = False  # its digest must stay true
+        return cls(path, sample_rate, len(samples), samples_digest(samples), samples)
 
     def without_samples(self) -> FileAudio:
         """The same audio, its samples let go (decoded again when read)."""
@@ -66,6 +68,7 @@ class FileAudio(Audio):
 
     @property  # Audio's field, read-only here
     def samples(self) -> np.ndarray:
+        """The samples: held, or decoded from the file again (AudioError if it changed)."""
         if self._samples is not None:
             return self._samples
         samples = load(self.path, self.sample_rate).samples

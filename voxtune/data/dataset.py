@@ -36,10 +36,10 @@ class SpeechDataset(Dataset):
         seed: fixes every draw.
         distill: also tokenise, for each example with a transcript, the same conversation with
             the transcript in place of the audio (`info["teacher"]`, for distillation).
-        reread: a file read before, unchanged since (same size and modification time), comes
-            back as `FileAudio` without its samples (decoded again only if they are read): for
-            a trainer whose encoder outputs come from a cache, which needs only each clip's
-            length and digest. Without an augmenter only: augmented audio differs each time.
+        reread: a file read before, unchanged since (same inode, size, modification and change
+            times), comes back as `FileAudio` without its samples (decoded again only if they
+            are read): for a trainer whose encoder outputs come from a cache, which needs only
+            each clip's length and digest. Not with an augmenter (its audio differs each time).
     """
 
     def __init__(
@@ -61,8 +61,10 @@ class SpeechDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self._durations: list[float] | None = None
-        self.reread = reread and augmenter is None
-        self._read: dict[int, tuple[tuple[int, int], FileAudio]] = {}  # index -> (size, mtime), audio
+        if reread and augmenter is not None:
+            raise ValueError("reread needs the audio unaugmented: an augmenter changes it every epoch")
+        self.reread = reread
+        self._read: dict[int, tuple[tuple[int, ...], FileAudio]] = {}  # index -> file's stamp, audio
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -104,7 +106,9 @@ class SpeechDataset(Dataset):
             status = os.stat(source)
         except OSError:
             return load(source, SAMPLE_RATE)  # says what is wrong with the path
-        stamp = (status.st_size, status.st_mtime_ns)
+        # The change time too: a rewrite that keeps the size and sets the old mtime back (cp -p)
+        # still moves it.
+        stamp = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
         known = self._read.get(index)
         if known is not None and known[0] == stamp:
             return known[1]

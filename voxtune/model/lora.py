@@ -10,14 +10,16 @@ elementwise pass too.
 
 The adapters are peft's own: the same parameters under the same names, so they are saved,
 loaded, merged and switched off by peft, and a checkpoint is a plain peft adapter. Where the
-fast path does not apply (without gradients, as in evaluation and serving; adapters switched
-off or merged; several active adapters; variants such as DoRA; dropout on siblings; inside
-`torch.compile`), the layer is peft's.
+fast path does not apply, the layer runs peft's forward: without gradients (evaluation,
+serving), with adapters switched off or merged, several active adapters, variants such as
+DoRA, a LoRA bias, and inside `torch.compile`. Layers with dropout take the fast path alone
+(siblings would share one dropout mask).
 
 Which layers share an input is read from their names (`SHARED_INPUTS`) and checked on every
-call: a linked layer called with a different tensor than its siblings were (cross-attention's
-q reads the decoder, its k and v the encoder) unlinks the group, which then computes layer by
-layer, with the same results.
+call: a sibling called with another tensor than the one its group's product was made from
+(cross-attention's q reads the decoder, its k and v the encoder) makes a new product for the
+whole group, so results never depend on the order of calls, and a recomputation (activation
+checkpointing) takes the same path as the forward it repeats.
 """
 
 from __future__ import annotations
@@ -41,23 +43,26 @@ class SharedInputLoraLinear(PeftLoraLinear):
     group: _Siblings | None = None  # set by link_siblings; None: peft's own forward
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """base(x) + B(s A x): peft's result, A's product shared with the siblings."""
         group = self.group
         # Training only: a group holds one input between its layers' calls, which a server's
         # threads sharing the model could interleave.
         fast = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if group is None or args or kwargs or not fast or not self._plain():
+        if group is None or args or kwargs or not fast or self.plain_adapter() is None:
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x)
         adapter = self.active_adapters[0]
         update = self.lora_B[adapter](group.down(self, x, adapter))  # [..., out]
         return result + update.to(result.dtype)
 
-    def _plain(self) -> bool:
-        """One active vanilla LoRA adapter, not merged, not switched off."""
+    def plain_adapter(self) -> str | None:
+        """The one active vanilla LoRA adapter (not merged, not switched off, no variant, no
+        bias: what the fast path computes exactly as peft does), or None."""
         if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
-            return False
+            return None
         adapter = self.active_adapters[0]
-        return adapter in self.lora_A and adapter not in self.lora_variant
+        plain = adapter in self.lora_A and adapter not in self.lora_variant and not self.lora_bias.get(adapter)
+        return adapter if plain else None
 
 
 class _Siblings:
@@ -72,23 +77,16 @@ class _Siblings:
         self._waiting: list[SharedInputLoraLinear] = []  # the layers yet to take their slice
 
     def down(self, layer: SharedInputLoraLinear, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        """`s * A x` for `layer` [..., r]: its slice of the group's product over `x`."""
-        if x is self._input and x._version == self._version and layer in self._waiting:
+        """`s A x` for `layer` [..., r]: its slice of the group's product over `x`."""
+        down = self._down
+        if down is not None and x is self._input and x._version == self._version and layer in self._waiting:
             self._waiting.remove(layer)
-            down = self._down
             if not self._waiting:  # every layer has its slice: let go of the input
                 self._input = self._down = None
-            assert down is not None
             return self._slice(down, layer, adapter)
-        if self._waiting:
-            # A layer was called with another input before its siblings took theirs: these
-            # layers do not read one input, so each computes alone from now on.
-            for other in self.layers:
-                other.group = _Siblings([other])
-            return _down_projection([layer], x, adapter)
+        if len(self.layers) == 1 or any(other.plain_adapter() != adapter for other in self.layers):
+            return _down_projection([layer], x, adapter)  # a sibling is switched off, merged...
         down = _down_projection(self.layers, x, adapter)
-        if len(self.layers) == 1:
-            return down
         self._input, self._version, self._down = x, x._version, down
         self._waiting = [other for other in self.layers if other is not layer]
         return self._slice(down, layer, adapter)
@@ -109,10 +107,10 @@ def _down_projection(layers: Sequence[SharedInputLoraLinear], x: torch.Tensor, a
 
 
 def link_siblings(module: nn.Module) -> int:
-    """Link the LoRA layers in `module`: those under one parent named as `SHARED_INPUTS`
-    groups them share one down-projection, every other one computes its own on the fast path.
-    Layers with dropout are linked alone (siblings would share one dropout mask). Returns how
-    many groups of more than one layer were linked."""
+    """Put every LoRA layer in `module` on the fast path. Siblings (layers under one parent
+    whose names form a group of `SHARED_INPUTS`) share one down-projection; any other layer,
+    and any layer with dropout (siblings would share one dropout mask), computes its own.
+    Returns how many groups of more than one layer were linked."""
     shared = 0
     for parent in module.modules():
         linked: set[str] = set()
@@ -141,4 +139,5 @@ def unlink_siblings(module: nn.Module) -> None:
 
 
 def _has_dropout(layer: SharedInputLoraLinear) -> bool:
+    """Whether any of the layer's adapters has dropout on its input."""
     return any(not isinstance(dropout, nn.Identity) for dropout in layer.lora_dropout.values())

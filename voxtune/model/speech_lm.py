@@ -490,14 +490,18 @@ class SpeechLM(nn.Module):
 def _with_lora(module: nn.Module, targets: list[str] | str, settings: dict[str, Any]) -> nn.Module:
     """`module` inside a peft model with LoRA adapters on the linear layers `targets` names;
     sibling layers that read one input (q/k/v, gate/up) share its down-projection in training
-    (`voxtune.model.lora`). A 4-bit LM's (QLoRA) layers are peft's bitsandbytes ones."""
+    (`voxtune.model.lora`). In a module with linear layers of another library's own kind (a
+    4-bit LM's, for QLoRA), every layer is peft's, which has its own LoRA layer for those."""
     from peft import LoraConfig, get_peft_model
 
     from voxtune.model.lora import SharedInputLoraLinear, link_siblings
 
     config = LoraConfig(target_modules=targets, **settings)
-    quantized = any(type(layer).__module__.startswith("bitsandbytes") for layer in module.modules())
-    if not quantized:
+    foreign = any(
+        isinstance(layer, nn.Linear) and not type(layer).__module__.startswith("torch.") for layer in module.modules()
+    )
+    if not foreign:
+        # peft's documented (experimental) way to give a layer type LoRA layers of one's own.
         config._register_custom_module({nn.Linear: SharedInputLoraLinear})
     with warnings.catch_warnings():
         # peft reads a transformers property that transformers 5 marks deprecated; the
