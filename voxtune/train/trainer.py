@@ -138,15 +138,17 @@ def bf16_on_cpu(model: SpeechLM, precision: str) -> bool:
 def lm_computes_in_bf16(model: SpeechLM, precision: str) -> bool:
     """Whether the LM computes in bf16 itself, without autocast: under `train.precision=bf16`
     on the CPU, when all it trains are LoRA adapters (or nothing). Its frozen weights are bf16
-    then, and peft runs each float32 adapter on a float32 copy of its input and casts the sum
-    back, so the adapters' small products stay in float32, off oneDNN's bf16 kernels, which it
-    builds and caches for every new shape: on the benchmark's small model that took training's
-    own memory from 0.71x to 0.53-0.58x the baseline's. The float32 copies are kept for
-    backward, though: on the 0.5B model they cost 485 MiB (0.49x the bf16 baseline's peak
-    against 0.42x under autocast). So on a GPU, with no per-shape kernels, training stays under
-    autocast, as it does for an LM with other trained weights (full fine-tuning) and for
-    adapters on the output head (its merged weight would come out float32, at the vocabulary's
-    size). The encoder, projector and a CTC head then run in float32 as well."""
+    then, and the float32 adapters compute on a float32 copy of their input (one per group of
+    sibling layers, `voxtune.model.lora`) and add their update back in bf16, so their small
+    products stay in float32, off oneDNN's bf16 kernels, which it builds and caches for every
+    new shape: on the benchmark's small model that took training's own memory from 0.71x to
+    0.53-0.58x the baseline's. The float32 copies are kept for backward, though: on the 0.5B
+    model, one per layer each (before siblings shared theirs), they cost 485 MiB (0.49x the
+    bf16 baseline's peak against 0.42x under autocast; shared, 0.43x). So on a GPU, with no
+    per-shape kernels, training stays under autocast, as it does for an LM with other trained
+    weights (full fine-tuning) and for adapters on the output head (its merged weight would come
+    out float32, at the vocabulary's size). The encoder, projector and a CTC head then run in
+    float32 as well."""
     trained = [name for name, parameter in model.lm.named_parameters() if parameter.requires_grad]
     return (
         precision == "bf16"
